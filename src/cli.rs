@@ -1,0 +1,263 @@
+//! The command line: parses arguments, calls one operation, renders its result as a table or
+//! as JSON (`--json`). Exit codes: 0 ok, 1 runtime failure, 64 usage or configuration error.
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::Config;
+use crate::keys::KeyAlgorithm;
+use crate::manage;
+use crate::pki::CaRole;
+
+/// Exit code for usage and configuration errors (sysexits EX_USAGE).
+pub const EXIT_USAGE: i32 = 64;
+
+/// tollgate: TLS interception proxy with its CA and server keys on an HSM (PKCS#11).
+#[derive(Debug, Parser)]
+#[command(name = "tollgate", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Validate the configuration and exit.
+        #[arg(long)]
+        check: bool,
+    },
+    /// HSM servers.
+    Hsm {
+        #[command(subcommand)]
+        command: HsmCommand,
+    },
+    /// Certificates and CA keys.
+    Cert {
+        #[command(subcommand)]
+        command: CertCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum HsmCommand {
+    /// Connect to every HSM server and show its state.
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CertCommand {
+    /// Generate a CA key pair on the HSM and its self-signed certificate.
+    GenerateCa {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Name in the certificate store (also the key label on the token).
+        #[arg(long)]
+        name: String,
+        /// Generate the key on the HSM (the only location supported for CAs).
+        #[arg(long, required = true)]
+        on_hsm: bool,
+        /// Make it the forward-trust CA.
+        #[arg(long, conflicts_with = "forward_untrust", required_unless_present = "forward_untrust")]
+        forward_trust: bool,
+        /// Make it the forward-untrust CA.
+        #[arg(long)]
+        forward_untrust: bool,
+        /// Key algorithm: ecdsa-p256, ecdsa-p384, rsa-2048, rsa-3072.
+        #[arg(long, default_value = "ecdsa-p256")]
+        algorithm: KeyAlgorithm,
+        /// Also write the certificate as PEM here.
+        #[arg(long)]
+        out_cert: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List certificates with their key status.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a certificate as PEM.
+    Export {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+struct ConfigArg {
+    /// The configuration file.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: PathBuf,
+}
+
+/// Runs the command line; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
+            let _ = e.print();
+            return code;
+        }
+    };
+    match cli.command {
+        Command::Run { config, check } => run(&config.config, check),
+        Command::Hsm { command } => hsm(command),
+        Command::Cert { command } => cert(command),
+    }
+}
+
+fn load(path: &Path) -> Result<Config, i32> {
+    Config::load(path).map_err(|e| {
+        eprintln!("error: {e}");
+        EXIT_USAGE
+    })
+}
+
+fn run(path: &Path, check: bool) -> i32 {
+    let config = match load(path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    if check {
+        return match crate::app::check(&config) {
+            Ok(()) => {
+                println!("config {} is valid", path.display());
+                0
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                EXIT_USAGE
+            }
+        };
+    }
+    crate::telemetry::init(true);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return 1;
+        }
+    };
+    match runtime.block_on(crate::app::run(config)) {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!(error = %e, "tollgate stopped");
+            eprintln!("error: {e}");
+            if e.is_usage() { EXIT_USAGE } else { 1 }
+        }
+    }
+}
+
+fn hsm(command: HsmCommand) -> i32 {
+    crate::telemetry::init(false);
+    match command {
+        HsmCommand::Status { config, json } => {
+            let config = match load(&config.config) {
+                Ok(config) => config,
+                Err(code) => return code,
+            };
+            let status = manage::hsm_status(&config);
+            if json {
+                print_json(&status);
+            } else {
+                println!("{:<12} {:<20} {:<18} {:<4} STATE", "SERVER", "TOKEN", "SERIAL", "UP");
+                for s in &status.servers {
+                    let light = if s.up { "\u{1F7E2}" } else { "\u{1F534}" };
+                    println!("{:<12} {:<20} {:<18} {:<4} {light} {}", s.name, s.token, s.serial.as_deref().unwrap_or("-"), s.up, s.state);
+                }
+                println!("HA: {}", if status.ha.enabled { "enabled" } else { "disabled (one server)" });
+            }
+            i32::from(status.servers.iter().any(|s| !s.up))
+        }
+    }
+}
+
+fn cert(command: CertCommand) -> i32 {
+    crate::telemetry::init(false);
+    match command {
+        CertCommand::GenerateCa { config, name, on_hsm: _, forward_trust, forward_untrust: _, algorithm, out_cert, json } => {
+            let config = match load(&config.config) {
+                Ok(config) => config,
+                Err(code) => return code,
+            };
+            let role = if forward_trust { CaRole::ForwardTrust } else { CaRole::ForwardUntrust };
+            match manage::generate_ca(&config, &name, algorithm, role, out_cert.as_deref()) {
+                Ok(entry) => {
+                    if json {
+                        print_json(&serde_json::json!({"name": entry.name, "algorithm": entry.algorithm,
+                            "forward_trust": entry.forward_trust, "forward_untrust": entry.forward_untrust, "key": "hsm"}));
+                    } else {
+                        println!("generated {} CA {} ({}) with its key on the HSM", role_name(role), entry.name, entry.algorithm);
+                    }
+                    0
+                }
+                Err(e) => fail(e),
+            }
+        }
+        CertCommand::List { config, json } => {
+            let config = match load(&config.config) {
+                Ok(config) => config,
+                Err(code) => return code,
+            };
+            match manage::cert_list(&config) {
+                Ok(rows) if json => {
+                    print_json(&rows);
+                    0
+                }
+                Ok(rows) => {
+                    println!("{:<24} {:<8} {:<6} {:<8} SUBJECT", "NAME", "KEY", "TRUST", "UNTRUST");
+                    for r in rows {
+                        let icon = if r.key == "error" { "\u{26A0}" } else { "\u{1F512}" };
+                        println!("{:<24} {icon} {:<6} {:<6} {:<8} {}{}", r.name, r.key, r.forward_trust, r.forward_untrust, r.subject,
+                            r.reason.map(|e| format!(" ({e})")).unwrap_or_default());
+                    }
+                    0
+                }
+                Err(e) => fail(e),
+            }
+        }
+        CertCommand::Export { config, name, out } => {
+            let config = match load(&config.config) {
+                Ok(config) => config,
+                Err(code) => return code,
+            };
+            match manage::export_cert(&config, &name, &out) {
+                Ok(()) => 0,
+                Err(e) => fail(e),
+            }
+        }
+    }
+}
+
+fn role_name(role: CaRole) -> &'static str {
+    match role {
+        CaRole::ForwardTrust => "forward-trust",
+        CaRole::ForwardUntrust => "forward-untrust",
+    }
+}
+
+fn fail(e: impl std::fmt::Display) -> i32 {
+    eprintln!("error: {e}");
+    1
+}
+
+fn print_json<T: serde::Serialize>(value: &T) {
+    println!("{}", serde_json::to_string_pretty(value).expect("report types serialise"));
+}

@@ -1,0 +1,580 @@
+//! The operator's TOML configuration, parsed once into typed values.
+//!
+//! tollgate only reads this file; everything tollgate writes lives in the state directory
+//! (`state.rs`). Unknown keys are errors, every error names the file, the field and the reason,
+//! and relative paths are resolved against the directory holding the config file.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use secrecy::SecretString;
+use serde::Deserialize;
+
+/// The default PKCS#11 library: SoftHSM2 as packaged by Debian.
+pub const DEFAULT_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+
+/// Errors loading the configuration. All of them are usage errors (exit code 64).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {path}: field `{field}`: {reason}")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        reason: String,
+    },
+    #[error("secret for {what}: {reason}")]
+    Secret { what: String, reason: String },
+}
+
+/// The whole configuration.
+#[derive(Debug)]
+pub struct Config {
+    /// Where the config was read from (for error messages and relative paths).
+    pub path: PathBuf,
+    /// Program-owned state: certificate store, sealed secrets.
+    pub state_dir: PathBuf,
+    pub hsm: HsmConfig,
+    pub listeners: Vec<ListenerConfig>,
+    pub upstream: UpstreamConfig,
+    /// Static `host:port → address` overrides, like curl's `--resolve`.
+    pub resolve: BTreeMap<(String, u16), SocketAddr>,
+    pub policy: PolicyConfig,
+    pub management: ManagementConfig,
+    pub limits: LimitsConfig,
+    pub mint: MintConfig,
+}
+
+/// `[hsm]`: the HSM servers (two or more form the HA group).
+#[derive(Debug, Default)]
+pub struct HsmConfig {
+    pub servers: Vec<HsmServerConfig>,
+}
+
+/// One `[[hsm.server]]`.
+#[derive(Clone, Debug)]
+pub struct HsmServerConfig {
+    /// ASCII, 1–31 characters.
+    pub name: String,
+    /// The PKCS#11 library to load.
+    pub module: PathBuf,
+    /// Token (partition) label.
+    pub token: String,
+    /// Where the partition password (user PIN) comes from.
+    pub pin: Option<SecretSource>,
+    /// Informational network address of the HSM.
+    pub address: Option<String>,
+}
+
+/// Where a secret comes from. `Debug` never shows the secret, only where it lives.
+#[derive(Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    File(PathBuf),
+    Env(String),
+}
+
+/// A `[[listener]]`.
+#[derive(Clone, Debug)]
+pub struct ListenerConfig {
+    pub mode: ListenerMode,
+    pub listen: SocketAddr,
+    /// `sni` mode: the upstream port (default 443).
+    pub upstream_port: u16,
+}
+
+/// What a listener takes its destination from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerMode {
+    /// HTTP CONNECT and absolute-form plain HTTP.
+    Explicit,
+    /// The ClientHello's SNI.
+    Sni,
+    /// The socket's original destination (kernel redirect).
+    Transparent,
+    /// Our own servers, certificates from the store.
+    Inbound,
+}
+
+/// `[upstream]`.
+#[derive(Clone, Debug)]
+pub struct UpstreamConfig {
+    /// PEM bundles trusted in addition to the system and webpki roots.
+    pub ca_bundles: Vec<PathBuf>,
+    /// What to do when an upstream certificate fails validation.
+    pub untrusted: UntrustedAction,
+}
+
+/// The policy for upstreams whose certificate fails validation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UntrustedAction {
+    /// Mint from the forward-untrust CA so the client sees the problem.
+    ForwardUntrust,
+    /// Refuse the connection with a TLS alert.
+    Block,
+}
+
+/// `[policy]`.
+#[derive(Clone, Debug, Default)]
+pub struct PolicyConfig {
+    /// Host globs whose TLS is passed through untouched.
+    pub no_decrypt: Vec<String>,
+}
+
+/// `[management]`.
+#[derive(Clone, Debug)]
+pub struct ManagementConfig {
+    pub listen: SocketAddr,
+}
+
+/// `[limits]`.
+#[derive(Clone, Debug)]
+pub struct LimitsConfig {
+    pub max_connections: usize,
+    pub handshake_timeout_secs: u64,
+    pub connect_timeout_secs: u64,
+    /// Longest an HSM signature for a mint may take before the mint fails.
+    pub mint_timeout_secs: u64,
+}
+
+/// `[mint]`.
+#[derive(Clone, Debug)]
+pub struct MintConfig {
+    /// Leaves kept in the cache.
+    pub cache_capacity: u64,
+}
+
+impl Config {
+    /// Reads and parses a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Parses config text; `path` names it in errors and anchors relative paths.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let raw: raw::Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })?;
+        Typer { path, base: path.parent().unwrap_or(Path::new(".")) }.config(raw)
+    }
+
+    /// The listener of a mode, if any.
+    pub fn listener(&self, mode: ListenerMode) -> Option<&ListenerConfig> {
+        self.listeners.iter().find(|l| l.mode == mode)
+    }
+}
+
+impl SecretSource {
+    /// Reads the secret. Trailing newlines of files are not part of it.
+    pub fn load(&self, what: &str) -> Result<SecretString, ConfigError> {
+        let err = |reason: String| ConfigError::Secret {
+            what: what.to_string(),
+            reason,
+        };
+        let mut value = match self {
+            Self::File(path) => std::fs::read_to_string(path)
+                .map_err(|e| err(format!("reading {}: {e}", path.display())))?,
+            Self::Env(var) => std::env::var(var)
+                .map_err(|_| err(format!("environment variable {var} is not set")))?,
+        };
+        let trimmed_len = value.trim_end_matches(['\r', '\n']).len();
+        value.truncate(trimmed_len);
+        if value.is_empty() {
+            return Err(err(format!("{self:?} is empty")));
+        }
+        Ok(SecretString::from(value))
+    }
+}
+
+impl fmt::Debug for SecretSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::File(path) => write!(f, "file {}", path.display()),
+            Self::Env(var) => write!(f, "env {var}"),
+        }
+    }
+}
+
+/// Turns the raw serde tree into typed values, naming the field of every error.
+struct Typer<'a> {
+    path: &'a Path,
+    base: &'a Path,
+}
+
+impl Typer<'_> {
+    fn config(&self, raw: raw::Config) -> Result<Config, ConfigError> {
+        let raw::Config {
+            state_dir,
+            hsm,
+            listener,
+            upstream,
+            resolve,
+            policy,
+            inbound: _,
+            management,
+            limits,
+            mint,
+        } = raw;
+        let servers = hsm
+            .server
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| self.hsm_server(i, s))
+            .collect::<Result<Vec<_>, _>>()?;
+        for (i, a) in servers.iter().enumerate() {
+            if servers[..i].iter().any(|b| b.name == a.name) {
+                return Err(self.invalid(format!("hsm.server[{i}].name"), format!("duplicate server name {:?}", a.name)));
+            }
+        }
+        let listeners = listener
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| self.listener(i, l))
+            .collect::<Result<Vec<_>, _>>()?;
+        let resolve = resolve
+            .into_iter()
+            .map(|(k, v)| self.resolve_entry(k, v))
+            .collect::<Result<BTreeMap<_, _>, _>>()?;
+        for (i, glob) in policy.no_decrypt.iter().enumerate() {
+            globset::Glob::new(glob)
+                .map_err(|e| self.invalid(format!("policy.no_decrypt[{i}]"), e.to_string()))?;
+        }
+        if limits.max_connections == 0 {
+            return Err(self.invalid("limits.max_connections", "must be at least 1"));
+        }
+        Ok(Config {
+            path: self.path.to_path_buf(),
+            state_dir: self.resolve_path(&state_dir),
+            hsm: HsmConfig { servers },
+            listeners,
+            upstream: UpstreamConfig {
+                ca_bundles: upstream.ca_bundles.iter().map(|p| self.resolve_path(p)).collect(),
+                untrusted: upstream.untrusted,
+            },
+            resolve,
+            policy: PolicyConfig { no_decrypt: policy.no_decrypt },
+            management: ManagementConfig { listen: management.listen },
+            limits: LimitsConfig {
+                max_connections: limits.max_connections,
+                handshake_timeout_secs: limits.handshake_timeout_secs,
+                connect_timeout_secs: limits.connect_timeout_secs,
+                mint_timeout_secs: limits.mint_timeout_secs,
+            },
+            mint: MintConfig { cache_capacity: mint.cache_capacity },
+        })
+    }
+
+    fn hsm_server(&self, i: usize, raw: raw::HsmServer) -> Result<HsmServerConfig, ConfigError> {
+        let field = |f: &str| format!("hsm.server[{i}].{f}");
+        let name_ok = (1..=31).contains(&raw.name.len())
+            && raw.name.bytes().all(|b| b.is_ascii_graphic());
+        if !name_ok {
+            return Err(self.invalid(field("name"), format!("{:?} must be 1–31 printable ASCII characters", raw.name)));
+        }
+        if raw.token.is_empty() || raw.token.len() > 32 {
+            return Err(self.invalid(field("token"), "token label must be 1–32 characters"));
+        }
+        let pin = match (raw.pin_file, raw.pin_env) {
+            (Some(_), Some(_)) => {
+                return Err(self.invalid(field("pin_file"), "set pin_file or pin_env, not both"));
+            }
+            (Some(file), None) => Some(SecretSource::File(self.resolve_path(&file))),
+            (None, Some(var)) => Some(SecretSource::Env(var)),
+            (None, None) => None,
+        };
+        Ok(HsmServerConfig {
+            name: raw.name,
+            module: self.resolve_path(&raw.module),
+            token: raw.token,
+            pin,
+            address: raw.address,
+        })
+    }
+
+    fn listener(&self, i: usize, raw: raw::Listener) -> Result<ListenerConfig, ConfigError> {
+        let listen: SocketAddr = raw.listen.parse().map_err(|e| {
+            self.invalid(format!("listener[{i}].listen"), format!("{:?}: {e}", raw.listen))
+        })?;
+        if raw.upstream_port == 0 {
+            return Err(self.invalid(format!("listener[{i}].upstream_port"), "must not be 0"));
+        }
+        Ok(ListenerConfig { mode: raw.mode, listen, upstream_port: raw.upstream_port })
+    }
+
+    fn resolve_entry(&self, key: String, value: String) -> Result<((String, u16), SocketAddr), ConfigError> {
+        let field = format!("resolve.{key:?}");
+        let (host, port) = key
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+            .filter(|(h, _)| !h.is_empty())
+            .ok_or_else(|| self.invalid(&field, "key must be HOST:PORT"))?;
+        let addr = value
+            .parse()
+            .map_err(|e| self.invalid(&field, format!("{value:?} is not IP:PORT: {e}")))?;
+        Ok(((host.to_ascii_lowercase(), port), addr))
+    }
+
+    fn resolve_path(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() { p.to_path_buf() } else { self.base.join(p) }
+    }
+
+    fn invalid(&self, field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.to_path_buf(),
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The file format, exactly as written by operators.
+mod raw {
+    use std::collections::BTreeMap;
+    use std::path::PathBuf;
+
+    use serde::Deserialize;
+
+    use super::{ListenerMode, UntrustedAction};
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct Config {
+        pub state_dir: PathBuf,
+        #[serde(default)]
+        pub hsm: Hsm,
+        #[serde(default)]
+        pub listener: Vec<Listener>,
+        #[serde(default)]
+        pub upstream: Upstream,
+        #[serde(default)]
+        pub resolve: BTreeMap<String, String>,
+        #[serde(default)]
+        pub policy: Policy,
+        /// Parsed now so configs written for inbound inspection load; served by `inbound`.
+        #[serde(default)]
+        #[allow(dead_code)]
+        pub inbound: Vec<Inbound>,
+        #[serde(default)]
+        pub management: Management,
+        #[serde(default)]
+        pub limits: Limits,
+        #[serde(default)]
+        pub mint: Mint,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct Hsm {
+        #[serde(default)]
+        pub server: Vec<HsmServer>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct HsmServer {
+        pub name: String,
+        #[serde(default = "default_module")]
+        pub module: PathBuf,
+        pub token: String,
+        pub pin_file: Option<PathBuf>,
+        pub pin_env: Option<String>,
+        pub address: Option<String>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct Listener {
+        pub mode: ListenerMode,
+        pub listen: String,
+        #[serde(default = "default_upstream_port")]
+        pub upstream_port: u16,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct Upstream {
+        #[serde(default)]
+        pub ca_bundles: Vec<PathBuf>,
+        #[serde(default = "default_untrusted")]
+        pub untrusted: UntrustedAction,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct Policy {
+        #[serde(default)]
+        pub no_decrypt: Vec<String>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    pub(super) struct Inbound {
+        pub host: String,
+        pub upstream: String,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct Management {
+        #[serde(default = "default_management")]
+        pub listen: std::net::SocketAddr,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct Limits {
+        #[serde(default = "default_max_connections")]
+        pub max_connections: usize,
+        #[serde(default = "default_timeout")]
+        pub handshake_timeout_secs: u64,
+        #[serde(default = "default_timeout")]
+        pub connect_timeout_secs: u64,
+        #[serde(default = "default_mint_timeout")]
+        pub mint_timeout_secs: u64,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct Mint {
+        #[serde(default = "default_cache_capacity")]
+        pub cache_capacity: u64,
+    }
+
+    impl Default for Upstream {
+        fn default() -> Self {
+            Self { ca_bundles: Vec::new(), untrusted: default_untrusted() }
+        }
+    }
+
+    impl Default for Management {
+        fn default() -> Self {
+            Self { listen: default_management() }
+        }
+    }
+
+    impl Default for Limits {
+        fn default() -> Self {
+            Self {
+                max_connections: default_max_connections(),
+                handshake_timeout_secs: default_timeout(),
+                connect_timeout_secs: default_timeout(),
+                mint_timeout_secs: default_mint_timeout(),
+            }
+        }
+    }
+
+    impl Default for Mint {
+        fn default() -> Self {
+            Self { cache_capacity: default_cache_capacity() }
+        }
+    }
+
+    fn default_module() -> PathBuf {
+        PathBuf::from(super::DEFAULT_MODULE)
+    }
+    fn default_upstream_port() -> u16 {
+        443
+    }
+    fn default_untrusted() -> UntrustedAction {
+        UntrustedAction::ForwardUntrust
+    }
+    fn default_management() -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], 9090))
+    }
+    fn default_max_connections() -> usize {
+        10_000
+    }
+    fn default_timeout() -> u64 {
+        10
+    }
+    fn default_mint_timeout() -> u64 {
+        5
+    }
+    fn default_cache_capacity() -> u64 {
+        10_000
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("/etc/tollgate/tollgate.toml"))
+    }
+
+    #[test]
+    fn spec_example_parses() {
+        let config = parse(
+            r#"
+            state_dir = "var/tollgate"
+            [[hsm.server]]
+            name = "hsm-a"
+            module = "/usr/lib/softhsm/libsofthsm2.so"
+            token = "tollgate-a"
+            pin_file = "/run/secrets/hsm-a.pin"
+            [[listener]]
+            mode = "explicit"
+            listen = "127.0.0.1:8080"
+            [upstream]
+            ca_bundles = ["extra-roots.pem"]
+            [resolve]
+            "origin.test:443" = "127.0.0.1:9443"
+            [[inbound]]
+            host = "www.example.com"
+            upstream = "https://10.0.0.10:443"
+            [management]
+            listen = "127.0.0.1:9090"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.state_dir, Path::new("/etc/tollgate/var/tollgate"));
+        assert_eq!(config.upstream.ca_bundles[0], Path::new("/etc/tollgate/extra-roots.pem"));
+        assert_eq!(config.hsm.servers[0].pin, Some(SecretSource::File("/run/secrets/hsm-a.pin".into())));
+        assert_eq!(config.resolve[&("origin.test".to_string(), 443)], "127.0.0.1:9443".parse().unwrap());
+        assert_eq!(config.upstream.untrusted, UntrustedAction::ForwardUntrust);
+    }
+
+    #[test]
+    fn errors_name_file_and_field() {
+        let err = parse("state_dir = \"x\"\nbogus = 1\n").unwrap_err().to_string();
+        assert!(err.contains("/etc/tollgate/tollgate.toml") && err.contains("bogus"), "{err}");
+
+        let err = parse("state_dir = \"x\"\n[[hsm.server]]\nname = \"\"\ntoken = \"t\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("hsm.server[0].name"), "{err}");
+
+        let err = parse("state_dir = \"x\"\n[[listener]]\nmode = \"explicit\"\nlisten = \"nope\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listener[0].listen") && err.contains("nope"), "{err}");
+
+        let err = parse("state_dir = \"x\"\n[resolve]\n\"a.test\" = \"127.0.0.1:1\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("HOST:PORT"), "{err}");
+    }
+
+    #[test]
+    fn secret_debug_shows_location_only() {
+        let source = SecretSource::Env("HSM_PIN".into());
+        assert_eq!(format!("{source:?}"), "env HSM_PIN");
+    }
+}

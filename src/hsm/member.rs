@@ -1,0 +1,410 @@
+//! One HSM server: its PKCS#11 library, token, logged-in anchor session and a small pool of
+//! sessions. PKCS#11 details (mechanisms, raw ECDSA, handle caching) stay in this file.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as P11Error, RvError};
+use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsPssParams};
+use cryptoki::mechanism::{Mechanism, MechanismType};
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use parking_lot::Mutex;
+use rustls::SignatureScheme;
+use secrecy::SecretString;
+
+use super::HsmError;
+use crate::config::HsmServerConfig;
+use crate::keys::KeyAlgorithm;
+
+/// Sessions kept idle per member; more are opened under load and closed on return.
+const MAX_IDLE_SESSIONS: usize = 16;
+
+/// A connected, logged-in token.
+pub(super) struct Connection {
+    pkcs11: Pkcs11,
+    slot: Slot,
+    pub(super) serial: String,
+    /// Keeps the login alive: PKCS#11 login state ends with the application's last session.
+    _anchor: Mutex<Session>,
+    idle: Mutex<Vec<Session>>,
+    handles: Mutex<HashMap<String, ObjectHandle>>,
+}
+
+/// A public key read from the token.
+pub(super) struct PublicKeyInfo {
+    pub algorithm: KeyAlgorithm,
+    pub spki: Vec<u8>,
+}
+
+impl Connection {
+    /// Loads the library, finds the token by label and logs in with the partition password.
+    pub(super) fn open(config: &HsmServerConfig, pin: &SecretString) -> Result<Self, HsmError> {
+        let pkcs11 = module(&config.module)?;
+        let slot = find_slot(&pkcs11, config)?;
+        let token = pkcs11.get_token_info(slot).map_err(|e| p11(config, "C_GetTokenInfo", e))?;
+        let anchor = pkcs11.open_rw_session(slot).map_err(|e| p11(config, "C_OpenSession", e))?;
+        match anchor.login(UserType::User, Some(pin)) {
+            Ok(()) | Err(P11Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+            Err(P11Error::Pkcs11(RvError::PinIncorrect, _)) => {
+                return Err(HsmError::PinIncorrect { server: config.name.clone() });
+            }
+            Err(P11Error::Pkcs11(RvError::PinLocked, _)) => {
+                return Err(HsmError::PinLocked { server: config.name.clone() });
+            }
+            Err(e) => return Err(p11(config, "C_Login", e)),
+        }
+        Ok(Self {
+            pkcs11,
+            slot,
+            serial: token.serial_number().trim().to_string(),
+            _anchor: Mutex::new(anchor),
+            idle: Mutex::new(Vec::new()),
+            handles: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Signs `message` with the private key labelled `label`.
+    pub(super) fn sign(
+        &self,
+        server: &str,
+        label: &str,
+        algorithm: KeyAlgorithm,
+        scheme: SignatureScheme,
+        message: &[u8],
+    ) -> Result<Vec<u8>, HsmError> {
+        let (mechanism, data) = mechanism(algorithm, scheme, message)?;
+        let session = self.checkout(server)?;
+        let handle = self.private_key(server, &session, label)?;
+        match session.sign(&mechanism, handle, &data) {
+            Ok(signature) => {
+                self.checkin(session);
+                match algorithm {
+                    KeyAlgorithm::EcdsaP256 | KeyAlgorithm::EcdsaP384 => ecdsa_der(&signature),
+                    KeyAlgorithm::Rsa2048 | KeyAlgorithm::Rsa3072 => Ok(signature),
+                }
+            }
+            Err(e) => {
+                // A session that failed mid-operation may be left with an operation active:
+                // drop it (closing it) instead of returning it to the pool.
+                if matches!(e, P11Error::Pkcs11(RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid, _)) {
+                    self.handles.lock().remove(label);
+                }
+                Err(HsmError::Pkcs11 { server: server.into(), operation: "C_Sign", reason: rv(&e) })
+            }
+        }
+    }
+
+    /// Generates a key pair on the token: private half sensitive and never extractable.
+    pub(super) fn generate(&self, server: &str, label: &str, id: &[u8], algorithm: KeyAlgorithm) -> Result<(), HsmError> {
+        let session = self.checkout(server)?;
+        if !find(&session, ObjectClass::PRIVATE_KEY, label).map_err(|e| p11s(server, "C_FindObjects", e))?.is_empty() {
+            return Err(HsmError::KeyExists { label: label.into() });
+        }
+        let common = |private: bool| {
+            vec![
+                Attribute::Token(true),
+                Attribute::Private(private),
+                Attribute::Label(label.as_bytes().to_vec()),
+                Attribute::Id(id.to_vec()),
+            ]
+        };
+        let mut public = common(false);
+        public.push(Attribute::Verify(true));
+        let mut private = common(true);
+        private.extend([Attribute::Sensitive(true), Attribute::Extractable(false), Attribute::Sign(true)]);
+        let mechanism = match (algorithm.curve_oid_der(), algorithm.rsa_bits()) {
+            (Some(oid), _) => {
+                public.push(Attribute::EcParams(oid.to_vec()));
+                Mechanism::EccKeyPairGen
+            }
+            (None, Some(bits)) => {
+                public.push(Attribute::ModulusBits(u64::from(bits).into()));
+                public.push(Attribute::PublicExponent(vec![1, 0, 1]));
+                Mechanism::RsaPkcsKeyPairGen
+            }
+            (None, None) => unreachable!("every algorithm is EC or RSA"),
+        };
+        session
+            .generate_key_pair(&mechanism, &public, &private)
+            .map_err(|e| p11s(server, "C_GenerateKeyPair", e))?;
+        self.checkin(session);
+        Ok(())
+    }
+
+    /// Reads the public key labelled `label`.
+    pub(super) fn public_key(&self, server: &str, label: &str) -> Result<PublicKeyInfo, HsmError> {
+        let session = self.checkout(server)?;
+        let handles = find(&session, ObjectClass::PUBLIC_KEY, label).map_err(|e| p11s(server, "C_FindObjects", e))?;
+        let handle = single(handles, label)?;
+        let attrs = session
+            .get_attributes(handle, &[AttributeType::KeyType, AttributeType::EcParams, AttributeType::EcPoint, AttributeType::Modulus, AttributeType::PublicExponent])
+            .map_err(|e| p11s(server, "C_GetAttributeValue", e))?;
+        self.checkin(session);
+        public_key_from(label, &attrs)
+    }
+
+    fn private_key(&self, server: &str, session: &Session, label: &str) -> Result<ObjectHandle, HsmError> {
+        if let Some(handle) = self.handles.lock().get(label) {
+            return Ok(*handle);
+        }
+        let handles = find(session, ObjectClass::PRIVATE_KEY, label).map_err(|e| p11s(server, "C_FindObjects", e))?;
+        let handle = single(handles, label)?;
+        self.handles.lock().insert(label.to_string(), handle);
+        Ok(handle)
+    }
+
+    fn checkout(&self, server: &str) -> Result<Session, HsmError> {
+        if let Some(session) = self.idle.lock().pop() {
+            return Ok(session);
+        }
+        self.pkcs11.open_rw_session(self.slot).map_err(|e| p11s(server, "C_OpenSession", e))
+    }
+
+    fn checkin(&self, session: Session) {
+        let mut idle = self.idle.lock();
+        if idle.len() < MAX_IDLE_SESSIONS {
+            idle.push(session);
+        }
+    }
+}
+
+/// One `Pkcs11` per library file per process: `C_Initialize` may run only once.
+fn module(path: &Path) -> Result<Pkcs11, HsmError> {
+    static MODULES: OnceLock<Mutex<HashMap<PathBuf, Pkcs11>>> = OnceLock::new();
+    let mut modules = MODULES.get_or_init(Default::default).lock();
+    if let Some(pkcs11) = modules.get(path) {
+        return Ok(pkcs11.clone());
+    }
+    let load_err = |reason: String| HsmError::ModuleLoad { module: path.to_path_buf(), reason };
+    if !path.exists() {
+        return Err(load_err("file not found".into()));
+    }
+    let pkcs11 = Pkcs11::new(path).map_err(|e| load_err(e.to_string()))?;
+    match pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(P11Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+        Err(e) => return Err(load_err(format!("C_Initialize: {}", rv(&e)))),
+    }
+    modules.insert(path.to_path_buf(), pkcs11.clone());
+    Ok(pkcs11)
+}
+
+fn find_slot(pkcs11: &Pkcs11, config: &HsmServerConfig) -> Result<Slot, HsmError> {
+    let slots = pkcs11.get_slots_with_token().map_err(|e| p11(config, "C_GetSlotList", e))?;
+    for slot in slots {
+        let Ok(info) = pkcs11.get_token_info(slot) else { continue };
+        if info.label().trim_end() == config.token {
+            return Ok(slot);
+        }
+    }
+    Err(HsmError::TokenNotFound { server: config.name.clone(), token: config.token.clone() })
+}
+
+fn find(session: &Session, class: ObjectClass, label: &str) -> cryptoki::error::Result<Vec<ObjectHandle>> {
+    session.find_objects(&[Attribute::Class(class), Attribute::Label(label.as_bytes().to_vec())])
+}
+
+fn single(handles: Vec<ObjectHandle>, label: &str) -> Result<ObjectHandle, HsmError> {
+    match handles.as_slice() {
+        [one] => Ok(*one),
+        [] => Err(HsmError::KeyNotFound { label: label.into() }),
+        _ => Err(HsmError::KeyAmbiguous { label: label.into(), count: handles.len() }),
+    }
+}
+
+/// PKCS#11 mechanism and input for a scheme. ECDSA is hashed here and signed raw
+/// (`CKM_ECDSA`): SoftHSM and many HSMs lack `CKM_ECDSA_SHA*`.
+fn mechanism(algorithm: KeyAlgorithm, scheme: SignatureScheme, message: &[u8]) -> Result<(Mechanism<'static>, Vec<u8>), HsmError> {
+    use aws_lc_rs::digest;
+    let unsupported = || HsmError::Unsupported { algorithm, scheme };
+    Ok(match (algorithm, scheme) {
+        (KeyAlgorithm::EcdsaP256, SignatureScheme::ECDSA_NISTP256_SHA256) => {
+            (Mechanism::Ecdsa, digest::digest(&digest::SHA256, message).as_ref().to_vec())
+        }
+        (KeyAlgorithm::EcdsaP384, SignatureScheme::ECDSA_NISTP384_SHA384) => {
+            (Mechanism::Ecdsa, digest::digest(&digest::SHA384, message).as_ref().to_vec())
+        }
+        (KeyAlgorithm::Rsa2048 | KeyAlgorithm::Rsa3072, SignatureScheme::RSA_PKCS1_SHA256) => {
+            (Mechanism::Sha256RsaPkcs, message.to_vec())
+        }
+        (KeyAlgorithm::Rsa2048 | KeyAlgorithm::Rsa3072, SignatureScheme::RSA_PSS_SHA256) => (
+            Mechanism::Sha256RsaPkcsPss(PkcsPssParams {
+                hash_alg: MechanismType::SHA256,
+                mgf: PkcsMgfType::MGF1_SHA256,
+                s_len: 32u64.into(),
+            }),
+            message.to_vec(),
+        ),
+        _ => return Err(unsupported()),
+    })
+}
+
+/// Raw `r‖s` (PKCS#11) → DER `ECDSA-Sig-Value` (X.509 and TLS).
+fn ecdsa_der(raw: &[u8]) -> Result<Vec<u8>, HsmError> {
+    if raw.is_empty() || raw.len() % 2 != 0 {
+        return Err(HsmError::Malformed(format!("ECDSA signature of {} bytes", raw.len())));
+    }
+    let (r, s) = raw.split_at(raw.len() / 2);
+    let int = |v: &[u8]| num_bigint_free(v);
+    Ok(yasna::construct_der(|w| {
+        w.write_sequence(|w| {
+            w.next().write_biguint_bytes(&int(r));
+            w.next().write_biguint_bytes(&int(s));
+        })
+    }))
+}
+
+/// Strips leading zero bytes (DER INTEGER encoding adds the sign byte back).
+fn num_bigint_free(v: &[u8]) -> Vec<u8> {
+    let start = v.iter().position(|b| *b != 0).unwrap_or(v.len().saturating_sub(1));
+    v[start..].to_vec()
+}
+
+trait WriteBigUint {
+    fn write_biguint_bytes(self, magnitude: &[u8]);
+}
+
+impl WriteBigUint for yasna::DERWriter<'_> {
+    fn write_biguint_bytes(self, magnitude: &[u8]) {
+        // An unsigned magnitude as a DER INTEGER: prefix 0x00 when the high bit is set.
+        let mut bytes = Vec::with_capacity(magnitude.len() + 1);
+        if magnitude.first().is_some_and(|b| b & 0x80 != 0) {
+            bytes.push(0);
+        }
+        bytes.extend_from_slice(magnitude);
+        if bytes.is_empty() {
+            bytes.push(0);
+        }
+        self.write_der(&der_tlv(0x02, &bytes));
+    }
+}
+
+fn der_tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    let len = content.len();
+    if len < 0x80 {
+        out.push(len as u8);
+    } else {
+        let bytes = len.to_be_bytes();
+        let skip = bytes.iter().position(|b| *b != 0).unwrap_or(bytes.len() - 1);
+        out.push(0x80 | (bytes.len() - skip) as u8);
+        out.extend_from_slice(&bytes[skip..]);
+    }
+    out.extend_from_slice(content);
+    out
+}
+
+fn public_key_from(label: &str, attrs: &[Attribute]) -> Result<PublicKeyInfo, HsmError> {
+    let malformed = |what: &str| HsmError::Malformed(format!("public key {label}: {what}"));
+    let mut key_type = None;
+    let (mut params, mut point, mut modulus, mut exponent) = (None, None, None, None);
+    for attr in attrs {
+        match attr {
+            Attribute::KeyType(t) => key_type = Some(*t),
+            Attribute::EcParams(v) => params = Some(v.as_slice()),
+            Attribute::EcPoint(v) => point = Some(v.as_slice()),
+            Attribute::Modulus(v) => modulus = Some(v.as_slice()),
+            Attribute::PublicExponent(v) => exponent = Some(v.as_slice()),
+            _ => {}
+        }
+    }
+    match key_type {
+        Some(KeyType::EC) => {
+            let params = params.ok_or_else(|| malformed("no CKA_EC_PARAMS"))?;
+            let algorithm = [KeyAlgorithm::EcdsaP256, KeyAlgorithm::EcdsaP384]
+                .into_iter()
+                .find(|a| a.curve_oid_der() == Some(params))
+                .ok_or_else(|| malformed("unsupported curve"))?;
+            let point = point.ok_or_else(|| malformed("no CKA_EC_POINT"))?;
+            // CKA_EC_POINT is a DER OCTET STRING around the uncompressed point.
+            let raw = yasna::parse_der(point, |r| r.read_bytes()).map_err(|_| malformed("CKA_EC_POINT is not an OCTET STRING"))?;
+            Ok(PublicKeyInfo { algorithm, spki: algorithm.spki_der(&raw) })
+        }
+        Some(KeyType::RSA) => {
+            let modulus = modulus.ok_or_else(|| malformed("no CKA_MODULUS"))?;
+            let exponent = exponent.ok_or_else(|| malformed("no CKA_PUBLIC_EXPONENT"))?;
+            let algorithm = match num_bigint_free(modulus).len() * 8 {
+                2048 => KeyAlgorithm::Rsa2048,
+                3072 => KeyAlgorithm::Rsa3072,
+                bits => return Err(malformed(&format!("unsupported RSA size {bits}"))),
+            };
+            let raw = yasna::construct_der(|w| {
+                w.write_sequence(|w| {
+                    w.next().write_biguint_bytes(&num_bigint_free(modulus));
+                    w.next().write_biguint_bytes(&num_bigint_free(exponent));
+                })
+            });
+            Ok(PublicKeyInfo { algorithm, spki: algorithm.spki_der(&raw) })
+        }
+        _ => Err(malformed("unsupported key type")),
+    }
+}
+
+/// The PKCS#11 return value only; cryptoki's `Display` prints a paragraph of the spec.
+fn rv(e: &P11Error) -> String {
+    match e {
+        P11Error::Pkcs11(rv, function) => format!("{function:?}: CKR_{}", screaming(&format!("{rv:?}"))),
+        other => other.to_string(),
+    }
+}
+
+fn screaming(camel: &str) -> String {
+    let mut out = String::with_capacity(camel.len() + 8);
+    for (i, c) in camel.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_uppercase());
+    }
+    out
+}
+
+fn p11(config: &HsmServerConfig, operation: &'static str, e: P11Error) -> HsmError {
+    p11s(&config.name, operation, e)
+}
+
+fn p11s(server: &str, operation: &'static str, e: P11Error) -> HsmError {
+    HsmError::Pkcs11 { server: server.into(), operation, reason: rv(&e) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_ecdsa_becomes_der_that_verifies() {
+        use aws_lc_rs::rand::SystemRandom;
+        use aws_lc_rs::signature::{self, EcdsaKeyPair, KeyPair, UnparsedPublicKey};
+        let key = EcdsaKeyPair::generate(&signature::ECDSA_P256_SHA256_FIXED_SIGNING).unwrap();
+        // Many signatures, so r or s with a high bit set or a leading zero byte occur.
+        for i in 0..64u8 {
+            let msg = [i; 7];
+            let raw = key.sign(&SystemRandom::new(), &msg).unwrap();
+            let der = ecdsa_der(raw.as_ref()).unwrap();
+            UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_ASN1, key.public_key().as_ref())
+                .verify(&msg, &der)
+                .unwrap();
+        }
+        assert!(ecdsa_der(&[1, 2, 3]).is_err());
+    }
+
+    #[test]
+    fn der_integers_are_minimal_and_positive() {
+        let mut raw = vec![0u8; 64];
+        raw[0] = 0x80;
+        raw[63] = 0x01;
+        let der = ecdsa_der(&raw).unwrap();
+        // SEQUENCE { INTEGER 00 80 00…(33 bytes), INTEGER 01 }
+        assert_eq!(&der[..4], &[0x30, 0x26, 0x02, 0x21]);
+        assert_eq!(der[4], 0x00);
+        assert_eq!(&der[der.len() - 3..], &[0x02, 0x01, 0x01]);
+    }
+
+    #[test]
+    fn error_names_are_short() {
+        assert_eq!(screaming("PinIncorrect"), "PIN_INCORRECT");
+    }
+}

@@ -1,0 +1,82 @@
+//! The management HTTP API, on loopback by default: liveness, readiness, Prometheus metrics,
+//! HSM status and the certificate list. A plain `match` on the path, no framework.
+
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::hsm::Hsm;
+use crate::pki::CertStore;
+use crate::state::StateDir;
+use crate::telemetry::METRICS;
+
+/// What the API reads.
+pub struct ApiState {
+    pub hsm: Arc<Hsm>,
+    pub state_dir: PathBuf,
+}
+
+/// Serves the API until the task is dropped.
+pub async fn serve(listener: TcpListener, state: Arc<ApiState>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| route(state.clone(), req));
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+        });
+    }
+}
+
+async fn route(state: Arc<ApiState>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.method() != Method::GET {
+        return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n".into()));
+    }
+    Ok(match req.uri().path() {
+        "/livez" => text(StatusCode::OK, "ok\n".into()),
+        "/readyz" => text(StatusCode::OK, "ready\n".into()),
+        "/metrics" => {
+            let mut response = text(StatusCode::OK, METRICS.render());
+            response
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; version=0.0.4"));
+            response
+        }
+        "/api/v1/hsm/status" => json(&state.hsm.status()),
+        "/api/v1/certs" => {
+            let state = state.clone();
+            let rows = tokio::task::spawn_blocking(move || {
+                let dir = StateDir::open(&state.state_dir).map_err(|e| e.to_string())?;
+                let store = CertStore::load(&dir).map_err(|e| e.to_string())?;
+                Ok::<_, String>(store.summaries(Some(&state.hsm)))
+            })
+            .await;
+            match rows {
+                Ok(Ok(rows)) => json(&rows),
+                Ok(Err(e)) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+            }
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+    })
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec_pretty(value).expect("status types serialise");
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    response
+}

@@ -1,0 +1,169 @@
+//! Minting: a leaf that mirrors the upstream certificate's names, with a fresh software key,
+//! signed by a CA whose key is behind the key seam (the HSM for the forward-trust CA).
+//!
+//! Only names (DNS and IP SANs, subject CN) and a validity window are taken from the upstream
+//! certificate. Nothing else is copied, so must-staple, SCTs, CRL and AIA pointers — which we
+//! could not honour — never reach the client.
+
+use std::net::IpAddr;
+use std::sync::{Arc, OnceLock};
+
+use rcgen::{
+    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyUsagePurpose, SanType,
+    SerialNumber,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::server::ServerConfig;
+use rustls::sign::CertifiedKey;
+use time::OffsetDateTime;
+use x509_parser::extensions::GeneralName;
+
+use crate::keys::KeyError;
+use crate::keys::rcgen::RcgenKey;
+
+/// Errors while minting.
+#[derive(Debug, thiserror::Error)]
+pub enum MintError {
+    #[error("no {0} CA is configured")]
+    NoCa(&'static str),
+    #[error("upstream certificate cannot be parsed: {0}")]
+    Upstream(String),
+    #[error("CA signature failed: {0}")]
+    Sign(String),
+    #[error("leaf key: {0}")]
+    Key(#[from] KeyError),
+    #[error("minting did not finish within {0} s")]
+    Timeout(u64),
+    #[error("minting task failed: {0}")]
+    Task(String),
+}
+
+/// A CA that signs minted leaves.
+pub struct Ca {
+    /// Name in the certificate store.
+    pub name: String,
+    cert: CertificateDer<'static>,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+    issuer: Issuer<'static, RcgenKey>,
+}
+
+/// A minted leaf, ready to serve.
+pub struct Minted {
+    /// Leaf + CA chain with the leaf's software key.
+    pub certified: Arc<CertifiedKey>,
+    /// The leaf's notAfter; the cache never keeps it longer.
+    pub not_after: OffsetDateTime,
+    /// Which CA signed it.
+    pub ca: String,
+    /// Server configs built for this leaf, one per ALPN choice (none, http/1.1, h2).
+    pub(crate) configs: [OnceLock<Arc<ServerConfig>>; 3],
+}
+
+impl Ca {
+    /// A CA from its certificate and a key whose public half must match it.
+    pub fn new(name: &str, cert: CertificateDer<'static>, key: RcgenKey) -> Result<Self, MintError> {
+        let (_, parsed) =
+            x509_parser::parse_x509_certificate(&cert).map_err(|e| MintError::Upstream(format!("CA certificate {name}: {e}")))?;
+        if parsed.public_key().raw != key.key().public_key() {
+            return Err(MintError::Sign(format!(
+                "CA certificate {name} does not match its key: public keys differ"
+            )));
+        }
+        let not_before = parsed.validity().not_before.to_datetime();
+        let not_after = parsed.validity().not_after.to_datetime();
+        let issuer = Issuer::from_ca_cert_der(&cert, key).map_err(|e| MintError::Sign(e.to_string()))?;
+        Ok(Self { name: name.into(), cert, not_before, not_after, issuer })
+    }
+
+    /// The CA certificate.
+    pub fn cert(&self) -> &CertificateDer<'static> {
+        &self.cert
+    }
+
+    /// Mints a leaf for `host` mirroring `upstream` (the upstream's end-entity certificate).
+    /// Blocking: the CA signature may be an HSM round-trip.
+    pub fn mint(&self, host: &str, upstream: &[u8]) -> Result<Minted, MintError> {
+        let (_, up) = x509_parser::parse_x509_certificate(upstream).map_err(|e| MintError::Upstream(e.to_string()))?;
+
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = mirrored_sans(&up, host)?;
+        let mut dn = DistinguishedName::new();
+        let cn = up.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok());
+        dn.push(DnType::CommonName, cn.unwrap_or(host));
+        params.distinguished_name = dn;
+
+        // Inside both the CA's and the upstream's validity; an upstream window that does not
+        // overlap the CA's (an expired upstream) yields an already-expired leaf, as it should.
+        let up_nb = up.validity().not_before.to_datetime();
+        let up_na = up.validity().not_after.to_datetime();
+        params.not_before = up_nb.max(self.not_before);
+        params.not_after = up_na.min(self.not_after).max(params.not_before);
+
+        let mut serial: [u8; 16] = rand::random();
+        serial[0] &= 0x7f;
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+
+        // A fresh software key per leaf: never the CA key.
+        let leaf_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| KeyError::Invalid(e.to_string()))?;
+        let cert = params.signed_by(&leaf_key, &self.issuer).map_err(|e| MintError::Sign(e.to_string()))?;
+
+        let provider = rustls::crypto::aws_lc_rs::default_provider();
+        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
+        let signing_key = provider
+            .key_provider
+            .load_private_key(key_der)
+            .map_err(|e| KeyError::Invalid(e.to_string()))?;
+        let chain = vec![cert.der().clone(), self.cert.clone()];
+        Ok(Minted {
+            certified: Arc::new(CertifiedKey::new(chain, signing_key)),
+            not_after: params.not_after,
+            ca: self.name.clone(),
+            configs: Default::default(),
+        })
+    }
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+/// DNS and IP SANs of the upstream, each as its own type; the host when there are none.
+fn mirrored_sans(up: &x509_parser::certificate::X509Certificate<'_>, host: &str) -> Result<Vec<SanType>, MintError> {
+    let mut sans = Vec::new();
+    if let Ok(Some(ext)) = up.subject_alternative_name() {
+        for name in &ext.value.general_names {
+            match name {
+                GeneralName::DNSName(dns) => sans.push(dns_san(dns)?),
+                GeneralName::IPAddress(bytes) => {
+                    let ip = match bytes.len() {
+                        4 => IpAddr::from(<[u8; 4]>::try_from(*bytes).expect("length checked")),
+                        16 => IpAddr::from(<[u8; 16]>::try_from(*bytes).expect("length checked")),
+                        _ => continue,
+                    };
+                    sans.push(SanType::IpAddress(ip));
+                }
+                _ => {}
+            }
+        }
+    }
+    if sans.is_empty() {
+        sans.push(match host.parse::<IpAddr>() {
+            Ok(ip) => SanType::IpAddress(ip),
+            Err(_) => dns_san(host)?,
+        });
+    }
+    Ok(sans)
+}
+
+fn dns_san(name: &str) -> Result<SanType, MintError> {
+    let ia5 = name.try_into().map_err(|_| MintError::Upstream(format!("DNS name {name:?} is not IA5")))?;
+    Ok(SanType::DnsName(ia5))
+}

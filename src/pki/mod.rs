@@ -1,0 +1,384 @@
+//! Certificates and the keys behind them: the certificate store (forward-trust CA,
+//! forward-untrust CA, later inbound server certificates), CA generation on the HSM, key status,
+//! and leaf minting with its cache.
+//!
+//! Owns the inventory file `certs.json` in the state directory. Does not own where keys live:
+//! it asks `hsm` for an `HsmKey` by label and uses it through the `keys` seam.
+
+pub mod cache;
+pub mod mint;
+
+use std::sync::Arc;
+
+use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyUsagePurpose};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use serde::{Deserialize, Serialize};
+
+use crate::hsm::{Hsm, HsmError};
+use crate::keys::rcgen::RcgenKey;
+use crate::keys::{KeyAlgorithm, PrivateKey};
+use crate::state::{Mode, StateDir, StateError};
+use mint::{Ca, MintError};
+
+const STORE_FILE: &str = "certs.json";
+const STORE_VERSION: u32 = 1;
+
+/// Errors of the certificate store.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Hsm(#[from] HsmError),
+    #[error(transparent)]
+    Mint(#[from] MintError),
+    #[error("certificate store {path}: {reason}")]
+    Store { path: String, reason: String },
+    #[error("a certificate named {0:?} already exists")]
+    Exists(String),
+    #[error("certificate name {0:?} must be 1–63 characters of letters, digits, '.', '_' or '-'")]
+    BadName(String),
+    #[error("creating certificate {name}: {reason}")]
+    Create { name: String, reason: String },
+}
+
+/// The role a CA plays in forward interception.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CaRole {
+    /// Signs leaves for upstreams that validated; trusted by clients.
+    ForwardTrust,
+    /// Signs leaves for upstreams that failed validation; deliberately not trusted.
+    ForwardUntrust,
+}
+
+/// One certificate in the store.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertEntry {
+    pub name: String,
+    pub cert_pem: String,
+    pub key: KeyLocation,
+    pub algorithm: String,
+    #[serde(default)]
+    pub forward_trust: bool,
+    #[serde(default)]
+    pub forward_untrust: bool,
+    #[serde(default)]
+    pub inbound: Vec<String>,
+}
+
+/// Where a certificate's private key lives.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "location", rename_all = "lowercase", deny_unknown_fields)]
+pub enum KeyLocation {
+    /// On the HSM, found by label.
+    Hsm { label: String },
+}
+
+/// `tollgate cert list --json` rows.
+#[derive(Clone, Debug, Serialize)]
+pub struct CertSummary {
+    pub name: String,
+    /// `hsm`, `software` or `error`.
+    pub key: &'static str,
+    /// Why `key` is `error`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub forward_trust: bool,
+    pub forward_untrust: bool,
+    pub inbound: Vec<String>,
+    pub subject: String,
+    pub not_after: String,
+    pub algorithm: String,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoreFile {
+    version: u32,
+    certs: Vec<CertEntry>,
+}
+
+/// The certificate inventory.
+#[derive(Debug)]
+pub struct CertStore {
+    state: StateDir,
+    entries: Vec<CertEntry>,
+}
+
+impl CertStore {
+    /// Loads the store (empty when the file does not exist yet).
+    pub fn load(state: &StateDir) -> Result<Self, PkiError> {
+        let path = state.path(STORE_FILE).display().to_string();
+        let entries = match state.read(STORE_FILE)? {
+            None => Vec::new(),
+            Some(bytes) => {
+                let file: StoreFile = serde_json::from_slice(&bytes)
+                    .map_err(|e| PkiError::Store { path: path.clone(), reason: e.to_string() })?;
+                if file.version != STORE_VERSION {
+                    return Err(PkiError::Store { path, reason: format!("unsupported version {}", file.version) });
+                }
+                file.certs
+            }
+        };
+        Ok(Self { state: state.clone(), entries })
+    }
+
+    /// Every entry.
+    pub fn entries(&self) -> &[CertEntry] {
+        &self.entries
+    }
+
+    /// The entry holding a role.
+    pub fn with_role(&self, role: CaRole) -> Option<&CertEntry> {
+        self.entries.iter().find(|e| match role {
+            CaRole::ForwardTrust => e.forward_trust,
+            CaRole::ForwardUntrust => e.forward_untrust,
+        })
+    }
+
+    /// Generates a CA key pair on the HSM and its self-signed certificate, and gives it `role`
+    /// (taking the role from any other certificate). Holds the state lock throughout.
+    pub fn generate_ca(
+        state: &StateDir,
+        hsm: &Arc<Hsm>,
+        name: &str,
+        algorithm: KeyAlgorithm,
+        role: CaRole,
+    ) -> Result<CertEntry, PkiError> {
+        check_name(name)?;
+        let _lock = state.lock()?;
+        let mut store = Self::load(state)?;
+        if store.entries.iter().any(|e| e.name == name) {
+            return Err(PkiError::Exists(name.into()));
+        }
+        let key = hsm.generate(name, algorithm)?;
+        let signer = RcgenKey::new(key).map_err(|e| PkiError::Create { name: name.into(), reason: e.to_string() })?;
+        let cert = ca_params(name, role)
+            .self_signed(&signer)
+            .map_err(|e| PkiError::Create { name: name.into(), reason: e.to_string() })?;
+        let entry = CertEntry {
+            name: name.into(),
+            cert_pem: cert.pem(),
+            key: KeyLocation::Hsm { label: name.into() },
+            algorithm: algorithm.as_str().into(),
+            forward_trust: role == CaRole::ForwardTrust,
+            forward_untrust: role == CaRole::ForwardUntrust,
+            inbound: Vec::new(),
+        };
+        for other in &mut store.entries {
+            match role {
+                CaRole::ForwardTrust => other.forward_trust = false,
+                CaRole::ForwardUntrust => other.forward_untrust = false,
+            }
+        }
+        store.entries.push(entry.clone());
+        store.save()?;
+        Ok(entry)
+    }
+
+    /// Loads the CA holding `role`, its key checked against its certificate.
+    pub fn ca(&self, role: CaRole, hsm: &Arc<Hsm>) -> Result<Option<Ca>, PkiError> {
+        let Some(entry) = self.with_role(role) else { return Ok(None) };
+        let key = entry_key(entry, hsm)?;
+        let signer = RcgenKey::new(key).map_err(|e| PkiError::Create { name: entry.name.clone(), reason: e.to_string() })?;
+        Ok(Some(Ca::new(&entry.name, entry.cert_der()?, signer)?))
+    }
+
+    /// Every certificate with its key status: `hsm` only when the key is on the token and a
+    /// test signature verifies under the certificate's public key.
+    pub fn summaries(&self, hsm: Option<&Arc<Hsm>>) -> Vec<CertSummary> {
+        self.entries.iter().map(|e| e.summary(hsm)).collect()
+    }
+
+    fn save(&self) -> Result<(), PkiError> {
+        let file = StoreFile { version: STORE_VERSION, certs: self.entries.clone() };
+        let json = serde_json::to_vec_pretty(&file).expect("the store serialises: plain strings and bools");
+        self.state.write_atomic(STORE_FILE, &json, Mode::Public)?;
+        Ok(())
+    }
+}
+
+impl CertEntry {
+    /// The certificate in DER.
+    pub fn cert_der(&self) -> Result<CertificateDer<'static>, PkiError> {
+        CertificateDer::from_pem_slice(self.cert_pem.as_bytes())
+            .map_err(|e| PkiError::Store { path: STORE_FILE.into(), reason: format!("certificate {}: {e}", self.name) })
+    }
+
+    fn summary(&self, hsm: Option<&Arc<Hsm>>) -> CertSummary {
+        let (subject, not_after) = self
+            .cert_der()
+            .ok()
+            .and_then(|der| {
+                let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+                let not_after = cert.validity().not_after.to_datetime();
+                let not_after = not_after.format(&time::format_description::well_known::Rfc3339).ok()?;
+                Some((cert.subject().to_string(), not_after))
+            })
+            .unwrap_or_default();
+        let status = match hsm {
+            None => Err("no HSM server is configured".to_string()),
+            Some(hsm) => self.check_key(hsm),
+        };
+        CertSummary {
+            name: self.name.clone(),
+            key: if status.is_ok() { "hsm" } else { "error" },
+            reason: status.err(),
+            forward_trust: self.forward_trust,
+            forward_untrust: self.forward_untrust,
+            inbound: self.inbound.clone(),
+            subject,
+            not_after,
+            algorithm: self.algorithm.clone(),
+        }
+    }
+
+    fn check_key(&self, hsm: &Arc<Hsm>) -> Result<(), String> {
+        let key = entry_key(self, hsm).map_err(|e| e.to_string())?;
+        let der = self.cert_der().map_err(|e| e.to_string())?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| e.to_string())?;
+        if cert.public_key().raw != key.public_key() {
+            return Err("the key on the HSM does not match the certificate".into());
+        }
+        let message = b"tollgate key check";
+        let sig = key.sign(key.algorithm().certificate_scheme(), message).map_err(|e| e.to_string())?;
+        verify(key.algorithm(), &cert.public_key().subject_public_key.data, message, &sig)
+            .map_err(|()| "test signature does not verify under the certificate".to_string())
+    }
+}
+
+fn entry_key(entry: &CertEntry, hsm: &Arc<Hsm>) -> Result<Arc<dyn PrivateKey>, PkiError> {
+    match &entry.key {
+        KeyLocation::Hsm { label } => Ok(hsm.key(label)?),
+    }
+}
+
+/// Verifies a signature made with `algorithm`'s certificate scheme.
+pub fn verify(algorithm: KeyAlgorithm, raw_public: &[u8], message: &[u8], sig: &[u8]) -> Result<(), ()> {
+    use aws_lc_rs::signature;
+    let alg: &dyn signature::VerificationAlgorithm = match algorithm {
+        KeyAlgorithm::EcdsaP256 => &signature::ECDSA_P256_SHA256_ASN1,
+        KeyAlgorithm::EcdsaP384 => &signature::ECDSA_P384_SHA384_ASN1,
+        KeyAlgorithm::Rsa2048 | KeyAlgorithm::Rsa3072 => &signature::RSA_PKCS1_2048_8192_SHA256,
+    };
+    signature::UnparsedPublicKey::new(alg, raw_public).verify(message, sig).map_err(|_| ())
+}
+
+fn ca_params(name: &str, role: CaRole) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    let role_name = match role {
+        CaRole::ForwardTrust => "Forward Trust",
+        CaRole::ForwardUntrust => "Forward Untrust",
+    };
+    dn.push(DnType::CommonName, format!("tollgate {role_name} CA ({name})"));
+    dn.push(DnType::OrganizationName, "tollgate");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(3650);
+    let mut serial: [u8; 16] = rand::random();
+    serial[0] &= 0x7f;
+    params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+    params
+}
+
+fn check_name(name: &str) -> Result<(), PkiError> {
+    let ok = (1..=63).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok { Ok(()) } else { Err(PkiError::BadName(name.into())) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::software::SoftwareKey;
+
+    fn software_ca(role: CaRole) -> Ca {
+        let key: Arc<dyn PrivateKey> = Arc::new(SoftwareKey::generate(KeyAlgorithm::EcdsaP256).unwrap());
+        let signer = RcgenKey::new(key).unwrap();
+        let cert = ca_params("test", role).self_signed(&signer).unwrap();
+        Ca::new("test", cert.der().clone(), signer).unwrap()
+    }
+
+    fn upstream_cert(sans: Vec<rcgen::SanType>, days: (i64, i64)) -> Vec<u8> {
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = sans;
+        params.distinguished_name.push(DnType::CommonName, "origin.test");
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now + time::Duration::days(days.0);
+        params.not_after = now + time::Duration::days(days.1);
+        // Extensions a proxy cannot honour: must-staple (TLS feature), SCT list, CRL DP, AIA.
+        params.custom_extensions = vec![
+            rcgen::CustomExtension::from_oid_content(&[1, 3, 6, 1, 5, 5, 7, 1, 24], vec![0x30, 0x03, 0x02, 0x01, 0x05]),
+            rcgen::CustomExtension::from_oid_content(&[1, 3, 6, 1, 4, 1, 11129, 2, 4, 2], vec![0x04, 0x00]),
+            rcgen::CustomExtension::from_oid_content(&[1, 3, 6, 1, 5, 5, 7, 1, 1], vec![0x30, 0x00]),
+        ];
+        params.crl_distribution_points = vec![rcgen::CrlDistributionPoint { uris: vec!["http://crl.test/x.crl".into()] }];
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn leaf_mirrors_names_and_drops_unsatisfiable_extensions() {
+        let ca = software_ca(CaRole::ForwardTrust);
+        let up = upstream_cert(
+            vec![
+                rcgen::SanType::DnsName("origin.test".try_into().unwrap()),
+                rcgen::SanType::DnsName("*.origin.test".try_into().unwrap()),
+                rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()),
+            ],
+            (-10, 30),
+        );
+        let minted = ca.mint("origin.test", &up).unwrap();
+        let leaf_der = &minted.certified.cert[0];
+        let (_, leaf) = x509_parser::parse_x509_certificate(leaf_der).unwrap();
+        let (_, upc) = x509_parser::parse_x509_certificate(&up).unwrap();
+        let (_, cac) = x509_parser::parse_x509_certificate(ca.cert()).unwrap();
+
+        let sans = leaf.subject_alternative_name().unwrap().unwrap().value.general_names.clone();
+        let rendered: Vec<String> = sans.iter().map(|n| format!("{n:?}")).collect();
+        assert_eq!(rendered, ["DNSName(\"origin.test\")", "DNSName(\"*.origin.test\")", "IPAddress([127, 0, 0, 1])"]);
+
+        assert!(leaf.validity().not_before >= upc.validity().not_before);
+        assert!(leaf.validity().not_before >= cac.validity().not_before);
+        assert!(leaf.validity().not_after <= upc.validity().not_after);
+        assert!(leaf.validity().not_after <= cac.validity().not_after);
+
+        for ext in leaf.extensions() {
+            let oid = ext.oid.to_id_string();
+            assert!(
+                !["1.3.6.1.5.5.7.1.24", "1.3.6.1.4.1.11129.2.4.2", "1.3.6.1.5.5.7.1.1", "2.5.29.31"].contains(&oid.as_str()),
+                "unsatisfiable extension {oid} copied"
+            );
+        }
+        assert_ne!(leaf.public_key().raw, cac.public_key().raw, "leaf key must never be the CA key");
+        assert_eq!(leaf.issuer(), cac.subject());
+        let raw = &cac.public_key().subject_public_key.data;
+        verify(KeyAlgorithm::EcdsaP256, raw, leaf.tbs_certificate.as_ref(), &leaf.signature_value.data).unwrap();
+
+        let again = ca.mint("origin.test", &up).unwrap();
+        assert_ne!(again.certified.cert[0], *leaf_der, "every mint has a fresh key and serial");
+    }
+
+    #[test]
+    fn leaf_without_sans_names_the_host() {
+        let ca = software_ca(CaRole::ForwardUntrust);
+        let up = upstream_cert(vec![], (-1, 1));
+        let minted = ca.mint("10.1.2.3", &up).unwrap();
+        let (_, leaf) = x509_parser::parse_x509_certificate(&minted.certified.cert[0]).unwrap();
+        let sans = &leaf.subject_alternative_name().unwrap().unwrap().value.general_names;
+        assert_eq!(format!("{:?}", sans[0]), "IPAddress([10, 1, 2, 3])");
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(check_name("forward-trust.v2").is_ok());
+        assert!(check_name("bad name").is_err());
+        assert!(check_name("").is_err());
+    }
+}

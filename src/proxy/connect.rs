@@ -1,0 +1,81 @@
+//! The explicit forward proxy (D1): `CONNECT host:port` hands the tunnel to the TLS pipeline;
+//! absolute-form `http://` requests are relayed as plain HTTP.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use super::http::{AccessLog, Body, Refusal, prepare_request, strip_hop_by_hop};
+use super::{ConnCtx, Proxy, ProxyError, Target};
+
+/// Serves one client connection of the explicit listener.
+pub async fn serve(proxy: Arc<Proxy>, stream: TcpStream, ctx: ConnCtx) {
+    let service = hyper::service::service_fn(move |req| handle(proxy.clone(), req, ctx));
+    let result = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades()
+        .await;
+    if let Err(e) = result {
+        tracing::debug!(client = %ctx.client, error = %e, "proxy connection ended with an error");
+    }
+}
+
+async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>, ctx: ConnCtx) -> Result<Response<Body>, Infallible> {
+    if req.method() == Method::CONNECT {
+        return Ok(connect(proxy, req, ctx));
+    }
+    if req.uri().scheme_str() == Some("http") {
+        return Ok(plain(proxy, req, ctx).await);
+    }
+    let refusal = Refusal::new(
+        StatusCode::BAD_REQUEST,
+        "bad-proxy-request",
+        "expected CONNECT or an absolute-form http:// request".into(),
+    );
+    Ok(refusal.into_response())
+}
+
+/// Answers 200 and runs the TLS pipeline on the upgraded connection.
+fn connect(proxy: Arc<Proxy>, mut req: Request<Incoming>, ctx: ConnCtx) -> Response<Body> {
+    let Some(target) = req.uri().authority().and_then(|a| Target::parse(a.as_str(), 443)) else {
+        return Refusal::new(StatusCode::BAD_REQUEST, "bad-connect", "CONNECT needs host:port".into()).into_response();
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => super::intercept::serve(proxy, TokioIo::new(upgraded), Some(target), ctx).await,
+            Err(e) => tracing::info!(client = %ctx.client, error = %e, "CONNECT upgrade failed"),
+        }
+    });
+    Response::new(Empty::new().map_err(|never: Infallible| match never {}).boxed_unsync())
+}
+
+/// Relays one plain-HTTP request to its origin.
+async fn plain(proxy: Arc<Proxy>, req: Request<Incoming>, ctx: ConnCtx) -> Response<Body> {
+    let Some(target) = req.uri().authority().and_then(|a| Target::parse(a.as_str(), 80)) else {
+        return Refusal::new(StatusCode::BAD_REQUEST, "bad-proxy-request", "request URI has no host".into()).into_response();
+    };
+    let log = AccessLog::new(&req, ctx, &target.host, "plain-http");
+    let response = match send_plain(&proxy, req, &target).await {
+        Ok(response) => response,
+        Err(e) => Refusal::upstream(e).into_response(),
+    };
+    log.attach(response)
+}
+
+async fn send_plain(proxy: &Proxy, req: Request<Incoming>, target: &Target) -> Result<Response<Body>, ProxyError> {
+    let stream = proxy.dial(target).await?;
+    let http_err = |e: hyper::Error| ProxyError::UpstreamHttp { target: target.to_string(), reason: e.to_string() };
+    let (mut sender, connection) = http1::handshake(TokioIo::new(stream)).await.map_err(http_err)?;
+    tokio::spawn(connection);
+    let req = prepare_request(req, target, false, false);
+    let mut response = sender.send_request(req).await.map_err(http_err)?;
+    strip_hop_by_hop(response.headers_mut(), false);
+    Ok(response.map(BodyExt::boxed_unsync))
+}

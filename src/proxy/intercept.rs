@@ -1,0 +1,201 @@
+//! The one pipeline after a listener: ClientHello → destination binding → policy → tunnel, or
+//! upstream handshake → verdict → mint (cached, single-flight) → client handshake → HTTP relay.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use rustls::pki_types::ServerName;
+use rustls::server::Accepted;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_rustls::StartHandshake;
+
+use super::tls::{ClientHelloInfo, Verdict};
+use super::{ConnCtx, Proxy, ProxyError, Side, Target};
+use crate::config::UntrustedAction;
+use crate::pki::cache::LeafKey;
+use crate::pki::mint::MintError;
+use crate::policy::TlsAction;
+use crate::telemetry::METRICS;
+
+/// Serves one client TLS connection; `hint` is the destination when the listener knows it
+/// (CONNECT authority, original destination).
+pub async fn serve<IO>(proxy: Arc<Proxy>, io: IO, hint: Option<Target>, ctx: ConnCtx)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    if let Err(e) = serve_inner(&proxy, io, hint, ctx).await {
+        let side = e.side();
+        match side {
+            Side::Client => tracing::info!(client = %ctx.client, mode = ctx.mode.as_str(), side = ?side, error = %e, "connection refused"),
+            _ => tracing::warn!(client = %ctx.client, mode = ctx.mode.as_str(), side = ?side, error = %e, "connection failed"),
+        }
+    }
+}
+
+async fn serve_inner<IO>(proxy: &Arc<Proxy>, mut io: IO, hint: Option<Target>, ctx: ConnCtx) -> Result<(), ProxyError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let secs = proxy.handshake_timeout.as_secs();
+    let (accepted, hello, raw) = tokio::time::timeout(proxy.handshake_timeout, super::tls::read_client_hello(&mut io))
+        .await
+        .map_err(|_| ProxyError::Timeout { phase: "ClientHello", secs, side: Side::Client })??;
+    let target = match bind_target(hint, &hello, ctx) {
+        Ok(target) => target,
+        Err(e) => return Err(refuse(proxy, accepted, io, e).await),
+    };
+    match proxy.policy.decide_tls(&target.host) {
+        TlsAction::Tunnel => super::tunnel::run(proxy.clone(), io, raw, target, ctx).await,
+        TlsAction::Intercept => intercept(proxy, io, accepted, hello, target, ctx).await,
+    }
+}
+
+/// The destination: the listener's hint and the SNI must name the same host.
+fn bind_target(hint: Option<Target>, hello: &ClientHelloInfo, ctx: ConnCtx) -> Result<Target, ProxyError> {
+    match (hint, &hello.sni) {
+        (Some(target), Some(sni)) if *sni != target.host => {
+            Err(ProxyError::NameMismatch { sni: sni.clone(), host: target.host })
+        }
+        (Some(target), _) => Ok(target),
+        (None, Some(sni)) => Ok(Target { host: sni.clone(), port: ctx.upstream_port }),
+        (None, None) => Err(ProxyError::NoSni),
+    }
+}
+
+async fn intercept<IO>(
+    proxy: &Arc<Proxy>,
+    io: IO,
+    accepted: Accepted,
+    hello: ClientHelloInfo,
+    target: Target,
+    ctx: ConnCtx,
+) -> Result<(), ProxyError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let upstream = match connect_upstream(proxy, &target, &hello).await {
+        Ok(upstream) => upstream,
+        Err(e) => return Err(refuse(proxy, accepted, io, e).await),
+    };
+    let minted = match mint(proxy, &target, &upstream).await {
+        Ok(minted) => minted,
+        Err(e) => return Err(refuse(proxy, accepted, io, e).await),
+    };
+    let alpn = upstream.stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+    let config = proxy.server_tls.config(&minted, upstream.verdict.is_trusted(), alpn.as_deref());
+    let secs = proxy.handshake_timeout.as_secs();
+    let client = tokio::time::timeout(proxy.handshake_timeout, StartHandshake::from_parts(accepted, io).into_stream(config))
+        .await
+        .map_err(|_| ProxyError::Timeout { phase: "client TLS handshake", secs, side: Side::Client })?
+        .map_err(ProxyError::ClientTls)?;
+    super::http::relay(proxy.clone(), client, upstream, target, ctx).await
+}
+
+/// An upstream TLS connection with its verdict.
+pub struct UpstreamConn {
+    pub stream: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    pub verdict: Verdict,
+    /// SHA-256 of the upstream end-entity certificate.
+    pub fingerprint: [u8; 32],
+    /// The upstream's end-entity certificate.
+    pub leaf: Vec<u8>,
+    /// The ALPN we offered (the client's).
+    pub offer: Vec<Vec<u8>>,
+}
+
+/// Connects and handshakes upstream with the client's SNI and ALPN offer, and validates.
+pub async fn connect_upstream(proxy: &Proxy, target: &Target, hello: &ClientHelloInfo) -> Result<UpstreamConn, ProxyError> {
+    let tcp = proxy.dial(target).await?;
+    let name = ServerName::try_from(target.host.clone()).map_err(|e| ProxyError::UpstreamTls {
+        target: target.to_string(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+    })?;
+    let connector = tokio_rustls::TlsConnector::from(proxy.upstream_tls.config_for(&hello.alpn));
+    let secs = proxy.connect_timeout.as_secs();
+    let stream = tokio::time::timeout(proxy.connect_timeout, connector.connect(name.clone(), tcp))
+        .await
+        .map_err(|_| ProxyError::Timeout { phase: "upstream TLS handshake", secs, side: Side::Upstream })?
+        .map_err(|source| ProxyError::UpstreamTls { target: target.to_string(), source })?;
+    let chain = stream.get_ref().1.peer_certificates().unwrap_or_default();
+    let verdict = proxy.upstream_tls.verdict(&name, chain);
+    let leaf = chain.first().map(|c| c.to_vec()).unwrap_or_default();
+    let fingerprint = sha256(&leaf);
+    if let Verdict::Untrusted(reason) = &verdict {
+        METRICS.untrusted_upstreams_total.fetch_add(1, Relaxed);
+        if proxy.policy.untrusted == UntrustedAction::Block {
+            return Err(ProxyError::UpstreamUntrusted { target: target.to_string(), reason: reason.clone() });
+        }
+    }
+    Ok(UpstreamConn { stream, verdict, fingerprint, leaf, offer: hello.alpn.clone() })
+}
+
+async fn mint(proxy: &Proxy, target: &Target, upstream: &UpstreamConn) -> Result<Arc<crate::pki::mint::Minted>, ProxyError> {
+    let trusted = upstream.verdict.is_trusted();
+    let key = LeafKey { host: target.host.clone(), upstream: upstream.fingerprint, trusted };
+    let mint_err = |source: Arc<MintError>| ProxyError::Mint { host: target.host.clone(), source };
+    let ca = if trusted { proxy.cas.trust.clone() } else { proxy.cas.untrust.clone() };
+    let host = target.host.clone();
+    let leaf = upstream.leaf.clone();
+    let timeout = proxy.mint_timeout;
+    proxy
+        .cache
+        .get_or_mint(key, async move {
+            let ca = ca.ok_or(MintError::NoCa(if trusted { "forward-trust" } else { "forward-untrust" }))?;
+            let task = tokio::task::spawn_blocking(move || ca.mint(&host, &leaf));
+            match tokio::time::timeout(timeout, task).await {
+                Ok(Ok(minted)) => minted.map(Arc::new),
+                Ok(Err(join)) => Err(MintError::Task(join.to_string())),
+                Err(_) => Err(MintError::Timeout(timeout.as_secs())),
+            }
+        })
+        .await
+        .inspect_err(|_| {
+            METRICS.mint_errors_total.fetch_add(1, Relaxed);
+        })
+        .map_err(mint_err)
+}
+
+/// Ends the client handshake with a `handshake_failure` alert and returns the reason.
+async fn refuse<IO>(proxy: &Proxy, accepted: Accepted, io: IO, reason: ProxyError) -> ProxyError
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let _ = tokio::time::timeout(
+        proxy.handshake_timeout,
+        StartHandshake::from_parts(accepted, io).into_stream(proxy.server_tls.refuse()),
+    )
+    .await;
+    reason
+}
+
+/// SHA-256 of `bytes`.
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
+    digest.as_ref().try_into().expect("SHA-256 is 32 bytes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ListenerMode;
+
+    fn ctx(mode: ListenerMode) -> ConnCtx {
+        ConnCtx { client: "127.0.0.1:1".parse().unwrap(), mode, upstream_port: 8443 }
+    }
+
+    fn hello(sni: Option<&str>) -> ClientHelloInfo {
+        ClientHelloInfo { sni: sni.map(str::to_string), alpn: vec![] }
+    }
+
+    #[test]
+    fn sni_and_connect_host_must_agree() {
+        let target = Target { host: "a.test".into(), port: 443 };
+        let explicit = ctx(ListenerMode::Explicit);
+        assert!(matches!(bind_target(Some(target.clone()), &hello(Some("b.test")), explicit), Err(ProxyError::NameMismatch { .. })));
+        assert_eq!(bind_target(Some(target.clone()), &hello(Some("a.test")), explicit).unwrap(), target);
+        assert_eq!(bind_target(Some(target.clone()), &hello(None), explicit).unwrap(), target);
+        let sni = ctx(ListenerMode::Sni);
+        assert_eq!(bind_target(None, &hello(Some("a.test")), sni).unwrap().port, 8443);
+        assert!(matches!(bind_target(None, &hello(None), sni), Err(ProxyError::NoSni)));
+    }
+}

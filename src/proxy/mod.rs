@@ -1,0 +1,279 @@
+//! The data plane. Each listener's only job is to produce a client stream and, when it knows
+//! one, a `Target`; after that there is one pipeline (`intercept::serve`): read the ClientHello,
+//! decide, then tunnel or intercept and relay HTTP.
+
+pub mod connect;
+pub mod http;
+pub mod intercept;
+pub mod tls;
+pub mod tunnel;
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+use crate::config::{Config, ListenerConfig, ListenerMode};
+use crate::pki::cache::LeafCache;
+use crate::pki::mint::{Ca, MintError};
+use crate::policy::Policy;
+use crate::telemetry::ConnectionGuard;
+use tls::{HelloError, ServerTls, UpstreamTls};
+
+/// Which side of a connection an error came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Upstream,
+    Hsm,
+    Internal,
+}
+
+/// Errors of the data plane, each tagged with its side.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error(transparent)]
+    Hello(#[from] HelloError),
+    #[error("ClientHello has no SNI and the listener needs it to find the destination")]
+    NoSni,
+    #[error("SNI {sni:?} does not match the requested host {host:?}")]
+    NameMismatch { sni: String, host: String },
+    #[error("destination {0} is not allowed (tollgate's own listener)")]
+    Forbidden(SocketAddr),
+    #[error("{phase} timed out after {secs} s")]
+    Timeout { phase: &'static str, secs: u64, side: Side },
+    #[error("connecting to {target}: {source}")]
+    Connect {
+        target: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("TLS to upstream {target}: {source}")]
+    UpstreamTls {
+        target: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("upstream {target} certificate rejected by policy: {reason}")]
+    UpstreamUntrusted { target: String, reason: String },
+    #[error("minting a leaf for {host}: {source}")]
+    Mint {
+        host: String,
+        #[source]
+        source: Arc<MintError>,
+    },
+    #[error("TLS handshake with the client: {0}")]
+    ClientTls(#[source] io::Error),
+    #[error("HTTP to upstream {target}: {reason}")]
+    UpstreamHttp { target: String, reason: String },
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+impl ProxyError {
+    /// Who failed.
+    pub fn side(&self) -> Side {
+        match self {
+            Self::Hello(_) | Self::NoSni | Self::NameMismatch { .. } | Self::Forbidden(_) | Self::ClientTls(_) => {
+                Side::Client
+            }
+            Self::Timeout { side, .. } => *side,
+            Self::Connect { .. } | Self::UpstreamTls { .. } | Self::UpstreamUntrusted { .. } | Self::UpstreamHttp { .. } => {
+                Side::Upstream
+            }
+            Self::Mint { source, .. } => match **source {
+                MintError::Key(_) | MintError::Sign(_) | MintError::Timeout(_) => Side::Hsm,
+                _ => Side::Internal,
+            },
+            Self::Io(_) => Side::Internal,
+        }
+    }
+}
+
+/// Where a connection goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// Lower-case host name or IP literal (no brackets).
+    pub host: String,
+    pub port: u16,
+}
+
+impl Target {
+    /// Parses `host:port` / `[v6]:port` (CONNECT authority); `default_port` when none.
+    pub fn parse(authority: &str, default_port: u16) -> Option<Self> {
+        let authority: ::http::uri::Authority = authority.parse().ok()?;
+        let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return None;
+        }
+        Some(Self { host: host.to_ascii_lowercase(), port: authority.port_u16().unwrap_or(default_port) })
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// The CAs that sign minted leaves.
+#[derive(Default)]
+pub struct Cas {
+    pub trust: Option<Arc<Ca>>,
+    pub untrust: Option<Arc<Ca>>,
+}
+
+/// Everything the data plane shares across connections.
+pub struct Proxy {
+    pub policy: Policy,
+    pub cas: Cas,
+    pub cache: LeafCache,
+    pub upstream_tls: UpstreamTls,
+    pub server_tls: ServerTls,
+    resolve: BTreeMap<(String, u16), SocketAddr>,
+    /// Our own sockets: never a destination (no loops, no reaching management via the proxy).
+    own: Vec<SocketAddr>,
+    limit: Arc<Semaphore>,
+    pub handshake_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub mint_timeout: Duration,
+}
+
+impl Proxy {
+    /// Builds the shared state from the configuration and the loaded CAs.
+    pub fn new(config: &Config, cas: Cas) -> Result<Self, crate::config::ConfigError> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let server_tls = ServerTls::new(provider.clone()).map_err(|e| crate::config::ConfigError::Invalid {
+            path: config.path.clone(),
+            field: "tls".into(),
+            reason: e.to_string(),
+        })?;
+        let mut own: Vec<SocketAddr> = config.listeners.iter().map(|l| l.listen).collect();
+        own.push(config.management.listen);
+        Ok(Self {
+            policy: Policy::new(config)?,
+            cas,
+            cache: LeafCache::new(config.mint.cache_capacity),
+            upstream_tls: UpstreamTls::new(&config.upstream, &config.path, &provider)?,
+            server_tls,
+            resolve: config.resolve.clone(),
+            own,
+            limit: Arc::new(Semaphore::new(config.limits.max_connections)),
+            handshake_timeout: Duration::from_secs(config.limits.handshake_timeout_secs),
+            connect_timeout: Duration::from_secs(config.limits.connect_timeout_secs),
+            mint_timeout: Duration::from_secs(config.limits.mint_timeout_secs),
+        })
+    }
+
+    /// Records the address a listener actually bound (port 0 in tests).
+    pub fn add_own(&mut self, addr: SocketAddr) {
+        self.own.push(addr);
+    }
+
+    /// Opens a TCP connection to `target`, honouring `[resolve]` and refusing our own sockets.
+    pub async fn dial(&self, target: &Target) -> Result<TcpStream, ProxyError> {
+        let connect_err = |source| ProxyError::Connect { target: target.to_string(), source };
+        let addrs: Vec<SocketAddr> = match self.resolve.get(&(target.host.clone(), target.port)) {
+            Some(addr) => vec![*addr],
+            None => tokio::net::lookup_host((target.host.as_str(), target.port)).await.map_err(connect_err)?.collect(),
+        };
+        let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
+        for addr in addrs {
+            if self.is_own(addr) {
+                return Err(ProxyError::Forbidden(addr));
+            }
+            let attempt = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await;
+            match attempt {
+                Ok(Ok(stream)) => {
+                    let _ = stream.set_nodelay(true);
+                    return Ok(stream);
+                }
+                Ok(Err(e)) => last = e,
+                Err(_) => {
+                    return Err(ProxyError::Timeout { phase: "upstream connect", secs: self.connect_timeout.as_secs(), side: Side::Upstream });
+                }
+            }
+        }
+        Err(connect_err(last))
+    }
+
+    fn is_own(&self, addr: SocketAddr) -> bool {
+        self.own.iter().any(|own| {
+            own.port() == addr.port()
+                && (own.ip() == addr.ip() || (own.ip().is_unspecified() && (addr.ip().is_loopback() || addr.ip().is_unspecified())))
+        })
+    }
+}
+
+/// Accepts connections on one listener until the task is dropped.
+pub async fn serve_listener(proxy: Arc<Proxy>, listener: TcpListener, config: ListenerConfig) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = proxy.limit.clone().try_acquire_owned() else {
+            tracing::warn!(client = %peer, "connection refused: max_connections reached");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let proxy = proxy.clone();
+        let config = config.clone();
+        tokio::spawn(async move {
+            let _guard = ConnectionGuard::new();
+            let _permit = permit;
+            let ctx = ConnCtx { client: peer, mode: config.mode, upstream_port: config.upstream_port };
+            match config.mode {
+                ListenerMode::Explicit => connect::serve(proxy, stream, ctx).await,
+                ListenerMode::Sni => intercept::serve(proxy, stream, None, ctx).await,
+                ListenerMode::Transparent | ListenerMode::Inbound => {}
+            }
+        });
+    }
+}
+
+/// Per-connection facts for logs and decisions.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnCtx {
+    pub client: SocketAddr,
+    pub mode: ListenerMode,
+    /// `sni` mode: the port to connect upstream.
+    pub upstream_port: u16,
+}
+
+impl ListenerMode {
+    /// For logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Explicit => "explicit",
+            Self::Sni => "sni",
+            Self::Transparent => "transparent",
+            Self::Inbound => "inbound",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_parse() {
+        assert_eq!(Target::parse("Example.COM:8443", 443), Some(Target { host: "example.com".into(), port: 8443 }));
+        assert_eq!(Target::parse("[::1]:443", 443).unwrap().to_string(), "[::1]:443");
+        assert_eq!(Target::parse("host", 443).unwrap().port, 443);
+        assert_eq!(Target::parse("", 443), None);
+    }
+}

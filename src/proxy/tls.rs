@@ -1,0 +1,348 @@
+//! TLS on both legs: reading the ClientHello before any decision, the upstream client configs
+//! (ALPN mirrored from the client, certificates always validated) and the server configs that
+//! present minted leaves.
+
+use std::io;
+use std::sync::Arc;
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::{Accepted, Acceptor, ClientHello, ResolvesServerCert, ServerSessionMemoryCache};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::config::{ConfigError, UntrustedAction, UpstreamConfig};
+use crate::pki::mint::Minted;
+
+/// The largest ClientHello we wait for.
+const MAX_CLIENT_HELLO: usize = 64 * 1024;
+
+/// The ALPN protocols tollgate can relay.
+pub const H2: &[u8] = b"h2";
+pub const HTTP11: &[u8] = b"http/1.1";
+
+/// What the ClientHello said, owned.
+#[derive(Clone, Debug)]
+pub struct ClientHelloInfo {
+    /// Lower-cased SNI.
+    pub sni: Option<String>,
+    /// The client's ALPN offer, in its order.
+    pub alpn: Vec<Vec<u8>>,
+}
+
+/// Why a ClientHello could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum HelloError {
+    #[error("client sent non-TLS bytes on a TLS port")]
+    NotTls,
+    #[error("client closed the connection before its ClientHello")]
+    Closed,
+    #[error("ClientHello larger than {MAX_CLIENT_HELLO} bytes")]
+    TooLarge,
+    #[error("malformed ClientHello: {0}")]
+    Malformed(rustls::Error),
+    #[error("reading ClientHello: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl ClientHelloInfo {
+    fn new(hello: &ClientHello<'_>) -> Self {
+        Self {
+            sni: hello.server_name().map(|s| s.to_ascii_lowercase()),
+            alpn: hello.alpn().map(|protos| protos.map(<[u8]>::to_vec).collect()).unwrap_or_default(),
+        }
+    }
+}
+
+/// Reads the ClientHello. Returns rustls' accepted state (which holds every byte read, for
+/// the handshake) and a copy of those bytes (for a passthrough tunnel).
+pub async fn read_client_hello<IO>(io: &mut IO) -> Result<(Accepted, ClientHelloInfo, Vec<u8>), HelloError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut acceptor = Acceptor::default();
+    let mut seen = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = io.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(HelloError::Closed);
+        }
+        if seen.is_empty() && chunk[0] != 0x16 {
+            return Err(HelloError::NotTls);
+        }
+        seen.extend_from_slice(&chunk[..n]);
+        if seen.len() > MAX_CLIENT_HELLO {
+            return Err(HelloError::TooLarge);
+        }
+        let mut rd = &chunk[..n];
+        while !rd.is_empty() {
+            acceptor.read_tls(&mut rd)?;
+        }
+        match acceptor.accept() {
+            Ok(Some(accepted)) => {
+                let info = ClientHelloInfo::new(&accepted.client_hello());
+                return Ok((accepted, info, seen));
+            }
+            Ok(None) => continue,
+            Err((e, mut alert)) => {
+                let mut out = Vec::new();
+                let _ = alert.write_all(&mut out);
+                let _ = io.write_all(&out).await;
+                return Err(HelloError::Malformed(e));
+            }
+        }
+    }
+}
+
+/// The upstream verdict: did the upstream certificate validate for the name?
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Trusted,
+    Untrusted(String),
+}
+
+impl Verdict {
+    /// Whether the certificate validated.
+    pub fn is_trusted(&self) -> bool {
+        matches!(self, Self::Trusted)
+    }
+
+    /// For logs.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Trusted => "trusted",
+            Self::Untrusted(reason) => reason,
+        }
+    }
+}
+
+/// Upstream TLS: one client config per ALPN offer, sharing roots, verifier and the session
+/// cache (so a new client connection resumes the upstream session instead of paying a full
+/// upstream handshake).
+pub struct UpstreamTls {
+    configs: [Arc<ClientConfig>; 4],
+    verifier: Arc<RecordingVerifier>,
+}
+
+impl UpstreamTls {
+    /// Builds the configs: webpki roots, the system roots and the configured bundles.
+    pub fn new(config: &UpstreamConfig, config_path: &std::path::Path, provider: &Arc<CryptoProvider>) -> Result<Self, ConfigError> {
+        let mut roots = RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        let native = rustls_native_certs::load_native_certs();
+        for cert in native.certs {
+            let _ = roots.add(cert);
+        }
+        for (i, bundle) in config.ca_bundles.iter().enumerate() {
+            let invalid = |reason: String| ConfigError::Invalid {
+                path: config_path.to_path_buf(),
+                field: format!("upstream.ca_bundles[{i}]"),
+                reason: format!("{}: {reason}", bundle.display()),
+            };
+            let certs = CertificateDer::pem_file_iter(bundle)
+                .map_err(|e| invalid(e.to_string()))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| invalid(e.to_string()))?;
+            if certs.is_empty() {
+                return Err(invalid("no certificates in the bundle".into()));
+            }
+            for cert in certs {
+                roots.add(cert).map_err(|e| invalid(e.to_string()))?;
+            }
+        }
+        let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .map_err(|e| ConfigError::Invalid {
+                path: config_path.to_path_buf(),
+                field: "upstream.ca_bundles".into(),
+                reason: e.to_string(),
+            })?;
+        let verifier = Arc::new(RecordingVerifier {
+            inner: webpki,
+            allow_untrusted: config.untrusted == UntrustedAction::ForwardUntrust,
+        });
+        let resumption = rustls::client::Resumption::in_memory_sessions(4096);
+        let build = |alpn: Vec<Vec<u8>>| {
+            let mut c = ClientConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .expect("the aws-lc-rs provider supports the default versions")
+                .dangerous()
+                .with_custom_certificate_verifier(verifier.clone())
+                .with_no_client_auth();
+            c.alpn_protocols = alpn;
+            c.resumption = resumption.clone();
+            Arc::new(c)
+        };
+        Ok(Self {
+            configs: [
+                build(vec![]),
+                build(vec![HTTP11.to_vec()]),
+                build(vec![H2.to_vec()]),
+                build(vec![H2.to_vec(), HTTP11.to_vec()]),
+            ],
+            verifier,
+        })
+    }
+
+    /// The client config offering what the client offered, limited to what we relay.
+    pub fn config_for(&self, client_alpn: &[Vec<u8>]) -> Arc<ClientConfig> {
+        let h2 = client_alpn.iter().any(|p| p == H2);
+        let h1 = client_alpn.iter().any(|p| p == HTTP11);
+        self.configs[usize::from(h2) * 2 + usize::from(h1)].clone()
+    }
+
+    /// The verdict for a completed upstream handshake, from the peer's chain. Resumed
+    /// sessions carry the chain too, so the verdict is always recomputed, never assumed.
+    pub fn verdict(&self, name: &ServerName<'_>, chain: &[CertificateDer<'_>]) -> Verdict {
+        let Some((end_entity, intermediates)) = chain.split_first() else {
+            return Verdict::Untrusted("upstream sent no certificate".into());
+        };
+        match self.verifier.inner.verify_server_cert(end_entity, intermediates, name, &[], UnixTime::now()) {
+            Ok(_) => Verdict::Trusted,
+            Err(e) => Verdict::Untrusted(describe(&e)),
+        }
+    }
+}
+
+/// Validates upstream certificates with webpki. When the policy sends untrusted upstreams to
+/// the forward-untrust CA, a failed validation lets the handshake finish (signatures are still
+/// checked) and the caller computes the verdict, which picks the untrust CA; with the `block`
+/// policy the handshake fails.
+#[derive(Debug)]
+struct RecordingVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    allow_untrusted: bool,
+}
+
+impl ServerCertVerifier for RecordingVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
+            Ok(verified) => Ok(verified),
+            Err(rustls::Error::InvalidCertificate(_)) if self.allow_untrusted => Ok(ServerCertVerified::assertion()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+fn describe(e: &rustls::Error) -> String {
+    match e {
+        rustls::Error::InvalidCertificate(c) => format!("untrusted: {c:?}"),
+        other => format!("untrusted: {other}"),
+    }
+}
+
+/// Server configs that present minted leaves. Trusted and untrusted leaves use separate
+/// session caches and ticket keys, so a session resumed from a trusted leaf can never skip
+/// showing the client an untrust leaf.
+pub struct ServerTls {
+    provider: Arc<CryptoProvider>,
+    trusted: SessionState,
+    untrusted: SessionState,
+    refuse: Arc<ServerConfig>,
+}
+
+struct SessionState {
+    storage: Arc<dyn rustls::server::StoresServerSessions>,
+    ticketer: Arc<dyn rustls::server::ProducesTickets>,
+}
+
+impl ServerTls {
+    /// Fresh session caches and ticket keys.
+    pub fn new(provider: Arc<CryptoProvider>) -> Result<Self, rustls::Error> {
+        let state = || -> Result<SessionState, rustls::Error> {
+            Ok(SessionState {
+                storage: ServerSessionMemoryCache::new(16 * 1024),
+                ticketer: rustls::crypto::aws_lc_rs::Ticketer::new()?,
+            })
+        };
+        let refuse = Arc::new(
+            ServerConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()?
+                .with_no_client_auth()
+                .with_cert_resolver(Arc::new(Refuse)),
+        );
+        Ok(Self { trusted: state()?, untrusted: state()?, refuse, provider })
+    }
+
+    /// The config presenting `minted` with the ALPN the upstream chose (built once per leaf
+    /// and protocol).
+    pub fn config(&self, minted: &Minted, trusted: bool, alpn: Option<&[u8]>) -> Arc<ServerConfig> {
+        let index = match alpn {
+            Some(p) if p == H2 => 2,
+            Some(p) if p == HTTP11 => 1,
+            _ => 0,
+        };
+        minted.configs[index]
+            .get_or_init(|| {
+                let mut config = ServerConfig::builder_with_provider(self.provider.clone())
+                    .with_safe_default_protocol_versions()
+                    .expect("the aws-lc-rs provider supports the default versions")
+                    .with_no_client_auth()
+                    .with_cert_resolver(Arc::new(Fixed(minted.certified.clone())));
+                config.alpn_protocols = alpn.map(|p| vec![p.to_vec()]).unwrap_or_default();
+                let state = if trusted { &self.trusted } else { &self.untrusted };
+                config.session_storage = state.storage.clone();
+                config.ticketer = state.ticketer.clone();
+                Arc::new(config)
+            })
+            .clone()
+    }
+
+    /// A config that fails every handshake with a `handshake_failure` alert: how a refused
+    /// connection is told so.
+    pub fn refuse(&self) -> Arc<ServerConfig> {
+        self.refuse.clone()
+    }
+}
+
+#[derive(Debug)]
+struct Fixed(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for Fixed {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+#[derive(Debug)]
+struct Refuse;
+
+impl ResolvesServerCert for Refuse {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        None
+    }
+}
