@@ -97,7 +97,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: Mode) -> Result<(), StateEr
         path: path.to_path_buf(),
         source,
     };
-    let dir = path.parent().unwrap_or(Path::new("."));
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
     let file_name = path
         .file_name()
         .and_then(|n| n.to_str())

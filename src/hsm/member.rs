@@ -115,7 +115,15 @@ impl Connection {
         let mut public = common(false);
         public.push(Attribute::Verify(true));
         let mut private = common(true);
-        private.extend([Attribute::Sensitive(true), Attribute::Extractable(false), Attribute::Sign(true)]);
+        // Sign only: least privilege, the token default may also allow decrypt/unwrap/derive.
+        private.extend([
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Sign(true),
+            Attribute::Decrypt(false),
+            Attribute::Unwrap(false),
+            Attribute::Derive(false),
+        ]);
         let mechanism = match (algorithm.curve_oid_der(), algorithm.rsa_bits()) {
             (Some(oid), _) => {
                 public.push(Attribute::EcParams(oid.to_vec()));

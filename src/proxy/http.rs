@@ -13,7 +13,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
-use http_body::{Frame, SizeHint};
+use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -25,6 +25,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::intercept::{UpstreamConn, connect_upstream};
 use super::tls::{ClientHelloInfo, H2};
 use super::{ConnCtx, Proxy, ProxyError, Target};
+use crate::config::ListenerMode;
 use crate::telemetry::METRICS;
 
 /// Body type of everything tollgate sends.
@@ -49,7 +50,7 @@ where
 {
     let client_h2 = client.get_ref().1.alpn_protocol() == Some(H2);
     let verdict = upstream.verdict.as_str().to_string();
-    let pool = UpstreamPool::new(proxy, target.clone(), upstream).await?;
+    let pool = Arc::new(UpstreamPool::new(proxy, target.clone(), upstream).await?);
     let relay = Arc::new(Relay { pool, target, ctx, verdict });
     let service = hyper::service::service_fn(move |req| relay.clone().handle(req));
     let io = TokioIo::new(client);
@@ -65,7 +66,7 @@ where
 }
 
 struct Relay {
-    pool: UpstreamPool,
+    pool: Arc<UpstreamPool>,
     target: Target,
     ctx: ConnCtx,
     verdict: String,
@@ -83,7 +84,8 @@ impl Relay {
 
     async fn forward(&self, mut req: Request<Incoming>) -> Result<Response<Body>, Refusal> {
         match request_host(&req) {
-            Some(host) if same_host(host, &self.target) => {}
+            // In sni mode the client's port is the listener's, not the upstream's.
+            Some(host) if same_host(host, &self.target, self.ctx.mode != ListenerMode::Sni) => {}
             Some(host) => {
                 return Err(Refusal::new(
                     StatusCode::MISDIRECTED_REQUEST,
@@ -100,18 +102,17 @@ impl Relay {
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let sender = self.pool.sender().await.map_err(Refusal::upstream)?;
         let req = prepare_request(req, &self.target, sender.is_h2(), upgrade);
-        let mut response = match sender {
+        let (response, recycle) = match sender {
             Sender::H1(mut s) => {
                 s.ready().await.map_err(|e| Refusal::upstream_http(&self.target, e))?;
                 let response = s.send_request(req).await;
-                if !upgrade {
-                    self.pool.release(s);
-                }
-                response
+                // The connection is free again once the response body has been read; an
+                // upgraded connection is never reused.
+                (response, (!upgrade).then_some(s))
             }
-            Sender::H2(mut s) => s.send_request(req).await,
-        }
-        .map_err(|e| Refusal::upstream_http(&self.target, e))?;
+            Sender::H2(mut s) => (s.send_request(req).await, None),
+        };
+        let mut response = response.map_err(|e| Refusal::upstream_http(&self.target, e))?;
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_upgrade) = client_upgrade {
                 let upstream_upgrade = hyper::upgrade::on(&mut response);
@@ -120,7 +121,55 @@ impl Relay {
         } else {
             strip_hop_by_hop(response.headers_mut(), false);
         }
-        Ok(response.map(BodyExt::boxed_unsync))
+        let pool = Arc::downgrade(&self.pool);
+        Ok(response.map(|body| match recycle {
+            Some(sender) => Recycle::new(body.boxed_unsync(), sender, pool).boxed_unsync(),
+            None => body.boxed_unsync(),
+        }))
+    }
+}
+
+/// A response body that returns its HTTP/1.1 connection to the pool when it ends.
+struct Recycle {
+    inner: Body,
+    sender: Option<http1::SendRequest<Body>>,
+    pool: std::sync::Weak<UpstreamPool>,
+}
+
+impl Recycle {
+    fn new(inner: Body, sender: http1::SendRequest<Body>, pool: std::sync::Weak<UpstreamPool>) -> Self {
+        let mut this = Self { inner, sender: Some(sender), pool };
+        if this.inner.is_end_stream() {
+            this.release();
+        }
+        this
+    }
+
+    fn release(&mut self) {
+        if let (Some(sender), Some(pool)) = (self.sender.take(), self.pool.upgrade()) {
+            pool.release(sender);
+        }
+    }
+}
+
+impl http_body::Body for Recycle {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream() {
+            self.release();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -174,11 +223,10 @@ impl UpstreamPool {
         if let Some(h2) = self.h2.lock().as_ref().filter(|s| !s.is_closed()) {
             return Ok(Sender::H2(h2.clone()));
         }
-        {
-            let mut idle = self.idle.lock();
-            idle.retain(|s| !s.is_closed());
-            if let Some(i) = idle.iter().position(|s| s.is_ready()) {
-                return Ok(Sender::H1(idle.swap_remove(i)));
+        // Every idle sender has finished its previous exchange.
+        while let Some(sender) = self.idle.lock().pop() {
+            if !sender.is_closed() {
+                return Ok(Sender::H1(sender));
             }
         }
         let hello = ClientHelloInfo { sni: None, alpn: self.offer.clone() };
@@ -267,9 +315,9 @@ fn request_host<B>(req: &Request<B>) -> Option<&str> {
 }
 
 /// Whether `authority` (`host[:port]`) names the intercepted target.
-fn same_host(authority: &str, target: &Target) -> bool {
+fn same_host(authority: &str, target: &Target, check_port: bool) -> bool {
     match Target::parse(authority, target.port) {
-        Some(t) => t.host == target.host && t.port == target.port,
+        Some(t) => t.host == target.host && (!check_port || t.port == target.port),
         None => false,
     }
 }
@@ -476,10 +524,11 @@ mod tests {
     #[test]
     fn authority_must_name_the_target() {
         let target = Target { host: "origin.test".into(), port: 443 };
-        assert!(same_host("origin.test", &target));
-        assert!(same_host("ORIGIN.test:443", &target));
-        assert!(!same_host("origin.test:8443", &target));
-        assert!(!same_host("evil.test", &target));
+        assert!(same_host("origin.test", &target, true));
+        assert!(same_host("ORIGIN.test:443", &target, true));
+        assert!(!same_host("origin.test:8443", &target, true));
+        assert!(same_host("origin.test:8443", &target, false));
+        assert!(!same_host("evil.test", &target, false));
     }
 
     #[test]
