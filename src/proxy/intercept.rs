@@ -81,8 +81,8 @@ where
         Ok(minted) => minted,
         Err(e) => return Err(refuse(proxy, accepted, io, e).await),
     };
-    let alpn = upstream.stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
-    let config = proxy.server_tls.config(&minted, upstream.verdict.is_trusted(), alpn.as_deref());
+    let alpn = super::tls::client_alpn(&hello.alpn, upstream.stream.get_ref().1.alpn_protocol());
+    let config = proxy.server_tls.config(&minted, upstream.verdict.is_trusted(), alpn);
     let secs = proxy.handshake_timeout.as_secs();
     let client = tokio::time::timeout(proxy.handshake_timeout, StartHandshake::from_parts(accepted, io).into_stream(config))
         .await

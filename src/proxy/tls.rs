@@ -125,7 +125,7 @@ impl Verdict {
 /// cache (so a new client connection resumes the upstream session instead of paying a full
 /// upstream handshake).
 pub struct UpstreamTls {
-    configs: [Arc<ClientConfig>; 4],
+    configs: [Arc<ClientConfig>; 3],
     verifier: Arc<RecordingVerifier>,
 }
 
@@ -179,21 +179,22 @@ impl UpstreamTls {
             Arc::new(c)
         };
         Ok(Self {
-            configs: [
-                build(vec![]),
-                build(vec![HTTP11.to_vec()]),
-                build(vec![H2.to_vec()]),
-                build(vec![H2.to_vec(), HTTP11.to_vec()]),
-            ],
+            configs: [build(vec![]), build(vec![HTTP11.to_vec()]), build(vec![H2.to_vec(), HTTP11.to_vec()])],
             verifier,
         })
     }
 
-    /// The client config offering what the client offered, limited to what we relay.
+    /// The client config offering what the client offered, limited to what we relay. A client
+    /// offering h2 gets http/1.1 offered upstream too: tollgate translates h2 to an h1 origin.
     pub fn config_for(&self, client_alpn: &[Vec<u8>]) -> Arc<ClientConfig> {
-        let h2 = client_alpn.iter().any(|p| p == H2);
-        let h1 = client_alpn.iter().any(|p| p == HTTP11);
-        self.configs[usize::from(h2) * 2 + usize::from(h1)].clone()
+        let index = if client_alpn.iter().any(|p| p == H2) {
+            2
+        } else if client_alpn.iter().any(|p| p == HTTP11) {
+            1
+        } else {
+            0
+        };
+        self.configs[index].clone()
     }
 
     /// The verdict for a completed upstream handshake, from the peer's chain. Resumed
@@ -262,6 +263,16 @@ fn describe(e: &rustls::Error) -> String {
     match e {
         rustls::Error::InvalidCertificate(c) => format!("untrusted: {c:?}"),
         other => format!("untrusted: {other}"),
+    }
+}
+
+/// The protocol to present to the client: the upstream's choice when the client offered it
+/// (mirroring), else h2 when the client offered it (tollgate translates), else none.
+pub fn client_alpn<'a>(client_offer: &[Vec<u8>], upstream_choice: Option<&'a [u8]>) -> Option<&'a [u8]> {
+    match upstream_choice {
+        Some(choice) if client_offer.iter().any(|p| p == choice) => Some(choice),
+        Some(_) if client_offer.iter().any(|p| p == H2) => Some(H2),
+        _ => None,
     }
 }
 
@@ -344,5 +355,22 @@ struct Refuse;
 impl ResolvesServerCert for Refuse {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_alpn_mirrors_or_translates() {
+        let both = vec![H2.to_vec(), HTTP11.to_vec()];
+        let h2_only = vec![H2.to_vec()];
+        let h1_only = vec![HTTP11.to_vec()];
+        assert_eq!(client_alpn(&both, Some(HTTP11)), Some(HTTP11));
+        assert_eq!(client_alpn(&both, Some(H2)), Some(H2));
+        assert_eq!(client_alpn(&h2_only, Some(HTTP11)), Some(H2));
+        assert_eq!(client_alpn(&h1_only, Some(HTTP11)), Some(HTTP11));
+        assert_eq!(client_alpn(&both, None), None);
     }
 }

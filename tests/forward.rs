@@ -1,0 +1,385 @@
+//! Forward interception end to end: real SoftHSM token, the real `tollgate` binary, real
+//! clients (curl, openssl s_client, rustls/hyper) and in-process HTTPS origins.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn run(program: &str, args: &[String], env: &[(&str, &std::path::Path)]) -> std::process::Output {
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    tokio::time::timeout(Duration::from_secs(30), cmd.output()).await.expect("client timed out").unwrap()
+}
+
+fn s(v: &str) -> String {
+    v.to_string()
+}
+
+/// One origin for `origin.test` behind a fresh proxy.
+async fn basic() -> (TestPki, Origin, Setup, Proxy) {
+    let pki = TestPki::new();
+    let (chain, key) = pki.leaf(&LeafSpec::new(&["origin.test", "127.0.0.1"]));
+    let origin = Origin::start("a", chain, key, &["h2", "http/1.1"]).await;
+    let options = ProxyOptions {
+        ca_bundles: vec![pki.bundle()],
+        resolve: vec![(s("origin.test:443"), origin.addr)],
+        ..Default::default()
+    };
+    let setup = Setup::new(&options);
+    let proxy = setup.start();
+    (pki, origin, setup, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_through_both_listeners_mints_once_and_logs() {
+    let (_pki, _origin, setup, proxy) = basic().await;
+    let ca = setup.token.path("trust.pem");
+    let ca = ca.to_str().unwrap();
+    assert_eq!(proxy.metric("tollgate_hsm_sign_total").await, 0);
+
+    let explicit = format!("http://{}", proxy.explicit);
+    let out = run("curl", &[s("-sS"), s("--proxy"), explicit.clone(), s("--cacert"), s(ca), s("https://origin.test/hello")], &[]).await;
+    assert!(out.status.success(), "curl: {}", String::from_utf8_lossy(&out.stderr));
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(body.contains("origin=a path=/hello host=origin.test"), "{body}");
+    assert_eq!(proxy.metric("tollgate_hsm_sign_total").await, 1, "first connection mints with one HSM signature");
+    assert_eq!(proxy.metric("tollgate_cert_cache_misses_total").await, 1);
+
+    // Second connection, and HTTP/2 on both legs: served from the cache, no HSM call.
+    let out = run("curl", &[s("-sS"), s("--http2"), s("--proxy"), explicit, s("--cacert"), s(ca), s("https://origin.test/two")], &[]).await;
+    assert!(out.status.success(), "curl: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("version=HTTP/2.0"), "{}", String::from_utf8_lossy(&out.stdout));
+
+    // The sni listener: destination from the SNI.
+    let port = proxy.sni.port();
+    let url = format!("https://origin.test:{port}/sni");
+    let resolve = format!("origin.test:{port}:127.0.0.1");
+    let out = run("curl", &[s("-sS"), s("--cacert"), s(ca), s("--resolve"), resolve, url], &[]).await;
+    assert!(out.status.success(), "curl: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("path=/sni"));
+
+    assert_eq!(proxy.metric("tollgate_hsm_sign_total").await, 1, "later connections make no HSM call");
+    assert!(proxy.metric("tollgate_cert_cache_hits_total").await >= 2);
+    assert_eq!(proxy.metric("tollgate_connections_active").await, 0);
+
+    let line = proxy.wait_log("access log of /hello", |v| v["message"] == "request" && v["path"] == "/hello");
+    assert_eq!(line["host"], "origin.test");
+    assert_eq!(line["method"], "GET");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["upstream"], "trusted");
+    assert!(line["bytes"].as_u64().unwrap() > 0);
+    assert!(line["duration_ms"].as_f64().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openssl_sees_leaf_signed_on_the_token_by_a_non_extractable_key() {
+    let (pki, _origin, setup, proxy) = basic().await;
+    let ca_path = setup.token.path("trust.pem");
+    let args = [
+        s("s_client"), s("-proxy"), proxy.explicit.to_string(), s("-connect"), s("origin.test:443"),
+        s("-servername"), s("origin.test"), s("-CAfile"), ca_path.display().to_string(), s("-showcerts"),
+    ];
+    let mut child = tokio::process::Command::new("openssl")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut out).await.unwrap();
+    let _ = child.wait().await;
+    assert!(out.contains("Verify return code: 0 (ok)"), "{out}");
+    let pem = &out[out.find("-----BEGIN CERTIFICATE-----").unwrap()..];
+    let pem = &pem[..pem.find("-----END CERTIFICATE-----").unwrap() + 25];
+    use rustls::pki_types::pem::PemObject;
+    let leaf_der = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+    let leaf = parse(&leaf_der);
+    let ca = parse(&setup.trust_ca);
+    let (up_chain, _) = pki.leaf(&LeafSpec::new(&["origin.test", "127.0.0.1"]));
+    let upstream = parse(&up_chain[0]);
+
+    assert_eq!(leaf.issuer(), ca.subject());
+    let sans: Vec<String> = leaf.subject_alternative_name().unwrap().unwrap().value.general_names.iter().map(|n| format!("{n:?}")).collect();
+    assert_eq!(sans, ["DNSName(\"origin.test\")", "IPAddress([127, 0, 0, 1])"], "DNS and IP SANs each as their own type");
+    assert!(leaf.validity().not_before >= ca.validity().not_before);
+    assert!(leaf.validity().not_after <= ca.validity().not_after);
+    assert!(leaf.validity().not_after <= upstream.validity().not_after);
+    assert_ne!(leaf.public_key().raw, ca.public_key().raw, "the leaf key is never the CA key");
+
+    // The CA private key object: sensitive, never extractable, sign only; its value unreadable.
+    let objects = setup.token.pkcs11_tool(&["--list-objects", "--type", "privkey", "--label", "fwd-trust"]);
+    let listing = String::from_utf8_lossy(&objects.stdout);
+    assert!(listing.contains("sensitive") && listing.contains("never extractable"), "{listing}");
+    assert!(listing.contains("Usage:      sign"), "{listing}");
+    let read = setup.token.pkcs11_tool(&["--read-object", "--type", "privkey", "--label", "fwd-trust"]);
+    assert!(!read.status.success() || read.stdout.is_empty(), "private key value must not be readable");
+
+    // The leaf's signature verifies under the public key read from the token itself.
+    let pub_path = setup.token.path("ca-pub.der");
+    let export = setup.token.pkcs11_tool(&["--read-object", "--type", "pubkey", "--label", "fwd-trust", "-o", pub_path.to_str().unwrap()]);
+    assert!(export.status.success(), "{}", String::from_utf8_lossy(&export.stderr));
+    let spki = std::fs::read(&pub_path).unwrap();
+    let raw = tollgate::keys::spki_raw(&spki).unwrap();
+    tollgate::pki::verify(tollgate::keys::KeyAlgorithm::EcdsaP256, &raw, leaf.tbs_certificate.as_ref(), &leaf.signature_value.data)
+        .expect("leaf signature verifies under the token's public key");
+    drop(proxy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_concurrent_first_connections_cost_one_signature() {
+    let (_pki, _origin, setup, proxy) = basic().await;
+    let config = trusting_client(&setup.trust_ca, &["http/1.1"]);
+    let mut tasks = Vec::new();
+    for _ in 0..100 {
+        let config = config.clone();
+        let addr = proxy.sni;
+        tasks.push(tokio::spawn(async move { tls_via_sni(addr, "origin.test", config).await.map(drop) }));
+    }
+    for task in tasks {
+        task.await.unwrap().expect("every concurrent handshake succeeds");
+    }
+    assert_eq!(proxy.metric("tollgate_hsm_sign_total").await, 1, "single-flight: one HSM signature");
+    assert_eq!(proxy.metric("tollgate_cert_cache_misses_total").await, 1);
+    assert_eq!(proxy.metric("tollgate_cert_cache_hits_total").await, 99);
+}
+
+/// Upstreams whose certificates fail validation, each behind its own name.
+async fn bad_origins(pki: &TestPki) -> Vec<(&'static str, Origin)> {
+    let mut origins = Vec::new();
+    let cases: [(&str, LeafSpec<'_>); 4] = [
+        ("expired.test", LeafSpec { valid_days: (-30, -1), ..LeafSpec::new(&["expired.test"]) }),
+        ("wrongname.test", LeafSpec::new(&["other.test"])),
+        ("selfsigned.test", LeafSpec { self_signed: true, ..LeafSpec::new(&["selfsigned.test"]) }),
+        ("unknownroot.test", LeafSpec { unknown_root: true, ..LeafSpec::new(&["unknownroot.test"]) }),
+    ];
+    for (host, spec) in cases {
+        let (chain, key) = pki.leaf(&spec);
+        origins.push((host, Origin::start(host, chain, key, &["http/1.1"]).await));
+    }
+    origins
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untrusted_upstreams_get_a_forward_untrust_leaf() {
+    let pki = TestPki::new();
+    let bad = bad_origins(&pki).await;
+    let (chain, key) = pki.leaf(&LeafSpec::new(&["good.test"]));
+    let good = Origin::start("good", chain, key, &["http/1.1"]).await;
+    let mut resolve: Vec<_> = bad.iter().map(|(h, o)| (format!("{h}:443"), o.addr)).collect();
+    resolve.push((s("good.test:443"), good.addr));
+    let setup = Setup::new(&ProxyOptions { ca_bundles: vec![pki.bundle()], resolve, ..Default::default() });
+    let proxy = setup.start();
+    let trust = parse(&setup.trust_ca);
+    let untrust = parse(&setup.untrust_ca);
+
+    for (host, _) in &bad {
+        let (config, seen) = capturing_client(&["http/1.1"]);
+        let mut tls = tls_via_sni(proxy.sni, host, config).await.unwrap_or_else(|e| panic!("{host}: {e}"));
+        let leaf_der = seen.lock().unwrap()[0].clone();
+        let leaf = parse(&leaf_der);
+        assert_eq!(leaf.issuer(), untrust.subject(), "{host}: minted by the forward-untrust CA");
+        assert_ne!(leaf.issuer(), trust.subject(), "{host}: never by the trusted CA");
+        let raw = &untrust.public_key().subject_public_key.data;
+        tollgate::pki::verify(tollgate::keys::KeyAlgorithm::EcdsaP256, raw, leaf.tbs_certificate.as_ref(), &leaf.signature_value.data)
+            .unwrap_or_else(|()| panic!("{host}: signature by the untrust CA"));
+        tls.write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+        let mut response = String::new();
+        let _ = tls.read_to_string(&mut response).await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{host}: the operator chose forward-untrust, traffic flows: {response}");
+
+        // A client that trusts only the forward-trust CA refuses the connection.
+        let strict = trusting_client(&setup.trust_ca, &["http/1.1"]);
+        assert!(tls_via_sni(proxy.sni, host, strict).await.is_err(), "{host}: a real client must reject it");
+    }
+    let strict = trusting_client(&setup.trust_ca, &["http/1.1"]);
+    tls_via_sni(proxy.sni, "good.test", strict).await.expect("a valid upstream gets a trusted leaf");
+    assert_eq!(proxy.metric("tollgate_upstream_untrusted_total").await, 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_policy_refuses_untrusted_upstreams() {
+    let pki = TestPki::new();
+    let bad = bad_origins(&pki).await;
+    let (chain, key) = pki.leaf(&LeafSpec::new(&["good.test"]));
+    let good = Origin::start("good", chain, key, &["http/1.1"]).await;
+    let mut resolve: Vec<_> = bad.iter().map(|(h, o)| (format!("{h}:443"), o.addr)).collect();
+    resolve.push((s("good.test:443"), good.addr));
+    let options = ProxyOptions { untrusted: "block", ca_bundles: vec![pki.bundle()], resolve, ..Default::default() };
+    let setup = Setup::new(&options);
+    let proxy = setup.start();
+    for (host, _) in &bad {
+        let (config, seen) = capturing_client(&["http/1.1"]);
+        let err = tls_via_sni(proxy.sni, host, config).await.expect_err(host);
+        assert!(err.to_string().contains("alert") || err.to_string().contains("Alert"), "{host}: refused with a TLS alert: {err}");
+        assert!(seen.lock().unwrap().is_empty(), "{host}: no certificate presented at all");
+    }
+    let strict = trusting_client(&setup.trust_ca, &["http/1.1"]);
+    tls_via_sni(proxy.sni, "good.test", strict).await.expect("valid upstreams still work");
+    proxy.wait_log("block log line", |v| v["error"].as_str().is_some_and(|e| e.contains("rejected by policy") || e.contains("TLS to upstream")));
+    assert_eq!(proxy.metric("tollgate_hsm_sign_total").await, 1, "only the good host was minted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_decrypt_hosts_are_tunnelled_untouched() {
+    let pki = TestPki::new();
+    let (chain, key) = pki.leaf(&LeafSpec::new(&["www.pinned.test"]));
+    let origin_cert = chain[0].clone();
+    let origin = Origin::start("pinned", chain, key, &["http/1.1"]).await;
+    let options = ProxyOptions {
+        ca_bundles: vec![pki.bundle()],
+        resolve: vec![(s("www.pinned.test:443"), origin.addr)],
+        no_decrypt: vec![s("*.pinned.test")],
+        ..Default::default()
+    };
+    let setup = Setup::new(&options);
+    let proxy = setup.start();
+    let tunnel = connect_tunnel(proxy.explicit, "www.pinned.test:443").await;
+    let (config, seen) = capturing_client(&["http/1.1"]);
+    let name = rustls::pki_types::ServerName::try_from("www.pinned.test").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(config).connect(name, tunnel).await.unwrap();
+    assert_eq!(seen.lock().unwrap()[0], origin_cert, "the client sees the origin's own certificate");
+    let (status, _, body) = request(tls, false, get("www.pinned.test", "/p", false)).await;
+    assert_eq!((status, body.contains("origin=pinned")), (200, true));
+    assert_eq!(proxy.metric("tollgate_tunnels_total").await, 1);
+    assert_eq!(proxy.metric("tollgate_hsm_sign_total").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sni_connect_host_and_authority_must_agree() {
+    let (_pki, _origin, setup, proxy) = basic().await;
+    // CONNECT to one host, SNI for another: refused.
+    let tunnel = connect_tunnel(proxy.explicit, "origin.test:443").await;
+    let name = rustls::pki_types::ServerName::try_from("evil.test").unwrap();
+    let config = trusting_client(&setup.trust_ca, &["http/1.1"]);
+    assert!(tokio_rustls::TlsConnector::from(config.clone()).connect(name, tunnel).await.is_err());
+    proxy.wait_log("mismatch", |v| v["error"].as_str().is_some_and(|e| e.contains("does not match")));
+
+    // A request whose Host names another host on an intercepted connection: 421.
+    for h2 in [false, true] {
+        let alpn = if h2 { "h2" } else { "http/1.1" };
+        let tls = tls_via_sni(proxy.sni, "origin.test", trusting_client(&setup.trust_ca, &[alpn])).await.unwrap();
+        let (status, headers, _) = request(tls, h2, get("evil.test", "/", h2)).await;
+        assert_eq!(status, 421, "h2={h2}");
+        assert_eq!(headers["tollgate-error"], "authority-mismatch");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alpn_is_mirrored_and_h2_clients_reach_h1_origins() {
+    let pki = TestPki::new();
+    let (chain, key) = pki.leaf(&LeafSpec::new(&["h1only.test"]));
+    let h1 = Origin::start("h1", chain, key, &["http/1.1"]).await;
+    let (chain, key) = pki.leaf(&LeafSpec::new(&["h2.test"]));
+    let h2 = Origin::start("h2", chain, key, &["h2", "http/1.1"]).await;
+    let options = ProxyOptions {
+        ca_bundles: vec![pki.bundle()],
+        resolve: vec![(s("h1only.test:443"), h1.addr), (s("h2.test:443"), h2.addr)],
+        ..Default::default()
+    };
+    let setup = Setup::new(&options);
+    let proxy = setup.start();
+
+    let tls = tls_via_sni(proxy.sni, "h1only.test", trusting_client(&setup.trust_ca, &["h2", "http/1.1"])).await.unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]), "mirrors the origin's choice");
+    drop(tls);
+    let tls = tls_via_sni(proxy.sni, "h2.test", trusting_client(&setup.trust_ca, &["h2", "http/1.1"])).await.unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (status, _, body) = request(tls, true, get("h2.test", "/x", true)).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("version=HTTP/2.0"), "{body}");
+
+    // An h2-only client to an h1-only origin: h2 to tollgate, HTTP/1.1 upstream, with two
+    // concurrent streams (two upstream connections).
+    let tls = tls_via_sni(proxy.sni, "h1only.test", trusting_client(&setup.trust_ca, &["h2"])).await.unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(conn);
+    let (a, b) = tokio::join!(sender.clone().send_request(get("h1only.test", "/a", true)), sender.send_request(get("h1only.test", "/b", true)));
+    for response in [a.unwrap(), b.unwrap()] {
+        assert_eq!(response.status(), 200);
+        let body = http_body_util::BodyExt::collect(response.into_body()).await.unwrap().to_bytes();
+        assert!(String::from_utf8_lossy(&body).contains("version=HTTP/1.1"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrades_are_relayed() {
+    let (_pki, _origin, setup, proxy) = basic().await;
+    let tunnel = connect_tunnel(proxy.explicit, "origin.test:443").await;
+    let name = rustls::pki_types::ServerName::try_from("origin.test").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(trusting_client(&setup.trust_ca, &["http/1.1"])).connect(name, tunnel).await.unwrap();
+    tls.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: origin.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tls.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    assert!(String::from_utf8_lossy(&head).starts_with("HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    tls.write_all(b"ping over the upgraded connection").await.unwrap();
+    let mut echo = vec![0u8; 33];
+    tokio::time::timeout(Duration::from_secs(5), tls.read_exact(&mut echo)).await.unwrap().unwrap();
+    assert_eq!(&echo, b"ping over the upgraded connection");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_absolute_form_is_relayed() {
+    let origin = Origin::start_plain("plain").await;
+    let options = ProxyOptions { resolve: vec![(s("plain.test:80"), origin.addr)], ..Default::default() };
+    let setup = Setup::new(&options);
+    let proxy = setup.start();
+    let out = run("curl", &[s("-sS"), s("--proxy"), format!("http://{}", proxy.explicit), s("http://plain.test/p?q=1")], &[]).await;
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("origin=plain path=/p host=plain.test"), "{}", String::from_utf8_lossy(&out.stdout));
+    drop(setup);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_and_the_proxy_keeps_serving() {
+    let (_pki, _origin, setup, mut proxy) = basic().await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+
+    // Non-TLS bytes on a TLS port: closed.
+    let mut tcp = tokio::net::TcpStream::connect(proxy.sni).await.unwrap();
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf)).await.unwrap().unwrap_or(0);
+    assert_eq!(n, 0, "connection closed without a response");
+    proxy.wait_log("non-TLS", |v| v["error"].as_str().is_some_and(|e| e.contains("non-TLS")));
+
+    // A ClientHello without SNI on the sni listener: a TLS alert.
+    let tcp = tokio::net::TcpStream::connect(proxy.sni).await.unwrap();
+    let ip = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let err = tokio_rustls::TlsConnector::from(trusting_client(&setup.trust_ca, &[])).connect(ip.clone(), tcp).await.unwrap_err();
+    assert!(err.to_string().to_lowercase().contains("alert"), "{err}");
+    proxy.wait_log("no SNI", |v| v["error"].as_str().is_some_and(|e| e.contains("no SNI")));
+
+    // An unreachable upstream through CONNECT: a TLS alert; plain HTTP: 502 with the header.
+    let tunnel = connect_tunnel(proxy.explicit, &format!("127.0.0.1:{}", closed.port())).await;
+    assert!(tokio_rustls::TlsConnector::from(trusting_client(&setup.trust_ca, &[])).connect(ip.clone(), tunnel).await.is_err());
+    let out = run("curl", &[s("-sS"), s("-i"), s("--proxy"), format!("http://{}", proxy.explicit), format!("http://127.0.0.1:{}/", closed.port())], &[]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("HTTP/1.1 502") && text.contains("tollgate-error: upstream-unreachable"), "{text}");
+
+    // The management listener is never a destination.
+    let tunnel = connect_tunnel(proxy.explicit, &proxy.management.to_string()).await;
+    assert!(tokio_rustls::TlsConnector::from(trusting_client(&setup.trust_ca, &[])).connect(ip.clone(), tunnel).await.is_err());
+    proxy.wait_log("management refused", |v| v["error"].as_str().is_some_and(|e| e.contains("not allowed")));
+
+    // Still serving.
+    let tls = tls_via_sni(proxy.sni, "origin.test", trusting_client(&setup.trust_ca, &["http/1.1"])).await.unwrap();
+    let (status, _, _) = request(tls, false, get("origin.test", "/", false)).await;
+    assert_eq!(status, 200);
+    assert!(proxy.alive());
+}

@@ -1,0 +1,566 @@
+//! Shared fixtures for the integration tests: a real SoftHSM2 token per test, the real
+//! `tollgate` binary, a test PKI made with rcgen, in-process hyper origins, real clients.
+//! Nothing here is mocked; a missing tool is a failure (install it with `deploy/install-deps`).
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+pub const SO_PIN: &str = "so-pin-123456";
+pub const USER_PIN: &str = "user-pin-654321";
+pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+
+/// Fails (never skips) when a tool the tests drive is missing.
+pub fn require_tools() {
+    for tool in ["softhsm2-util", "curl", "openssl", "pkcs11-tool"] {
+        let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().map(|o| o.status.success());
+        assert!(found.unwrap_or(false), "{tool} is missing: run `bash deploy/install-deps` (the README's test command does)");
+    }
+    assert!(Path::new(SOFTHSM_MODULE).exists(), "{SOFTHSM_MODULE} missing: run `bash deploy/install-deps`");
+}
+
+/// A private SoftHSM2 token directory with one initialised token.
+pub struct Token {
+    pub dir: tempfile::TempDir,
+    pub label: String,
+}
+
+impl Token {
+    pub fn new() -> Self {
+        require_tools();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("tokens")).unwrap();
+        std::fs::write(
+            dir.path().join("softhsm2.conf"),
+            format!("directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n", dir.path().join("tokens").display()),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("user.pin"), format!("{USER_PIN}\n")).unwrap();
+        let label = "tollgate-test".to_string();
+        let token = Self { dir, label };
+        let out = token
+            .cmd("softhsm2-util")
+            .args(["--init-token", "--free", "--label", &token.label, "--so-pin", SO_PIN, "--pin", USER_PIN])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "softhsm2-util: {}", String::from_utf8_lossy(&out.stderr));
+        token
+    }
+
+    pub fn conf(&self) -> PathBuf {
+        self.dir.path().join("softhsm2.conf")
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A command with this token's SOFTHSM2_CONF.
+    pub fn cmd(&self, program: &str) -> Command {
+        let mut cmd = Command::new(program);
+        cmd.env("SOFTHSM2_CONF", self.conf());
+        cmd
+    }
+
+    /// `pkcs11-tool` logged in to this token.
+    pub fn pkcs11_tool(&self, args: &[&str]) -> std::process::Output {
+        self.cmd("pkcs11-tool")
+            .args(["--module", SOFTHSM_MODULE, "--token-label", &self.label, "--login", "--pin", USER_PIN])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+/// The `tollgate` binary under test.
+pub fn tollgate_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_tollgate")
+}
+
+/// Settings of a test proxy.
+#[derive(Clone)]
+pub struct ProxyOptions {
+    pub untrusted: &'static str,
+    pub no_decrypt: Vec<String>,
+    pub resolve: Vec<(String, SocketAddr)>,
+    pub ca_bundles: Vec<PathBuf>,
+    pub pin_file: Option<PathBuf>,
+    pub trust_algorithm: &'static str,
+    pub extra: String,
+}
+
+impl Default for ProxyOptions {
+    fn default() -> Self {
+        Self {
+            untrusted: "forward-untrust",
+            no_decrypt: vec![],
+            resolve: vec![],
+            ca_bundles: vec![],
+            pin_file: None,
+            trust_algorithm: "ecdsa-p256",
+            extra: String::new(),
+        }
+    }
+}
+
+/// A token with both CAs generated on it and a config file.
+pub struct Setup {
+    pub token: Token,
+    pub config: PathBuf,
+    pub trust_ca: CertificateDer<'static>,
+    pub untrust_ca: CertificateDer<'static>,
+}
+
+impl Setup {
+    pub fn new(options: &ProxyOptions) -> Self {
+        let token = Token::new();
+        let config = token.path("tollgate.toml");
+        write_config(&token, &config, options);
+        let trust = token.path("trust.pem");
+        let untrust = token.path("untrust.pem");
+        let gen_ca = |name: &str, role: &str, algorithm: &str, out: &Path| {
+            let out_str = out.to_str().unwrap();
+            let args = ["cert", "generate-ca", "--config", config.to_str().unwrap(), "--name", name, "--on-hsm", role, "--algorithm", algorithm, "--out-cert", out_str];
+            let output = token.cmd(tollgate_bin()).args(args).output().unwrap();
+            assert!(output.status.success(), "generate-ca: {}", String::from_utf8_lossy(&output.stderr));
+        };
+        gen_ca("fwd-trust", "--forward-trust", options.trust_algorithm, &trust);
+        gen_ca("fwd-untrust", "--forward-untrust", "ecdsa-p256", &untrust);
+        Self { trust_ca: pem_cert(&trust), untrust_ca: pem_cert(&untrust), token, config }
+    }
+
+    /// Starts `tollgate run` on this setup.
+    pub fn start(&self) -> Proxy {
+        Proxy::start(&self.token, &self.config)
+    }
+
+    /// Runs `tollgate ARGS --config CONFIG`.
+    pub fn tollgate(&self, args: &[&str]) -> std::process::Output {
+        self.token.cmd(tollgate_bin()).args(args).arg("--config").arg(&self.config).output().unwrap()
+    }
+}
+
+pub fn write_config(token: &Token, path: &Path, options: &ProxyOptions) {
+    let pin = options.pin_file.clone().unwrap_or_else(|| token.path("user.pin"));
+    let mut text = format!(
+        "state_dir = \"{}\"\n\n[[hsm.server]]\nname = \"hsm-a\"\nmodule = \"{SOFTHSM_MODULE}\"\ntoken = \"{}\"\npin_file = \"{}\"\n\n\
+         [[listener]]\nmode = \"explicit\"\nlisten = \"127.0.0.1:0\"\n\n[[listener]]\nmode = \"sni\"\nlisten = \"127.0.0.1:0\"\n\n\
+         [management]\nlisten = \"127.0.0.1:0\"\n\n[upstream]\nuntrusted = \"{}\"\nca_bundles = [{}]\n\n[policy]\nno_decrypt = [{}]\n\n[resolve]\n",
+        token.path("state").display(),
+        token.label,
+        pin.display(),
+        options.untrusted,
+        options.ca_bundles.iter().map(|p| format!("\"{}\"", p.display())).collect::<Vec<_>>().join(", "),
+        options.no_decrypt.iter().map(|g| format!("\"{g}\"")).collect::<Vec<_>>().join(", "),
+    );
+    for (host, addr) in &options.resolve {
+        text.push_str(&format!("\"{host}\" = \"{addr}\"\n"));
+    }
+    text.push_str(&options.extra);
+    std::fs::write(path, text).unwrap();
+}
+
+pub fn pem_cert(path: &Path) -> CertificateDer<'static> {
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::from_pem_file(path).unwrap()
+}
+
+/// A running `tollgate run`, killed on drop; its stdout log lines are kept.
+pub struct Proxy {
+    child: Child,
+    pub logs: Arc<Mutex<Vec<String>>>,
+    pub explicit: SocketAddr,
+    pub sni: SocketAddr,
+    pub management: SocketAddr,
+}
+
+impl Proxy {
+    pub fn start(token: &Token, config: &Path) -> Self {
+        let mut child = token
+            .cmd(tollgate_bin())
+            .args(["run", "--config"])
+            .arg(config)
+            .env("TOLLGATE_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if v["message"] == "listening" {
+                        let _ = tx.send((v["mode"].as_str().unwrap_or("").to_string(), v["addr"].as_str().unwrap_or("").parse::<SocketAddr>().unwrap()));
+                    }
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let mut addrs = HashMap::new();
+        while addrs.len() < 3 {
+            match rx.recv_timeout(Duration::from_secs(20)) {
+                Ok((mode, addr)) => {
+                    addrs.insert(mode, addr);
+                }
+                Err(_) => panic!("tollgate did not start; logs: {:?}", logs.lock().unwrap()),
+            }
+        }
+        Self { child, logs, explicit: addrs["explicit"], sni: addrs["sni"], management: addrs["management"] }
+    }
+
+    /// Log lines parsed as JSON.
+    pub fn log_json(&self) -> Vec<serde_json::Value> {
+        self.logs.lock().unwrap().iter().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    }
+
+    /// Waits until a log line satisfies `pred`.
+    pub fn wait_log(&self, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(v) = self.log_json().into_iter().find(|v| pred(v)) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "no log line for {what}; logs: {:#?}", self.logs.lock().unwrap());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A metric value from GET /metrics.
+    pub async fn metric(&self, name: &str) -> u64 {
+        let text = http_get(self.management, "/metrics").await;
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A plain HTTP/1.1 GET, returning the body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = String::new();
+    stream.read_to_string(&mut out).await.unwrap();
+    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
+}
+
+/// A test PKI: a root CA that issues origin certificates.
+pub struct TestPki {
+    pub root: rcgen::Certificate,
+    issuer: Issuer<'static, KeyPair>,
+    pub dir: tempfile::TempDir,
+}
+
+/// How an origin certificate is made.
+pub struct LeafSpec<'a> {
+    pub names: &'a [&'a str],
+    pub valid_days: (i64, i64),
+    /// Self-signed instead of issued by the root.
+    pub self_signed: bool,
+    /// Issued by a root nobody trusts.
+    pub unknown_root: bool,
+}
+
+impl<'a> LeafSpec<'a> {
+    pub fn new(names: &'a [&'a str]) -> Self {
+        Self { names, valid_days: (-1, 30), self_signed: false, unknown_root: false }
+    }
+}
+
+impl TestPki {
+    pub fn new() -> Self {
+        let (root, issuer) = make_root("tollgate test root");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("root.pem"), root.pem()).unwrap();
+        Self { root, issuer, dir }
+    }
+
+    /// The root as a PEM bundle file (for `[upstream] ca_bundles`).
+    pub fn bundle(&self) -> PathBuf {
+        self.dir.path().join("root.pem")
+    }
+
+    pub fn leaf(&self, spec: &LeafSpec<'_>) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, spec.names[0]);
+        params.subject_alt_names = spec
+            .names
+            .iter()
+            .map(|n| match n.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName((*n).try_into().unwrap()),
+            })
+            .collect();
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now + time::Duration::days(spec.valid_days.0);
+        params.not_after = now + time::Duration::days(spec.valid_days.1);
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let key = KeyPair::generate().unwrap();
+        let cert = if spec.self_signed {
+            params.self_signed(&key).unwrap()
+        } else if spec.unknown_root {
+            let (_, other) = make_root("unknown root");
+            params.signed_by(&key, &other).unwrap()
+        } else {
+            params.signed_by(&key, &self.issuer).unwrap()
+        };
+        (vec![cert.der().clone()], PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())))
+    }
+}
+
+fn make_root(cn: &str) -> (rcgen::Certificate, Issuer<'static, KeyPair>) {
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, cn);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let key = KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    (cert, Issuer::new(params, key))
+}
+
+/// An in-process HTTPS origin. Answers `origin=NAME method path host version`, and echoes
+/// bytes after a WebSocket upgrade.
+pub struct Origin {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Origin {
+    /// `alpn`: what the origin accepts, e.g. `&["h2", "http/1.1"]` or `&["http/1.1"]`.
+    pub async fn start(name: &str, chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>, alpn: &[&str]) -> Self {
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let name = name.to_string();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let acceptor = acceptor.clone();
+                let name = name.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(stream).await else { return };
+                    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                    serve_origin(TokioIo::new(tls), h2, name).await;
+                });
+            }
+        });
+        Self { addr, task }
+    }
+
+    /// A plain-HTTP origin.
+    pub async fn start_plain(name: &str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let name = name.to_string();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                tokio::spawn(serve_origin(TokioIo::new(stream), false, name.clone()));
+            }
+        });
+        Self { addr, task }
+    }
+}
+
+async fn serve_origin<IO>(io: TokioIo<IO>, h2: bool, name: String)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| origin_response(req, name.clone()));
+    if h2 {
+        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(io, service).await;
+    } else {
+        let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).with_upgrades().await;
+    }
+}
+
+async fn origin_response(mut req: hyper::Request<Incoming>, name: String) -> Result<hyper::Response<Full<Bytes>>, std::convert::Infallible> {
+    if req.headers().get("upgrade").is_some_and(|v| v == "websocket") {
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(upgraded) = on_upgrade.await {
+                let mut io = TokioIo::new(upgraded);
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = io.read(&mut buf).await {
+                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        let response = hyper::Response::builder()
+            .status(101)
+            .header("upgrade", "websocket")
+            .header("connection", "upgrade")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        return Ok(response);
+    }
+    let host = req.uri().authority().map(|a| a.to_string()).or_else(|| req.headers().get("host").map(|h| h.to_str().unwrap_or("").to_string()));
+    let version = req.version();
+    let path = req.uri().path().to_string();
+    let body = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
+    let text = format!("origin={name} path={path} host={} version={version:?} body={body}\n", host.unwrap_or_default());
+    Ok(hyper::Response::new(Full::new(Bytes::from(text))))
+}
+
+/// A TLS client config that records the server's chain instead of verifying it, so tests can
+/// inspect what the proxy presented. Test-only.
+pub fn capturing_client(alpn: &[&str]) -> (Arc<rustls::ClientConfig>, Arc<Mutex<Vec<CertificateDer<'static>>>>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let verifier = Arc::new(Capture(seen.clone()));
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    (Arc::new(config), seen)
+}
+
+/// A client config trusting only `ca`.
+pub fn trusting_client(ca: &CertificateDer<'static>, alpn: &[&str]) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.clone()).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    Arc::new(config)
+}
+
+#[derive(Debug)]
+struct Capture(Arc<Mutex<Vec<CertificateDer<'static>>>>);
+
+impl rustls::client::danger::ServerCertVerifier for Capture {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let mut seen = self.0.lock().unwrap();
+        seen.clear();
+        seen.push(end_entity.clone().into_owned());
+        seen.extend(intermediates.iter().map(|c| c.clone().into_owned()));
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(&self, _: &[u8], _: &CertificateDer<'_>, _: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(&self, _: &[u8], _: &CertificateDer<'_>, _: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// TLS through the sni listener to `host`.
+pub async fn tls_via_sni(proxy: SocketAddr, host: &str, config: Arc<rustls::ClientConfig>) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(proxy).await?;
+    tokio_rustls::TlsConnector::from(config).connect(ServerName::try_from(host.to_string()).unwrap(), tcp).await
+}
+
+/// `CONNECT authority` on the explicit listener; returns the tunnel after a 200.
+pub async fn connect_tunnel(proxy: SocketAddr, authority: &str) -> TcpStream {
+    let mut tcp = TcpStream::connect(proxy).await.unwrap();
+    tcp.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tcp.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "CONNECT answered {head}");
+    tcp
+}
+
+/// One HTTP request over an established TLS stream (h1 or h2 per ALPN); (status, headers, body).
+pub async fn request<IO>(io: IO, h2: bool, req: hyper::Request<Full<Bytes>>) -> (u16, hyper::HeaderMap, String)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(io);
+    let response = if h2 {
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.unwrap();
+        tokio::spawn(conn);
+        sender.send_request(req).await.unwrap()
+    } else {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        tokio::spawn(conn);
+        sender.send_request(req).await.unwrap()
+    };
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, headers, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// A GET for `host` in the form the protocol wants.
+pub fn get(host: &str, path: &str, h2: bool) -> hyper::Request<Full<Bytes>> {
+    let builder = hyper::Request::builder();
+    let builder = if h2 {
+        builder.uri(format!("https://{host}{path}")).version(hyper::Version::HTTP_2)
+    } else {
+        builder.uri(path).header("host", host)
+    };
+    builder.body(Full::new(Bytes::new())).unwrap()
+}
+
+/// Parses a DER certificate.
+pub fn parse(der: &[u8]) -> x509_parser::certificate::X509Certificate<'_> {
+    x509_parser::parse_x509_certificate(der).unwrap().1
+}
