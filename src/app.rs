@@ -59,15 +59,24 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let state = StateDir::open(&config.state_dir)?;
     let store = CertStore::load(&state)?;
     let hsm = Arc::new(Hsm::open(&config.hsm.servers));
-    let cas = Cas { trust: load_ca(&store, CaRole::ForwardTrust, &hsm), untrust: load_ca(&store, CaRole::ForwardUntrust, &hsm) };
+    let cas = Cas {
+        trust: load_ca(&store, CaRole::ForwardTrust, &hsm),
+        untrust: load_ca(&store, CaRole::ForwardUntrust, &hsm),
+    };
     let mut proxy = Proxy::new(&config, cas)?;
 
     let mut bound = Vec::new();
     for l in &config.listeners {
-        let listener = TcpListener::bind(l.listen)
-            .await
-            .map_err(|source| AppError::Bind { what: format!("{} listener", l.mode.as_str()), addr: l.listen, source })?;
-        let local = listener.local_addr().map_err(|source| AppError::Bind { what: "listener".into(), addr: l.listen, source })?;
+        let listener = TcpListener::bind(l.listen).await.map_err(|source| AppError::Bind {
+            what: format!("{} listener", l.mode.as_str()),
+            addr: l.listen,
+            source,
+        })?;
+        let local = listener.local_addr().map_err(|source| AppError::Bind {
+            what: "listener".into(),
+            addr: l.listen,
+            source,
+        })?;
         proxy.add_own(local);
         bound.push((listener, l.clone(), local));
     }

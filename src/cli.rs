@@ -45,6 +45,18 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum HsmCommand {
+    /// Initialise a software token (SoftHSM) for a configured server: SO PIN from a file, user
+    /// PIN from the server's pin_file/pin_env. Hardware HSMs are initialised with vendor tools.
+    InitToken {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The `[[hsm.server]]` name.
+        #[arg(long)]
+        server: String,
+        /// File holding the administrator password (SO PIN).
+        #[arg(long)]
+        so_pin_file: PathBuf,
+    },
     /// Connect to every HSM server and show its state.
     Status {
         #[command(flatten)]
@@ -168,6 +180,23 @@ fn run(path: &Path, check: bool) -> i32 {
 fn hsm(command: HsmCommand) -> i32 {
     crate::telemetry::init(false);
     match command {
+        HsmCommand::InitToken { config, server, so_pin_file } => {
+            let config = match load(&config.config) {
+                Ok(config) => config,
+                Err(code) => return code,
+            };
+            let Some(server_config) = config.hsm.servers.iter().find(|s| s.name == server) else {
+                eprintln!("error: no [[hsm.server]] named {server:?} in {}", config.path.display());
+                return EXIT_USAGE;
+            };
+            match crate::hsm::init_token(server_config, &crate::config::SecretSource::File(so_pin_file)) {
+                Ok(()) => {
+                    println!("initialised token {:?} for hsm server {server}", server_config.token);
+                    0
+                }
+                Err(e) => fail(e),
+            }
+        }
         HsmCommand::Status { config, json } => {
             let config = match load(&config.config) {
                 Ok(config) => config,
@@ -180,7 +209,14 @@ fn hsm(command: HsmCommand) -> i32 {
                 println!("{:<12} {:<20} {:<18} {:<4} STATE", "SERVER", "TOKEN", "SERIAL", "UP");
                 for s in &status.servers {
                     let light = if s.up { "\u{1F7E2}" } else { "\u{1F534}" };
-                    println!("{:<12} {:<20} {:<18} {:<4} {light} {}", s.name, s.token, s.serial.as_deref().unwrap_or("-"), s.up, s.state);
+                    println!(
+                        "{:<12} {:<20} {:<18} {:<4} {light} {}",
+                        s.name,
+                        s.token,
+                        s.serial.as_deref().unwrap_or("-"),
+                        s.up,
+                        s.state
+                    );
                 }
                 println!("HA: {}", if status.ha.enabled { "enabled" } else { "disabled (one server)" });
             }
@@ -192,7 +228,16 @@ fn hsm(command: HsmCommand) -> i32 {
 fn cert(command: CertCommand) -> i32 {
     crate::telemetry::init(false);
     match command {
-        CertCommand::GenerateCa { config, name, on_hsm: _, forward_trust, forward_untrust: _, algorithm, out_cert, json } => {
+        CertCommand::GenerateCa {
+            config,
+            name,
+            on_hsm: _,
+            forward_trust,
+            forward_untrust: _,
+            algorithm,
+            out_cert,
+            json,
+        } => {
             let config = match load(&config.config) {
                 Ok(config) => config,
                 Err(code) => return code,
@@ -204,7 +249,12 @@ fn cert(command: CertCommand) -> i32 {
                         print_json(&serde_json::json!({"name": entry.name, "algorithm": entry.algorithm,
                             "forward_trust": entry.forward_trust, "forward_untrust": entry.forward_untrust, "key": "hsm"}));
                     } else {
-                        println!("generated {} CA {} ({}) with its key on the HSM", role_name(role), entry.name, entry.algorithm);
+                        println!(
+                            "generated {} CA {} ({}) with its key on the HSM",
+                            role_name(role),
+                            entry.name,
+                            entry.algorithm
+                        );
                     }
                     0
                 }
@@ -225,8 +275,15 @@ fn cert(command: CertCommand) -> i32 {
                     println!("{:<24} {:<8} {:<6} {:<8} SUBJECT", "NAME", "KEY", "TRUST", "UNTRUST");
                     for r in rows {
                         let icon = if r.key == "error" { "\u{26A0}" } else { "\u{1F512}" };
-                        println!("{:<24} {icon} {:<6} {:<6} {:<8} {}{}", r.name, r.key, r.forward_trust, r.forward_untrust, r.subject,
-                            r.reason.map(|e| format!(" ({e})")).unwrap_or_default());
+                        println!(
+                            "{:<24} {icon} {:<6} {:<6} {:<8} {}{}",
+                            r.name,
+                            r.key,
+                            r.forward_trust,
+                            r.forward_untrust,
+                            r.subject,
+                            r.reason.map(|e| format!(" ({e})")).unwrap_or_default()
+                        );
                     }
                     0
                 }

@@ -27,11 +27,7 @@ pub enum ConfigError {
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("config file {path}: field `{field}`: {reason}")]
-    Invalid {
-        path: PathBuf,
-        field: String,
-        reason: String,
-    },
+    Invalid { path: PathBuf, field: String, reason: String },
     #[error("secret for {what}: {reason}")]
     Secret { what: String, reason: String },
 }
@@ -157,10 +153,8 @@ pub struct MintConfig {
 impl Config {
     /// Reads and parses a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         Self::from_toml(&text, path)
     }
 
@@ -182,15 +176,12 @@ impl Config {
 impl SecretSource {
     /// Reads the secret. Trailing newlines of files are not part of it.
     pub fn load(&self, what: &str) -> Result<SecretString, ConfigError> {
-        let err = |reason: String| ConfigError::Secret {
-            what: what.to_string(),
-            reason,
-        };
+        let err = |reason: String| ConfigError::Secret { what: what.to_string(), reason };
         let mut value = match self {
-            Self::File(path) => std::fs::read_to_string(path)
-                .map_err(|e| err(format!("reading {}: {e}", path.display())))?,
-            Self::Env(var) => std::env::var(var)
-                .map_err(|_| err(format!("environment variable {var} is not set")))?,
+            Self::File(path) => {
+                std::fs::read_to_string(path).map_err(|e| err(format!("reading {}: {e}", path.display())))?
+            }
+            Self::Env(var) => std::env::var(var).map_err(|_| err(format!("environment variable {var} is not set")))?,
         };
         let trimmed_len = value.trim_end_matches(['\r', '\n']).len();
         value.truncate(trimmed_len);
@@ -218,41 +209,23 @@ struct Typer<'a> {
 
 impl Typer<'_> {
     fn config(&self, raw: raw::Config) -> Result<Config, ConfigError> {
-        let raw::Config {
-            state_dir,
-            hsm,
-            listener,
-            upstream,
-            resolve,
-            policy,
-            inbound: _,
-            management,
-            limits,
-            mint,
-        } = raw;
-        let servers = hsm
-            .server
-            .into_iter()
-            .enumerate()
-            .map(|(i, s)| self.hsm_server(i, s))
-            .collect::<Result<Vec<_>, _>>()?;
+        let raw::Config { state_dir, hsm, listener, upstream, resolve, policy, inbound: _, management, limits, mint } =
+            raw;
+        let servers =
+            hsm.server.into_iter().enumerate().map(|(i, s)| self.hsm_server(i, s)).collect::<Result<Vec<_>, _>>()?;
         for (i, a) in servers.iter().enumerate() {
             if servers[..i].iter().any(|b| b.name == a.name) {
-                return Err(self.invalid(format!("hsm.server[{i}].name"), format!("duplicate server name {:?}", a.name)));
+                return Err(
+                    self.invalid(format!("hsm.server[{i}].name"), format!("duplicate server name {:?}", a.name))
+                );
             }
         }
-        let listeners = listener
-            .into_iter()
-            .enumerate()
-            .map(|(i, l)| self.listener(i, l))
-            .collect::<Result<Vec<_>, _>>()?;
-        let resolve = resolve
-            .into_iter()
-            .map(|(k, v)| self.resolve_entry(k, v))
-            .collect::<Result<BTreeMap<_, _>, _>>()?;
+        let listeners =
+            listener.into_iter().enumerate().map(|(i, l)| self.listener(i, l)).collect::<Result<Vec<_>, _>>()?;
+        let resolve =
+            resolve.into_iter().map(|(k, v)| self.resolve_entry(k, v)).collect::<Result<BTreeMap<_, _>, _>>()?;
         for (i, glob) in policy.no_decrypt.iter().enumerate() {
-            globset::Glob::new(glob)
-                .map_err(|e| self.invalid(format!("policy.no_decrypt[{i}]"), e.to_string()))?;
+            globset::Glob::new(glob).map_err(|e| self.invalid(format!("policy.no_decrypt[{i}]"), e.to_string()))?;
         }
         if limits.max_connections == 0 {
             return Err(self.invalid("limits.max_connections", "must be at least 1"));
@@ -281,8 +254,7 @@ impl Typer<'_> {
 
     fn hsm_server(&self, i: usize, raw: raw::HsmServer) -> Result<HsmServerConfig, ConfigError> {
         let field = |f: &str| format!("hsm.server[{i}].{f}");
-        let name_ok = (1..=31).contains(&raw.name.len())
-            && raw.name.bytes().all(|b| b.is_ascii_graphic());
+        let name_ok = (1..=31).contains(&raw.name.len()) && raw.name.bytes().all(|b| b.is_ascii_graphic());
         if !name_ok {
             return Err(self.invalid(field("name"), format!("{:?} must be 1–31 printable ASCII characters", raw.name)));
         }
@@ -307,9 +279,10 @@ impl Typer<'_> {
     }
 
     fn listener(&self, i: usize, raw: raw::Listener) -> Result<ListenerConfig, ConfigError> {
-        let listen: SocketAddr = raw.listen.parse().map_err(|e| {
-            self.invalid(format!("listener[{i}].listen"), format!("{:?}: {e}", raw.listen))
-        })?;
+        let listen: SocketAddr = raw
+            .listen
+            .parse()
+            .map_err(|e| self.invalid(format!("listener[{i}].listen"), format!("{:?}: {e}", raw.listen)))?;
         if raw.upstream_port == 0 {
             return Err(self.invalid(format!("listener[{i}].upstream_port"), "must not be 0"));
         }
@@ -323,9 +296,7 @@ impl Typer<'_> {
             .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
             .filter(|(h, _)| !h.is_empty())
             .ok_or_else(|| self.invalid(&field, "key must be HOST:PORT"))?;
-        let addr = value
-            .parse()
-            .map_err(|e| self.invalid(&field, format!("{value:?} is not IP:PORT: {e}")))?;
+        let addr = value.parse().map_err(|e| self.invalid(&field, format!("{value:?} is not IP:PORT: {e}")))?;
         Ok(((host.to_ascii_lowercase(), port), addr))
     }
 
@@ -334,11 +305,7 @@ impl Typer<'_> {
     }
 
     fn invalid(&self, field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
-        ConfigError::Invalid {
-            path: self.path.to_path_buf(),
-            field: field.into(),
-            reason: reason.into(),
-        }
+        ConfigError::Invalid { path: self.path.to_path_buf(), field: field.into(), reason: reason.into() }
     }
 }
 
@@ -556,19 +523,14 @@ mod tests {
         let err = parse("state_dir = \"x\"\nbogus = 1\n").unwrap_err().to_string();
         assert!(err.contains("/etc/tollgate/tollgate.toml") && err.contains("bogus"), "{err}");
 
-        let err = parse("state_dir = \"x\"\n[[hsm.server]]\nname = \"\"\ntoken = \"t\"\n")
-            .unwrap_err()
-            .to_string();
+        let err = parse("state_dir = \"x\"\n[[hsm.server]]\nname = \"\"\ntoken = \"t\"\n").unwrap_err().to_string();
         assert!(err.contains("hsm.server[0].name"), "{err}");
 
-        let err = parse("state_dir = \"x\"\n[[listener]]\nmode = \"explicit\"\nlisten = \"nope\"\n")
-            .unwrap_err()
-            .to_string();
+        let err =
+            parse("state_dir = \"x\"\n[[listener]]\nmode = \"explicit\"\nlisten = \"nope\"\n").unwrap_err().to_string();
         assert!(err.contains("listener[0].listen") && err.contains("nope"), "{err}");
 
-        let err = parse("state_dir = \"x\"\n[resolve]\n\"a.test\" = \"127.0.0.1:1\"\n")
-            .unwrap_err()
-            .to_string();
+        let err = parse("state_dir = \"x\"\n[resolve]\n\"a.test\" = \"127.0.0.1:1\"\n").unwrap_err().to_string();
         assert!(err.contains("HOST:PORT"), "{err}");
     }
 

@@ -26,14 +26,13 @@ impl Policy {
     pub fn new(config: &Config) -> Result<Self, ConfigError> {
         let mut builder = GlobSetBuilder::new();
         for (i, glob) in config.policy.no_decrypt.iter().enumerate() {
-            let glob = GlobBuilder::new(&glob.to_ascii_lowercase())
-                .literal_separator(true)
-                .build()
-                .map_err(|e| ConfigError::Invalid {
+            let glob = GlobBuilder::new(&glob.to_ascii_lowercase()).literal_separator(true).build().map_err(|e| {
+                ConfigError::Invalid {
                     path: config.path.clone(),
                     field: format!("policy.no_decrypt[{i}]"),
                     reason: e.to_string(),
-                })?;
+                }
+            })?;
             builder.add(glob);
         }
         let no_decrypt = builder.build().map_err(|e| ConfigError::Invalid {

@@ -41,10 +41,7 @@ impl StateDir {
     /// Opens (and creates, 0700) the state directory.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, StateError> {
         let root = root.into();
-        fs::create_dir_all(&root).map_err(|source| StateError::Io {
-            path: root.clone(),
-            source,
-        })?;
+        fs::create_dir_all(&root).map_err(|source| StateError::Io { path: root.clone(), source })?;
         set_mode(&root, 0o700)?;
         Ok(Self { root })
     }
@@ -74,7 +71,8 @@ impl StateDir {
     pub fn lock(&self) -> Result<StateLock, StateError> {
         let path = self.path(".lock");
         let io_err = |source| StateError::Io { path: path.clone(), source };
-        let file = OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(&path).map_err(io_err)?;
+        let file =
+            OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(&path).map_err(io_err)?;
         file.lock().map_err(io_err)?;
         Ok(StateLock { _file: file })
     }
@@ -93,10 +91,7 @@ pub struct StateLock {
 
 /// Replaces `path` atomically with `bytes` (temp → fsync → rename → fsync dir).
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: Mode) -> Result<(), StateError> {
-    let io_err = |source| StateError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
+    let io_err = |source| StateError::Io { path: path.to_path_buf(), source };
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -104,22 +99,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: Mode) -> Result<(), StateEr
     let file_name = path
         .file_name()
         .and_then(|n| n.to_str())
-        .ok_or_else(|| StateError::Corrupt {
-            path: path.to_path_buf(),
-            reason: "not a file name".into(),
-        })?;
+        .ok_or_else(|| StateError::Corrupt { path: path.to_path_buf(), reason: "not a file name".into() })?;
     let tmp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
     let perm = match mode {
         Mode::Public => 0o644,
         Mode::Secret => 0o600,
     };
     let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(perm)
-            .open(&tmp)?;
+        let mut file = OpenOptions::new().write(true).create(true).truncate(true).mode(perm).open(&tmp)?;
         file.write_all(bytes)?;
         file.sync_all()?;
         fs::rename(&tmp, path)?;
@@ -133,10 +120,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: Mode) -> Result<(), StateEr
 
 fn set_mode(path: &Path, mode: u32) -> Result<(), StateError> {
     use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(|source| StateError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .map_err(|source| StateError::Io { path: path.to_path_buf(), source })
 }
 
 #[cfg(test)]

@@ -136,12 +136,9 @@ mod tests {
     #[test]
     fn renders_spec_names() {
         let text = METRICS.render();
-        for name in [
-            names::HSM_SIGN_TOTAL,
-            names::CACHE_HITS_TOTAL,
-            names::CACHE_MISSES_TOTAL,
-            names::CONNECTIONS_ACTIVE,
-        ] {
+        for name in
+            [names::HSM_SIGN_TOTAL, names::CACHE_HITS_TOTAL, names::CACHE_MISSES_TOTAL, names::CONNECTIONS_ACTIVE]
+        {
             assert!(text.lines().any(|l| l.starts_with(&format!("{name} "))), "{name} missing");
         }
     }

@@ -99,7 +99,13 @@ impl Connection {
     }
 
     /// Generates a key pair on the token: private half sensitive and never extractable.
-    pub(super) fn generate(&self, server: &str, label: &str, id: &[u8], algorithm: KeyAlgorithm) -> Result<(), HsmError> {
+    pub(super) fn generate(
+        &self,
+        server: &str,
+        label: &str,
+        id: &[u8],
+        algorithm: KeyAlgorithm,
+    ) -> Result<(), HsmError> {
         let session = self.checkout(server)?;
         if !find(&session, ObjectClass::PRIVATE_KEY, label).map_err(|e| p11s(server, "C_FindObjects", e))?.is_empty() {
             return Err(HsmError::KeyExists { label: label.into() });
@@ -136,9 +142,7 @@ impl Connection {
             }
             (None, None) => unreachable!("every algorithm is EC or RSA"),
         };
-        session
-            .generate_key_pair(&mechanism, &public, &private)
-            .map_err(|e| p11s(server, "C_GenerateKeyPair", e))?;
+        session.generate_key_pair(&mechanism, &public, &private).map_err(|e| p11s(server, "C_GenerateKeyPair", e))?;
         self.checkin(session);
         Ok(())
     }
@@ -149,7 +153,16 @@ impl Connection {
         let handles = find(&session, ObjectClass::PUBLIC_KEY, label).map_err(|e| p11s(server, "C_FindObjects", e))?;
         let handle = single(handles, label)?;
         let attrs = session
-            .get_attributes(handle, &[AttributeType::KeyType, AttributeType::EcParams, AttributeType::EcPoint, AttributeType::Modulus, AttributeType::PublicExponent])
+            .get_attributes(
+                handle,
+                &[
+                    AttributeType::KeyType,
+                    AttributeType::EcParams,
+                    AttributeType::EcPoint,
+                    AttributeType::Modulus,
+                    AttributeType::PublicExponent,
+                ],
+            )
             .map_err(|e| p11s(server, "C_GetAttributeValue", e))?;
         self.checkin(session);
         public_key_from(label, &attrs)
@@ -178,6 +191,36 @@ impl Connection {
             idle.push(session);
         }
     }
+}
+
+/// Initialises a token in a free slot with `label`, sets its SO PIN and user PIN. For software
+/// tokens (SoftHSM) in development and tests; hardware partitions are initialised with the
+/// vendor's tools.
+pub(super) fn init_token(
+    config: &HsmServerConfig,
+    so_pin: &SecretString,
+    user_pin: &SecretString,
+) -> Result<(), HsmError> {
+    let pkcs11 = module(&config.module)?;
+    if find_slot(&pkcs11, config).is_ok() {
+        return Err(HsmError::TokenExists { server: config.name.clone(), token: config.token.clone() });
+    }
+    let slots = pkcs11.get_all_slots().map_err(|e| p11(config, "C_GetSlotList", e))?;
+    let free = slots
+        .into_iter()
+        .find(|slot| pkcs11.get_token_info(*slot).is_ok_and(|info| !info.token_initialized()))
+        .ok_or_else(|| HsmError::Pkcs11 {
+            server: config.name.clone(),
+            operation: "C_InitToken",
+            reason: "no free slot".into(),
+        })?;
+    pkcs11.init_token(free, so_pin, &config.token).map_err(|e| p11(config, "C_InitToken", e))?;
+    // SoftHSM moves an initialised token to a new slot id: find it again by label.
+    let slot = find_slot(&pkcs11, config)?;
+    let session = pkcs11.open_rw_session(slot).map_err(|e| p11(config, "C_OpenSession", e))?;
+    session.login(UserType::So, Some(so_pin)).map_err(|e| p11(config, "C_Login(SO)", e))?;
+    session.init_pin(user_pin).map_err(|e| p11(config, "C_InitPIN", e))?;
+    Ok(())
 }
 
 /// One `Pkcs11` per library file per process: `C_Initialize` may run only once.
@@ -225,7 +268,11 @@ fn single(handles: Vec<ObjectHandle>, label: &str) -> Result<ObjectHandle, HsmEr
 
 /// PKCS#11 mechanism and input for a scheme. ECDSA is hashed here and signed raw
 /// (`CKM_ECDSA`): SoftHSM and many HSMs lack `CKM_ECDSA_SHA*`.
-fn mechanism(algorithm: KeyAlgorithm, scheme: SignatureScheme, message: &[u8]) -> Result<(Mechanism<'static>, Vec<u8>), HsmError> {
+fn mechanism(
+    algorithm: KeyAlgorithm,
+    scheme: SignatureScheme,
+    message: &[u8],
+) -> Result<(Mechanism<'static>, Vec<u8>), HsmError> {
     use aws_lc_rs::digest;
     let unsupported = || HsmError::Unsupported { algorithm, scheme };
     Ok(match (algorithm, scheme) {
@@ -252,7 +299,7 @@ fn mechanism(algorithm: KeyAlgorithm, scheme: SignatureScheme, message: &[u8]) -
 
 /// Raw `r‖s` (PKCS#11) → DER `ECDSA-Sig-Value` (X.509 and TLS).
 fn ecdsa_der(raw: &[u8]) -> Result<Vec<u8>, HsmError> {
-    if raw.is_empty() || raw.len() % 2 != 0 {
+    if raw.is_empty() || !raw.len().is_multiple_of(2) {
         return Err(HsmError::Malformed(format!("ECDSA signature of {} bytes", raw.len())));
     }
     let (r, s) = raw.split_at(raw.len() / 2);
@@ -328,7 +375,8 @@ fn public_key_from(label: &str, attrs: &[Attribute]) -> Result<PublicKeyInfo, Hs
                 .ok_or_else(|| malformed("unsupported curve"))?;
             let point = point.ok_or_else(|| malformed("no CKA_EC_POINT"))?;
             // CKA_EC_POINT is a DER OCTET STRING around the uncompressed point.
-            let raw = yasna::parse_der(point, |r| r.read_bytes()).map_err(|_| malformed("CKA_EC_POINT is not an OCTET STRING"))?;
+            let raw = yasna::parse_der(point, |r| r.read_bytes())
+                .map_err(|_| malformed("CKA_EC_POINT is not an OCTET STRING"))?;
             Ok(PublicKeyInfo { algorithm, spki: algorithm.spki_der(&raw) })
         }
         Some(KeyType::RSA) => {

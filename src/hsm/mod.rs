@@ -26,7 +26,9 @@ pub enum HsmError {
     ModuleLoad { module: PathBuf, reason: String },
     #[error("hsm server {server}: no token labelled {token:?}")]
     TokenNotFound { server: String, token: String },
-    #[error("hsm server {server}: partition password (user PIN) is incorrect; not retrying, tokens lock after repeated failures")]
+    #[error(
+        "hsm server {server}: partition password (user PIN) is incorrect; not retrying, tokens lock after repeated failures"
+    )]
     PinIncorrect { server: String },
     #[error("hsm server {server}: partition password (user PIN) is locked")]
     PinLocked { server: String },
@@ -35,11 +37,9 @@ pub enum HsmError {
     #[error("hsm server {server}: {reason}")]
     Secret { server: String, reason: String },
     #[error("hsm server {server}: {operation} failed: {reason}")]
-    Pkcs11 {
-        server: String,
-        operation: &'static str,
-        reason: String,
-    },
+    Pkcs11 { server: String, operation: &'static str, reason: String },
+    #[error("hsm server {server}: a token labelled {token:?} already exists")]
+    TokenExists { server: String, token: String },
     #[error("no private key labelled {label:?} on the token")]
     KeyNotFound { label: String },
     #[error("{count} keys labelled {label:?} on the token; labels must be unique")]
@@ -47,10 +47,7 @@ pub enum HsmError {
     #[error("a key labelled {label:?} already exists on the token")]
     KeyExists { label: String },
     #[error("{algorithm} key cannot sign with {scheme:?}")]
-    Unsupported {
-        algorithm: KeyAlgorithm,
-        scheme: SignatureScheme,
-    },
+    Unsupported { algorithm: KeyAlgorithm, scheme: SignatureScheme },
     #[error("malformed data from the token: {0}")]
     Malformed(String),
     #[error("no HSM server is configured")]
@@ -185,10 +182,14 @@ impl Hsm {
         self.key(label)
     }
 
-    fn sign(&self, label: &str, algorithm: KeyAlgorithm, scheme: SignatureScheme, message: &[u8]) -> Result<Vec<u8>, HsmError> {
-        let result = self
-            .first_up()
-            .and_then(|(name, conn)| conn.sign(&name, label, algorithm, scheme, message));
+    fn sign(
+        &self,
+        label: &str,
+        algorithm: KeyAlgorithm,
+        scheme: SignatureScheme,
+        message: &[u8],
+    ) -> Result<Vec<u8>, HsmError> {
+        let result = self.first_up().and_then(|(name, conn)| conn.sign(&name, label, algorithm, scheme, message));
         match &result {
             Ok(_) => METRICS.hsm_sign_total.fetch_add(1, Relaxed),
             Err(_) => METRICS.hsm_sign_errors_total.fetch_add(1, Relaxed),
@@ -263,6 +264,16 @@ impl std::fmt::Debug for HsmKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HsmKey").field("label", &self.label).field("algorithm", &self.algorithm).finish()
     }
+}
+
+/// Initialises the server's token (software tokens only): SO PIN from `so_pin`, user PIN from
+/// the server's configured source.
+pub fn init_token(config: &HsmServerConfig, so_pin: &crate::config::SecretSource) -> Result<(), HsmError> {
+    let secret = |source: &crate::config::SecretSource, what: &str| {
+        source.load(what).map_err(|e| HsmError::Secret { server: config.name.clone(), reason: e.to_string() })
+    };
+    let user = config.pin.as_ref().ok_or_else(|| HsmError::NoPin { server: config.name.clone() })?;
+    member::init_token(config, &secret(so_pin, "administrator password")?, &secret(user, "partition password")?)
 }
 
 fn connect(config: &HsmServerConfig) -> Result<Connection, HsmError> {

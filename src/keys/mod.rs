@@ -24,10 +24,7 @@ pub enum KeyAlgorithm {
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("{algorithm} key cannot sign with {scheme:?}")]
-    Unsupported {
-        algorithm: KeyAlgorithm,
-        scheme: SignatureScheme,
-    },
+    Unsupported { algorithm: KeyAlgorithm, scheme: SignatureScheme },
     #[error("key {key}: {source}")]
     Backend {
         key: String,

@@ -63,11 +63,10 @@ pub fn generate_ca(
 pub fn export_cert(config: &Config, name: &str, out: &std::path::Path) -> Result<(), ManageError> {
     let state = StateDir::open(&config.state_dir)?;
     let store = CertStore::load(&state)?;
-    let entry = store
-        .entries()
-        .iter()
-        .find(|e| e.name == name)
-        .ok_or_else(|| PkiError::Store { path: "certs.json".into(), reason: format!("no certificate named {name:?}") })?;
+    let entry = store.entries().iter().find(|e| e.name == name).ok_or_else(|| PkiError::Store {
+        path: "certs.json".into(),
+        reason: format!("no certificate named {name:?}"),
+    })?;
     export_pem(entry, out)
 }
 

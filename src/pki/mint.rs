@@ -63,12 +63,10 @@ pub struct Minted {
 impl Ca {
     /// A CA from its certificate and a key whose public half must match it.
     pub fn new(name: &str, cert: CertificateDer<'static>, key: RcgenKey) -> Result<Self, MintError> {
-        let (_, parsed) =
-            x509_parser::parse_x509_certificate(&cert).map_err(|e| MintError::Upstream(format!("CA certificate {name}: {e}")))?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(&cert)
+            .map_err(|e| MintError::Upstream(format!("CA certificate {name}: {e}")))?;
         if parsed.public_key().raw != key.key().public_key() {
-            return Err(MintError::Sign(format!(
-                "CA certificate {name} does not match its key: public keys differ"
-            )));
+            return Err(MintError::Sign(format!("CA certificate {name} does not match its key: public keys differ")));
         }
         let not_before = parsed.validity().not_before.to_datetime();
         let not_after = parsed.validity().not_after.to_datetime();
@@ -115,10 +113,8 @@ impl Ca {
 
         let provider = rustls::crypto::aws_lc_rs::default_provider();
         let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
-        let signing_key = provider
-            .key_provider
-            .load_private_key(key_der)
-            .map_err(|e| KeyError::Invalid(e.to_string()))?;
+        let signing_key =
+            provider.key_provider.load_private_key(key_der).map_err(|e| KeyError::Invalid(e.to_string()))?;
         let chain = vec![cert.der().clone(), self.cert.clone()];
         Ok(Minted {
             certified: Arc::new(CertifiedKey::new(chain, signing_key)),

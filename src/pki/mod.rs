@@ -182,7 +182,8 @@ impl CertStore {
     pub fn ca(&self, role: CaRole, hsm: &Arc<Hsm>) -> Result<Option<Ca>, PkiError> {
         let Some(entry) = self.with_role(role) else { return Ok(None) };
         let key = entry_key(entry, hsm)?;
-        let signer = RcgenKey::new(key).map_err(|e| PkiError::Create { name: entry.name.clone(), reason: e.to_string() })?;
+        let signer =
+            RcgenKey::new(key).map_err(|e| PkiError::Create { name: entry.name.clone(), reason: e.to_string() })?;
         Ok(Some(Ca::new(&entry.name, entry.cert_der()?, signer)?))
     }
 
@@ -244,8 +245,11 @@ impl CertEntry {
         }
         let message = b"tollgate key check";
         let sig = key.sign(key.algorithm().certificate_scheme(), message).map_err(|e| e.to_string())?;
-        verify(key.algorithm(), &cert.public_key().subject_public_key.data, message, &sig)
-            .map_err(|()| "test signature does not verify under the certificate".to_string())
+        if verify(key.algorithm(), &cert.public_key().subject_public_key.data, message, &sig) {
+            Ok(())
+        } else {
+            Err("test signature does not verify under the certificate".to_string())
+        }
     }
 }
 
@@ -255,15 +259,15 @@ fn entry_key(entry: &CertEntry, hsm: &Arc<Hsm>) -> Result<Arc<dyn PrivateKey>, P
     }
 }
 
-/// Verifies a signature made with `algorithm`'s certificate scheme.
-pub fn verify(algorithm: KeyAlgorithm, raw_public: &[u8], message: &[u8], sig: &[u8]) -> Result<(), ()> {
+/// Whether `sig` is a valid signature over `message` with `algorithm`'s certificate scheme.
+pub fn verify(algorithm: KeyAlgorithm, raw_public: &[u8], message: &[u8], sig: &[u8]) -> bool {
     use aws_lc_rs::signature;
     let alg: &dyn signature::VerificationAlgorithm = match algorithm {
         KeyAlgorithm::EcdsaP256 => &signature::ECDSA_P256_SHA256_ASN1,
         KeyAlgorithm::EcdsaP384 => &signature::ECDSA_P384_SHA384_ASN1,
         KeyAlgorithm::Rsa2048 | KeyAlgorithm::Rsa3072 => &signature::RSA_PKCS1_2048_8192_SHA256,
     };
-    signature::UnparsedPublicKey::new(alg, raw_public).verify(message, sig).map_err(|_| ())
+    signature::UnparsedPublicKey::new(alg, raw_public).verify(message, sig).is_ok()
 }
 
 fn ca_params(name: &str, role: CaRole) -> CertificateParams {
@@ -318,7 +322,8 @@ mod tests {
             rcgen::CustomExtension::from_oid_content(&[1, 3, 6, 1, 4, 1, 11129, 2, 4, 2], vec![0x04, 0x00]),
             rcgen::CustomExtension::from_oid_content(&[1, 3, 6, 1, 5, 5, 7, 1, 1], vec![0x30, 0x00]),
         ];
-        params.crl_distribution_points = vec![rcgen::CrlDistributionPoint { uris: vec!["http://crl.test/x.crl".into()] }];
+        params.crl_distribution_points =
+            vec![rcgen::CrlDistributionPoint { uris: vec!["http://crl.test/x.crl".into()] }];
         let key = rcgen::KeyPair::generate().unwrap();
         params.self_signed(&key).unwrap().der().to_vec()
     }
@@ -352,14 +357,15 @@ mod tests {
         for ext in leaf.extensions() {
             let oid = ext.oid.to_id_string();
             assert!(
-                !["1.3.6.1.5.5.7.1.24", "1.3.6.1.4.1.11129.2.4.2", "1.3.6.1.5.5.7.1.1", "2.5.29.31"].contains(&oid.as_str()),
+                !["1.3.6.1.5.5.7.1.24", "1.3.6.1.4.1.11129.2.4.2", "1.3.6.1.5.5.7.1.1", "2.5.29.31"]
+                    .contains(&oid.as_str()),
                 "unsatisfiable extension {oid} copied"
             );
         }
         assert_ne!(leaf.public_key().raw, cac.public_key().raw, "leaf key must never be the CA key");
         assert_eq!(leaf.issuer(), cac.subject());
         let raw = &cac.public_key().subject_public_key.data;
-        verify(KeyAlgorithm::EcdsaP256, raw, leaf.tbs_certificate.as_ref(), &leaf.signature_value.data).unwrap();
+        assert!(verify(KeyAlgorithm::EcdsaP256, raw, leaf.tbs_certificate.as_ref(), &leaf.signature_value.data));
 
         let again = ca.mint("origin.test", &up).unwrap();
         assert_ne!(again.certified.cert[0], *leaf_der, "every mint has a fresh key and serial");

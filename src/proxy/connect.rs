@@ -59,7 +59,8 @@ fn connect(proxy: Arc<Proxy>, mut req: Request<Incoming>, ctx: ConnCtx) -> Respo
 /// Relays one plain-HTTP request to its origin.
 async fn plain(proxy: Arc<Proxy>, req: Request<Incoming>, ctx: ConnCtx) -> Response<Body> {
     let Some(target) = req.uri().authority().and_then(|a| Target::parse(a.as_str(), 80)) else {
-        return Refusal::new(StatusCode::BAD_REQUEST, "bad-proxy-request", "request URI has no host".into()).into_response();
+        return Refusal::new(StatusCode::BAD_REQUEST, "bad-proxy-request", "request URI has no host".into())
+            .into_response();
     };
     let log = AccessLog::new(&req, ctx, &target.host, "plain-http");
     let response = match send_plain(&proxy, req, &target).await {

@@ -247,7 +247,8 @@ impl UpstreamPool {
     async fn handshake(&self, conn: UpstreamConn) -> Result<Sender, ProxyError> {
         let h2 = conn.stream.get_ref().1.alpn_protocol() == Some(H2);
         let io = TokioIo::new(conn.stream);
-        let http_err = |e: hyper::Error| ProxyError::UpstreamHttp { target: self.target.to_string(), reason: e.to_string() };
+        let http_err =
+            |e: hyper::Error| ProxyError::UpstreamHttp { target: self.target.to_string(), reason: e.to_string() };
         if h2 {
             let (sender, connection) = http2::handshake(TokioExecutor::new(), io).await.map_err(http_err)?;
             tokio::spawn(connection);
@@ -295,10 +296,10 @@ where
             .unwrap_or_else(|_| Uri::from_static("/"));
     } else {
         parts.version = Version::HTTP_11;
-        if !parts.headers.contains_key(header::HOST) {
-            if let Ok(value) = HeaderValue::from_str(&authority) {
-                parts.headers.insert(header::HOST, value);
-            }
+        if !parts.headers.contains_key(header::HOST)
+            && let Ok(value) = HeaderValue::from_str(&authority)
+        {
+            parts.headers.insert(header::HOST, value);
         }
         parts.uri = path.parse().unwrap_or_else(|_| Uri::from_static("/"));
     }
@@ -329,12 +330,7 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
 }
 
 fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
+    headers.get_all(header::CONNECTION).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).map(str::trim)
 }
 
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), keeping `Connection: upgrade` and `Upgrade`

@@ -26,8 +26,12 @@ where
     if let Err(e) = serve_inner(&proxy, io, hint, ctx).await {
         let side = e.side();
         match side {
-            Side::Client => tracing::info!(client = %ctx.client, mode = ctx.mode.as_str(), side = ?side, error = %e, "connection refused"),
-            _ => tracing::warn!(client = %ctx.client, mode = ctx.mode.as_str(), side = ?side, error = %e, "connection failed"),
+            Side::Client => {
+                tracing::info!(client = %ctx.client, mode = ctx.mode.as_str(), side = ?side, error = %e, "connection refused")
+            }
+            _ => {
+                tracing::warn!(client = %ctx.client, mode = ctx.mode.as_str(), side = ?side, error = %e, "connection failed")
+            }
         }
     }
 }
@@ -84,10 +88,11 @@ where
     let alpn = super::tls::client_alpn(&hello.alpn, upstream.stream.get_ref().1.alpn_protocol());
     let config = proxy.server_tls.config(&minted, upstream.verdict.is_trusted(), alpn);
     let secs = proxy.handshake_timeout.as_secs();
-    let client = tokio::time::timeout(proxy.handshake_timeout, StartHandshake::from_parts(accepted, io).into_stream(config))
-        .await
-        .map_err(|_| ProxyError::Timeout { phase: "client TLS handshake", secs, side: Side::Client })?
-        .map_err(ProxyError::ClientTls)?;
+    let client =
+        tokio::time::timeout(proxy.handshake_timeout, StartHandshake::from_parts(accepted, io).into_stream(config))
+            .await
+            .map_err(|_| ProxyError::Timeout { phase: "client TLS handshake", secs, side: Side::Client })?
+            .map_err(ProxyError::ClientTls)?;
     super::http::relay(proxy.clone(), client, upstream, target, ctx).await
 }
 
@@ -104,7 +109,11 @@ pub struct UpstreamConn {
 }
 
 /// Connects and handshakes upstream with the client's SNI and ALPN offer, and validates.
-pub async fn connect_upstream(proxy: &Proxy, target: &Target, hello: &ClientHelloInfo) -> Result<UpstreamConn, ProxyError> {
+pub async fn connect_upstream(
+    proxy: &Proxy,
+    target: &Target,
+    hello: &ClientHelloInfo,
+) -> Result<UpstreamConn, ProxyError> {
     let tcp = proxy.dial(target).await?;
     let name = ServerName::try_from(target.host.clone()).map_err(|e| ProxyError::UpstreamTls {
         target: target.to_string(),
@@ -129,7 +138,11 @@ pub async fn connect_upstream(proxy: &Proxy, target: &Target, hello: &ClientHell
     Ok(UpstreamConn { stream, verdict, fingerprint, leaf, offer: hello.alpn.clone() })
 }
 
-async fn mint(proxy: &Proxy, target: &Target, upstream: &UpstreamConn) -> Result<Arc<crate::pki::mint::Minted>, ProxyError> {
+async fn mint(
+    proxy: &Proxy,
+    target: &Target,
+    upstream: &UpstreamConn,
+) -> Result<Arc<crate::pki::mint::Minted>, ProxyError> {
     let trusted = upstream.verdict.is_trusted();
     let key = LeafKey { host: target.host.clone(), upstream: upstream.fingerprint, trusted };
     let mint_err = |source: Arc<MintError>| ProxyError::Mint { host: target.host.clone(), source };
@@ -191,7 +204,10 @@ mod tests {
     fn sni_and_connect_host_must_agree() {
         let target = Target { host: "a.test".into(), port: 443 };
         let explicit = ctx(ListenerMode::Explicit);
-        assert!(matches!(bind_target(Some(target.clone()), &hello(Some("b.test")), explicit), Err(ProxyError::NameMismatch { .. })));
+        assert!(matches!(
+            bind_target(Some(target.clone()), &hello(Some("b.test")), explicit),
+            Err(ProxyError::NameMismatch { .. })
+        ));
         assert_eq!(bind_target(Some(target.clone()), &hello(Some("a.test")), explicit).unwrap(), target);
         assert_eq!(bind_target(Some(target.clone()), &hello(None), explicit).unwrap(), target);
         let sni = ctx(ListenerMode::Sni);

@@ -82,9 +82,10 @@ impl ProxyError {
                 Side::Client
             }
             Self::Timeout { side, .. } => *side,
-            Self::Connect { .. } | Self::UpstreamTls { .. } | Self::UpstreamUntrusted { .. } | Self::UpstreamHttp { .. } => {
-                Side::Upstream
-            }
+            Self::Connect { .. }
+            | Self::UpstreamTls { .. }
+            | Self::UpstreamUntrusted { .. }
+            | Self::UpstreamHttp { .. } => Side::Upstream,
             Self::Mint { source, .. } => match **source {
                 MintError::Key(_) | MintError::Sign(_) | MintError::Timeout(_) => Side::Hsm,
                 _ => Side::Internal,
@@ -198,7 +199,11 @@ impl Proxy {
                 }
                 Ok(Err(e)) => last = e,
                 Err(_) => {
-                    return Err(ProxyError::Timeout { phase: "upstream connect", secs: self.connect_timeout.as_secs(), side: Side::Upstream });
+                    return Err(ProxyError::Timeout {
+                        phase: "upstream connect",
+                        secs: self.connect_timeout.as_secs(),
+                        side: Side::Upstream,
+                    });
                 }
             }
         }
@@ -208,7 +213,8 @@ impl Proxy {
     fn is_own(&self, addr: SocketAddr) -> bool {
         self.own.iter().any(|own| {
             own.port() == addr.port()
-                && (own.ip() == addr.ip() || (own.ip().is_unspecified() && (addr.ip().is_loopback() || addr.ip().is_unspecified())))
+                && (own.ip() == addr.ip()
+                    || (own.ip().is_unspecified() && (addr.ip().is_loopback() || addr.ip().is_unspecified())))
         })
     }
 }

@@ -131,7 +131,11 @@ pub struct UpstreamTls {
 
 impl UpstreamTls {
     /// Builds the configs: webpki roots, the system roots and the configured bundles.
-    pub fn new(config: &UpstreamConfig, config_path: &std::path::Path, provider: &Arc<CryptoProvider>) -> Result<Self, ConfigError> {
+    pub fn new(
+        config: &UpstreamConfig,
+        config_path: &std::path::Path,
+        provider: &Arc<CryptoProvider>,
+    ) -> Result<Self, ConfigError> {
         let mut roots = RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         let native = rustls_native_certs::load_native_certs();
@@ -155,12 +159,13 @@ impl UpstreamTls {
                 roots.add(cert).map_err(|e| invalid(e.to_string()))?;
             }
         }
-        let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .build()
-            .map_err(|e| ConfigError::Invalid {
-                path: config_path.to_path_buf(),
-                field: "upstream.ca_bundles".into(),
-                reason: e.to_string(),
+        let webpki =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build().map_err(|e| {
+                ConfigError::Invalid {
+                    path: config_path.to_path_buf(),
+                    field: "upstream.ca_bundles".into(),
+                    reason: e.to_string(),
+                }
             })?;
         let verifier = Arc::new(RecordingVerifier {
             inner: webpki,

@@ -10,7 +10,13 @@ use super::{ConnCtx, Proxy, ProxyError, Target};
 use crate::telemetry::METRICS;
 
 /// Relays bytes both ways until either side closes.
-pub async fn run<IO>(proxy: Arc<Proxy>, mut client: IO, hello: Vec<u8>, target: Target, ctx: ConnCtx) -> Result<(), ProxyError>
+pub async fn run<IO>(
+    proxy: Arc<Proxy>,
+    mut client: IO,
+    hello: Vec<u8>,
+    target: Target,
+    ctx: ConnCtx,
+) -> Result<(), ProxyError>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {

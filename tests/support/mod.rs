@@ -9,7 +9,9 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -29,7 +31,10 @@ pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 pub fn require_tools() {
     for tool in ["softhsm2-util", "curl", "openssl", "pkcs11-tool"] {
         let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().map(|o| o.status.success());
-        assert!(found.unwrap_or(false), "{tool} is missing: run `bash deploy/install-deps` (the README's test command does)");
+        assert!(
+            found.unwrap_or(false),
+            "{tool} is missing: run `bash deploy/install-deps` (the README's test command does)"
+        );
     }
     assert!(Path::new(SOFTHSM_MODULE).exists(), "{SOFTHSM_MODULE} missing: run `bash deploy/install-deps`");
 }
@@ -47,7 +52,10 @@ impl Token {
         std::fs::create_dir(dir.path().join("tokens")).unwrap();
         std::fs::write(
             dir.path().join("softhsm2.conf"),
-            format!("directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n", dir.path().join("tokens").display()),
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                dir.path().join("tokens").display()
+            ),
         )
         .unwrap();
         std::fs::write(dir.path().join("user.pin"), format!("{USER_PIN}\n")).unwrap();
@@ -135,7 +143,20 @@ impl Setup {
         let untrust = token.path("untrust.pem");
         let gen_ca = |name: &str, role: &str, algorithm: &str, out: &Path| {
             let out_str = out.to_str().unwrap();
-            let args = ["cert", "generate-ca", "--config", config.to_str().unwrap(), "--name", name, "--on-hsm", role, "--algorithm", algorithm, "--out-cert", out_str];
+            let args = [
+                "cert",
+                "generate-ca",
+                "--config",
+                config.to_str().unwrap(),
+                "--name",
+                name,
+                "--on-hsm",
+                role,
+                "--algorithm",
+                algorithm,
+                "--out-cert",
+                out_str,
+            ];
             let output = token.cmd(tollgate_bin()).args(args).output().unwrap();
             assert!(output.status.success(), "generate-ca: {}", String::from_utf8_lossy(&output.stderr));
         };
@@ -191,8 +212,13 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn start(token: &Token, config: &Path) -> Self {
-        let mut child = token
-            .cmd(tollgate_bin())
+        Self::start_with(token.cmd(tollgate_bin()), config, 3)
+    }
+
+    /// Starts `cmd run --config CONFIG`, waiting for `listeners` "listening" lines
+    /// (management included).
+    pub fn start_with(mut cmd: Command, config: &Path, listeners: usize) -> Self {
+        let mut child = cmd
             .args(["run", "--config"])
             .arg(config)
             .env("TOLLGATE_LOG", "info")
@@ -207,29 +233,34 @@ impl Proxy {
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                    if v["message"] == "listening" {
-                        let _ = tx.send((v["mode"].as_str().unwrap_or("").to_string(), v["addr"].as_str().unwrap_or("").parse::<SocketAddr>().unwrap()));
-                    }
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                    && v["message"] == "listening"
+                {
+                    let _ = tx.send((
+                        v["mode"].as_str().unwrap_or("").to_string(),
+                        v["addr"].as_str().unwrap_or("").parse::<SocketAddr>().unwrap(),
+                    ));
                 }
-                sink.lock().unwrap().push(line);
+                sink.lock().push(line);
             }
         });
         let mut addrs = HashMap::new();
-        while addrs.len() < 3 {
+        while addrs.len() < listeners {
             match rx.recv_timeout(Duration::from_secs(20)) {
                 Ok((mode, addr)) => {
                     addrs.insert(mode, addr);
                 }
-                Err(_) => panic!("tollgate did not start; logs: {:?}", logs.lock().unwrap()),
+                Err(_) => panic!("tollgate did not start; logs: {:?}", logs.lock()),
             }
         }
-        Self { child, logs, explicit: addrs["explicit"], sni: addrs["sni"], management: addrs["management"] }
+        let none = SocketAddr::from(([0, 0, 0, 0], 0));
+        let addr = |mode: &str| addrs.get(mode).copied().unwrap_or(none);
+        Self { child, logs, explicit: addr("explicit"), sni: addr("sni"), management: addr("management") }
     }
 
     /// Log lines parsed as JSON.
     pub fn log_json(&self) -> Vec<serde_json::Value> {
-        self.logs.lock().unwrap().iter().filter_map(|l| serde_json::from_str(l).ok()).collect()
+        self.logs.lock().iter().filter_map(|l| serde_json::from_str(l).ok()).collect()
     }
 
     /// Waits until a log line satisfies `pred`.
@@ -239,7 +270,7 @@ impl Proxy {
             if let Some(v) = self.log_json().into_iter().find(|v| pred(v)) {
                 return v;
             }
-            assert!(Instant::now() < deadline, "no log line for {what}; logs: {:#?}", self.logs.lock().unwrap());
+            assert!(Instant::now() < deadline, "no log line for {what}; logs: {:#?}", self.logs.lock());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -271,7 +302,10 @@ impl Drop for Proxy {
 /// A plain HTTP/1.1 GET, returning the body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> String {
     let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
     let mut out = String::new();
     stream.read_to_string(&mut out).await.unwrap();
     out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
@@ -366,13 +400,19 @@ impl Drop for Origin {
 
 impl Origin {
     /// `alpn`: what the origin accepts, e.g. `&["h2", "http/1.1"]` or `&["http/1.1"]`.
-    pub async fn start(name: &str, chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>, alpn: &[&str]) -> Self {
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .unwrap();
+    pub async fn start(
+        name: &str,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+        alpn: &[&str],
+    ) -> Self {
+        let mut config =
+            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(chain, key)
+                .unwrap();
         config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -420,7 +460,10 @@ where
     }
 }
 
-async fn origin_response(mut req: hyper::Request<Incoming>, name: String) -> Result<hyper::Response<Full<Bytes>>, std::convert::Infallible> {
+async fn origin_response(
+    mut req: hyper::Request<Incoming>,
+    name: String,
+) -> Result<hyper::Response<Full<Bytes>>, std::convert::Infallible> {
     if req.headers().get("upgrade").is_some_and(|v| v == "websocket") {
         let on_upgrade = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {
@@ -442,7 +485,11 @@ async fn origin_response(mut req: hyper::Request<Incoming>, name: String) -> Res
             .unwrap();
         return Ok(response);
     }
-    let host = req.uri().authority().map(|a| a.to_string()).or_else(|| req.headers().get("host").map(|h| h.to_str().unwrap_or("").to_string()));
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| req.headers().get("host").map(|h| h.to_str().unwrap_or("").to_string()));
     let version = req.version();
     let path = req.uri().path().to_string();
     let body = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
@@ -455,12 +502,13 @@ async fn origin_response(mut req: hyper::Request<Incoming>, name: String) -> Res
 pub fn capturing_client(alpn: &[&str]) -> (Arc<rustls::ClientConfig>, Arc<Mutex<Vec<CertificateDer<'static>>>>) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let verifier = Arc::new(Capture(seen.clone()));
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
+    let mut config =
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     (Arc::new(config), seen)
 }
@@ -469,11 +517,12 @@ pub fn capturing_client(alpn: &[&str]) -> (Arc<rustls::ClientConfig>, Arc<Mutex<
 pub fn trusting_client(ca: &CertificateDer<'static>, alpn: &[&str]) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.clone()).unwrap();
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let mut config =
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     Arc::new(config)
 }
@@ -490,16 +539,26 @@ impl rustls::client::danger::ServerCertVerifier for Capture {
         _: &[u8],
         _: rustls::pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        let mut seen = self.0.lock().unwrap();
+        let mut seen = self.0.lock();
         seen.clear();
         seen.push(end_entity.clone().into_owned());
         seen.extend(intermediates.iter().map(|c| c.clone().into_owned()));
         Ok(rustls::client::danger::ServerCertVerified::assertion())
     }
-    fn verify_tls12_signature(&self, _: &[u8], _: &CertificateDer<'_>, _: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
         Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
     }
-    fn verify_tls13_signature(&self, _: &[u8], _: &CertificateDer<'_>, _: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
         Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
@@ -508,7 +567,11 @@ impl rustls::client::danger::ServerCertVerifier for Capture {
 }
 
 /// TLS through the sni listener to `host`.
-pub async fn tls_via_sni(proxy: SocketAddr, host: &str, config: Arc<rustls::ClientConfig>) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+pub async fn tls_via_sni(
+    proxy: SocketAddr,
+    host: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     let tcp = TcpStream::connect(proxy).await?;
     tokio_rustls::TlsConnector::from(config).connect(ServerName::try_from(host.to_string()).unwrap(), tcp).await
 }

@@ -1,0 +1,199 @@
+//! The command line and configuration: clear errors with exit code 64 for bad input, `--check`,
+//! a PKCS#11 library that will not load, a wrong partition password (no retry loop).
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+fn tollgate(token: &Token, args: &[&str]) -> std::process::Output {
+    token.cmd(tollgate_bin()).args(args).output().unwrap()
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn malformed_config_names_file_and_field_with_exit_64() {
+    let token = Token::new();
+    let config = token.path("bad.toml");
+    let cases = [
+        ("state_dir = \"s\"\nlisten_everywhere = true\n", "listen_everywhere"),
+        ("state_dir = \"s\"\n[[listener]]\nmode = \"explicit\"\nlisten = \"localhost\"\n", "listener[0].listen"),
+        ("state_dir = \"s\"\n[[listener]]\nmode = \"sideways\"\nlisten = \"127.0.0.1:1\"\n", "sideways"),
+        (
+            "state_dir = \"s\"\n[[hsm.server]]\nname = \"this-name-is-far-too-long-for-an-hsm\"\ntoken = \"t\"\n",
+            "hsm.server[0].name",
+        ),
+        ("state_dir = \"s\"\n[upstream]\nca_bundles = [\"missing.pem\"]\n", "upstream.ca_bundles[0]"),
+        ("state_dir = ", "bad.toml"),
+    ];
+    for (text, field) in cases {
+        std::fs::write(&config, text).unwrap();
+        let out = tollgate(&token, &["run", "--check", "--config", config.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(64), "{text:?}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(err.contains("bad.toml") && err.contains(field), "{text:?}: {err}");
+    }
+    let out = tollgate(&token, &["run", "--config", token.path("nope.toml").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(stderr(&out).contains("nope.toml"));
+    let out = tollgate(&token, &["run", "--bogus-flag"]);
+    assert_eq!(out.status.code(), Some(64));
+}
+
+#[test]
+fn check_accepts_a_good_config() {
+    let setup = Setup::new(&ProxyOptions::default());
+    let out = setup.tollgate(&["run", "--check"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("is valid"));
+}
+
+#[test]
+fn status_and_cert_list_report_in_json() {
+    let setup = Setup::new(&ProxyOptions::default());
+    let out = setup.tollgate(&["hsm", "status", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let server = &status["servers"][0];
+    assert_eq!(server["name"], "hsm-a");
+    assert_eq!(server["token"], "tollgate-test");
+    assert_eq!(server["state"], "authenticated");
+    assert_eq!(server["up"], true);
+    assert!(server["serial"].as_str().is_some_and(|s| !s.is_empty()));
+    assert_eq!(status["ha"]["enabled"], false);
+    assert!(status["ha"].get("group").is_some());
+
+    let out = setup.tollgate(&["cert", "list", "--json"]);
+    let certs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = certs.as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    let trust = rows.iter().find(|r| r["name"] == "fwd-trust").unwrap();
+    assert_eq!(
+        (trust["key"].as_str(), trust["forward_trust"].as_bool(), trust["forward_untrust"].as_bool()),
+        (Some("hsm"), Some(true), Some(false))
+    );
+    assert!(trust["subject"].as_str().unwrap().contains("Forward Trust"));
+    let untrust = rows.iter().find(|r| r["name"] == "fwd-untrust").unwrap();
+    assert_eq!((untrust["key"].as_str(), untrust["forward_untrust"].as_bool()), (Some("hsm"), Some(true)));
+
+    // The same name twice is refused; nothing is lost.
+    let out = setup.tollgate(&["cert", "generate-ca", "--name", "fwd-trust", "--on-hsm", "--forward-trust"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("already exists"), "{}", stderr(&out));
+    let out = setup.tollgate(&["cert", "list", "--json"]);
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap().as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn every_key_algorithm_can_be_generated_on_the_token() {
+    let setup = Setup::new(&ProxyOptions { trust_algorithm: "ecdsa-p384", ..Default::default() });
+    for (name, algorithm) in [("ca-rsa2048", "rsa-2048"), ("ca-rsa3072", "rsa-3072")] {
+        let out = setup.tollgate(&[
+            "cert",
+            "generate-ca",
+            "--name",
+            name,
+            "--on-hsm",
+            "--forward-trust",
+            "--algorithm",
+            algorithm,
+        ]);
+        assert!(out.status.success(), "{algorithm}: {}", stderr(&out));
+    }
+    let out = setup.tollgate(&["cert", "list", "--json"]);
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for row in rows.as_array().unwrap() {
+        assert_eq!(row["key"], "hsm", "{row}: test signature verifies");
+    }
+    let algorithms: Vec<_> =
+        rows.as_array().unwrap().iter().map(|r| r["algorithm"].as_str().unwrap().to_string()).collect();
+    assert!(algorithms.contains(&"ecdsa-p384".to_string()) && algorithms.contains(&"rsa-3072".to_string()));
+    // Only the newest forward-trust CA holds the role.
+    let trusted: Vec<_> = rows.as_array().unwrap().iter().filter(|r| r["forward_trust"] == true).collect();
+    assert_eq!(trusted.len(), 1);
+    assert_eq!(trusted[0]["name"], "ca-rsa3072");
+    let out = setup.tollgate(&[
+        "cert",
+        "generate-ca",
+        "--name",
+        "x",
+        "--on-hsm",
+        "--forward-trust",
+        "--algorithm",
+        "dsa-1024",
+    ]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(stderr(&out).contains("unknown key algorithm"));
+}
+
+#[test]
+fn a_library_that_will_not_load_is_reported_clearly() {
+    let token = Token::new();
+    let config = token.path("tollgate.toml");
+    write_config(&token, &config, &ProxyOptions::default());
+    let text = std::fs::read_to_string(&config).unwrap().replace(SOFTHSM_MODULE, "/nonexistent/libvendor.so");
+    std::fs::write(&config, text).unwrap();
+    let out = tollgate(&token, &["hsm", "status", "--json", "--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["servers"][0]["up"], false);
+    let state = status["servers"][0]["state"].as_str().unwrap();
+    assert!(state.contains("/nonexistent/libvendor.so") && state.contains("could not be loaded"), "{state}");
+
+    let out = tollgate(
+        &token,
+        &["cert", "generate-ca", "--name", "ca", "--on-hsm", "--forward-trust", "--config", config.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("could not be loaded"), "{}", stderr(&out));
+
+    // A file that exists but is no PKCS#11 library.
+    let fake = token.path("fake.so");
+    std::fs::write(&fake, b"not a library").unwrap();
+    let text = std::fs::read_to_string(&config).unwrap().replace("/nonexistent/libvendor.so", fake.to_str().unwrap());
+    std::fs::write(&config, text).unwrap();
+    let out = tollgate(&token, &["hsm", "status", "--json", "--config", config.to_str().unwrap()]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(status["servers"][0]["state"].as_str().unwrap().contains("could not be loaded"));
+}
+
+#[test]
+fn a_wrong_pin_is_reported_once_and_never_retried() {
+    let setup = Setup::new(&ProxyOptions::default());
+    let wrong = setup.token.path("wrong.pin");
+    std::fs::write(&wrong, "0000-wrong\n").unwrap();
+    let config = setup.token.path("wrong.toml");
+    write_config(&setup.token, &config, &ProxyOptions { pin_file: Some(wrong), ..Default::default() });
+    let out = tollgate(&setup.token, &["hsm", "status", "--json", "--config", config.to_str().unwrap()]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let state = status["servers"][0]["state"].as_str().unwrap();
+    assert!(state.contains("incorrect") && state.contains("not retrying"), "{state}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("0000-wrong") && !stderr(&out).contains("0000-wrong"));
+
+    // The service starts, says so once, and does not try again on its own.
+    let proxy = Proxy::start(&setup.token, &config);
+    std::thread::sleep(Duration::from_millis(1500));
+    let logs = proxy.logs.lock().clone();
+    let attempts = logs.iter().filter(|l| l.contains("hsm server unavailable")).count();
+    assert_eq!(attempts, 1, "{logs:#?}");
+    assert!(logs.iter().all(|l| !l.contains("0000-wrong") && !l.contains(USER_PIN)), "no PIN in any log line");
+
+    // The good PIN still works: the token was not locked by retries.
+    let out = setup.tollgate(&["hsm", "status", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[test]
+fn missing_pin_source_is_a_clear_error() {
+    let token = Token::new();
+    let config = token.path("tollgate.toml");
+    write_config(&token, &config, &ProxyOptions { pin_file: Some(token.path("absent.pin")), ..Default::default() });
+    let out = tollgate(&token, &["hsm", "status", "--json", "--config", config.to_str().unwrap()]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let state = status["servers"][0]["state"].as_str().unwrap();
+    assert!(state.contains("absent.pin"), "{state}");
+}
