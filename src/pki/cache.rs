@@ -59,9 +59,10 @@ impl LeafCache {
         self.inner.get(key).await
     }
 
-    /// Drops every cached leaf (a new CA was configured).
-    pub fn clear(&self) {
-        self.inner.invalidate_all();
+    /// Runs pending cache maintenance (expirations); for tests.
+    #[cfg(test)]
+    pub(crate) async fn inner_sync(&self) {
+        self.inner.run_pending_tasks().await;
     }
 }
 

@@ -381,6 +381,30 @@ mod tests {
         assert_eq!(format!("{:?}", sans[0]), "IPAddress([10, 1, 2, 3])");
     }
 
+    #[tokio::test(flavor = "current_thread")]
+    async fn cached_leaves_never_outlive_their_certificate() {
+        let ca = Arc::new(software_ca(CaRole::ForwardUntrust));
+        let cache = cache::LeafCache::new(100);
+        let mint_for = |up: Vec<u8>| {
+            let ca = ca.clone();
+            async move { ca.mint("origin.test", &up).map(Arc::new) }
+        };
+        let key = |b: u8| cache::LeafKey { host: "origin.test".into(), upstream: [b; 32], trusted: false };
+
+        // A leaf valid for days is cached: the second lookup does not mint.
+        let valid = upstream_cert(vec![], (-1, 10));
+        let first = cache.get_or_mint(key(1), mint_for(valid.clone())).await.unwrap();
+        let again = cache.get_or_mint(key(1), async { panic!("must be served from the cache") }).await.unwrap();
+        assert!(Arc::ptr_eq(&first, &again));
+
+        // A leaf that is already expired (expired upstream) is never kept.
+        let expired = upstream_cert(vec![], (-10, -1));
+        let leaf = cache.get_or_mint(key(2), mint_for(expired)).await.unwrap();
+        assert!(leaf.not_after < time::OffsetDateTime::now_utc());
+        cache.inner_sync().await;
+        assert!(cache.get(&key(2)).await.is_none(), "an expired leaf must not be served from the cache");
+    }
+
     #[test]
     fn names_are_checked() {
         assert!(check_name("forward-trust.v2").is_ok());
