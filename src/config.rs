@@ -42,7 +42,8 @@ pub struct Config {
     pub hsm: HsmConfig,
     pub listeners: Vec<ListenerConfig>,
     pub upstream: UpstreamConfig,
-    /// Static `host:port → address` overrides, like curl's `--resolve`.
+    /// Static `host:port → address` overrides, like curl's `--resolve`. A host `*.example`
+    /// matches one label in front of `example` (load tests with a distinct name per connection).
     pub resolve: BTreeMap<(String, u16), SocketAddr>,
     pub policy: PolicyConfig,
     pub management: ManagementConfig,
@@ -296,6 +297,9 @@ impl Typer<'_> {
             .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
             .filter(|(h, _)| !h.is_empty())
             .ok_or_else(|| self.invalid(&field, "key must be HOST:PORT"))?;
+        if host.contains('*') && !(host.starts_with("*.") && !host[2..].contains('*') && host.len() > 2) {
+            return Err(self.invalid(&field, "a wildcard host must look like *.example.com"));
+        }
         let addr = value.parse().map_err(|e| self.invalid(&field, format!("{value:?} is not IP:PORT: {e}")))?;
         Ok(((host.to_ascii_lowercase(), port), addr))
     }
@@ -532,6 +536,10 @@ mod tests {
 
         let err = parse("state_dir = \"x\"\n[resolve]\n\"a.test\" = \"127.0.0.1:1\"\n").unwrap_err().to_string();
         assert!(err.contains("HOST:PORT"), "{err}");
+        let err = parse("state_dir = \"x\"\n[resolve]\n\"a.*.test:1\" = \"127.0.0.1:1\"\n").unwrap_err().to_string();
+        assert!(err.contains("wildcard"), "{err}");
+        let config = parse("state_dir = \"x\"\n[resolve]\n\"*.mint.test:443\" = \"127.0.0.1:1\"\n").unwrap();
+        assert!(config.resolve.contains_key(&("*.mint.test".to_string(), 443)));
     }
 
     #[test]

@@ -182,8 +182,8 @@ impl Proxy {
     /// Opens a TCP connection to `target`, honouring `[resolve]` and refusing our own sockets.
     pub async fn dial(&self, target: &Target) -> Result<TcpStream, ProxyError> {
         let connect_err = |source| ProxyError::Connect { target: target.to_string(), source };
-        let addrs: Vec<SocketAddr> = match self.resolve.get(&(target.host.clone(), target.port)) {
-            Some(addr) => vec![*addr],
+        let addrs: Vec<SocketAddr> = match self.resolve_override(target) {
+            Some(addr) => vec![addr],
             None => tokio::net::lookup_host((target.host.as_str(), target.port)).await.map_err(connect_err)?.collect(),
         };
         let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
@@ -208,6 +208,15 @@ impl Proxy {
             }
         }
         Err(connect_err(last))
+    }
+
+    /// The `[resolve]` override for a target: exact host first, then `*.parent`.
+    fn resolve_override(&self, target: &Target) -> Option<SocketAddr> {
+        if let Some(addr) = self.resolve.get(&(target.host.clone(), target.port)) {
+            return Some(*addr);
+        }
+        let (_, parent) = target.host.split_once('.')?;
+        self.resolve.get(&(format!("*.{parent}"), target.port)).copied()
     }
 
     fn is_own(&self, addr: SocketAddr) -> bool {

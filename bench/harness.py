@@ -1,0 +1,463 @@
+#!/usr/bin/env python3
+"""tollgate bench harness: every system measured in the same run, on the same origin, on this
+machine's shared cores; results are ratios against the references measured in this run.
+
+Systems: nginx origin alone (ceiling), nginx TLS reverse proxy (proxy_pass https, upstream
+keepalive), tollgate in sni forward mode (leaf cache warm, CA key on SoftHSM2), mitmdump in
+reverse mode. Workloads: (a) h2 keep-alive, 50 connections x 10 streams; (b) HTTP/1.1
+keep-alive, 50 connections; (c) a new full TLS handshake per request (no resumption); (d)
+tollgate only: a distinct SNI per connection (every connection a cache-miss mint), against the
+raw single-thread sign rate of the same token; plus idle h2 memory per connection.
+Every load is bounded in time and count and targets loopback only.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TOLLGATE = ROOT / "target/release/tollgate"
+LOADGEN = ROOT / "target/release/examples/loadgen"
+SOFTHSM = "/usr/lib/softhsm/libsofthsm2.so"
+MITM_VERSION = "11.0.2"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sh(*args, env=None, check=True, capture=True):
+    result = subprocess.run([str(a) for a in args], env=env, check=False, capture_output=capture, text=True)
+    if check and result.returncode != 0:
+        sys.exit(f"bench: {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def descendants(pid):
+    """pid and every descendant (nginx master + workers)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def cpu_seconds(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except OSError:
+            pass
+    return total / CLK_TCK
+
+
+def memory_kb(pids, field):
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith(field + ":"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def wait_port(port, what, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    sys.exit(f"bench: {what} did not start listening on {port}")
+
+
+class Service:
+    def __init__(self, name, args, env=None, log=None):
+        self.name = name
+        self.log = open(log, "w") if log else subprocess.DEVNULL
+        self.proc = subprocess.Popen([str(a) for a in args], env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def pids(self):
+        return descendants(self.proc.pid)
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.work = Path(tempfile.mkdtemp(prefix="tollgate-bench-"))
+        self.services = []
+        self.env = dict(os.environ, SOFTHSM2_CONF=str(self.work / "softhsm2.conf"), TOLLGATE_LOG="warn")
+
+    # ---- set-up -------------------------------------------------------------------------
+    def pki(self):
+        w = self.work
+        sh("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+           "-keyout", w / "root.key", "-out", w / "root.pem", "-days", "30", "-subj", "/CN=bench root",
+           "-addext", "basicConstraints=critical,CA:TRUE")
+        sh("openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+           "-keyout", w / "origin.key", "-out", w / "origin.csr", "-subj", "/CN=localhost")
+        (w / "ext.cnf").write_text("subjectAltName=DNS:localhost,DNS:*.mint.test,IP:127.0.0.1\n"
+                                   "basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n")
+        sh("openssl", "x509", "-req", "-in", w / "origin.csr", "-CA", w / "root.pem", "-CAkey", w / "root.key",
+           "-CAcreateserial", "-out", w / "origin.pem", "-days", "10", "-extfile", w / "ext.cnf")
+        www = w / "www"
+        www.mkdir()
+        (www / "1k").write_bytes(b"x" * 1024)
+        (www / "100k").write_bytes(b"x" * 102400)
+
+    def nginx(self, name, server_block):
+        w = self.work / name
+        w.mkdir()
+        conf = w / "nginx.conf"
+        conf.write_text(f"""
+user root;
+worker_processes auto;
+daemon off;
+pid {w}/nginx.pid;
+error_log {w}/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  client_body_temp_path {w}/body; proxy_temp_path {w}/proxy; fastcgi_temp_path {w}/fcgi;
+  uwsgi_temp_path {w}/uwsgi; scgi_temp_path {w}/scgi;
+  keepalive_requests 1000000;
+  keepalive_timeout 75;
+  ssl_protocols TLSv1.2 TLSv1.3;
+  ssl_session_cache shared:{name}:10m;
+  {server_block}
+}}
+""")
+        svc = Service(name, ["nginx", "-c", conf, "-p", w], log=w / "stdout.log")
+        self.services.append(svc)
+        return svc
+
+    def start(self):
+        w = self.work
+        self.ports = {k: free_port() for k in ("origin", "nginx-proxy", "tollgate", "mgmt", "mitmdump")}
+        p = self.ports
+        self.origin = self.nginx("origin", f"""
+  server {{
+    listen 127.0.0.1:{p['origin']} ssl http2;
+    ssl_certificate {w}/origin.pem; ssl_certificate_key {w}/origin.key;
+    root {w}/www;
+    location / {{ default_type application/octet-stream; }}
+  }}""")
+        wait_port(p["origin"], "nginx origin")
+        self.nginx_proxy = self.nginx("nginx-proxy", f"""
+  upstream origin {{ server 127.0.0.1:{p['origin']}; keepalive 128; }}
+  server {{
+    listen 127.0.0.1:{p['nginx-proxy']} ssl http2;
+    ssl_certificate {w}/origin.pem; ssl_certificate_key {w}/origin.key;
+    location / {{
+      proxy_pass https://origin;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_ssl_server_name on; proxy_ssl_name localhost;
+      proxy_ssl_verify on; proxy_ssl_trusted_certificate {w}/root.pem;
+      proxy_ssl_session_reuse on;
+    }}
+  }}""")
+        wait_port(p["nginx-proxy"], "nginx reverse proxy")
+        self.start_tollgate()
+        self.start_mitmdump()
+
+    def start_tollgate(self):
+        w, p = self.work, self.ports
+        (w / "tokens").mkdir()
+        (w / "softhsm2.conf").write_text(f"directories.tokendir = {w}/tokens\nobjectstore.backend = file\nlog.level = ERROR\n")
+        (w / "so.pin").write_text(os.urandom(12).hex())
+        (w / "user.pin").write_text(os.urandom(12).hex())
+        os.chmod(w / "so.pin", 0o600)
+        os.chmod(w / "user.pin", 0o600)
+        config = w / "tollgate.toml"
+        config.write_text(f"""
+state_dir = "{w}/state"
+[[hsm.server]]
+name = "softhsm"
+module = "{SOFTHSM}"
+token = "bench"
+pin_file = "{w}/user.pin"
+[[listener]]
+mode = "sni"
+listen = "127.0.0.1:{p['tollgate']}"
+[management]
+listen = "127.0.0.1:{p['mgmt']}"
+[upstream]
+ca_bundles = ["{w}/root.pem"]
+[resolve]
+"localhost:443" = "127.0.0.1:{p['origin']}"
+"*.mint.test:443" = "127.0.0.1:{p['origin']}"
+[limits]
+max_connections = 100000
+[mint]
+cache_capacity = 1000000
+""")
+        sh(TOLLGATE, "hsm", "init-token", "--config", config, "--server", "softhsm", "--so-pin-file", w / "so.pin", env=self.env)
+        sh(TOLLGATE, "cert", "generate-ca", "--config", config, "--name", "bench-trust", "--on-hsm", "--forward-trust",
+           "--out-cert", w / "tollgate-ca.pem", env=self.env)
+        sh(TOLLGATE, "cert", "generate-ca", "--config", config, "--name", "bench-untrust", "--on-hsm",
+           "--forward-untrust", env=self.env)
+        self.config = config
+        self.tollgate = Service("tollgate", [TOLLGATE, "run", "--config", config], env=self.env, log=w / "tollgate.log")
+        self.services.append(self.tollgate)
+        wait_port(p["tollgate"], "tollgate")
+
+    def start_mitmdump(self):
+        self.mitm = None
+        if self.args.no_mitmproxy:
+            return
+        venv = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tollgate-bench" / f"mitmproxy-{MITM_VERSION}"
+        mitmdump = venv / "bin" / "mitmdump"
+        if not mitmdump.exists():
+            print(f"bench: installing mitmproxy {MITM_VERSION} from PyPI into {venv}", file=sys.stderr)
+            sh(sys.executable, "-m", "venv", venv)
+            sh(venv / "bin" / "pip", "install", "-q", f"mitmproxy=={MITM_VERSION}")
+        w, p = self.work, self.ports
+        confdir = w / "mitm"
+        self.mitm = Service("mitmdump", [
+            mitmdump, "-q", "--listen-host", "127.0.0.1", "--listen-port", p["mitmdump"],
+            "--mode", f"reverse:https://localhost:{p['origin']}", "--set", f"confdir={confdir}",
+            "--set", f"ssl_verify_upstream_trusted_ca={w}/root.pem"], log=w / "mitmdump.log")
+        self.services.append(self.mitm)
+        wait_port(p["mitmdump"], "mitmdump", timeout=60)
+
+    def systems(self):
+        w, p = self.work, self.ports
+        out = [
+            ("nginx-origin", p["origin"], w / "root.pem", self.origin),
+            ("nginx-proxy", p["nginx-proxy"], w / "root.pem", self.nginx_proxy),
+            ("tollgate", p["tollgate"], w / "tollgate-ca.pem", self.tollgate),
+        ]
+        if self.mitm:
+            out.append(("mitmdump", p["mitmdump"], w / "mitm" / "mitmproxy-ca-cert.pem", self.mitm))
+        return out
+
+    # ---- measurement ----------------------------------------------------------------------
+    def measure(self, svc, argv, parse):
+        proxy_pids = svc.pids()
+        origin_pids = self.origin.pids()
+        before = (cpu_seconds(proxy_pids), cpu_seconds(origin_pids), resource.getrusage(resource.RUSAGE_CHILDREN))
+        result = subprocess.run([str(a) for a in argv], capture_output=True, text=True,
+                                timeout=self.args.duration * 4 + 60)
+        after_children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        proxy_cpu = cpu_seconds(proxy_pids) - before[0]
+        origin_cpu = cpu_seconds(origin_pids) - before[1]
+        gen_cpu = (after_children.ru_utime + after_children.ru_stime) - (before[2].ru_utime + before[2].ru_stime)
+        row = parse(result)
+        if svc is self.origin:
+            origin_cpu = 0.0
+        total = max(proxy_cpu + origin_cpu + gen_cpu, 1e-9)
+        row.update({
+            "proxy_cpu_s_per_1k": round(proxy_cpu / max(row["requests"], 1) * 1000, 4),
+            "cpu_split_pct": {"loadgen": round(100 * gen_cpu / total), "proxy": round(100 * proxy_cpu / total),
+                              "origin": round(100 * origin_cpu / total)},
+        })
+        return row
+
+    def h2load(self, port, path, h1):
+        log = self.work / "h2load.log"
+        argv = ["h2load", "-c", "50", "-m", "1" if h1 else "10", "-D", str(self.args.duration), "--warm-up-time", "1",
+                "--log-file", log, f"https://localhost:{port}{path}"]
+        if h1:
+            argv.insert(1, "--h1")
+
+        def parse(result):
+            requests, failed = 0, 0
+            for line in result.stdout.splitlines():
+                if line.startswith("requests:"):
+                    parts = line.replace(",", "").split()
+                    requests = int(parts[parts.index("succeeded") - 1])
+                    failed = int(parts[parts.index("failed") - 1]) + int(parts[parts.index("errored") - 1])
+            durations = []
+            if log.exists():
+                for line in log.read_text().splitlines():
+                    fields = line.split("\t")
+                    if len(fields) == 3 and fields[1] == "200":
+                        durations.append(int(fields[2]) / 1000.0)
+                log.unlink()
+            durations.sort()
+            pct = (lambda q: round(durations[min(int(len(durations) * q), len(durations) - 1)], 3)) if durations else (lambda q: None)
+            return {"requests": requests, "errors": failed, "rps": round(requests / self.args.duration, 1),
+                    "p50_ms": pct(0.5), "p99_ms": pct(0.99)}
+        return argv, parse
+
+    def loadgen(self, port, ca, sni_pattern=None):
+        argv = [LOADGEN, "newconn", "--addr", f"127.0.0.1:{port}", "--ca", ca, "-c", "50", "-d", str(self.args.duration)]
+        if sni_pattern:
+            argv += ["--sni-pattern", sni_pattern]
+
+        def parse(result):
+            if result.returncode != 0:
+                return {"requests": 0, "errors": -1, "rps": 0, "p50_ms": None, "p99_ms": None, "failure": result.stderr[-300:]}
+            data = json.loads(result.stdout.strip().splitlines()[-1])
+            return {"requests": data["requests"], "errors": data["errors"], "rps": round(data["rps"], 1),
+                    "p50_ms": data["p50_ms"] and round(data["p50_ms"], 3), "p99_ms": data["p99_ms"] and round(data["p99_ms"], 3),
+                    **({"first_error": data["first_error"]} if data["first_error"] else {})}
+        return argv, parse
+
+    def median(self, runs):
+        runs = sorted(runs, key=lambda r: r["rps"])
+        row = dict(runs[len(runs) // 2])
+        row["rps_runs"] = [r["rps"] for r in runs]
+        return row
+
+    def run_workloads(self):
+        rows = []
+        workloads = [
+            ("h2 keep-alive 1 KiB (-c50 -m10)", lambda port, ca: self.h2load(port, "/1k", h1=False)),
+            ("h2 keep-alive 100 KiB (-c50 -m10)", lambda port, ca: self.h2load(port, "/100k", h1=False)),
+            ("HTTP/1.1 keep-alive 1 KiB (-c50)", lambda port, ca: self.h2load(port, "/1k", h1=True)),
+            ("new TLS connection per request", lambda port, ca: self.loadgen(port, ca)),
+        ]
+        for name, port, ca, svc in self.systems():
+            if name == "tollgate":  # warm the leaf cache for localhost
+                self.measure(svc, *self.loadgen_bounded(port, ca))
+            for workload, make in workloads:
+                runs = [self.measure(svc, *make(port, ca)) for _ in range(self.args.repeat)]
+                row = self.median(runs)
+                row.update({"system": name, "workload": workload, "peak_rss_mib": round(memory_kb(svc.pids(), "VmHWM") / 1024, 1)})
+                rows.append(row)
+                print(f"  {name:13} {workload:36} {row['rps']:>10} req/s", file=sys.stderr)
+        rows += self.mints()
+        return rows
+
+    def loadgen_bounded(self, port, ca):
+        argv, parse = self.loadgen(port, ca)
+        return argv + ["--max-requests", "10"], parse
+
+    def mints(self):
+        rows = []
+        runs = []
+        for i in range(self.args.repeat):
+            argv, parse = self.loadgen(self.ports["tollgate"], self.work / "tollgate-ca.pem", sni_pattern=f"h{{}}-r{i}-{int(time.time())}.mint.test")
+            runs.append(self.measure(self.tollgate, argv, parse))
+        mint = self.median(runs)
+        mint.update({"system": "tollgate", "workload": "new-host mint per connection (cache miss)",
+                     "peak_rss_mib": round(memory_kb(self.tollgate.pids(), "VmHWM") / 1024, 1)})
+        signs = []
+        for _ in range(self.args.repeat):
+            out = sh(LOADGEN, "sign", "--module", SOFTHSM, "--token", "bench", "--pin-file", self.work / "user.pin",
+                     "--label", "bench-trust", "-d", str(max(2, self.args.duration // 2)), env=self.env)
+            signs.append(json.loads(out.stdout.strip().splitlines()[-1])["rate"])
+        raw = statistics.median(signs)
+        mint["raw_sign_rate"] = round(raw, 1)
+        mint["ratio_to_raw_sign"] = round(mint["rps"] / raw, 3)
+        rows.append(mint)
+        print(f"  tollgate      mints {mint['rps']} /s, raw SoftHSM ECDSA sign {raw:.0f} /s", file=sys.stderr)
+        return rows
+
+    def idle_memory(self):
+        out = {}
+        for name, port, ca, svc in self.systems():
+            if name not in ("tollgate", "nginx-proxy"):
+                continue
+            n = self.args.idle_connections
+            before = memory_kb(svc.pids(), "VmRSS")
+            gen = subprocess.Popen([str(LOADGEN), "idle", "--addr", f"127.0.0.1:{port}", "--ca", str(ca), "-n", str(n)],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            first = json.loads(gen.stdout.readline())
+            time.sleep(0.5)
+            during = memory_kb(svc.pids(), "VmRSS")
+            gen.stdin.close()
+            gen.wait(timeout=30)
+            out[name] = {"connections": first["open"], "errors": first["errors"],
+                         "kib_per_connection": round((during - before) / max(first["open"], 1), 1)}
+        return out
+
+    def stop(self):
+        for svc in reversed(self.services):
+            svc.stop()
+        if not self.args.keep:
+            shutil.rmtree(self.work, ignore_errors=True)
+
+
+def table(rows, memory):
+    base = {r["workload"]: r["rps"] for r in rows if r["system"] == "nginx-proxy"}
+    mitm = {r["workload"]: r["rps"] for r in rows if r["system"] == "mitmdump"}
+    lines = ["| system | workload | req/s | p50 ms | p99 ms | proxy CPU-s / 1k req | peak RSS MiB | vs nginx-proxy | vs mitmdump | CPU gen/proxy/origin % |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        ratio = f"{r['rps'] / base[r['workload']]:.2f}x" if base.get(r["workload"]) else ("" if "raw_sign_rate" not in r else f"{r['ratio_to_raw_sign']:.2f}x raw sign")
+        vs_mitm = f"{r['rps'] / mitm[r['workload']]:.0f}x" if mitm.get(r["workload"]) and r["system"] != "mitmdump" else ""
+        r["ratio_to_nginx_proxy"] = round(r["rps"] / base[r["workload"]], 3) if base.get(r["workload"]) else None
+        split = r["cpu_split_pct"]
+        lines.append(f"| {r['system']} | {r['workload']} | {r['rps']:,.0f} | {r['p50_ms']} | {r['p99_ms']} | "
+                     f"{r['proxy_cpu_s_per_1k']} | {r['peak_rss_mib']} | {ratio} | {vs_mitm} | "
+                     f"{split['loadgen']}/{split['proxy']}/{split['origin']} |")
+    for name, m in memory.items():
+        lines.append(f"\nIdle intercepted h2 connections, {name}: {m['kib_per_connection']} KiB each ({m['connections']} open)")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one 3-second run per row")
+    parser.add_argument("--duration", type=int, default=10, help="seconds per run (default 10)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per row; the median is reported (default 3)")
+    parser.add_argument("--idle-connections", type=int, default=1000)
+    parser.add_argument("--no-mitmproxy", action="store_true", help="skip the mitmdump reference")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = parser.parse_args()
+    if args.quick:
+        args.duration, args.repeat, args.idle_connections = 3, 1, 300
+    bench = Bench(args)
+    try:
+        bench.pki()
+        bench.start()
+        memory = bench.idle_memory()  # first: fresh processes, no allocator slack from earlier load
+        rows = bench.run_workloads()
+    finally:
+        bench.stop()
+    text = table(rows, memory)
+    print(text)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    result = {"when": stamp, "quick": args.quick, "duration_s": args.duration, "repeat": args.repeat,
+              "cpus": os.cpu_count(), "rows": rows, "idle_memory": memory, "table": text}
+    out = ROOT / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    (out / f"{stamp}.json").write_text(json.dumps(result, indent=2))
+    (out / "latest.json").write_text(json.dumps(result, indent=2))
+    print(f"\nwritten: bench/results/{stamp}.json", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+//! Load generator for the bench harness, for what h2load cannot do: a full TLS handshake per
+//! request (h2load resumes sessions), a distinct SNI per connection (cache-miss mints), many
+//! idle h2 connections (memory per connection), and a raw single-thread PKCS#11 sign loop on
+//! the same token (the reference for the mint rate). Prints one JSON object.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// One full TLS handshake (no resumption) and one HTTP/1.1 request per connection.
+    Newconn {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// SNI pattern with `{}` replaced by a counter (distinct names: cache-miss mints).
+        #[arg(long)]
+        sni_pattern: Option<String>,
+        #[arg(short, long, default_value_t = 50)]
+        concurrency: usize,
+        #[arg(short, long, default_value_t = 10)]
+        duration_secs: u64,
+        /// Stop after this many requests (bounded load).
+        #[arg(long, default_value_t = 1_000_000)]
+        max_requests: u64,
+    },
+    /// Opens N h2 connections, one request each, holds them until stdin closes.
+    Idle {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[arg(short, default_value_t = 500)]
+        n: usize,
+    },
+    /// Raw single-thread C_Sign loop (CKM_ECDSA over a SHA-256 digest) on a token key.
+    Sign {
+        #[arg(long)]
+        module: PathBuf,
+        #[arg(long)]
+        token: String,
+        #[arg(long)]
+        pin_file: PathBuf,
+        #[arg(long)]
+        label: String,
+        #[arg(short, long, default_value_t = 5)]
+        duration_secs: u64,
+    },
+}
+
+#[derive(clap::Args, Clone)]
+struct TargetArgs {
+    /// Where to connect.
+    #[arg(long)]
+    addr: SocketAddr,
+    /// Host name (SNI and Host header).
+    #[arg(long, default_value = "localhost")]
+    host: String,
+    #[arg(long, default_value = "/1k")]
+    path: String,
+    /// PEM bundle the client trusts (verification stays on).
+    #[arg(long)]
+    ca: PathBuf,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let report = match cli.mode {
+        Mode::Newconn { target, sni_pattern, concurrency, duration_secs, max_requests } => runtime.block_on(newconn(
+            target,
+            sni_pattern,
+            concurrency,
+            Duration::from_secs(duration_secs),
+            max_requests,
+        )),
+        Mode::Idle { target, n } => runtime.block_on(idle(target, n)),
+        Mode::Sign { module, token, pin_file, label, duration_secs } => {
+            sign(module, &token, &pin_file, &label, Duration::from_secs(duration_secs))
+        }
+    };
+    println!("{report}");
+}
+
+fn client_config(ca: &PathBuf, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).expect("CA bundle") {
+        roots.add(cert.expect("CA certificate")).expect("CA certificate");
+    }
+    let mut config =
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    config.resumption = rustls::client::Resumption::disabled();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(config)
+}
+
+async fn one_request(
+    connector: &tokio_rustls::TlsConnector,
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+) -> Result<(), String> {
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let _ = tcp.set_nodelay(true);
+    let name = ServerName::try_from(host.to_string()).map_err(|e| e.to_string())?;
+    let mut tls = connector.connect(name, tcp).await.map_err(|e| e.to_string())?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    tls.write_all(request.as_bytes()).await.map_err(|e| e.to_string())?;
+    let mut response = Vec::with_capacity(2048);
+    let _ = tls.read_to_end(&mut response).await;
+    if response.starts_with(b"HTTP/1.1 200") { Ok(()) } else { Err(String::from_utf8_lossy(&response[..response.len().min(80)]).into()) }
+}
+
+async fn newconn(
+    target: TargetArgs,
+    sni_pattern: Option<String>,
+    concurrency: usize,
+    duration: Duration,
+    max_requests: u64,
+) -> serde_json::Value {
+    let connector = tokio_rustls::TlsConnector::from(client_config(&target.ca, &[b"http/1.1"]));
+    let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (connector, target, counter, pattern) =
+            (connector.clone(), target.clone(), counter.clone(), sni_pattern.clone());
+        tasks.push(tokio::spawn(async move {
+            let (mut latencies, mut errors, mut first_error) = (Vec::new(), 0u64, None);
+            while Instant::now() < deadline {
+                let i = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= max_requests {
+                    break;
+                }
+                let host = pattern.as_ref().map(|p| p.replace("{}", &i.to_string())).unwrap_or(target.host.clone());
+                let t = Instant::now();
+                match one_request(&connector, target.addr, &host, &target.path).await {
+                    Ok(()) => latencies.push(t.elapsed().as_secs_f64() * 1000.0),
+                    Err(e) => {
+                        errors += 1;
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+            (latencies, errors, first_error)
+        }));
+    }
+    let (mut latencies, mut errors, mut first_error) = (Vec::new(), 0, None);
+    for task in tasks {
+        let (l, e, f) = task.await.expect("worker");
+        latencies.extend(l);
+        errors += e;
+        first_error = first_error.or(f);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    latencies.sort_by(f64::total_cmp);
+    let pct = |p: f64| latencies.get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1))).copied();
+    serde_json::json!({
+        "requests": latencies.len(), "errors": errors, "first_error": first_error, "seconds": elapsed,
+        "rps": latencies.len() as f64 / elapsed, "p50_ms": pct(0.50), "p99_ms": pct(0.99),
+    })
+}
+
+async fn idle(target: TargetArgs, n: usize) -> serde_json::Value {
+    let connector = tokio_rustls::TlsConnector::from(client_config(&target.ca, &[b"h2"]));
+    let mut held = Vec::with_capacity(n);
+    let mut errors = 0;
+    for _ in 0..n {
+        let attempt = async {
+            let tcp = TcpStream::connect(target.addr).await.map_err(|e| e.to_string())?;
+            let name = ServerName::try_from(target.host.clone()).map_err(|e| e.to_string())?;
+            let tls = connector.connect(name, tcp).await.map_err(|e| e.to_string())?;
+            let (mut sender, conn) =
+                hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tls))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            let req = hyper::Request::builder()
+                .uri(format!("https://{}{}", target.host, target.path))
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .map_err(|e| e.to_string())?;
+            let response = sender.send_request(req).await.map_err(|e| e.to_string())?;
+            let _ = http_body_util::BodyExt::collect(response.into_body()).await;
+            Ok::<_, String>(sender)
+        };
+        match attempt.await {
+            Ok(sender) => held.push(sender),
+            Err(_) => errors += 1,
+        }
+    }
+    println!("{}", serde_json::json!({"open": held.len(), "errors": errors}));
+    // Hold until the harness closes stdin.
+    let mut stdin = tokio::io::stdin();
+    let mut buf = [0u8; 16];
+    while let Ok(n) = stdin.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+    }
+    serde_json::json!({"closed": held.len()})
+}
+
+fn sign(module: PathBuf, token: &str, pin_file: &PathBuf, label: &str, duration: Duration) -> serde_json::Value {
+    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+    use cryptoki::mechanism::Mechanism;
+    use cryptoki::object::{Attribute, ObjectClass};
+    use cryptoki::session::UserType;
+    let pkcs11 = Pkcs11::new(module).expect("load module");
+    pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)).expect("initialize");
+    let slot = pkcs11
+        .get_slots_with_token()
+        .expect("slots")
+        .into_iter()
+        .find(|s| pkcs11.get_token_info(*s).is_ok_and(|i| i.label().trim_end() == token))
+        .expect("token");
+    let session = pkcs11.open_rw_session(slot).expect("session");
+    let pin = std::fs::read_to_string(pin_file).expect("pin file");
+    session.login(UserType::User, Some(&secrecy::SecretString::from(pin.trim_end().to_string()))).expect("login");
+    let key = session
+        .find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY), Attribute::Label(label.as_bytes().to_vec())])
+        .expect("find")[0];
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, b"tollgate bench");
+    let started = Instant::now();
+    let mut signs = 0u64;
+    while started.elapsed() < duration {
+        session.sign(&Mechanism::Ecdsa, key, digest.as_ref()).expect("sign");
+        signs += 1;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    serde_json::json!({"signs": signs, "seconds": seconds, "rate": signs as f64 / seconds})
+}
