@@ -77,19 +77,15 @@ struct TargetArgs {
 fn main() {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let report = match cli.mode {
-        Mode::Newconn { target, sni_pattern, concurrency, duration_secs, max_requests } => runtime.block_on(newconn(
-            target,
-            sni_pattern,
-            concurrency,
-            Duration::from_secs(duration_secs),
-            max_requests,
-        )),
-        Mode::Idle { target, n } => runtime.block_on(idle(target, n)),
-        Mode::Sign { module, token, pin_file, label, duration_secs } => {
-            sign(module, &token, &pin_file, &label, Duration::from_secs(duration_secs))
-        }
-    };
+    let report =
+        match cli.mode {
+            Mode::Newconn { target, sni_pattern, concurrency, duration_secs, max_requests } => runtime
+                .block_on(newconn(target, sni_pattern, concurrency, Duration::from_secs(duration_secs), max_requests)),
+            Mode::Idle { target, n } => runtime.block_on(idle(target, n)),
+            Mode::Sign { module, token, pin_file, label, duration_secs } => {
+                sign(module, &token, &pin_file, &label, Duration::from_secs(duration_secs))
+            }
+        };
     println!("{report}");
 }
 
@@ -123,7 +119,11 @@ async fn one_request(
     tls.write_all(request.as_bytes()).await.map_err(|e| e.to_string())?;
     let mut response = Vec::with_capacity(2048);
     let _ = tls.read_to_end(&mut response).await;
-    if response.starts_with(b"HTTP/1.1 200") { Ok(()) } else { Err(String::from_utf8_lossy(&response[..response.len().min(80)]).into()) }
+    if response.starts_with(b"HTTP/1.1 200") {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&response[..response.len().min(80)]).into())
+    }
 }
 
 async fn newconn(
@@ -170,7 +170,8 @@ async fn newconn(
     }
     let elapsed = started.elapsed().as_secs_f64();
     latencies.sort_by(f64::total_cmp);
-    let pct = |p: f64| latencies.get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1))).copied();
+    let pct =
+        |p: f64| latencies.get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1))).copied();
     serde_json::json!({
         "requests": latencies.len(), "errors": errors, "first_error": first_error, "seconds": elapsed,
         "rps": latencies.len() as f64 / elapsed, "p50_ms": pct(0.50), "p99_ms": pct(0.99),
@@ -186,10 +187,12 @@ async fn idle(target: TargetArgs, n: usize) -> serde_json::Value {
             let tcp = TcpStream::connect(target.addr).await.map_err(|e| e.to_string())?;
             let name = ServerName::try_from(target.host.clone()).map_err(|e| e.to_string())?;
             let tls = connector.connect(name, tcp).await.map_err(|e| e.to_string())?;
-            let (mut sender, conn) =
-                hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tls))
-                    .await
-                    .map_err(|e| e.to_string())?;
+            let (mut sender, conn) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                hyper_util::rt::TokioIo::new(tls),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
             tokio::spawn(conn);
             let req = hyper::Request::builder()
                 .uri(format!("https://{}{}", target.host, target.path))

@@ -487,3 +487,95 @@ async fn bad_input_is_refused_and_the_proxy_keeps_serving() {
     assert_eq!(status, 200);
     assert!(proxy.alive());
 }
+
+/// The `conn=` the origin reports: which upstream connection served the request.
+fn conn_of(body: &str) -> String {
+    body.split_whitespace()
+        .find_map(|w| w.strip_prefix("conn="))
+        .unwrap_or_else(|| panic!("no conn= in {body}"))
+        .to_string()
+}
+
+async fn h1_client(
+    proxy: &Proxy,
+    setup: &Setup,
+    host: &str,
+) -> hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>> {
+    let tls = tls_via_sni(proxy.sni, host, trusting_client(&setup.trust_ca, &["http/1.1"])).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+async fn send(
+    sender: &mut hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    req: hyper::Request<http_body_util::Full<bytes::Bytes>>,
+) -> (u16, String) {
+    sender.ready().await.unwrap();
+    let response = sender.send_request(req).await.unwrap();
+    let status = response.status().as_u16();
+    let body = http_body_util::BodyExt::collect(response.into_body()).await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_reused_across_client_connections() {
+    let pki = TestPki::new();
+    let (chain, key) = pki.leaf(&LeafSpec::new(&["reuse.test"]));
+    let origin = Origin::start("reuse", chain, key, &["http/1.1"]).await;
+    let options = ProxyOptions {
+        ca_bundles: vec![pki.bundle()],
+        resolve: vec![(s("reuse.test:443"), origin.addr)],
+        ..Default::default()
+    };
+    let setup = Setup::new(&options);
+    let proxy = setup.start();
+    let mut conns = Vec::new();
+    for i in 0..5 {
+        let mut client = h1_client(&proxy, &setup, "reuse.test").await;
+        let (status, body) = send(&mut client, get("reuse.test", &format!("/{i}"), false)).await;
+        assert_eq!(status, 200);
+        conns.push(conn_of(&body));
+        drop(client);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(conns.iter().all(|c| *c == conns[0]), "one upstream connection serves successive clients: {conns:?}");
+    assert_eq!(
+        origin.accepted.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "no new upstream TCP+TLS per client connection"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_bound_authentication_is_never_shared() {
+    let pki = TestPki::new();
+    let (chain, key) = pki.leaf(&LeafSpec::new(&["intranet.test"]));
+    let origin = Origin::start("ntlm", chain, key, &["http/1.1"]).await;
+    let options = ProxyOptions {
+        ca_bundles: vec![pki.bundle()],
+        resolve: vec![(s("intranet.test:443"), origin.addr)],
+        ..Default::default()
+    };
+    let setup = Setup::new(&options);
+    let proxy = setup.start();
+
+    // Client A starts an NTLM exchange: its upstream connection is pinned to it.
+    let mut a = h1_client(&proxy, &setup, "intranet.test").await;
+    let (status, first) = send(&mut a, get("intranet.test", "/ntlm", false)).await;
+    assert_eq!(status, 401);
+    let mut req = get("intranet.test", "/after", false);
+    req.headers_mut().insert("authorization", "NTLM TlRMTVNTUAABAAAA".parse().unwrap());
+    let (_, second) = send(&mut a, req).await;
+    assert_eq!(conn_of(&first), conn_of(&second), "the NTLM handshake stays on one upstream connection");
+
+    // Client B, while A is open and after it closed: never A's authenticated connection.
+    let mut b = h1_client(&proxy, &setup, "intranet.test").await;
+    let (_, other) = send(&mut b, get("intranet.test", "/b", false)).await;
+    assert_ne!(conn_of(&other), conn_of(&first));
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut c = h1_client(&proxy, &setup, "intranet.test").await;
+    let (_, third) = send(&mut c, get("intranet.test", "/c", false)).await;
+    assert_ne!(conn_of(&third), conn_of(&first), "an authenticated connection is never handed to another client");
+}

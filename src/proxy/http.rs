@@ -17,13 +17,13 @@ use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http1;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::intercept::{UpstreamConn, connect_upstream};
-use super::tls::{ClientHelloInfo, H2};
+use super::tls::{H2, Verdict};
+use super::upstream::{Lease, Peer, PoolKey, Sender};
 use super::{ConnCtx, Proxy, ProxyError, Target};
 use crate::config::ListenerMode;
 use crate::telemetry::METRICS;
@@ -34,24 +34,34 @@ pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
 /// The header naming why tollgate answered instead of the upstream.
 pub const ERROR_HEADER: &str = "tollgate-error";
 
-/// Idle HTTP/1.1 upstream connections kept per client connection.
-const MAX_IDLE_H1: usize = 16;
-
-/// Relays HTTP between an intercepted client connection and its upstream.
+/// Relays HTTP between an intercepted client connection and its upstream; `first` is the
+/// upstream connection whose certificate the minted leaf mirrors.
+#[allow(clippy::too_many_arguments)]
 pub async fn relay<IO>(
     proxy: Arc<Proxy>,
     client: tokio_rustls::server::TlsStream<IO>,
-    upstream: UpstreamConn,
+    first: Lease,
+    key: PoolKey,
+    offer: Vec<Vec<u8>>,
     target: Target,
+    verdict: &Verdict,
     ctx: ConnCtx,
 ) -> Result<(), ProxyError>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let client_h2 = client.get_ref().1.alpn_protocol() == Some(H2);
-    let verdict = upstream.verdict.as_str().to_string();
-    let pool = Arc::new(UpstreamPool::new(proxy, target.clone(), upstream).await?);
-    let relay = Arc::new(Relay { pool, target, ctx, verdict });
+    let relay = Arc::new(Relay {
+        peer: first.peer.clone(),
+        first: Mutex::new(Some(first.sender)),
+        pinned: Mutex::new(None),
+        proxy,
+        key,
+        offer,
+        target,
+        ctx,
+        verdict: verdict.as_str().to_string(),
+    });
     let service = hyper::service::service_fn(move |req| relay.clone().handle(req));
     let io = TokioIo::new(client);
     let result = if client_h2 {
@@ -65,8 +75,17 @@ where
     Ok(())
 }
 
+/// One intercepted client connection.
 struct Relay {
-    pool: Arc<UpstreamPool>,
+    proxy: Arc<Proxy>,
+    key: PoolKey,
+    offer: Vec<Vec<u8>>,
+    /// The upstream the minted leaf mirrors: every upstream connection used must present it.
+    peer: Arc<Peer>,
+    /// The sender of the connection the handshake was made on, for the first request.
+    first: Mutex<Option<Sender>>,
+    /// An HTTP/1.1 connection bound to this client by connection-based authentication.
+    pinned: Mutex<Option<http1::SendRequest<Body>>>,
     target: Target,
     ctx: ConnCtx,
     verdict: String,
@@ -75,14 +94,14 @@ struct Relay {
 impl Relay {
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
         let log = AccessLog::new(&req, self.ctx, &self.target.host, &self.verdict);
-        let response = match self.forward(req).await {
+        let response = match self.clone().forward(req).await {
             Ok(response) => response,
             Err(refusal) => refusal.into_response(),
         };
         Ok(log.attach(response))
     }
 
-    async fn forward(&self, mut req: Request<Incoming>) -> Result<Response<Body>, Refusal> {
+    async fn forward(self: Arc<Self>, mut req: Request<Incoming>) -> Result<Response<Body>, Refusal> {
         match request_host(&req) {
             // In sni mode the client's port is the listener's, not the upstream's.
             Some(host) if same_host(host, &self.target, self.ctx.mode != ListenerMode::Sni) => {}
@@ -100,16 +119,11 @@ impl Relay {
         }
         let upgrade = is_upgrade(&req);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let sender = self.pool.sender().await.map_err(Refusal::upstream)?;
-        let req = prepare_request(req, &self.target, sender.is_h2(), upgrade);
-        let (response, recycle) = match sender {
-            Sender::H1(mut s) => {
-                s.ready().await.map_err(|e| Refusal::upstream_http(&self.target, e))?;
-                let response = s.send_request(req).await;
-                // The connection is free again once the response body has been read; an
-                // upgraded connection is never reused.
-                (response, (!upgrade).then_some(s))
-            }
+        let connection_auth = connection_bound_auth(req.headers(), header::AUTHORIZATION);
+        let sender = self.ready_sender().await?;
+        let req = prepare_request(req, &self.target, matches!(sender, Sender::H2(_)), upgrade);
+        let (response, h1) = match sender {
+            Sender::H1(mut s) => (s.send_request(req).await, Some(s)),
             Sender::H2(mut s) => (s.send_request(req).await, None),
         };
         let mut response = response.map_err(|e| Refusal::upstream_http(&self.target, e))?;
@@ -118,27 +132,85 @@ impl Relay {
                 let upstream_upgrade = hyper::upgrade::on(&mut response);
                 tokio::spawn(splice_upgrade(client_upgrade, upstream_upgrade));
             }
-        } else {
-            strip_hop_by_hop(response.headers_mut(), false);
+            return Ok(response.map(BodyExt::boxed_unsync));
         }
-        let pool = Arc::downgrade(&self.pool);
-        Ok(response.map(|body| match recycle {
-            Some(sender) => Recycle::new(body.boxed_unsync(), sender, pool).boxed_unsync(),
-            None => body.boxed_unsync(),
+        strip_hop_by_hop(response.headers_mut(), false);
+        let Some(sender) = h1 else { return Ok(response.map(BodyExt::boxed_unsync)) };
+        // The HTTP/1.1 connection is free again once the response body has been read. One that
+        // carries connection-based authentication stays with this client; others are shared.
+        let pin = connection_auth || connection_bound_auth(response.headers(), header::WWW_AUTHENTICATE);
+        let home = if pin { Home::Pinned(Arc::downgrade(&self)) } else { Home::Shared(self.clone()) };
+        Ok(response.map(|body| Recycle::new(body.boxed_unsync(), sender, home).boxed_unsync()))
+    }
+
+    /// A sender ready for a request: the pinned connection, the first one, or one from the
+    /// pool; a pooled connection that turns out closed is skipped.
+    async fn ready_sender(&self) -> Result<Sender, Refusal> {
+        for _ in 0..3 {
+            let pinned = self.pinned.lock().take();
+            let first = if pinned.is_none() { self.first.lock().take() } else { None };
+            let sender = match (pinned, first) {
+                (Some(s), _) => Sender::H1(s),
+                (None, Some(s)) => s,
+                (None, None) => {
+                    let lease = self
+                        .proxy
+                        .upstreams
+                        .checkout(&self.proxy, &self.target, &self.key, &self.offer, Some(self.peer.fingerprint))
+                        .await
+                        .map_err(Refusal::upstream)?;
+                    lease.sender
+                }
+            };
+            match sender {
+                Sender::H1(mut s) => {
+                    if s.ready().await.is_ok() {
+                        return Ok(Sender::H1(s));
+                    }
+                }
+                Sender::H2(s) => return Ok(Sender::H2(s)),
+            }
+        }
+        Err(Refusal::upstream(ProxyError::UpstreamHttp {
+            target: self.target.to_string(),
+            reason: "no usable upstream connection".into(),
         }))
     }
 }
 
-/// A response body that returns its HTTP/1.1 connection to the pool when it ends.
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some(Sender::H1(sender)) = self.first.get_mut().take() {
+            self.proxy.upstreams.checkin(&self.key, sender, self.peer.clone());
+        }
+    }
+}
+
+/// Whether a header carries connection-based authentication (NTLM, Negotiate), which must
+/// never be shared between clients.
+fn connection_bound_auth(headers: &HeaderMap, name: HeaderName) -> bool {
+    headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).any(|v| {
+        let scheme = v.trim_start().split(' ').next().unwrap_or("");
+        scheme.eq_ignore_ascii_case("ntlm") || scheme.eq_ignore_ascii_case("negotiate")
+    })
+}
+
+/// Where an HTTP/1.1 connection goes when its response is done.
+enum Home {
+    Shared(Arc<Relay>),
+    Pinned(std::sync::Weak<Relay>),
+}
+
+/// A response body that returns its HTTP/1.1 connection when it ends.
 struct Recycle {
     inner: Body,
     sender: Option<http1::SendRequest<Body>>,
-    pool: std::sync::Weak<UpstreamPool>,
+    home: Option<Home>,
 }
 
 impl Recycle {
-    fn new(inner: Body, sender: http1::SendRequest<Body>, pool: std::sync::Weak<UpstreamPool>) -> Self {
-        let mut this = Self { inner, sender: Some(sender), pool };
+    fn new(inner: Body, sender: http1::SendRequest<Body>, home: Home) -> Self {
+        let mut this = Self { inner, sender: Some(sender), home: Some(home) };
         if this.inner.is_end_stream() {
             this.release();
         }
@@ -146,8 +218,14 @@ impl Recycle {
     }
 
     fn release(&mut self) {
-        if let (Some(sender), Some(pool)) = (self.sender.take(), self.pool.upgrade()) {
-            pool.release(sender);
+        let (Some(sender), Some(home)) = (self.sender.take(), self.home.take()) else { return };
+        match home {
+            Home::Shared(relay) => relay.proxy.upstreams.checkin(&relay.key, sender, relay.peer.clone()),
+            Home::Pinned(relay) => {
+                if let Some(relay) = relay.upgrade() {
+                    *relay.pinned.lock() = Some(sender);
+                }
+            }
         }
     }
 }
@@ -177,101 +255,6 @@ async fn splice_upgrade(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgr
     let (client, upstream) = tokio::join!(client, upstream);
     if let (Ok(client), Ok(upstream)) = (client, upstream) {
         let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(upstream)).await;
-    }
-}
-
-/// A request sender on an upstream connection.
-enum Sender {
-    H1(http1::SendRequest<Body>),
-    H2(http2::SendRequest<Body>),
-}
-
-impl Sender {
-    fn is_h2(&self) -> bool {
-        matches!(self, Self::H2(_))
-    }
-}
-
-/// Upstream connections of one client connection. The first is the one whose certificate
-/// the minted leaf mirrors; further HTTP/1.1 connections (an h2 client multiplexing to an
-/// h1-only origin) must present the same certificate.
-struct UpstreamPool {
-    proxy: Arc<Proxy>,
-    target: Target,
-    offer: Vec<Vec<u8>>,
-    fingerprint: [u8; 32],
-    h2: Mutex<Option<http2::SendRequest<Body>>>,
-    idle: Mutex<Vec<http1::SendRequest<Body>>>,
-}
-
-impl UpstreamPool {
-    async fn new(proxy: Arc<Proxy>, target: Target, first: UpstreamConn) -> Result<Self, ProxyError> {
-        let pool = Self {
-            proxy,
-            target,
-            offer: first.offer.clone(),
-            fingerprint: first.fingerprint,
-            h2: Mutex::new(None),
-            idle: Mutex::new(Vec::new()),
-        };
-        let sender = pool.handshake(first).await?;
-        pool.keep(sender);
-        Ok(pool)
-    }
-
-    async fn sender(&self) -> Result<Sender, ProxyError> {
-        if let Some(h2) = self.h2.lock().as_ref().filter(|s| !s.is_closed()) {
-            return Ok(Sender::H2(h2.clone()));
-        }
-        // Every idle sender has finished its previous exchange.
-        while let Some(sender) = self.idle.lock().pop() {
-            if !sender.is_closed() {
-                return Ok(Sender::H1(sender));
-            }
-        }
-        let hello = ClientHelloInfo { sni: None, alpn: self.offer.clone() };
-        let conn = connect_upstream(&self.proxy, &self.target, &hello).await?;
-        if conn.fingerprint != self.fingerprint {
-            return Err(ProxyError::UpstreamHttp {
-                target: self.target.to_string(),
-                reason: "upstream certificate changed within the connection".into(),
-            });
-        }
-        let sender = self.handshake(conn).await?;
-        if let Sender::H2(s) = &sender {
-            *self.h2.lock() = Some(s.clone());
-        }
-        Ok(sender)
-    }
-
-    async fn handshake(&self, conn: UpstreamConn) -> Result<Sender, ProxyError> {
-        let h2 = conn.stream.get_ref().1.alpn_protocol() == Some(H2);
-        let io = TokioIo::new(conn.stream);
-        let http_err =
-            |e: hyper::Error| ProxyError::UpstreamHttp { target: self.target.to_string(), reason: e.to_string() };
-        if h2 {
-            let (sender, connection) = http2::handshake(TokioExecutor::new(), io).await.map_err(http_err)?;
-            tokio::spawn(connection);
-            Ok(Sender::H2(sender))
-        } else {
-            let (sender, connection) = http1::handshake(io).await.map_err(http_err)?;
-            tokio::spawn(connection.with_upgrades());
-            Ok(Sender::H1(sender))
-        }
-    }
-
-    fn keep(&self, sender: Sender) {
-        match sender {
-            Sender::H1(s) => self.release(s),
-            Sender::H2(s) => *self.h2.lock() = Some(s),
-        }
-    }
-
-    fn release(&self, sender: http1::SendRequest<Body>) {
-        let mut idle = self.idle.lock();
-        if idle.len() < MAX_IDLE_H1 {
-            idle.push(sender);
-        }
     }
 }
 

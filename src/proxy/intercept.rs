@@ -4,16 +4,16 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
-use rustls::pki_types::ServerName;
 use rustls::server::Accepted;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::StartHandshake;
 
 use super::tls::{ClientHelloInfo, Verdict};
+use super::upstream::{Peer, Upstreams};
 use super::{ConnCtx, Proxy, ProxyError, Side, Target};
 use crate::config::UntrustedAction;
 use crate::pki::cache::LeafKey;
-use crate::pki::mint::MintError;
+use crate::pki::mint::{MintError, Minted};
 use crate::policy::TlsAction;
 use crate::telemetry::METRICS;
 
@@ -77,78 +77,51 @@ async fn intercept<IO>(
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let upstream = match connect_upstream(proxy, &target, &hello).await {
-        Ok(upstream) => upstream,
+    let key = Upstreams::key(&target, &hello.alpn);
+    let lease = match proxy.upstreams.checkout(proxy, &target, &key, &hello.alpn, None).await {
+        Ok(lease) => lease,
         Err(e) => return Err(refuse(proxy, accepted, io, e).await),
     };
-    let minted = match mint(proxy, &target, &upstream).await {
-        Ok(minted) => minted,
-        Err(e) => return Err(refuse(proxy, accepted, io, e).await),
-    };
-    let alpn = super::tls::client_alpn(&hello.alpn, upstream.stream.get_ref().1.alpn_protocol());
-    let config = proxy.server_tls.config(&minted, upstream.verdict.is_trusted(), alpn);
-    let secs = proxy.handshake_timeout.as_secs();
-    let client =
-        tokio::time::timeout(proxy.handshake_timeout, StartHandshake::from_parts(accepted, io).into_stream(config))
-            .await
-            .map_err(|_| ProxyError::Timeout { phase: "client TLS handshake", secs, side: Side::Client })?
-            .map_err(ProxyError::ClientTls)?;
-    super::http::relay(proxy.clone(), client, upstream, target, ctx).await
-}
-
-/// An upstream TLS connection with its verdict.
-pub struct UpstreamConn {
-    pub stream: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
-    pub verdict: Verdict,
-    /// SHA-256 of the upstream end-entity certificate.
-    pub fingerprint: [u8; 32],
-    /// The upstream's end-entity certificate.
-    pub leaf: Vec<u8>,
-    /// The ALPN we offered (the client's).
-    pub offer: Vec<Vec<u8>>,
-}
-
-/// Connects and handshakes upstream with the client's SNI and ALPN offer, and validates.
-pub async fn connect_upstream(
-    proxy: &Proxy,
-    target: &Target,
-    hello: &ClientHelloInfo,
-) -> Result<UpstreamConn, ProxyError> {
-    let tcp = proxy.dial(target).await?;
-    let name = ServerName::try_from(target.host.clone()).map_err(|e| ProxyError::UpstreamTls {
-        target: target.to_string(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
-    })?;
-    let connector = tokio_rustls::TlsConnector::from(proxy.upstream_tls.config_for(&hello.alpn));
-    let secs = proxy.connect_timeout.as_secs();
-    let stream = tokio::time::timeout(proxy.connect_timeout, connector.connect(name.clone(), tcp))
-        .await
-        .map_err(|_| ProxyError::Timeout { phase: "upstream TLS handshake", secs, side: Side::Upstream })?
-        .map_err(|source| ProxyError::UpstreamTls { target: target.to_string(), source })?;
-    let chain = stream.get_ref().1.peer_certificates().unwrap_or_default();
-    let verdict = proxy.upstream_tls.verdict(&name, chain);
-    let leaf = chain.first().map(|c| c.to_vec()).unwrap_or_default();
-    let fingerprint = sha256(&leaf);
+    let verdict = lease.peer.verdict(&proxy.upstream_tls);
     if let Verdict::Untrusted(reason) = &verdict {
         METRICS.untrusted_upstreams_total.fetch_add(1, Relaxed);
         if proxy.policy.untrusted == UntrustedAction::Block {
-            return Err(ProxyError::UpstreamUntrusted { target: target.to_string(), reason: reason.clone() });
+            let e = ProxyError::UpstreamUntrusted { target: target.to_string(), reason: reason.clone() };
+            return Err(refuse(proxy, accepted, io, e).await);
         }
     }
-    Ok(UpstreamConn { stream, verdict, fingerprint, leaf, offer: hello.alpn.clone() })
+    let minted = match mint(proxy, &target, &lease.peer, verdict.is_trusted()).await {
+        Ok(minted) => minted,
+        Err(e) => {
+            proxy.upstreams.give_back(&key, lease);
+            return Err(refuse(proxy, accepted, io, e).await);
+        }
+    };
+    let alpn = super::tls::client_alpn(&hello.alpn, lease.peer.alpn.as_deref());
+    let config = proxy.server_tls.config(&minted, verdict.is_trusted(), alpn);
+    let secs = proxy.handshake_timeout.as_secs();
+    let handshake =
+        tokio::time::timeout(proxy.handshake_timeout, StartHandshake::from_parts(accepted, io).into_stream(config));
+    let client = match handshake.await {
+        Ok(Ok(client)) => client,
+        Ok(Err(e)) => {
+            proxy.upstreams.give_back(&key, lease);
+            return Err(ProxyError::ClientTls(e));
+        }
+        Err(_) => {
+            proxy.upstreams.give_back(&key, lease);
+            return Err(ProxyError::Timeout { phase: "client TLS handshake", secs, side: Side::Client });
+        }
+    };
+    super::http::relay(proxy.clone(), client, lease, key, hello.alpn, target, &verdict, ctx).await
 }
 
-async fn mint(
-    proxy: &Proxy,
-    target: &Target,
-    upstream: &UpstreamConn,
-) -> Result<Arc<crate::pki::mint::Minted>, ProxyError> {
-    let trusted = upstream.verdict.is_trusted();
-    let key = LeafKey { host: target.host.clone(), upstream: upstream.fingerprint, trusted };
+async fn mint(proxy: &Proxy, target: &Target, peer: &Peer, trusted: bool) -> Result<Arc<Minted>, ProxyError> {
+    let key = LeafKey { host: target.host.clone(), upstream: peer.fingerprint, trusted };
     let mint_err = |source: Arc<MintError>| ProxyError::Mint { host: target.host.clone(), source };
     let ca = if trusted { proxy.cas.trust.clone() } else { proxy.cas.untrust.clone() };
     let host = target.host.clone();
-    let leaf = upstream.leaf.clone();
+    let leaf = peer.leaf().to_vec();
     let timeout = proxy.mint_timeout;
     proxy
         .cache

@@ -7,6 +7,7 @@ pub mod http;
 pub mod intercept;
 pub mod tls;
 pub mod tunnel;
+pub mod upstream;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -139,6 +140,7 @@ pub struct Proxy {
     pub cache: LeafCache,
     pub upstream_tls: UpstreamTls,
     pub server_tls: ServerTls,
+    pub upstreams: upstream::Upstreams,
     resolve: BTreeMap<(String, u16), SocketAddr>,
     /// Our own sockets: never a destination (no loops, no reaching management via the proxy).
     own: Vec<SocketAddr>,
@@ -165,6 +167,7 @@ impl Proxy {
             cache: LeafCache::new(config.mint.cache_capacity),
             upstream_tls: UpstreamTls::new(&config.upstream, &config.path, &provider)?,
             server_tls,
+            upstreams: upstream::Upstreams::default(),
             resolve: config.resolve.clone(),
             own,
             limit: Arc::new(Semaphore::new(config.limits.max_connections)),

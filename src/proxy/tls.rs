@@ -192,14 +192,18 @@ impl UpstreamTls {
     /// The client config offering what the client offered, limited to what we relay. A client
     /// offering h2 gets http/1.1 offered upstream too: tollgate translates h2 to an h1 origin.
     pub fn config_for(&self, client_alpn: &[Vec<u8>]) -> Arc<ClientConfig> {
-        let index = if client_alpn.iter().any(|p| p == H2) {
+        self.configs[Self::offer_class(client_alpn)].clone()
+    }
+
+    /// Which of the three upstream offers (none, http/1.1, h2 + http/1.1) a client offer maps to.
+    pub fn offer_class(client_alpn: &[Vec<u8>]) -> usize {
+        if client_alpn.iter().any(|p| p == H2) {
             2
         } else if client_alpn.iter().any(|p| p == HTTP11) {
             1
         } else {
             0
-        };
-        self.configs[index].clone()
+        }
     }
 
     /// The verdict for a completed upstream handshake, from the peer's chain. Resumed

@@ -389,6 +389,8 @@ fn make_root(cn: &str) -> (rcgen::Certificate, Issuer<'static, KeyPair>) {
 /// bytes after a WebSocket upgrade.
 pub struct Origin {
     pub addr: SocketAddr,
+    /// Connections the origin accepted.
+    pub accepted: Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -418,19 +420,22 @@ impl Origin {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let name = name.to_string();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = accepted.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, peer)) = listener.accept().await else { continue };
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let acceptor = acceptor.clone();
                 let name = name.clone();
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(stream).await else { return };
                     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-                    serve_origin(TokioIo::new(tls), h2, name).await;
+                    serve_origin(TokioIo::new(tls), h2, name, peer.port()).await;
                 });
             }
         });
-        Self { addr, task }
+        Self { addr, accepted, task }
     }
 
     /// A plain-HTTP origin.
@@ -438,21 +443,24 @@ impl Origin {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let name = name.to_string();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = accepted.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
-                tokio::spawn(serve_origin(TokioIo::new(stream), false, name.clone()));
+                let Ok((stream, peer)) = listener.accept().await else { continue };
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(serve_origin(TokioIo::new(stream), false, name.clone(), peer.port()));
             }
         });
-        Self { addr, task }
+        Self { addr, accepted, task }
     }
 }
 
-async fn serve_origin<IO>(io: TokioIo<IO>, h2: bool, name: String)
+async fn serve_origin<IO>(io: TokioIo<IO>, h2: bool, name: String, conn: u16)
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let service = hyper::service::service_fn(move |req| origin_response(req, name.clone()));
+    let service = hyper::service::service_fn(move |req| origin_response(req, name.clone(), conn));
     if h2 {
         let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(io, service).await;
     } else {
@@ -463,6 +471,7 @@ where
 async fn origin_response(
     mut req: hyper::Request<Incoming>,
     name: String,
+    conn: u16,
 ) -> Result<hyper::Response<Full<Bytes>>, std::convert::Infallible> {
     if req.headers().get("upgrade").is_some_and(|v| v == "websocket") {
         let on_upgrade = hyper::upgrade::on(&mut req);
@@ -493,8 +502,16 @@ async fn origin_response(
     let version = req.version();
     let path = req.uri().path().to_string();
     let body = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
-    let text = format!("origin={name} path={path} host={} version={version:?} body={body}\n", host.unwrap_or_default());
-    Ok(hyper::Response::new(Full::new(Bytes::from(text))))
+    let text = format!(
+        "origin={name} path={path} host={} version={version:?} body={body} conn={conn}\n",
+        host.unwrap_or_default()
+    );
+    let mut response = hyper::Response::new(Full::new(Bytes::from(text)));
+    if path == "/ntlm" {
+        *response.status_mut() = hyper::StatusCode::UNAUTHORIZED;
+        response.headers_mut().insert("www-authenticate", hyper::header::HeaderValue::from_static("NTLM"));
+    }
+    Ok(response)
 }
 
 /// A TLS client config that records the server's chain instead of verifying it, so tests can
