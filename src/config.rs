@@ -142,6 +142,10 @@ pub struct LimitsConfig {
     pub connect_timeout_secs: u64,
     /// Longest an HSM signature for a mint may take before the mint fails.
     pub mint_timeout_secs: u64,
+    /// Upstream connections kept for reuse, across all hosts.
+    pub upstream_pool_max: usize,
+    /// A pooled upstream connection unused this long is closed.
+    pub upstream_idle_timeout_secs: u64,
 }
 
 /// `[mint]`.
@@ -248,6 +252,8 @@ impl Typer<'_> {
                 handshake_timeout_secs: limits.handshake_timeout_secs,
                 connect_timeout_secs: limits.connect_timeout_secs,
                 mint_timeout_secs: limits.mint_timeout_secs,
+                upstream_pool_max: limits.upstream_pool_max,
+                upstream_idle_timeout_secs: limits.upstream_idle_timeout_secs,
             },
             mint: MintConfig { cache_capacity: mint.cache_capacity },
         })
@@ -418,6 +424,10 @@ mod raw {
         pub connect_timeout_secs: u64,
         #[serde(default = "default_mint_timeout")]
         pub mint_timeout_secs: u64,
+        #[serde(default = "default_upstream_pool_max")]
+        pub upstream_pool_max: usize,
+        #[serde(default = "default_upstream_idle_timeout")]
+        pub upstream_idle_timeout_secs: u64,
     }
 
     #[derive(Deserialize)]
@@ -446,6 +456,8 @@ mod raw {
                 handshake_timeout_secs: default_timeout(),
                 connect_timeout_secs: default_timeout(),
                 mint_timeout_secs: default_mint_timeout(),
+                upstream_pool_max: default_upstream_pool_max(),
+                upstream_idle_timeout_secs: default_upstream_idle_timeout(),
             }
         }
     }
@@ -476,6 +488,12 @@ mod raw {
     }
     fn default_mint_timeout() -> u64 {
         5
+    }
+    fn default_upstream_pool_max() -> usize {
+        1024
+    }
+    fn default_upstream_idle_timeout() -> u64 {
+        30
     }
     fn default_cache_capacity() -> u64 {
         10_000

@@ -18,6 +18,7 @@ pub mod names {
     pub const REQUESTS_TOTAL: &str = "tollgate_requests_total";
     pub const TUNNELS_TOTAL: &str = "tollgate_tunnels_total";
     pub const UNTRUSTED_UPSTREAMS_TOTAL: &str = "tollgate_upstream_untrusted_total";
+    pub const UPSTREAM_POOLED: &str = "tollgate_upstream_pooled_connections";
 }
 
 /// Every metric of the process.
@@ -33,6 +34,7 @@ pub struct Metrics {
     pub requests_total: AtomicU64,
     pub tunnels_total: AtomicU64,
     pub untrusted_upstreams_total: AtomicU64,
+    pub upstream_pooled: AtomicI64,
 }
 
 /// The process-wide metrics.
@@ -47,6 +49,7 @@ pub static METRICS: Metrics = Metrics {
     requests_total: AtomicU64::new(0),
     tunnels_total: AtomicU64::new(0),
     untrusted_upstreams_total: AtomicU64::new(0),
+    upstream_pooled: AtomicI64::new(0),
 };
 
 impl Metrics {
@@ -64,6 +67,7 @@ impl Metrics {
             requests_total,
             tunnels_total,
             untrusted_upstreams_total,
+            upstream_pooled,
         } = self;
         let mut out = String::with_capacity(2048);
         let counters = [
@@ -80,11 +84,13 @@ impl Metrics {
         for (name, help, value) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", value.load(Relaxed));
         }
-        let _ = writeln!(
-            out,
-            "# HELP {CONNECTIONS_ACTIVE} Client connections open now.\n# TYPE {CONNECTIONS_ACTIVE} gauge\n{CONNECTIONS_ACTIVE} {}",
-            connections_active.load(Relaxed)
-        );
+        let gauges = [
+            (CONNECTIONS_ACTIVE, "Client connections open now.", connections_active),
+            (UPSTREAM_POOLED, "Upstream connections pooled for reuse.", upstream_pooled),
+        ];
+        for (name, help, value) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}", value.load(Relaxed));
+        }
         out
     }
 }

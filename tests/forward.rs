@@ -579,3 +579,28 @@ async fn connection_bound_authentication_is_never_shared() {
     let (_, third) = send(&mut c, get("intranet.test", "/c", false)).await;
     assert_ne!(conn_of(&third), conn_of(&first), "an authenticated connection is never handed to another client");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_pool_is_bounded_across_hosts() {
+    let pki = TestPki::new();
+    let (chain, key) = pki.leaf(&LeafSpec::new(&["*.crawl.test"]));
+    let origin = Origin::start("crawl", chain, key, &["http/1.1"]).await;
+    let options = ProxyOptions {
+        ca_bundles: vec![pki.bundle()],
+        resolve: vec![(s("*.crawl.test:443"), origin.addr)],
+        extra: s("\n[limits]\nupstream_pool_max = 4\n"),
+        ..Default::default()
+    };
+    let setup = Setup::new(&options);
+    let proxy = setup.start();
+    for i in 0..12 {
+        let host = format!("site{i}.crawl.test");
+        let mut client = h1_client(&proxy, &setup, &host).await;
+        let (status, body) = send(&mut client, get(&host, "/", false)).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let pooled = proxy.metric("tollgate_upstream_pooled_connections").await;
+    assert!((1..=4).contains(&pooled), "pool holds at most upstream_pool_max connections: {pooled}");
+    assert_eq!(proxy.metric("tollgate_hsm_sign_total").await, 12, "one mint per distinct host");
+}

@@ -167,7 +167,10 @@ impl Proxy {
             cache: LeafCache::new(config.mint.cache_capacity),
             upstream_tls: UpstreamTls::new(&config.upstream, &config.path, &provider)?,
             server_tls,
-            upstreams: upstream::Upstreams::default(),
+            upstreams: upstream::Upstreams::new(
+                config.limits.upstream_pool_max,
+                Duration::from_secs(config.limits.upstream_idle_timeout_secs),
+            ),
             resolve: config.resolve.clone(),
             own,
             limit: Arc::new(Semaphore::new(config.limits.max_connections)),

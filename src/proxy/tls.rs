@@ -4,6 +4,7 @@
 
 use std::io;
 use std::sync::Arc;
+use std::time::Duration;
 
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -15,6 +16,7 @@ use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::intercept::sha256;
 use crate::config::{ConfigError, UntrustedAction, UpstreamConfig};
 use crate::pki::mint::Minted;
 
@@ -170,6 +172,7 @@ impl UpstreamTls {
         let verifier = Arc::new(RecordingVerifier {
             inner: webpki,
             allow_untrusted: config.untrusted == UntrustedAction::ForwardUntrust,
+            recent: moka::sync::Cache::builder().max_capacity(4096).time_to_live(Duration::from_secs(10)).build(),
         });
         let resumption = rustls::client::Resumption::in_memory_sessions(4096);
         let build = |alpn: Vec<Vec<u8>>| {
@@ -206,8 +209,25 @@ impl UpstreamTls {
         }
     }
 
-    /// The verdict for a completed upstream handshake, from the peer's chain. Resumed
-    /// sessions carry the chain too, so the verdict is always recomputed, never assumed.
+    /// The verdict for a completed upstream handshake. After a full handshake it is what the
+    /// verifier just found for that name and certificate; a resumed session (the verifier did
+    /// not run) carries its chain, and the verdict is recomputed from it, never assumed.
+    pub fn handshake_verdict(
+        &self,
+        name: &ServerName<'static>,
+        chain: &[CertificateDer<'_>],
+        resumed: bool,
+    ) -> Verdict {
+        if !resumed
+            && let Some(end_entity) = chain.first()
+            && let Some(verdict) = self.verifier.recent.get(&(name.clone(), sha256(end_entity)))
+        {
+            return verdict;
+        }
+        self.verdict(name, chain)
+    }
+
+    /// The verdict for a chain presented for `name`, computed now.
     pub fn verdict(&self, name: &ServerName<'_>, chain: &[CertificateDer<'_>]) -> Verdict {
         let Some((end_entity, intermediates)) = chain.split_first() else {
             return Verdict::Untrusted("upstream sent no certificate".into());
@@ -221,12 +241,19 @@ impl UpstreamTls {
 
 /// Validates upstream certificates with webpki. When the policy sends untrusted upstreams to
 /// the forward-untrust CA, a failed validation lets the handshake finish (signatures are still
-/// checked) and the caller computes the verdict, which picks the untrust CA; with the `block`
-/// policy the handshake fails.
-#[derive(Debug)]
+/// checked) and the verdict, recorded here, picks the untrust CA; with the `block` policy the
+/// handshake fails.
 struct RecordingVerifier {
     inner: Arc<WebPkiServerVerifier>,
     allow_untrusted: bool,
+    /// Verdicts of the last seconds by (name, certificate hash), read right after the handshake.
+    recent: moka::sync::Cache<(ServerName<'static>, [u8; 32]), Verdict>,
+}
+
+impl std::fmt::Debug for RecordingVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecordingVerifier").field("allow_untrusted", &self.allow_untrusted).finish_non_exhaustive()
+    }
 }
 
 impl ServerCertVerifier for RecordingVerifier {
@@ -238,7 +265,13 @@ impl ServerCertVerifier for RecordingVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
+        let result = self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now);
+        let verdict = match &result {
+            Ok(_) => Verdict::Trusted,
+            Err(e) => Verdict::Untrusted(describe(e)),
+        };
+        self.recent.insert((server_name.to_owned(), sha256(end_entity)), verdict);
+        match result {
             Ok(verified) => Ok(verified),
             Err(rustls::Error::InvalidCertificate(_)) if self.allow_untrusted => Ok(ServerCertVerified::assertion()),
             Err(e) => Err(e),

@@ -19,6 +19,8 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use super::http::Body;
 use super::tls::{H2, UpstreamTls, Verdict};
 use super::{Proxy, ProxyError, Side, Target};
+use crate::telemetry::METRICS;
+use std::sync::atomic::Ordering::Relaxed;
 
 /// Idle HTTP/1.1 connections kept per (host, port, ALPN offer).
 const MAX_IDLE_H1: usize = 64;
@@ -26,9 +28,20 @@ const MAX_IDLE_H1: usize = 64;
 const VERDICT_MAX_AGE: Duration = Duration::from_secs(60);
 
 /// The shared pool.
-#[derive(Default)]
 pub struct Upstreams {
-    idle: Mutex<HashMap<PoolKey, Idle>>,
+    idle: Mutex<Pool>,
+}
+
+#[derive(Default)]
+struct Pool {
+    /// Pooled connections kept in all (a crawl over many hosts must not pile them up).
+    max: usize,
+    /// A pooled connection unused for this long is closed.
+    idle_timeout: Duration,
+    keys: HashMap<PoolKey, Idle>,
+    /// Pooled connections (idle HTTP/1.1 and shared h2) across all keys.
+    total: usize,
+    last_sweep: Option<Instant>,
 }
 
 /// What makes upstream connections interchangeable.
@@ -42,8 +55,21 @@ pub struct PoolKey {
 
 #[derive(Default)]
 struct Idle {
-    h1: Vec<(http1::SendRequest<Body>, Arc<Peer>)>,
-    h2: Option<(http2::SendRequest<Body>, Arc<Peer>)>,
+    /// Oldest first.
+    h1: Vec<IdleH1>,
+    h2: Option<SharedH2>,
+}
+
+struct SharedH2 {
+    sender: http2::SendRequest<Body>,
+    peer: Arc<Peer>,
+    last_used: Instant,
+}
+
+struct IdleH1 {
+    sender: http1::SendRequest<Body>,
+    peer: Arc<Peer>,
+    since: Instant,
 }
 
 /// What we know about the server at the other end of an upstream connection.
@@ -70,6 +96,11 @@ pub struct Lease {
 }
 
 impl Upstreams {
+    /// An empty pool holding at most `max` connections, each for at most `idle_timeout`.
+    pub fn new(max: usize, idle_timeout: Duration) -> Self {
+        Self { idle: Mutex::new(Pool { max, idle_timeout, ..Pool::default() }) }
+    }
+
     /// The pool key for a target and a client's ALPN offer.
     pub fn key(target: &Target, client_alpn: &[Vec<u8>]) -> PoolKey {
         PoolKey { host: target.host.clone(), port: target.port, offer: UpstreamTls::offer_class(client_alpn) }
@@ -98,27 +129,38 @@ impl Upstreams {
             });
         }
         if let Sender::H2(sender) = &lease.sender {
-            self.idle.lock().entry(key.clone()).or_default().h2 = Some((sender.clone(), lease.peer.clone()));
+            let mut pool = self.idle.lock();
+            pool.make_room(Instant::now());
+            let shared = SharedH2 { sender: sender.clone(), peer: lease.peer.clone(), last_used: Instant::now() };
+            if pool.keys.entry(key.clone()).or_default().h2.replace(shared).is_none() {
+                pool.total += 1;
+            }
+            pool.publish();
         }
         Ok(lease)
     }
 
     fn pooled(&self, key: &PoolKey, fingerprint: Option<[u8; 32]>) -> Option<Lease> {
         let matches = |peer: &Peer| fingerprint.is_none_or(|f| f == peer.fingerprint);
-        let mut idle = self.idle.lock();
-        let entry = idle.get_mut(key)?;
-        if let Some((sender, peer)) = &entry.h2 {
-            if !sender.is_closed() && matches(peer) {
-                return Some(Lease { sender: Sender::H2(sender.clone()), peer: peer.clone() });
+        let mut pool = self.idle.lock();
+        let pool = &mut *pool;
+        let entry = pool.keys.get_mut(key)?;
+        if let Some(shared) = &mut entry.h2 {
+            if !shared.sender.is_closed() && matches(&shared.peer) {
+                shared.last_used = Instant::now();
+                return Some(Lease { sender: Sender::H2(shared.sender.clone()), peer: shared.peer.clone() });
             }
-            if sender.is_closed() {
+            if shared.sender.is_closed() {
                 entry.h2 = None;
+                pool.total -= 1;
             }
         }
-        entry.h1.retain(|(s, _)| !s.is_closed());
-        let i = entry.h1.iter().rposition(|(_, peer)| matches(peer))?;
-        let (sender, peer) = entry.h1.swap_remove(i);
-        Some(Lease { sender: Sender::H1(sender), peer })
+        // Newest first: the most recently used connection is the least likely to be closing.
+        let i = entry.h1.iter().rposition(|idle| !idle.sender.is_closed() && matches(&idle.peer))?;
+        let idle = entry.h1.remove(i);
+        pool.total -= 1;
+        pool.publish();
+        Some(Lease { sender: Sender::H1(idle.sender), peer: idle.peer })
     }
 
     /// Returns an unused lease (the client went away before its first request).
@@ -133,11 +175,77 @@ impl Upstreams {
         if sender.is_closed() {
             return;
         }
-        let mut idle = self.idle.lock();
-        let entry = idle.entry(key.clone()).or_default();
-        if entry.h1.len() < MAX_IDLE_H1 {
-            entry.h1.push((sender, peer));
+        let now = Instant::now();
+        let mut pool = self.idle.lock();
+        pool.make_room(now);
+        let entry = pool.keys.entry(key.clone()).or_default();
+        if entry.h1.len() >= MAX_IDLE_H1 {
+            return;
         }
+        entry.h1.push(IdleH1 { sender, peer, since: now });
+        pool.total += 1;
+        pool.publish();
+    }
+
+    /// Connections pooled now.
+    pub fn pooled_count(&self) -> usize {
+        self.idle.lock().total
+    }
+}
+
+impl Pool {
+    fn publish(&self) {
+        METRICS.upstream_pooled.store(self.total as i64, Relaxed);
+    }
+
+    /// Sweeps, then evicts the longest-idle connection when the pool is full.
+    fn make_room(&mut self, now: Instant) {
+        self.sweep(now);
+        while self.total >= self.max.max(1) && self.evict_oldest() {}
+    }
+
+    /// Drops closed connections and those idle past the timeout; at most once a second.
+    fn sweep(&mut self, now: Instant) {
+        if self.last_sweep.is_some_and(|t| now.duration_since(t) < Duration::from_secs(1)) {
+            return;
+        }
+        self.last_sweep = Some(now);
+        let timeout = self.idle_timeout;
+        self.keys.retain(|_, idle| {
+            idle.h1.retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < timeout);
+            if idle.h2.as_ref().is_some_and(|h2| h2.sender.is_closed() || now.duration_since(h2.last_used) >= timeout) {
+                idle.h2 = None;
+            }
+            !idle.h1.is_empty() || idle.h2.is_some()
+        });
+        self.total = self.keys.values().map(|idle| idle.h1.len() + usize::from(idle.h2.is_some())).sum();
+    }
+
+    /// Drops the longest-unused pooled connection (an h2 connection still serving client
+    /// connections that hold its sender stays open for them; it only leaves the pool).
+    fn evict_oldest(&mut self) -> bool {
+        let oldest = self
+            .keys
+            .iter()
+            .flat_map(|(key, idle)| {
+                let h1 = idle.h1.first().map(|c| (c.since, key, false));
+                let h2 = idle.h2.as_ref().map(|c| (c.last_used, key, true));
+                h1.into_iter().chain(h2)
+            })
+            .min_by_key(|(since, _, _)| *since)
+            .map(|(_, key, h2)| (key.clone(), h2));
+        let Some((key, h2)) = oldest else { return false };
+        let Some(idle) = self.keys.get_mut(&key) else { return false };
+        if h2 {
+            idle.h2 = None;
+        } else {
+            idle.h1.remove(0);
+        }
+        self.total -= 1;
+        if idle.h1.is_empty() && idle.h2.is_none() {
+            self.keys.remove(&key);
+        }
+        true
     }
 }
 
@@ -175,7 +283,8 @@ async fn dial(proxy: &Proxy, target: &Target, client_alpn: &[Vec<u8>]) -> Result
     let chain: Vec<CertificateDer<'static>> =
         conn.peer_certificates().unwrap_or_default().iter().map(|c| c.clone().into_owned()).collect();
     let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
-    let verdict = proxy.upstream_tls.verdict(&name, &chain);
+    let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    let verdict = proxy.upstream_tls.handshake_verdict(&name, &chain, resumed);
     let fingerprint = super::intercept::sha256(chain.first().map(|c| c.as_ref()).unwrap_or_default());
     let peer = Arc::new(Peer { name, chain, fingerprint, alpn, verdict: Mutex::new((verdict, Instant::now())) });
 
