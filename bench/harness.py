@@ -235,7 +235,7 @@ cache_capacity = 1000000
         sh(TOLLGATE, "cert", "generate-ca", "--config", config, "--name", "bench-trust", "--on-hsm", "--forward-trust",
            "--out-cert", w / "tollgate-ca.pem", env=self.env)
         sh(TOLLGATE, "cert", "generate-ca", "--config", config, "--name", "bench-untrust", "--on-hsm",
-           "--forward-untrust", env=self.env)
+           "--forward-untrust", "--algorithm", "rsa-2048", env=self.env)
         self.config = config
         self.tollgate = Service("tollgate", [TOLLGATE, "run", "--config", config], env=self.env, log=w / "tollgate.log")
         self.services.append(self.tollgate)
@@ -382,8 +382,34 @@ cache_capacity = 1000000
         mint["raw_sign_rate"] = round(raw, 1)
         mint["ratio_to_raw_sign"] = round(mint["rps"] / raw, 3)
         rows.append(mint)
-        print(f"  tollgate      mints {mint['rps']} /s, raw SoftHSM ECDSA sign {raw:.0f} /s", file=sys.stderr)
+        # The mint path alone, in process: leaf key + certificate + HSM signature, 2 threads.
+        rates = []
+        for _ in range(self.args.repeat):
+            out = sh(LOADGEN, "mint-rate", "--config", self.config, "--threads", "2",
+                     "-d", str(max(2, self.args.duration // 2)), env=self.env)
+            rates.append(json.loads(out.stdout.strip().splitlines()[-1])["rate"])
+        micro = statistics.median(rates)
+        self.mint_micro = {"mint_rate_2_threads": round(micro, 1), "raw_sign_rate": round(raw, 1),
+                           "ratio": round(micro / raw, 3)}
+        print(f"  tollgate      mints {mint['rps']} /s end to end; in process {micro:.0f} /s; "
+              f"raw SoftHSM ECDSA sign {raw:.0f} /s", file=sys.stderr)
         return rows
+
+    def criterion(self):
+        """Criterion micro-benchmarks on the same token; mean time per operation."""
+        if self.args.no_criterion:
+            return {}
+        measurement = "1" if self.args.quick else "3"
+        env = dict(self.env, TOLLGATE_BENCH_CONFIG=str(self.config))
+        sh("cargo", "bench", "--locked", "--quiet", "--bench", "micro", "--", "--warm-up-time", "1",
+           "--measurement-time", measurement, "--noplot", env=env)
+        out = {}
+        base = ROOT / "target" / "criterion"
+        for estimates in base.glob("**/new/estimates.json"):
+            name = str(estimates.parent.parent.relative_to(base))
+            mean_ns = json.loads(estimates.read_text())["mean"]["point_estimate"]
+            out[name] = {"mean_us": round(mean_ns / 1000, 3), "per_second": round(1e9 / mean_ns, 1)}
+        return out
 
     def idle_memory(self):
         out = {}
@@ -410,7 +436,7 @@ cache_capacity = 1000000
             shutil.rmtree(self.work, ignore_errors=True)
 
 
-def table(rows, memory):
+def table(rows, memory, mint_micro, micro):
     base = {r["workload"]: r["rps"] for r in rows if r["system"] == "nginx-proxy"}
     mitm = {r["workload"]: r["rps"] for r in rows if r["system"] == "mitmdump"}
     lines = ["| system | workload | req/s | p50 ms | p99 ms | proxy CPU-s / 1k req | peak RSS MiB | vs nginx-proxy | vs mitmdump | CPU gen/proxy/origin % |",
@@ -423,8 +449,15 @@ def table(rows, memory):
         lines.append(f"| {r['system']} | {r['workload']} | {r['rps']:,.0f} | {r['p50_ms']} | {r['p99_ms']} | "
                      f"{r['proxy_cpu_s_per_1k']} | {r['peak_rss_mib']} | {ratio} | {vs_mitm} | "
                      f"{split['loadgen']}/{split['proxy']}/{split['origin']} |")
+    lines.append("")
     for name, m in memory.items():
-        lines.append(f"\nIdle intercepted h2 connections, {name}: {m['kib_per_connection']} KiB each ({m['connections']} open)")
+        lines.append(f"Idle intercepted h2 connections, {name}: {m['kib_per_connection']} KiB each ({m['connections']} open)")
+    lines.append(f"Mint in process (leaf key + certificate + SoftHSM signature, 2 threads): {mint_micro['mint_rate_2_threads']:,.0f}/s"
+                 f" = {mint_micro['ratio']:.2f}x the raw single-thread SoftHSM ECDSA P-256 sign rate ({mint_micro['raw_sign_rate']:,.0f}/s)")
+    if micro:
+        lines.append("\n| micro-benchmark (criterion) | mean µs | per second |\n|---|---:|---:|")
+        for name in sorted(micro):
+            lines.append(f"| {name} | {micro[name]['mean_us']} | {micro[name]['per_second']:,.0f} |")
     return "\n".join(lines)
 
 
@@ -435,6 +468,7 @@ def main():
     parser.add_argument("--repeat", type=int, default=3, help="runs per row; the median is reported (default 3)")
     parser.add_argument("--idle-connections", type=int, default=1000)
     parser.add_argument("--no-mitmproxy", action="store_true", help="skip the mitmdump reference")
+    parser.add_argument("--no-criterion", action="store_true", help="skip the criterion micro-benchmarks")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
     if args.quick:
@@ -445,13 +479,15 @@ def main():
         bench.start()
         memory = bench.idle_memory()  # first: fresh processes, no allocator slack from earlier load
         rows = bench.run_workloads()
+        micro = bench.criterion()
     finally:
         bench.stop()
-    text = table(rows, memory)
+    text = table(rows, memory, bench.mint_micro, micro)
     print(text)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     result = {"when": stamp, "quick": args.quick, "duration_s": args.duration, "repeat": args.repeat,
-              "cpus": os.cpu_count(), "rows": rows, "idle_memory": memory, "table": text}
+              "cpus": os.cpu_count(), "rows": rows, "idle_memory": memory, "mint_in_process": bench.mint_micro,
+              "micro": micro, "table": text}
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
     (out / f"{stamp}.json").write_text(json.dumps(result, indent=2))

@@ -44,6 +44,17 @@ enum Mode {
         #[arg(short, default_value_t = 500)]
         n: usize,
     },
+    /// In-process mint rate: fresh leaf key + certificate + CA signature on the token, on N
+    /// threads (what a cache miss costs tollgate, without the handshakes around it).
+    MintRate {
+        /// A tollgate config whose state holds a forward-trust CA on the HSM.
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        #[arg(short, long, default_value_t = 5)]
+        duration_secs: u64,
+    },
     /// Raw single-thread C_Sign loop (CKM_ECDSA over a SHA-256 digest) on a token key.
     Sign {
         #[arg(long)]
@@ -82,6 +93,9 @@ fn main() {
             Mode::Newconn { target, sni_pattern, concurrency, duration_secs, max_requests } => runtime
                 .block_on(newconn(target, sni_pattern, concurrency, Duration::from_secs(duration_secs), max_requests)),
             Mode::Idle { target, n } => runtime.block_on(idle(target, n)),
+            Mode::MintRate { config, threads, duration_secs } => {
+                mint_rate(&config, threads, Duration::from_secs(duration_secs))
+            }
             Mode::Sign { module, token, pin_file, label, duration_secs } => {
                 sign(module, &token, &pin_file, &label, Duration::from_secs(duration_secs))
             }
@@ -217,6 +231,34 @@ async fn idle(target: TargetArgs, n: usize) -> serde_json::Value {
         }
     }
     serde_json::json!({"closed": held.len()})
+}
+
+fn mint_rate(config: &std::path::Path, threads: usize, duration: Duration) -> serde_json::Value {
+    let config = tollgate::config::Config::load(config).expect("config");
+    let hsm = Arc::new(tollgate::hsm::Hsm::open_strict(&config.hsm.servers).expect("HSM"));
+    let state = tollgate::state::StateDir::open(&config.state_dir).expect("state");
+    let store = tollgate::pki::CertStore::load(&state).expect("store");
+    let ca = Arc::new(store.ca(tollgate::pki::CaRole::ForwardTrust, &hsm).expect("CA").expect("forward-trust CA"));
+    let mut params = rcgen::CertificateParams::new(vec!["origin.test".into()]).expect("params");
+    params.distinguished_name.push(rcgen::DnType::CommonName, "origin.test");
+    let up = params.self_signed(&rcgen::KeyPair::generate().expect("key")).expect("cert").der().to_vec();
+    let started = Instant::now();
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            let (ca, up) = (ca.clone(), up.clone());
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while started.elapsed() < duration {
+                    ca.mint("origin.test", &up).expect("mint");
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let mints: u64 = workers.into_iter().map(|w| w.join().expect("worker")).sum();
+    let seconds = started.elapsed().as_secs_f64();
+    serde_json::json!({"mints": mints, "threads": threads, "seconds": seconds, "rate": mints as f64 / seconds})
 }
 
 fn sign(module: PathBuf, token: &str, pin_file: &PathBuf, label: &str, duration: Duration) -> serde_json::Value {

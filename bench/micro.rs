@@ -1,0 +1,150 @@
+//! Criterion micro-benchmarks: mint on a cache miss (leaf key + certificate + CA signature, with
+//! the CA key on SoftHSM2 and, for comparison, in software), a leaf-cache hit, ClientHello
+//! handling, and HSM signatures per mechanism next to a plain single-thread cryptoki loop on the
+//! same token. The HSM groups need a token set up by `bench/run`, which passes its config in
+//! TOLLGATE_BENCH_CONFIG (and SOFTHSM2_CONF); without it they are left out, said on stderr.
+
+use std::hint::black_box;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use rustls::SignatureScheme;
+use tollgate::keys::rcgen::RcgenKey;
+use tollgate::keys::software::SoftwareKey;
+use tollgate::keys::{KeyAlgorithm, PrivateKey};
+use tollgate::pki::cache::{LeafCache, LeafKey};
+use tollgate::pki::mint::Ca;
+
+fn upstream_leaf() -> Vec<u8> {
+    let mut params = rcgen::CertificateParams::new(vec!["origin.test".into(), "www.origin.test".into()]).unwrap();
+    params.distinguished_name.push(rcgen::DnType::CommonName, "origin.test");
+    let key = rcgen::KeyPair::generate().unwrap();
+    params.self_signed(&key).unwrap().der().to_vec()
+}
+
+fn software_ca() -> Ca {
+    let key: Arc<dyn PrivateKey> = Arc::new(SoftwareKey::generate(KeyAlgorithm::EcdsaP256).unwrap());
+    let signer = RcgenKey::new(key).unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.distinguished_name.push(rcgen::DnType::CommonName, "bench CA");
+    let cert = params.self_signed(&signer).unwrap();
+    Ca::new("bench", cert.der().clone(), signer).unwrap()
+}
+
+/// The HSM-backed pieces, when bench/run set up a token.
+struct HsmBench {
+    hsm: Arc<tollgate::hsm::Hsm>,
+    ca: Ca,
+    module: PathBuf,
+    token: String,
+    pin: String,
+}
+
+fn hsm_bench() -> Option<HsmBench> {
+    let Ok(path) = std::env::var("TOLLGATE_BENCH_CONFIG") else {
+        eprintln!("micro: TOLLGATE_BENCH_CONFIG not set (run bench/run): HSM benchmarks left out");
+        return None;
+    };
+    let config = tollgate::config::Config::load(path.as_ref()).expect("bench config");
+    let hsm = Arc::new(tollgate::hsm::Hsm::open_strict(&config.hsm.servers).expect("HSM"));
+    let state = tollgate::state::StateDir::open(&config.state_dir).unwrap();
+    let store = tollgate::pki::CertStore::load(&state).unwrap();
+    let ca = store.ca(tollgate::pki::CaRole::ForwardTrust, &hsm).unwrap().expect("forward-trust CA");
+    let server = &config.hsm.servers[0];
+    let pin = match server.pin.as_ref().expect("pin") {
+        tollgate::config::SecretSource::File(p) => std::fs::read_to_string(p).unwrap().trim().to_string(),
+        tollgate::config::SecretSource::Env(v) => std::env::var(v).unwrap(),
+    };
+    Some(HsmBench { hsm, ca, module: server.module.clone(), token: server.token.clone(), pin })
+}
+
+fn mint(c: &mut Criterion) {
+    let up = upstream_leaf();
+    let soft = software_ca();
+    let mut group = c.benchmark_group("mint");
+    group.bench_function("cache_miss_software_ca", |b| b.iter(|| black_box(soft.mint("origin.test", &up).unwrap())));
+    if let Some(h) = hsm_bench() {
+        group.bench_function("cache_miss_hsm_ca", |b| b.iter(|| black_box(h.ca.mint("origin.test", &up).unwrap())));
+        group.finish();
+        sign(c, &h);
+    } else {
+        group.finish();
+    }
+}
+
+fn sign(c: &mut Criterion, h: &HsmBench) {
+    let mut group = c.benchmark_group("hsm_sign");
+    let message = [7u8; 256];
+    for (label, scheme) in
+        [("bench-trust", SignatureScheme::ECDSA_NISTP256_SHA256), ("bench-untrust", SignatureScheme::RSA_PKCS1_SHA256)]
+    {
+        let key = h.hsm.key(label).unwrap();
+        let name = format!("tollgate_{}", key.algorithm());
+        group.bench_function(&name, |b| b.iter(|| black_box(key.sign(scheme, &message).unwrap())));
+    }
+    // The same token through a plain cryptoki loop: the floor tollgate's path is compared to.
+    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+    let pkcs11 = Pkcs11::new(&h.module).unwrap();
+    let _ = pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK));
+    let slot = pkcs11
+        .get_slots_with_token()
+        .unwrap()
+        .into_iter()
+        .find(|s| pkcs11.get_token_info(*s).is_ok_and(|i| i.label().trim_end() == h.token))
+        .unwrap();
+    let session = pkcs11.open_ro_session(slot).unwrap();
+    let _ = session.login(cryptoki::session::UserType::User, Some(&secrecy::SecretString::from(h.pin.clone())));
+    let key = session
+        .find_objects(&[
+            cryptoki::object::Attribute::Class(cryptoki::object::ObjectClass::PRIVATE_KEY),
+            cryptoki::object::Attribute::Label(b"bench-trust".to_vec()),
+        ])
+        .unwrap()[0];
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &message);
+    group.bench_function("raw_cryptoki_ecdsa-p256", |b| {
+        b.iter(|| black_box(session.sign(&cryptoki::mechanism::Mechanism::Ecdsa, key, digest.as_ref()).unwrap()))
+    });
+    group.finish();
+}
+
+fn cache(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let soft = Arc::new(software_ca());
+    let up = upstream_leaf();
+    let cache = LeafCache::new(10_000);
+    let key = LeafKey { host: "origin.test".into(), upstream: [1; 32], trusted: true };
+    let minted = Arc::new(soft.mint("origin.test", &up).unwrap());
+    runtime.block_on(cache.get_or_mint(key.clone(), async { Ok(minted) })).unwrap();
+    c.bench_function("cache/hit", |b| {
+        b.iter(|| runtime.block_on(cache.get_or_mint(key.clone(), async { unreachable!("cached") })).unwrap())
+    });
+}
+
+fn client_hello(c: &mut Criterion) {
+    // A real ClientHello from a rustls client, replayed into the reader.
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let mut config = config;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), "origin.test".try_into().unwrap()).unwrap();
+    let mut hello = Vec::new();
+    conn.write_tls(&mut hello).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    c.bench_function("client_hello/read_and_parse", |b| {
+        b.iter(|| {
+            runtime.block_on(async {
+                let (mut client, mut server) = tokio::io::duplex(8192);
+                tokio::io::AsyncWriteExt::write_all(&mut client, &hello).await.unwrap();
+                black_box(tollgate::proxy::tls::read_client_hello(&mut server).await.unwrap().1)
+            })
+        })
+    });
+}
+
+criterion_group!(benches, mint, cache, client_hello);
+criterion_main!(benches);
