@@ -269,6 +269,9 @@ cache_capacity = 1000000
         ]
         if self.mitm:
             out.append(("mitmdump", p["mitmdump"], w / "mitm" / "mitmproxy-ca-cert.pem", self.mitm))
+        if self.args.systems:
+            wanted = self.args.systems.split(",")
+            out = [s for s in out if s[0] in wanted]
         return out
 
     # ---- measurement ----------------------------------------------------------------------
@@ -352,12 +355,15 @@ cache_capacity = 1000000
             if name == "tollgate":  # warm the leaf cache for localhost
                 self.measure(svc, *self.loadgen_bounded(port, ca))
             for workload, make in workloads:
+                if self.args.workloads and self.args.workloads not in workload:
+                    continue
                 runs = [self.measure(svc, *make(port, ca)) for _ in range(self.args.repeat)]
                 row = self.median(runs)
                 row.update({"system": name, "workload": workload, "peak_rss_mib": round(memory_kb(svc.pids(), "VmHWM") / 1024, 1)})
                 rows.append(row)
                 print(f"  {name:13} {workload:36} {row['rps']:>10} req/s", file=sys.stderr)
-        rows += self.mints()
+        if not self.args.workloads or self.args.workloads in "new-host mint":
+            rows += self.mints()
         return rows
 
     def loadgen_bounded(self, port, ca):
@@ -452,8 +458,9 @@ def table(rows, memory, mint_micro, micro):
     lines.append("")
     for name, m in memory.items():
         lines.append(f"Idle intercepted h2 connections, {name}: {m['kib_per_connection']} KiB each ({m['connections']} open)")
-    lines.append(f"Mint in process (leaf key + certificate + SoftHSM signature, 2 threads): {mint_micro['mint_rate_2_threads']:,.0f}/s"
-                 f" = {mint_micro['ratio']:.2f}x the raw single-thread SoftHSM ECDSA P-256 sign rate ({mint_micro['raw_sign_rate']:,.0f}/s)")
+    if mint_micro:
+        lines.append(f"Mint in process (leaf key + certificate + SoftHSM signature, 2 threads): {mint_micro['mint_rate_2_threads']:,.0f}/s"
+                     f" = {mint_micro['ratio']:.2f}x the raw single-thread SoftHSM ECDSA P-256 sign rate ({mint_micro['raw_sign_rate']:,.0f}/s)")
     if micro:
         lines.append("\n| micro-benchmark (criterion) | mean µs | per second |\n|---|---:|---:|")
         for name in sorted(micro):
@@ -469,6 +476,8 @@ def main():
     parser.add_argument("--idle-connections", type=int, default=1000)
     parser.add_argument("--no-mitmproxy", action="store_true", help="skip the mitmdump reference")
     parser.add_argument("--no-criterion", action="store_true", help="skip the criterion micro-benchmarks")
+    parser.add_argument("--systems", help="comma-separated subset: nginx-origin,nginx-proxy,tollgate,mitmdump")
+    parser.add_argument("--workloads", help="only workloads whose name contains this text (development)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
     if args.quick:
@@ -482,11 +491,11 @@ def main():
         micro = bench.criterion()
     finally:
         bench.stop()
-    text = table(rows, memory, bench.mint_micro, micro)
+    text = table(rows, memory, getattr(bench, "mint_micro", None), micro)
     print(text)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     result = {"when": stamp, "quick": args.quick, "duration_s": args.duration, "repeat": args.repeat,
-              "cpus": os.cpu_count(), "rows": rows, "idle_memory": memory, "mint_in_process": bench.mint_micro,
+              "cpus": os.cpu_count(), "rows": rows, "idle_memory": memory, "mint_in_process": getattr(bench, "mint_micro", None),
               "micro": micro, "table": text}
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)

@@ -62,12 +62,12 @@ async fn plain(proxy: Arc<Proxy>, req: Request<Incoming>, ctx: ConnCtx) -> Respo
         return Refusal::new(StatusCode::BAD_REQUEST, "bad-proxy-request", "request URI has no host".into())
             .into_response();
     };
-    let log = AccessLog::new(&req, ctx, &target.host, "plain-http");
+    let log = AccessLog::start(&req, ctx, &target.host, "plain-http");
     let response = match send_plain(&proxy, req, &target).await {
         Ok(response) => response,
         Err(e) => Refusal::upstream(e).into_response(),
     };
-    log.attach(response)
+    AccessLog::attach(log, response)
 }
 
 async fn send_plain(proxy: &Proxy, req: Request<Incoming>, target: &Target) -> Result<Response<Body>, ProxyError> {

@@ -55,6 +55,7 @@ where
         peer: first.peer.clone(),
         first: Mutex::new(Some(first.sender)),
         pinned: Mutex::new(None),
+        local: Mutex::new(Vec::new()),
         proxy,
         key,
         offer,
@@ -86,6 +87,9 @@ struct Relay {
     first: Mutex<Option<Sender>>,
     /// An HTTP/1.1 connection bound to this client by connection-based authentication.
     pinned: Mutex<Option<http1::SendRequest<Body>>>,
+    /// Idle HTTP/1.1 connections this client used last: kept here while it stays, so a
+    /// keep-alive client does not go through the shared pool on every request.
+    local: Mutex<Vec<http1::SendRequest<Body>>>,
     target: Target,
     ctx: ConnCtx,
     verdict: String,
@@ -93,12 +97,12 @@ struct Relay {
 
 impl Relay {
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
-        let log = AccessLog::new(&req, self.ctx, &self.target.host, &self.verdict);
+        let log = AccessLog::start(&req, self.ctx, &self.target.host, &self.verdict);
         let response = match self.clone().forward(req).await {
             Ok(response) => response,
             Err(refusal) => refusal.into_response(),
         };
-        Ok(log.attach(response))
+        Ok(AccessLog::attach(log, response))
     }
 
     async fn forward(self: Arc<Self>, mut req: Request<Incoming>) -> Result<Response<Body>, Refusal> {
@@ -139,20 +143,18 @@ impl Relay {
         // The HTTP/1.1 connection is free again once the response body has been read. One that
         // carries connection-based authentication stays with this client; others are shared.
         let pin = connection_auth || connection_bound_auth(response.headers(), header::WWW_AUTHENTICATE);
-        let home = if pin { Home::Pinned(Arc::downgrade(&self)) } else { Home::Shared(self.clone()) };
+        let home = if pin { Home::Pinned(Arc::downgrade(&self)) } else { Home::Local(Arc::downgrade(&self)) };
         Ok(response.map(|body| Recycle::new(body.boxed_unsync(), sender, home).boxed_unsync()))
     }
 
-    /// A sender ready for a request: the pinned connection, the first one, or one from the
-    /// pool; a pooled connection that turns out closed is skipped.
+    /// A sender ready for a request: the pinned connection, the first one, this client's
+    /// last one, or one from the shared pool; a connection that turns out closed is skipped.
     async fn ready_sender(&self) -> Result<Sender, Refusal> {
         for _ in 0..3 {
-            let pinned = self.pinned.lock().take();
-            let first = if pinned.is_none() { self.first.lock().take() } else { None };
-            let sender = match (pinned, first) {
-                (Some(s), _) => Sender::H1(s),
-                (None, Some(s)) => s,
-                (None, None) => {
+            let local = || self.pinned.lock().take().or_else(|| self.local.lock().pop()).map(Sender::H1);
+            let sender = match local().or_else(|| self.first.lock().take()) {
+                Some(s) => s,
+                None => {
                     let lease = self
                         .proxy
                         .upstreams
@@ -180,7 +182,13 @@ impl Relay {
 
 impl Drop for Relay {
     fn drop(&mut self) {
-        if let Some(Sender::H1(sender)) = self.first.get_mut().take() {
+        // The client is gone: its idle upstream connections serve other clients. A pinned
+        // (authenticated) one closes with it.
+        let first = match self.first.get_mut().take() {
+            Some(Sender::H1(sender)) => Some(sender),
+            _ => None,
+        };
+        for sender in first.into_iter().chain(self.local.get_mut().drain(..)) {
             self.proxy.upstreams.checkin(&self.key, sender, self.peer.clone());
         }
     }
@@ -195,9 +203,10 @@ fn connection_bound_auth(headers: &HeaderMap, name: HeaderName) -> bool {
     })
 }
 
-/// Where an HTTP/1.1 connection goes when its response is done.
+/// Where an HTTP/1.1 connection goes when its response is done: back to its client
+/// connection (which hands it to the shared pool when it ends), or pinned to it.
 enum Home {
-    Shared(Arc<Relay>),
+    Local(std::sync::Weak<Relay>),
     Pinned(std::sync::Weak<Relay>),
 }
 
@@ -220,7 +229,11 @@ impl Recycle {
     fn release(&mut self) {
         let (Some(sender), Some(home)) = (self.sender.take(), self.home.take()) else { return };
         match home {
-            Home::Shared(relay) => relay.proxy.upstreams.checkin(&relay.key, sender, relay.peer.clone()),
+            Home::Local(relay) => {
+                if let Some(relay) = relay.upgrade() {
+                    relay.local.lock().push(sender);
+                }
+            }
             Home::Pinned(relay) => {
                 if let Some(relay) = relay.upgrade() {
                     *relay.pinned.lock() = Some(sender);
@@ -266,6 +279,11 @@ where
 {
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers, upgrade);
+    if !upstream_h2 && parts.uri.scheme().is_none() && parts.headers.contains_key(header::HOST) {
+        // Already what an HTTP/1.1 origin wants: origin-form with a Host header.
+        parts.version = Version::HTTP_11;
+        return Request::from_parts(parts, body.boxed_unsync());
+    }
     let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
     let authority = if target.port == 443 { bracketed(&target.host) } else { target.to_string() };
     if upstream_h2 {
@@ -300,10 +318,10 @@ fn request_host<B>(req: &Request<B>) -> Option<&str> {
 
 /// Whether `authority` (`host[:port]`) names the intercepted target.
 fn same_host(authority: &str, target: &Target, check_port: bool) -> bool {
-    match Target::parse(authority, target.port) {
-        Some(t) => t.host == target.host && (!check_port || t.port == target.port),
-        None => false,
-    }
+    let Ok(authority) = authority.parse::<http::uri::Authority>() else { return false };
+    let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case(&target.host)
+        && (!check_port || authority.port_u16().unwrap_or(target.port) == target.port)
 }
 
 fn is_upgrade<B>(req: &Request<B>) -> bool {
@@ -396,10 +414,13 @@ pub struct AccessLog {
 }
 
 impl AccessLog {
-    /// Starts timing a request.
-    pub fn new<B>(req: &Request<B>, ctx: ConnCtx, host: &str, upstream: &str) -> Self {
+    /// Starts timing a request; `None` when access logging is filtered out (nothing to pay).
+    pub fn start<B>(req: &Request<B>, ctx: ConnCtx, host: &str, upstream: &str) -> Option<Self> {
         METRICS.requests_total.fetch_add(1, Relaxed);
-        Self {
+        if !tracing::enabled!(target: "tollgate::access", tracing::Level::INFO) {
+            return None;
+        }
+        Some(Self {
             started: Instant::now(),
             client: ctx.client,
             mode: ctx.mode.as_str(),
@@ -408,13 +429,14 @@ impl AccessLog {
             path: req.uri().path().to_string(),
             version: req.version(),
             upstream: upstream.to_string(),
-        }
+        })
     }
 
     /// Wraps the response so the line is written when its body is done.
-    pub fn attach(self, response: Response<Body>) -> Response<Body> {
+    pub fn attach(log: Option<Self>, response: Response<Body>) -> Response<Body> {
+        let Some(log) = log else { return response };
         let status = response.status();
-        response.map(|inner| Logged { inner, bytes: 0, status, log: Some(self) }.boxed_unsync())
+        response.map(|inner| Logged { inner, bytes: 0, status, log: Some(log) }.boxed_unsync())
     }
 
     fn emit(self, status: StatusCode, bytes: u64) {
