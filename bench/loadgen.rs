@@ -235,7 +235,7 @@ async fn idle(target: TargetArgs, n: usize) -> serde_json::Value {
 
 fn mint_rate(config: &std::path::Path, threads: usize, duration: Duration) -> serde_json::Value {
     let config = tollgate::config::Config::load(config).expect("config");
-    let hsm = Arc::new(tollgate::hsm::Hsm::open_strict(&config.hsm.servers).expect("HSM"));
+    let hsm = Arc::new(tollgate::hsm::Hsm::open_strict(&config.hsm).expect("HSM"));
     let state = tollgate::state::StateDir::open(&config.state_dir).expect("state");
     let store = tollgate::pki::CertStore::load(&state).expect("store");
     let ca = Arc::new(store.ca(tollgate::pki::CaRole::ForwardTrust, &hsm).expect("CA").expect("forward-trust CA"));

@@ -48,14 +48,14 @@ fn hsm_bench() -> Option<HsmBench> {
         return None;
     };
     let config = tollgate::config::Config::load(path.as_ref()).expect("bench config");
-    let hsm = Arc::new(tollgate::hsm::Hsm::open_strict(&config.hsm.servers).expect("HSM"));
+    let hsm = Arc::new(tollgate::hsm::Hsm::open_strict(&config.hsm).expect("HSM"));
     let state = tollgate::state::StateDir::open(&config.state_dir).unwrap();
     let store = tollgate::pki::CertStore::load(&state).unwrap();
     let ca = store.ca(tollgate::pki::CaRole::ForwardTrust, &hsm).unwrap().expect("forward-trust CA");
     let server = &config.hsm.servers[0];
-    let pin = match server.pin.as_ref().expect("pin") {
-        tollgate::config::SecretSource::File(p) => std::fs::read_to_string(p).unwrap().trim().to_string(),
-        tollgate::config::SecretSource::Env(v) => std::env::var(v).unwrap(),
+    let pin = {
+        use secrecy::ExposeSecret;
+        server.pin.as_ref().expect("pin source").load("bench").expect("pin").expose_secret().to_string()
     };
     Some(HsmBench { hsm, ca, module: server.module.clone(), token: server.token.clone(), pin })
 }

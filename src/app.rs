@@ -58,7 +58,8 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     check(&config)?;
     let state = StateDir::open(&config.state_dir)?;
     let store = CertStore::load(&state)?;
-    let hsm = Arc::new(Hsm::open(&config.hsm.servers));
+    let hsm = Arc::new(Hsm::open(&config.hsm));
+    hsm.start_recovery();
     let cas = Cas {
         trust: load_ca(&store, CaRole::ForwardTrust, &hsm),
         untrust: load_ca(&store, CaRole::ForwardUntrust, &hsm),

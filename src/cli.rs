@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::Config;
 use crate::keys::KeyAlgorithm;
 use crate::manage;
-use crate::pki::CaRole;
+use crate::pki::{CaRole, KeyLocation};
 
 /// Exit code for usage and configuration errors (sysexits EX_USAGE).
 pub const EXIT_USAGE: i32 = 64;
@@ -57,6 +57,40 @@ enum HsmCommand {
         #[arg(long)]
         so_pin_file: PathBuf,
     },
+    /// Check the administrator password (SO PIN) of a server authenticates.
+    Setup {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        server: String,
+        /// File holding the SO PIN.
+        #[arg(long, conflicts_with = "so_pin_env", required_unless_present = "so_pin_env")]
+        so_pin_file: Option<PathBuf>,
+        /// Environment variable holding the SO PIN.
+        #[arg(long)]
+        so_pin_env: Option<String>,
+    },
+    /// Check a server's partition password (user PIN) and store it sealed for the service
+    /// (unless the server has pin_file/pin_env). Read from a file, a variable or stdin — never
+    /// from the command line.
+    Login {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        server: String,
+        #[arg(long, conflicts_with = "pin_env")]
+        pin_file: Option<PathBuf>,
+        #[arg(long)]
+        pin_env: Option<String>,
+    },
+    /// Library, token, mechanisms, sessions and key inventory of every server (never key
+    /// material).
+    Info {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        json: bool,
+    },
     /// Connect to every HSM server and show its state.
     Status {
         #[command(flatten)]
@@ -90,6 +124,31 @@ enum CertCommand {
         /// Also write the certificate as PEM here.
         #[arg(long)]
         out_cert: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Import a certificate whose private key is already on the HSM (every member).
+    Import {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        name: String,
+        /// PEM file: the certificate, then its chain.
+        #[arg(long)]
+        cert: PathBuf,
+        /// The private key is on the HSM: found by the certificate's public key, or --key-id.
+        #[arg(long, required = true)]
+        key_on_hsm: bool,
+        /// CKA_ID of the private key, hex.
+        #[arg(long)]
+        key_id: Option<String>,
+        #[arg(long)]
+        forward_trust: bool,
+        #[arg(long, conflicts_with = "forward_trust")]
+        forward_untrust: bool,
+        /// Host names served with it on inbound listeners, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        inbound: Vec<String>,
         #[arg(long)]
         json: bool,
     },
@@ -197,6 +256,88 @@ fn hsm(command: HsmCommand) -> i32 {
                 Err(e) => fail(e),
             }
         }
+        HsmCommand::Setup { config, server, so_pin_file, so_pin_env } => {
+            let config = match load(&config.config) {
+                Ok(config) => config,
+                Err(code) => return code,
+            };
+            let source = match (so_pin_file, so_pin_env) {
+                (Some(file), _) => crate::config::SecretSource::File(file),
+                (None, Some(var)) => crate::config::SecretSource::Env(var),
+                (None, None) => unreachable!("clap requires one"),
+            };
+            match manage::hsm_setup(&config, &server, &source) {
+                Ok(()) => {
+                    println!("hsm server {server}: administrator password authenticated");
+                    0
+                }
+                Err(e) => fail(e),
+            }
+        }
+        HsmCommand::Login { config, server, pin_file, pin_env } => {
+            let config = match load(&config.config) {
+                Ok(config) => config,
+                Err(code) => return code,
+            };
+            let pin = match read_pin(pin_file, pin_env) {
+                Ok(pin) => pin,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return EXIT_USAGE;
+                }
+            };
+            match manage::hsm_login(&config, &server, &pin) {
+                Ok(manage::LoginOutcome::Stored(path)) => {
+                    println!("hsm server {server}: logged in; partition password sealed in {}", path.display());
+                    0
+                }
+                Ok(manage::LoginOutcome::Configured(source)) => {
+                    println!(
+                        "hsm server {server}: logged in; the service reads its password from {source}, nothing stored"
+                    );
+                    0
+                }
+                Err(e) => fail(e),
+            }
+        }
+        HsmCommand::Info { config, json } => {
+            let config = match load(&config.config) {
+                Ok(config) => config,
+                Err(code) => return code,
+            };
+            let info = manage::hsm_info(&config);
+            if json {
+                print_json(&info);
+            } else {
+                for s in &info.servers {
+                    println!("== {} ({}) — {}", s.status.name, s.status.token, s.status.state);
+                    if let Some(l) = &s.library {
+                        println!(
+                            "   library: {} {} (PKCS#11 {})",
+                            l.manufacturer, l.library_version, l.cryptoki_version
+                        );
+                    }
+                    if let Some(t) = &s.token {
+                        println!(
+                            "   token:   {} {} serial {} firmware {} sessions {:?}/{}",
+                            t.manufacturer, t.model, t.serial, t.firmware_version, t.sessions, t.max_sessions
+                        );
+                    }
+                    println!("   mechanisms: {}", s.mechanisms.len());
+                    for k in &s.keys {
+                        println!(
+                            "   key {:<28} {:<7} {:<4} id {} sensitive {:?} extractable {:?}",
+                            k.label, k.class, k.key_type, k.id, k.sensitive, k.extractable
+                        );
+                    }
+                    if let Some(e) = &s.error {
+                        println!("   error: {e}");
+                    }
+                }
+                println!("HA: {}", if info.ha.enabled { "enabled" } else { "disabled" });
+            }
+            i32::from(info.servers.iter().any(|s| !s.status.up))
+        }
         HsmCommand::Status { config, json } => {
             let config = match load(&config.config) {
                 Ok(config) => config,
@@ -261,6 +402,44 @@ fn cert(command: CertCommand) -> i32 {
                 Err(e) => fail(e),
             }
         }
+        CertCommand::Import {
+            config,
+            name,
+            cert,
+            key_on_hsm: _,
+            key_id,
+            forward_trust,
+            forward_untrust,
+            inbound,
+            json,
+        } => {
+            let config = match load(&config.config) {
+                Ok(config) => config,
+                Err(code) => return code,
+            };
+            let id = match key_id.as_deref().map(parse_hex).transpose() {
+                Ok(id) => id,
+                Err(e) => {
+                    eprintln!("error: --key-id: {e}");
+                    return EXIT_USAGE;
+                }
+            };
+            let roles = crate::pki::Roles { forward_trust, forward_untrust, inbound };
+            match manage::import_on_hsm(&config, &name, &cert, id.as_deref(), &roles) {
+                Ok(entry) => {
+                    let KeyLocation::Hsm { label } = &entry.key;
+                    if json {
+                        print_json(
+                            &serde_json::json!({"name": entry.name, "key": "hsm", "label": label, "algorithm": entry.algorithm}),
+                        );
+                    } else {
+                        println!("imported {} ({}), key found on the HSM as {label:?}", entry.name, entry.algorithm);
+                    }
+                    0
+                }
+                Err(e) => fail(e),
+            }
+        }
         CertCommand::List { config, json } => {
             let config = match load(&config.config) {
                 Ok(config) => config,
@@ -301,6 +480,35 @@ fn cert(command: CertCommand) -> i32 {
             }
         }
     }
+}
+
+/// A PIN from a file, a variable, or the first line of stdin.
+fn read_pin(file: Option<PathBuf>, var: Option<String>) -> Result<secrecy::SecretString, String> {
+    let source = match (file, var) {
+        (Some(file), _) => crate::config::SecretSource::File(file),
+        (None, Some(var)) => crate::config::SecretSource::Env(var),
+        (None, None) => {
+            let mut line = zeroize::Zeroizing::new(String::new());
+            std::io::stdin().read_line(&mut line).map_err(|e| format!("reading the PIN from stdin: {e}"))?;
+            let pin = line.trim_end_matches(['\r', '\n']);
+            if pin.is_empty() {
+                return Err("no PIN on stdin (or use --pin-file / --pin-env)".into());
+            }
+            return Ok(secrecy::SecretString::from(pin.to_string()));
+        }
+    };
+    source.load("partition password").map_err(|e| e.to_string())
+}
+
+fn parse_hex(text: &str) -> Result<Vec<u8>, String> {
+    let text = text.trim_start_matches("0x");
+    if text.is_empty() || !text.len().is_multiple_of(2) {
+        return Err(format!("{text:?} is not an even number of hex digits"));
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).map_err(|e| format!("{text:?}: {e}")))
+        .collect()
 }
 
 fn role_name(role: CaRole) -> &'static str {

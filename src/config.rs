@@ -51,10 +51,30 @@ pub struct Config {
     pub mint: MintConfig,
 }
 
-/// `[hsm]`: the HSM servers (two or more form the HA group).
-#[derive(Debug, Default)]
+/// `[hsm]`: the HSM servers (two or more form the HA group) and how they are driven.
+#[derive(Clone, Debug, Default)]
 pub struct HsmConfig {
     pub servers: Vec<HsmServerConfig>,
+    pub ha: HaConfig,
+    /// Worker threads per PKCS#11 library.
+    pub workers: usize,
+    /// Jobs waiting per library before new ones are refused.
+    pub queue_depth: usize,
+    /// Deadline of one HSM operation, queueing included.
+    pub call_timeout_ms: u64,
+}
+
+/// `[hsm.ha]`.
+#[derive(Clone, Debug, Default)]
+pub struct HaConfig {
+    /// HA is on with two or more servers unless this is false.
+    pub enabled: Option<bool>,
+    /// The HA group's name, shown in status.
+    pub group: String,
+    /// Recovery attempts for a down member; 0 = forever.
+    pub auto_recovery_retry: u32,
+    /// Seconds between recovery attempts.
+    pub auto_recovery_interval_secs: u64,
 }
 
 /// One `[[hsm.server]]`.
@@ -77,6 +97,21 @@ pub struct HsmServerConfig {
 pub enum SecretSource {
     File(PathBuf),
     Env(String),
+    /// Sealed in the state directory by `tollgate hsm login`, under the device key.
+    Sealed {
+        file: PathBuf,
+        device_key: PathBuf,
+        purpose: String,
+    },
+}
+
+/// Where `tollgate hsm login` seals a server's partition password.
+pub fn sealed_pin(state_dir: &Path, server: &str) -> SecretSource {
+    SecretSource::Sealed {
+        file: state_dir.join("hsm").join(format!("{server}.pin.sealed")),
+        device_key: state_dir.join("device.key"),
+        purpose: format!("tollgate hsm partition password:{server}"),
+    }
 }
 
 /// A `[[listener]]`.
@@ -187,6 +222,17 @@ impl SecretSource {
                 std::fs::read_to_string(path).map_err(|e| err(format!("reading {}: {e}", path.display())))?
             }
             Self::Env(var) => std::env::var(var).map_err(|_| err(format!("environment variable {var} is not set")))?,
+            Self::Sealed { file, device_key, purpose } => {
+                if !file.exists() {
+                    return Err(err(format!(
+                        "none stored ({} missing): set pin_file or pin_env, or run `tollgate hsm login`",
+                        file.display()
+                    )));
+                }
+                let key = crate::vault::DeviceKey::load(device_key).map_err(|e| err(e.to_string()))?;
+                let bytes = key.open_from(file, purpose).map_err(|e| err(e.to_string()))?;
+                String::from_utf8(bytes.to_vec()).map_err(|_| err("sealed value is not UTF-8".into()))?
+            }
         };
         let trimmed_len = value.trim_end_matches(['\r', '\n']).len();
         value.truncate(trimmed_len);
@@ -202,6 +248,7 @@ impl fmt::Debug for SecretSource {
         match self {
             Self::File(path) => write!(f, "file {}", path.display()),
             Self::Env(var) => write!(f, "env {var}"),
+            Self::Sealed { file, .. } => write!(f, "sealed {}", file.display()),
         }
     }
 }
@@ -216,8 +263,13 @@ impl Typer<'_> {
     fn config(&self, raw: raw::Config) -> Result<Config, ConfigError> {
         let raw::Config { state_dir, hsm, listener, upstream, resolve, policy, inbound: _, management, limits, mint } =
             raw;
-        let servers =
-            hsm.server.into_iter().enumerate().map(|(i, s)| self.hsm_server(i, s)).collect::<Result<Vec<_>, _>>()?;
+        let state_dir_path = self.resolve_path(&state_dir);
+        let servers = hsm
+            .server
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| self.hsm_server(i, s, &state_dir_path))
+            .collect::<Result<Vec<_>, _>>()?;
         for (i, a) in servers.iter().enumerate() {
             if servers[..i].iter().any(|b| b.name == a.name) {
                 return Err(
@@ -237,8 +289,19 @@ impl Typer<'_> {
         }
         Ok(Config {
             path: self.path.to_path_buf(),
-            state_dir: self.resolve_path(&state_dir),
-            hsm: HsmConfig { servers },
+            state_dir: state_dir_path.clone(),
+            hsm: HsmConfig {
+                servers,
+                ha: HaConfig {
+                    enabled: hsm.ha.enabled,
+                    group: hsm.ha.group,
+                    auto_recovery_retry: hsm.ha.auto_recovery_retry,
+                    auto_recovery_interval_secs: hsm.ha.auto_recovery_interval_secs,
+                },
+                workers: hsm.workers,
+                queue_depth: hsm.queue_depth,
+                call_timeout_ms: hsm.call_timeout_ms,
+            },
             listeners,
             upstream: UpstreamConfig {
                 ca_bundles: upstream.ca_bundles.iter().map(|p| self.resolve_path(p)).collect(),
@@ -259,7 +322,7 @@ impl Typer<'_> {
         })
     }
 
-    fn hsm_server(&self, i: usize, raw: raw::HsmServer) -> Result<HsmServerConfig, ConfigError> {
+    fn hsm_server(&self, i: usize, raw: raw::HsmServer, state_dir: &Path) -> Result<HsmServerConfig, ConfigError> {
         let field = |f: &str| format!("hsm.server[{i}].{f}");
         let name_ok = (1..=31).contains(&raw.name.len()) && raw.name.bytes().all(|b| b.is_ascii_graphic());
         if !name_ok {
@@ -274,7 +337,7 @@ impl Typer<'_> {
             }
             (Some(file), None) => Some(SecretSource::File(self.resolve_path(&file))),
             (None, Some(var)) => Some(SecretSource::Env(var)),
-            (None, None) => None,
+            (None, None) => Some(sealed_pin(state_dir, &raw.name)),
         };
         Ok(HsmServerConfig {
             name: raw.name,
@@ -354,11 +417,70 @@ mod raw {
         pub mint: Mint,
     }
 
-    #[derive(Deserialize, Default)]
+    #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     pub(super) struct Hsm {
         #[serde(default)]
         pub server: Vec<HsmServer>,
+        #[serde(default)]
+        pub ha: HsmHa,
+        #[serde(default = "default_hsm_workers")]
+        pub workers: usize,
+        #[serde(default = "default_queue_depth")]
+        pub queue_depth: usize,
+        #[serde(default = "default_call_timeout_ms")]
+        pub call_timeout_ms: u64,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct HsmHa {
+        pub enabled: Option<bool>,
+        #[serde(default = "default_group")]
+        pub group: String,
+        #[serde(default)]
+        pub auto_recovery_retry: u32,
+        #[serde(default = "default_recovery_interval")]
+        pub auto_recovery_interval_secs: u64,
+    }
+
+    impl Default for Hsm {
+        fn default() -> Self {
+            Self {
+                server: Vec::new(),
+                ha: HsmHa::default(),
+                workers: default_hsm_workers(),
+                queue_depth: default_queue_depth(),
+                call_timeout_ms: default_call_timeout_ms(),
+            }
+        }
+    }
+
+    impl Default for HsmHa {
+        fn default() -> Self {
+            Self {
+                enabled: None,
+                group: default_group(),
+                auto_recovery_retry: 0,
+                auto_recovery_interval_secs: default_recovery_interval(),
+            }
+        }
+    }
+
+    fn default_hsm_workers() -> usize {
+        2
+    }
+    fn default_queue_depth() -> usize {
+        1024
+    }
+    fn default_call_timeout_ms() -> u64 {
+        2000
+    }
+    fn default_group() -> String {
+        "default".into()
+    }
+    fn default_recovery_interval() -> u64 {
+        60
     }
 
     #[derive(Deserialize)]

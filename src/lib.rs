@@ -25,3 +25,4 @@ pub mod policy;
 pub mod proxy;
 pub mod state;
 pub mod telemetry;
+pub mod vault;

@@ -4,7 +4,11 @@
 //! and the Prometheus text is small enough to render by hand.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use parking_lot::{Mutex, RwLock};
 
 /// The metric names that outside checks rely on (SPEC).
 pub mod names {
@@ -35,6 +39,103 @@ pub struct Metrics {
     pub tunnels_total: AtomicU64,
     pub untrusted_upstreams_total: AtomicU64,
     pub upstream_pooled: AtomicI64,
+    /// Per HSM server.
+    pub hsm_members: RwLock<Vec<Arc<MemberMetrics>>>,
+    /// Per PKCS#11 library: jobs waiting.
+    pub hsm_queues: RwLock<Vec<Arc<QueueGauge>>>,
+}
+
+/// Metrics of one HSM server.
+#[derive(Debug)]
+pub struct MemberMetrics {
+    name: String,
+    up: AtomicI64,
+    /// Counts per `SIGN_BUCKETS` upper bound, then +Inf.
+    buckets: [AtomicU64; SIGN_BUCKETS.len() + 1],
+    sum_micros: AtomicU64,
+    errors: Mutex<std::collections::BTreeMap<String, u64>>,
+}
+
+/// Upper bounds (seconds) of the sign latency histogram.
+const SIGN_BUCKETS: [f64; 10] = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0];
+
+impl MemberMetrics {
+    /// The metrics of a server, created on first use.
+    pub fn register(name: &str) -> Arc<Self> {
+        let mut members = METRICS.hsm_members.write();
+        if let Some(m) = members.iter().find(|m| m.name == name) {
+            return m.clone();
+        }
+        let m = Arc::new(Self {
+            name: name.to_string(),
+            up: AtomicI64::new(0),
+            buckets: Default::default(),
+            sum_micros: AtomicU64::new(0),
+            errors: Mutex::new(Default::default()),
+        });
+        members.push(m.clone());
+        m
+    }
+
+    pub fn set_up(&self, up: bool) {
+        self.up.store(i64::from(up), Relaxed);
+    }
+
+    pub fn observe_sign(&self, took: Duration) {
+        let secs = took.as_secs_f64();
+        let i = SIGN_BUCKETS.iter().position(|b| secs <= *b).unwrap_or(SIGN_BUCKETS.len());
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.sum_micros.fetch_add(took.as_micros() as u64, Relaxed);
+    }
+
+    pub fn observe_error(&self, reason: &str) {
+        *self.errors.lock().entry(reason.to_string()).or_default() += 1;
+    }
+
+    fn render(&self, out: &mut String) {
+        let name = &self.name;
+        let _ = writeln!(out, "tollgate_hsm_member_up{{server=\"{name}\"}} {}", self.up.load(Relaxed));
+        let mut cumulative = 0;
+        for (i, count) in self.buckets.iter().enumerate() {
+            cumulative += count.load(Relaxed);
+            let le = SIGN_BUCKETS.get(i).map(|b| b.to_string()).unwrap_or_else(|| "+Inf".into());
+            let _ = writeln!(
+                out,
+                "tollgate_hsm_sign_duration_seconds_bucket{{server=\"{name}\",le=\"{le}\"}} {cumulative}"
+            );
+        }
+        let sum = self.sum_micros.load(Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "tollgate_hsm_sign_duration_seconds_sum{{server=\"{name}\"}} {sum}");
+        let _ = writeln!(out, "tollgate_hsm_sign_duration_seconds_count{{server=\"{name}\"}} {cumulative}");
+        for (reason, count) in self.errors.lock().iter() {
+            let _ =
+                writeln!(out, "tollgate_hsm_member_sign_errors_total{{server=\"{name}\",reason=\"{reason}\"}} {count}");
+        }
+    }
+}
+
+/// Jobs waiting in one library's HSM queue.
+#[derive(Debug)]
+pub struct QueueGauge {
+    library: String,
+    depth: AtomicI64,
+}
+
+impl QueueGauge {
+    /// The gauge of a library, created on first use.
+    pub fn register(library: &str) -> Arc<Self> {
+        let mut queues = METRICS.hsm_queues.write();
+        if let Some(q) = queues.iter().find(|q| q.library == library) {
+            return q.clone();
+        }
+        let q = Arc::new(Self { library: library.to_string(), depth: AtomicI64::new(0) });
+        queues.push(q.clone());
+        q
+    }
+
+    pub fn set(&self, depth: usize) {
+        self.depth.store(depth as i64, Relaxed);
+    }
 }
 
 /// The process-wide metrics.
@@ -50,6 +151,8 @@ pub static METRICS: Metrics = Metrics {
     tunnels_total: AtomicU64::new(0),
     untrusted_upstreams_total: AtomicU64::new(0),
     upstream_pooled: AtomicI64::new(0),
+    hsm_members: parking_lot::const_rwlock(Vec::new()),
+    hsm_queues: parking_lot::const_rwlock(Vec::new()),
 };
 
 impl Metrics {
@@ -68,6 +171,8 @@ impl Metrics {
             tunnels_total,
             untrusted_upstreams_total,
             upstream_pooled,
+            hsm_members,
+            hsm_queues,
         } = self;
         let mut out = String::with_capacity(2048);
         let counters = [
@@ -90,6 +195,33 @@ impl Metrics {
         ];
         for (name, help, value) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}", value.load(Relaxed));
+        }
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_hsm_member_up Whether the HSM server is connected and authenticated.\n# TYPE tollgate_hsm_member_up gauge"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_hsm_sign_duration_seconds HSM signature latency, queueing included.\n# TYPE tollgate_hsm_sign_duration_seconds histogram"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_hsm_member_sign_errors_total HSM signature failures by reason.\n# TYPE tollgate_hsm_member_sign_errors_total counter"
+        );
+        for member in hsm_members.read().iter() {
+            member.render(&mut out);
+        }
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_hsm_queue_depth HSM jobs waiting per PKCS#11 library.\n# TYPE tollgate_hsm_queue_depth gauge"
+        );
+        for queue in hsm_queues.read().iter() {
+            let _ = writeln!(
+                out,
+                "tollgate_hsm_queue_depth{{library=\"{}\"}} {}",
+                queue.library,
+                queue.depth.load(Relaxed)
+            );
         }
         out
     }

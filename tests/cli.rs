@@ -197,3 +197,69 @@ fn missing_pin_source_is_a_clear_error() {
     let state = status["servers"][0]["state"].as_str().unwrap();
     assert!(state.contains("absent.pin"), "{state}");
 }
+
+#[test]
+fn setup_checks_the_so_pin_and_login_seals_the_partition_password() {
+    let token = Token::new();
+    let config = token.path("tollgate.toml");
+    write_config(&token, &config, &ProxyOptions::default());
+    // No pin_file: the service uses a PIN sealed by `hsm login`.
+    let text = std::fs::read_to_string(&config).unwrap();
+    let text: String = text.lines().filter(|l| !l.starts_with("pin_file")).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&config, text).unwrap();
+    let cfg = config.to_str().unwrap();
+
+    let status = tollgate(&token, &["hsm", "status", "--json", "--config", cfg]);
+    let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert!(json["servers"][0]["state"].as_str().unwrap().contains("tollgate hsm login"), "{json}");
+
+    let so_ok = token.path("so.pin");
+    std::fs::write(&so_ok, SO_PIN).unwrap();
+    let so_bad = token.path("so-bad.pin");
+    std::fs::write(&so_bad, "not-the-so-pin").unwrap();
+    let out = tollgate(
+        &token,
+        &["hsm", "setup", "--server", "hsm-a", "--so-pin-file", so_ok.to_str().unwrap(), "--config", cfg],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = tollgate(
+        &token,
+        &["hsm", "setup", "--server", "hsm-a", "--so-pin-file", so_bad.to_str().unwrap(), "--config", cfg],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("administrator password (SO PIN) is incorrect"), "{}", stderr(&out));
+
+    // A wrong partition password is refused and nothing is stored.
+    let login = |pin: &str| {
+        use std::io::Write;
+        let mut child = token
+            .cmd(tollgate_bin())
+            .args(["hsm", "login", "--server", "hsm-a", "--config", cfg])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(format!("{pin}\n").as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let out = login("wrong-user-pin");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("incorrect"));
+    let sealed = token.path("state/hsm/hsm-a.pin.sealed");
+    assert!(!sealed.exists());
+
+    let out = login(USER_PIN);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let bytes = std::fs::read(&sealed).unwrap();
+    assert!(!bytes.windows(USER_PIN.len()).any(|w| w == USER_PIN.as_bytes()), "sealed, not in the clear");
+    use std::os::unix::fs::PermissionsExt;
+    for file in [&sealed, &token.path("state/device.key")] {
+        assert_eq!(std::fs::metadata(file).unwrap().permissions().mode() & 0o777, 0o600, "{}", file.display());
+    }
+    let status = tollgate(&token, &["hsm", "status", "--json", "--config", cfg]);
+    let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(json["servers"][0]["state"], "authenticated", "the sealed PIN logs in");
+    let all = format!("{}{}", String::from_utf8_lossy(&status.stdout), String::from_utf8_lossy(&status.stderr));
+    assert!(!all.contains(USER_PIN) && !all.contains(SO_PIN));
+}

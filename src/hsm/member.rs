@@ -17,21 +17,59 @@ use rustls::SignatureScheme;
 use secrecy::SecretString;
 
 use super::HsmError;
+use super::info::{KeyEntry, LibraryInfo, TokenInfo};
 use crate::config::HsmServerConfig;
 use crate::keys::KeyAlgorithm;
 
-/// Sessions kept idle per member; more are opened under load and closed on return.
-const MAX_IDLE_SESSIONS: usize = 16;
-
-/// A connected, logged-in token.
+/// A connected, logged-in token, valid for one generation of its library.
 pub(super) struct Connection {
+    id: u64,
     pkcs11: Pkcs11,
+    module: PathBuf,
+    generation: u64,
     slot: Slot,
     pub(super) serial: String,
     /// Keeps the login alive: PKCS#11 login state ends with the application's last session.
-    _anchor: Mutex<Session>,
-    idle: Mutex<Vec<Session>>,
+    _anchor: Mutex<OwnedSession>,
     handles: Mutex<HashMap<String, ObjectHandle>>,
+}
+
+/// A session opened without close-on-drop, closed on drop only while its library generation
+/// is current: after a re-initialisation its handle number may name someone else's session.
+pub(super) struct OwnedSession {
+    session: Option<Session>,
+    module: PathBuf,
+    generation: u64,
+}
+
+impl OwnedSession {
+    /// Gives the session up without closing it (process exit or C_Finalize reclaims it).
+    pub(super) fn abandon(mut self) {
+        drop(self.session.take());
+    }
+
+    /// Whether the library it belongs to has not been re-initialised since.
+    pub(super) fn is_live(&self) -> bool {
+        generation(&self.module) == Some(self.generation)
+    }
+}
+
+impl std::ops::Deref for OwnedSession {
+    type Target = Session;
+
+    fn deref(&self) -> &Session {
+        self.session.as_ref().expect("present until drop")
+    }
+}
+
+impl Drop for OwnedSession {
+    fn drop(&mut self) {
+        if let Some(session) = self.session.take()
+            && self.is_live()
+        {
+            let _ = session.close();
+        }
+    }
 }
 
 /// A public key read from the token.
@@ -43,13 +81,14 @@ pub(super) struct PublicKeyInfo {
 impl Connection {
     /// Loads the library, finds the token by label and logs in with the partition password.
     pub(super) fn open(config: &HsmServerConfig, pin: &SecretString) -> Result<Self, HsmError> {
-        let pkcs11 = module(&config.module)?;
+        let (pkcs11, generation) = module(&config.module)?;
         let slot = find_slot(&pkcs11, config)?;
         let token = pkcs11.get_token_info(slot).map_err(|e| p11(config, "C_GetTokenInfo", e))?;
-        let anchor = pkcs11.open_rw_session(slot).map_err(|e| p11(config, "C_OpenSession", e))?;
+        let anchor = pkcs11.open_rw_session_no_drop(slot).map_err(|e| p11(config, "C_OpenSession", e))?;
+        let anchor = OwnedSession { session: Some(anchor), module: config.module.clone(), generation };
         match anchor.login(UserType::User, Some(pin)) {
             Ok(()) | Err(P11Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
-            Err(P11Error::Pkcs11(RvError::PinIncorrect, _)) => {
+            Err(P11Error::Pkcs11(RvError::PinIncorrect | RvError::PinInvalid | RvError::PinLenRange, _)) => {
                 return Err(HsmError::PinIncorrect { server: config.name.clone() });
             }
             Err(P11Error::Pkcs11(RvError::PinLocked, _)) => {
@@ -57,19 +96,42 @@ impl Connection {
             }
             Err(e) => return Err(p11(config, "C_Login", e)),
         }
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Ok(Self {
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             pkcs11,
+            module: config.module.clone(),
+            generation,
             slot,
             serial: token.serial_number().trim().to_string(),
             _anchor: Mutex::new(anchor),
-            idle: Mutex::new(Vec::new()),
             handles: Mutex::new(HashMap::new()),
         })
     }
 
-    /// Signs `message` with the private key labelled `label`.
+    /// Unique per connection (a reconnect is a new connection).
+    pub(super) fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The library file.
+    pub(super) fn module(&self) -> &Path {
+        &self.module
+    }
+
+    /// A new session (for a worker, or an administrative operation).
+    pub(super) fn open_session(&self, server: &str) -> Result<OwnedSession, HsmError> {
+        if generation(&self.module) != Some(self.generation) {
+            return Err(HsmError::Unavailable(format!("hsm server {server}: its library was re-initialised")));
+        }
+        let session = self.pkcs11.open_rw_session_no_drop(self.slot).map_err(|e| p11s(server, "C_OpenSession", e))?;
+        Ok(OwnedSession { session: Some(session), module: self.module.clone(), generation: self.generation })
+    }
+
+    /// Signs `message` with the private key labelled `label`, on a worker's session.
     pub(super) fn sign(
         &self,
+        session: &Session,
         server: &str,
         label: &str,
         algorithm: KeyAlgorithm,
@@ -77,23 +139,18 @@ impl Connection {
         message: &[u8],
     ) -> Result<Vec<u8>, HsmError> {
         let (mechanism, data) = mechanism(algorithm, scheme, message)?;
-        let session = self.checkout(server)?;
-        let handle = self.private_key(server, &session, label)?;
+        let handle = self.private_key(server, session, label)?;
         match session.sign(&mechanism, handle, &data) {
-            Ok(signature) => {
-                self.checkin(session);
-                match algorithm {
-                    KeyAlgorithm::EcdsaP256 | KeyAlgorithm::EcdsaP384 => ecdsa_der(&signature),
-                    KeyAlgorithm::Rsa2048 | KeyAlgorithm::Rsa3072 => Ok(signature),
-                }
-            }
+            Ok(signature) => match algorithm {
+                KeyAlgorithm::EcdsaP256 | KeyAlgorithm::EcdsaP384 => ecdsa_der(&signature),
+                KeyAlgorithm::Rsa2048 | KeyAlgorithm::Rsa3072 => Ok(signature),
+            },
             Err(e) => {
-                // A session that failed mid-operation may be left with an operation active:
-                // drop it (closing it) instead of returning it to the pool.
+                // Handles change when the token reloads its objects: find the key again next time.
                 if matches!(e, P11Error::Pkcs11(RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid, _)) {
                     self.handles.lock().remove(label);
                 }
-                Err(HsmError::Pkcs11 { server: server.into(), operation: "C_Sign", reason: rv(&e) })
+                Err(p11s(server, "C_Sign", e))
             }
         }
     }
@@ -106,7 +163,7 @@ impl Connection {
         id: &[u8],
         algorithm: KeyAlgorithm,
     ) -> Result<(), HsmError> {
-        let session = self.checkout(server)?;
+        let session = self.open_session(server)?;
         if !find(&session, ObjectClass::PRIVATE_KEY, label).map_err(|e| p11s(server, "C_FindObjects", e))?.is_empty() {
             return Err(HsmError::KeyExists { label: label.into() });
         }
@@ -143,13 +200,12 @@ impl Connection {
             (None, None) => unreachable!("every algorithm is EC or RSA"),
         };
         session.generate_key_pair(&mechanism, &public, &private).map_err(|e| p11s(server, "C_GenerateKeyPair", e))?;
-        self.checkin(session);
         Ok(())
     }
 
     /// Reads the public key labelled `label`.
     pub(super) fn public_key(&self, server: &str, label: &str) -> Result<PublicKeyInfo, HsmError> {
-        let session = self.checkout(server)?;
+        let session = self.open_session(server)?;
         let handles = find(&session, ObjectClass::PUBLIC_KEY, label).map_err(|e| p11s(server, "C_FindObjects", e))?;
         let handle = single(handles, label)?;
         let attrs = session
@@ -164,8 +220,138 @@ impl Connection {
                 ],
             )
             .map_err(|e| p11s(server, "C_GetAttributeValue", e))?;
-        self.checkin(session);
         public_key_from(label, &attrs)
+    }
+
+    /// Library, token, mechanisms and key inventory (never key material).
+    pub(super) fn info(&self, server: &str) -> Result<(LibraryInfo, TokenInfo, Vec<String>, Vec<KeyEntry>), HsmError> {
+        let lib = self.pkcs11.get_library_info().map_err(|e| p11s(server, "C_GetInfo", e))?;
+        let library = LibraryInfo {
+            manufacturer: lib.manufacturer_id().trim().to_string(),
+            description: lib.library_description().trim().to_string(),
+            library_version: lib.library_version().to_string(),
+            cryptoki_version: lib.cryptoki_version().to_string(),
+        };
+        let t = self.pkcs11.get_token_info(self.slot).map_err(|e| p11s(server, "C_GetTokenInfo", e))?;
+        let slot = self.pkcs11.get_slot_info(self.slot).map_err(|e| p11s(server, "C_GetSlotInfo", e))?;
+        let token = TokenInfo {
+            label: t.label().trim().to_string(),
+            manufacturer: t.manufacturer_id().trim().to_string(),
+            model: t.model().trim().to_string(),
+            serial: t.serial_number().trim().to_string(),
+            hardware_version: t.hardware_version().to_string(),
+            firmware_version: t.firmware_version().to_string(),
+            slot_description: slot.slot_description().trim().to_string(),
+            sessions: t.session_count(),
+            max_sessions: format!("{:?}", t.max_session_count()),
+            rw_sessions: t.rw_session_count(),
+            free_public_memory: t.free_public_memory(),
+            total_public_memory: t.total_public_memory(),
+            free_private_memory: t.free_private_memory(),
+            total_private_memory: t.total_private_memory(),
+            user_pin_locked: t.user_pin_locked(),
+            user_pin_count_low: t.user_pin_count_low(),
+        };
+        let mechanisms = self
+            .pkcs11
+            .get_mechanism_list(self.slot)
+            .map_err(|e| p11s(server, "C_GetMechanismList", e))?
+            .iter()
+            .map(|m| m.to_string())
+            .collect();
+        Ok((library, token, mechanisms, self.keys(server)?))
+    }
+
+    /// Every key object: label, id, class, type and protection flags.
+    pub(super) fn keys(&self, server: &str) -> Result<Vec<KeyEntry>, HsmError> {
+        let session = self.open_session(server)?;
+        let mut out = Vec::new();
+        for (class, name) in [
+            (ObjectClass::PRIVATE_KEY, "private"),
+            (ObjectClass::PUBLIC_KEY, "public"),
+            (ObjectClass::SECRET_KEY, "secret"),
+        ] {
+            let handles =
+                session.find_objects(&[Attribute::Class(class)]).map_err(|e| p11s(server, "C_FindObjects", e))?;
+            for handle in handles {
+                let mut wanted = vec![AttributeType::Label, AttributeType::Id, AttributeType::KeyType];
+                if class != ObjectClass::PUBLIC_KEY {
+                    wanted.extend([AttributeType::Sensitive, AttributeType::Extractable]);
+                }
+                let attrs =
+                    session.get_attributes(handle, &wanted).map_err(|e| p11s(server, "C_GetAttributeValue", e))?;
+                let mut entry = KeyEntry {
+                    label: String::new(),
+                    id: String::new(),
+                    class: name,
+                    key_type: String::new(),
+                    sensitive: None,
+                    extractable: None,
+                };
+                for attr in attrs {
+                    match attr {
+                        Attribute::Label(v) => entry.label = String::from_utf8_lossy(&v).into_owned(),
+                        Attribute::Id(v) => entry.id = hex(&v),
+                        Attribute::KeyType(t) => entry.key_type = format!("{t}"),
+                        Attribute::Sensitive(b) => entry.sensitive = Some(b),
+                        Attribute::Extractable(b) => entry.extractable = Some(b),
+                        _ => {}
+                    }
+                }
+                out.push(entry);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The label of the private key whose public key is `spki` (matched through the public key
+    /// object with the same CKA_ID), or whose CKA_ID is `id`.
+    pub(super) fn find_key(&self, server: &str, spki: &[u8], id: Option<&[u8]>) -> Result<String, HsmError> {
+        let session = self.open_session(server)?;
+        let ids: Vec<Vec<u8>> = match id {
+            Some(id) => vec![id.to_vec()],
+            None => {
+                let mut ids = Vec::new();
+                let publics = session
+                    .find_objects(&[Attribute::Class(ObjectClass::PUBLIC_KEY)])
+                    .map_err(|e| p11s(server, "C_FindObjects", e))?;
+                for handle in publics {
+                    let attrs = session
+                        .get_attributes(
+                            handle,
+                            &[
+                                AttributeType::KeyType,
+                                AttributeType::EcParams,
+                                AttributeType::EcPoint,
+                                AttributeType::Modulus,
+                                AttributeType::PublicExponent,
+                                AttributeType::Id,
+                            ],
+                        )
+                        .map_err(|e| p11s(server, "C_GetAttributeValue", e))?;
+                    let matches = public_key_from("(candidate)", &attrs).is_ok_and(|info| info.spki == spki);
+                    if matches {
+                        ids.extend(
+                            attrs.into_iter().filter_map(|a| if let Attribute::Id(v) = a { Some(v) } else { None }),
+                        );
+                    }
+                }
+                ids
+            }
+        };
+        for id in ids {
+            let privates = session
+                .find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY), Attribute::Id(id.clone())])
+                .map_err(|e| p11s(server, "C_FindObjects", e))?;
+            let Some(handle) = privates.first() else { continue };
+            let attrs = session
+                .get_attributes(*handle, &[AttributeType::Label])
+                .map_err(|e| p11s(server, "C_GetAttributeValue", e))?;
+            if let Some(Attribute::Label(label)) = attrs.into_iter().next() {
+                return Ok(String::from_utf8_lossy(&label).into_owned());
+            }
+        }
+        Err(HsmError::KeyNotFound { label: format!("(matching the certificate's public key on {server})") })
     }
 
     fn private_key(&self, server: &str, session: &Session, label: &str) -> Result<ObjectHandle, HsmError> {
@@ -177,20 +363,6 @@ impl Connection {
         self.handles.lock().insert(label.to_string(), handle);
         Ok(handle)
     }
-
-    fn checkout(&self, server: &str) -> Result<Session, HsmError> {
-        if let Some(session) = self.idle.lock().pop() {
-            return Ok(session);
-        }
-        self.pkcs11.open_rw_session(self.slot).map_err(|e| p11s(server, "C_OpenSession", e))
-    }
-
-    fn checkin(&self, session: Session) {
-        let mut idle = self.idle.lock();
-        if idle.len() < MAX_IDLE_SESSIONS {
-            idle.push(session);
-        }
-    }
 }
 
 /// Initialises a token in a free slot with `label`, sets its SO PIN and user PIN. For software
@@ -201,7 +373,7 @@ pub(super) fn init_token(
     so_pin: &SecretString,
     user_pin: &SecretString,
 ) -> Result<(), HsmError> {
-    let pkcs11 = module(&config.module)?;
+    let (pkcs11, _) = module(&config.module)?;
     if find_slot(&pkcs11, config).is_ok() {
         return Err(HsmError::TokenExists { server: config.name.clone(), token: config.token.clone() });
     }
@@ -213,6 +385,7 @@ pub(super) fn init_token(
             server: config.name.clone(),
             operation: "C_InitToken",
             reason: "no free slot".into(),
+            code: None,
         })?;
     pkcs11.init_token(free, so_pin, &config.token).map_err(|e| p11(config, "C_InitToken", e))?;
     // SoftHSM moves an initialised token to a new slot id: find it again by label.
@@ -223,24 +396,77 @@ pub(super) fn init_token(
     Ok(())
 }
 
-/// One `Pkcs11` per library file per process: `C_Initialize` may run only once.
-fn module(path: &Path) -> Result<Pkcs11, HsmError> {
-    static MODULES: OnceLock<Mutex<HashMap<PathBuf, Pkcs11>>> = OnceLock::new();
-    let mut modules = MODULES.get_or_init(Default::default).lock();
-    if let Some(pkcs11) = modules.get(path) {
-        return Ok(pkcs11.clone());
+/// Checks the administrator password (SO PIN) by logging in as SO and out again.
+pub(super) fn check_so_pin(config: &HsmServerConfig, so_pin: &SecretString) -> Result<(), HsmError> {
+    let (pkcs11, _) = module(&config.module)?;
+    let slot = find_slot(&pkcs11, config)?;
+    let session = pkcs11.open_rw_session(slot).map_err(|e| p11(config, "C_OpenSession", e))?;
+    match session.login(UserType::So, Some(so_pin)) {
+        Ok(()) => {
+            let _ = session.logout();
+            Ok(())
+        }
+        Err(P11Error::Pkcs11(RvError::PinIncorrect | RvError::PinInvalid | RvError::PinLenRange, _)) => {
+            Err(HsmError::SoPinIncorrect { server: config.name.clone() })
+        }
+        Err(e) => Err(p11(config, "C_Login(SO)", e)),
     }
+}
+
+/// One `Pkcs11` per library file per process (`C_Initialize` may run only once), with the
+/// generation it is in: re-initialisation (finalize, initialize) starts a new one, and handles
+/// and sessions from before are never used again.
+struct Module {
+    pkcs11: Pkcs11,
+    generation: u64,
+}
+
+fn modules() -> &'static Mutex<HashMap<PathBuf, Module>> {
+    static MODULES: OnceLock<Mutex<HashMap<PathBuf, Module>>> = OnceLock::new();
+    MODULES.get_or_init(Default::default)
+}
+
+fn module(path: &Path) -> Result<(Pkcs11, u64), HsmError> {
+    let mut modules = modules().lock();
+    if let Some(m) = modules.get(path) {
+        return Ok((m.pkcs11.clone(), m.generation));
+    }
+    let pkcs11 = load(path)?;
+    modules.insert(path.to_path_buf(), Module { pkcs11: pkcs11.clone(), generation: 1 });
+    Ok((pkcs11, 1))
+}
+
+fn load(path: &Path) -> Result<Pkcs11, HsmError> {
     let load_err = |reason: String| HsmError::ModuleLoad { module: path.to_path_buf(), reason };
     if !path.exists() {
         return Err(load_err("file not found".into()));
     }
     let pkcs11 = Pkcs11::new(path).map_err(|e| load_err(e.to_string()))?;
     match pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-        Ok(()) | Err(P11Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
-        Err(e) => return Err(load_err(format!("C_Initialize: {}", rv(&e)))),
+        Ok(()) | Err(P11Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(pkcs11),
+        Err(e) => Err(load_err(format!("C_Initialize: {}", rv(&e)))),
     }
-    modules.insert(path.to_path_buf(), pkcs11.clone());
-    Ok(pkcs11)
+}
+
+/// The current generation of a loaded library.
+fn generation(path: &Path) -> Option<u64> {
+    modules().lock().get(path).map(|m| m.generation)
+}
+
+/// Re-initialises a library (C_Finalize, C_Initialize): what a network HSM's client library
+/// needs after its link dropped. Every connection of the old generation is dead after this.
+pub(super) fn reinitialise(path: &Path) -> Result<(), HsmError> {
+    let mut modules = modules().lock();
+    let generation = match modules.remove(path) {
+        Some(old) => {
+            let _ = old.pkcs11.finalize();
+            old.generation + 1
+        }
+        None => 1,
+    };
+    let pkcs11 = load(path)?;
+    modules.insert(path.to_path_buf(), Module { pkcs11, generation });
+    Ok(())
 }
 
 fn find_slot(pkcs11: &Pkcs11, config: &HsmServerConfig) -> Result<Slot, HsmError> {
@@ -407,6 +633,10 @@ fn rv(e: &P11Error) -> String {
     }
 }
 
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 fn screaming(camel: &str) -> String {
     let mut out = String::with_capacity(camel.len() + 8);
     for (i, c) in camel.chars().enumerate() {
@@ -423,7 +653,11 @@ fn p11(config: &HsmServerConfig, operation: &'static str, e: P11Error) -> HsmErr
 }
 
 fn p11s(server: &str, operation: &'static str, e: P11Error) -> HsmError {
-    HsmError::Pkcs11 { server: server.into(), operation, reason: rv(&e) }
+    let code = match &e {
+        P11Error::Pkcs11(rv, _) => Some(*rv),
+        _ => None,
+    };
+    HsmError::Pkcs11 { server: server.into(), operation, reason: rv(&e), code }
 }
 
 #[cfg(test)]

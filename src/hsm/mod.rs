@@ -4,19 +4,26 @@
 //! Owns module loading, token lookup, login, sessions and the PKCS#11 mechanism details.
 //! Does not own which key is used for what (that is `pki`) or where PINs are stored (`config`).
 
+mod executor;
+pub mod info;
 mod member;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU32, AtomicUsize};
+use std::time::{Duration, Instant};
 
+use cryptoki::error::RvError;
 use parking_lot::RwLock;
 use rustls::SignatureScheme;
 use serde::Serialize;
 
-use crate::config::HsmServerConfig;
+use crate::config::{HsmConfig, HsmServerConfig};
 use crate::keys::{KeyAlgorithm, KeyError, PrivateKey};
-use crate::telemetry::METRICS;
+use crate::telemetry::{METRICS, MemberMetrics};
+use executor::{Executor, Op};
 use member::Connection;
 
 /// Errors from the HSM.
@@ -30,6 +37,8 @@ pub enum HsmError {
         "hsm server {server}: partition password (user PIN) is incorrect; not retrying, tokens lock after repeated failures"
     )]
     PinIncorrect { server: String },
+    #[error("hsm server {server}: administrator password (SO PIN) is incorrect; not retrying")]
+    SoPinIncorrect { server: String },
     #[error("hsm server {server}: partition password (user PIN) is locked")]
     PinLocked { server: String },
     #[error("hsm server {server}: no partition password configured (set pin_file or pin_env)")]
@@ -37,7 +46,11 @@ pub enum HsmError {
     #[error("hsm server {server}: {reason}")]
     Secret { server: String, reason: String },
     #[error("hsm server {server}: {operation} failed: {reason}")]
-    Pkcs11 { server: String, operation: &'static str, reason: String },
+    Pkcs11 { server: String, operation: &'static str, reason: String, code: Option<RvError> },
+    #[error("hsm server {server}: no answer within {millis} ms")]
+    Timeout { server: String, millis: u64 },
+    #[error("HSM queue of {library} is full")]
+    QueueFull { library: String },
     #[error("hsm server {server}: a token labelled {token:?} already exists")]
     TokenExists { server: String, token: String },
     #[error("no private key labelled {label:?} on the token")]
@@ -56,19 +69,85 @@ pub enum HsmError {
     Unavailable(String),
 }
 
-/// The configured HSM servers, as one signer.
+impl HsmError {
+    /// A failure of the device or the link to it: the member is taken out and the operation
+    /// retried on another one.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Timeout { .. } | Self::Unavailable(_) => true,
+            Self::Pkcs11 { code: Some(code), .. } => matches!(
+                code,
+                RvError::DeviceError
+                    | RvError::DeviceRemoved
+                    | RvError::DeviceMemory
+                    | RvError::TokenNotPresent
+                    | RvError::TokenNotRecognized
+                    | RvError::SessionHandleInvalid
+                    | RvError::SessionClosed
+                    | RvError::SessionCount
+                    | RvError::FunctionFailed
+                    | RvError::GeneralError
+                    | RvError::CryptokiNotInitialized
+                    | RvError::UserNotLoggedIn
+                    | RvError::ObjectHandleInvalid
+                    | RvError::KeyHandleInvalid
+                    | RvError::OperationActive
+            ),
+            Self::Pkcs11 { code: None, .. } => true,
+            _ => false,
+        }
+    }
+
+    /// A wrong or locked PIN: the member is locked, never retried on its own (tokens lock).
+    pub fn is_auth(&self) -> bool {
+        matches!(self, Self::PinIncorrect { .. } | Self::PinLocked { .. } | Self::NoPin { .. } | Self::Secret { .. })
+    }
+
+    /// A short reason for metric labels.
+    pub fn reason(&self) -> String {
+        match self {
+            Self::Pkcs11 { code: Some(code), .. } => format!("{code:?}"),
+            Self::Timeout { .. } => "timeout".into(),
+            Self::QueueFull { .. } => "queue_full".into(),
+            Self::Unavailable(_) => "unavailable".into(),
+            Self::KeyNotFound { .. } => "key_not_found".into(),
+            other if other.is_auth() => "authentication".into(),
+            _ => "other".into(),
+        }
+    }
+}
+
+/// The configured HSM servers as one signer: the HA group.
 pub struct Hsm {
     members: Vec<Member>,
+    ha: HaSettings,
+    executors: HashMap<PathBuf, Arc<Executor>>,
+    call_timeout: Duration,
+}
+
+struct HaSettings {
+    enabled: bool,
+    group: String,
+    retry: u32,
+    interval: Duration,
 }
 
 struct Member {
     config: HsmServerConfig,
     state: RwLock<MemberState>,
+    in_flight: AtomicUsize,
+    attempts: AtomicU32,
+    metrics: Arc<MemberMetrics>,
 }
 
 enum MemberState {
     Up(Arc<Connection>),
+    /// Taken out; the recovery loop tries it again.
     Down(String),
+    /// Wrong or locked PIN: not retried until the operator fixes it.
+    Locked(String),
+    /// Recovery gave up after `auto_recovery_retry` attempts.
+    Exhausted(String),
 }
 
 /// Status of one server, with the field names of `tollgate hsm status --json`.
@@ -80,8 +159,13 @@ pub struct ServerStatus {
     /// `authenticated`, or the reason it is not.
     pub state: String,
     pub up: bool,
+    /// HA member state: `active`, `standby` (HA disabled, not the primary), `down`, `locked`,
+    /// `recovery-exhausted`.
+    pub ha_state: &'static str,
     pub module: PathBuf,
     pub address: Option<String>,
+    pub in_flight: usize,
+    pub recovery_attempts: u32,
 }
 
 /// HA status.
@@ -89,6 +173,8 @@ pub struct ServerStatus {
 pub struct HaStatus {
     pub enabled: bool,
     pub group: Option<String>,
+    pub auto_recovery_retry: u32,
+    pub auto_recovery_interval_secs: u64,
 }
 
 /// `tollgate hsm status --json`.
@@ -100,46 +186,70 @@ pub struct Status {
 
 impl Hsm {
     /// Connects to and logs in to every configured server. A server that fails is kept, marked
-    /// down with the reason (logged), so status can show it; signing uses the others.
-    pub fn open(servers: &[HsmServerConfig]) -> Self {
-        let members = servers
+    /// down (or locked) with the reason, logged once, so status can show it.
+    pub fn open(config: &HsmConfig) -> Self {
+        let members: Vec<Member> = config
+            .servers
             .iter()
-            .map(|config| {
-                let state = match connect(config) {
+            .map(|server| {
+                let metrics = MemberMetrics::register(&server.name);
+                let state = match connect(server) {
                     Ok(conn) => MemberState::Up(Arc::new(conn)),
                     Err(e) => {
-                        tracing::error!(server = %config.name, error = %e, "hsm server unavailable");
-                        MemberState::Down(e.to_string())
+                        tracing::error!(server = %server.name, error = %e, "hsm server unavailable");
+                        if e.is_auth() { MemberState::Locked(e.to_string()) } else { MemberState::Down(e.to_string()) }
                     }
                 };
-                Member { config: config.clone(), state: RwLock::new(state) }
+                metrics.set_up(matches!(state, MemberState::Up(_)));
+                Member {
+                    config: server.clone(),
+                    state: RwLock::new(state),
+                    in_flight: AtomicUsize::new(0),
+                    attempts: AtomicU32::new(0),
+                    metrics,
+                }
             })
             .collect();
-        Self { members }
+        let mut executors = HashMap::new();
+        for server in &config.servers {
+            executors.entry(server.module.clone()).or_insert_with(|| {
+                Executor::start(&server.module.display().to_string(), config.workers, config.queue_depth)
+            });
+        }
+        let ha = HaSettings {
+            enabled: config.servers.len() >= 2 && config.ha.enabled.unwrap_or(true),
+            group: config.ha.group.clone(),
+            retry: config.ha.auto_recovery_retry,
+            interval: Duration::from_secs(config.ha.auto_recovery_interval_secs.max(1)),
+        };
+        Self { members, ha, executors, call_timeout: Duration::from_millis(config.call_timeout_ms) }
     }
 
     /// Like `open`, but fails with the first server's error when none is usable.
-    pub fn open_strict(servers: &[HsmServerConfig]) -> Result<Self, HsmError> {
-        let mut first_err = None;
-        let mut members = Vec::with_capacity(servers.len());
-        for config in servers {
-            let state = match connect(config) {
-                Ok(conn) => MemberState::Up(Arc::new(conn)),
-                Err(e) => {
-                    let reason = e.to_string();
-                    first_err.get_or_insert(e);
-                    MemberState::Down(reason)
-                }
-            };
-            members.push(Member { config: config.clone(), state: RwLock::new(state) });
+    pub fn open_strict(config: &HsmConfig) -> Result<Self, HsmError> {
+        if config.servers.is_empty() {
+            return Err(HsmError::NotConfigured);
         }
-        let hsm = Self { members };
-        let any_up = hsm.up_members().next().is_some();
-        match (any_up, first_err) {
-            (false, Some(e)) => Err(e),
-            (false, None) => Err(HsmError::NotConfigured),
-            (true, _) => Ok(hsm),
+        let hsm = Self::open(config);
+        if hsm.members.iter().any(|m| matches!(*m.state.read(), MemberState::Up(_))) {
+            return Ok(hsm);
         }
+        // Report the first server's error as it happened.
+        Err(connect(&config.servers[0]).err().unwrap_or_else(|| HsmError::Unavailable(hsm.down_reasons())))
+    }
+
+    /// Starts the background recovery of down members (the service calls it; CLI commands
+    /// do not).
+    pub fn start_recovery(self: &Arc<Self>) {
+        let hsm = Arc::downgrade(self);
+        let interval = self.ha.interval;
+        let _ = std::thread::Builder::new().name("hsm-recovery".into()).spawn(move || {
+            loop {
+                std::thread::sleep(interval);
+                let Some(hsm) = hsm.upgrade() else { return };
+                hsm.recover();
+            }
+        });
     }
 
     /// Per-server status.
@@ -147,10 +257,18 @@ impl Hsm {
         let servers = self
             .members
             .iter()
-            .map(|m| {
-                let (serial, state, up) = match &*m.state.read() {
-                    MemberState::Up(conn) => (Some(conn.serial.clone()), "authenticated".to_string(), true),
-                    MemberState::Down(reason) => (None, reason.clone(), false),
+            .enumerate()
+            .map(|(i, m)| {
+                let (serial, state, up, ha_state) = match &*m.state.read() {
+                    MemberState::Up(conn) => {
+                        let ha_state = if self.ha.enabled || i == 0 { "active" } else { "standby" };
+                        (Some(conn.serial.clone()), "authenticated".to_string(), true, ha_state)
+                    }
+                    MemberState::Down(reason) => (None, reason.clone(), false, "down"),
+                    MemberState::Locked(reason) => (None, reason.clone(), false, "locked"),
+                    MemberState::Exhausted(reason) => {
+                        (None, format!("recovery gave up: {reason}"), false, "recovery-exhausted")
+                    }
                 };
                 ServerStatus {
                     name: m.config.name.clone(),
@@ -158,13 +276,23 @@ impl Hsm {
                     serial,
                     state,
                     up,
+                    ha_state,
                     module: m.config.module.clone(),
                     address: m.config.address.clone(),
+                    in_flight: m.in_flight.load(Relaxed),
+                    recovery_attempts: m.attempts.load(Relaxed),
                 }
             })
             .collect();
-        let enabled = self.members.len() >= 2;
-        Status { servers, ha: HaStatus { enabled, group: enabled.then(|| "default".to_string()) } }
+        Status {
+            servers,
+            ha: HaStatus {
+                enabled: self.ha.enabled,
+                group: self.ha.enabled.then(|| self.ha.group.clone()),
+                auto_recovery_retry: self.ha.retry,
+                auto_recovery_interval_secs: self.ha.interval.as_secs(),
+            },
+        }
     }
 
     /// The private key labelled `label`, as a `PrivateKey` whose signatures the HSM makes.
@@ -182,6 +310,55 @@ impl Hsm {
         self.key(label)
     }
 
+    /// Detailed information for every server (H5); never key material.
+    pub fn info(&self) -> info::Info {
+        let status = self.status();
+        let servers = self
+            .members
+            .iter()
+            .zip(status.servers)
+            .map(|(m, status)| {
+                let conn = match &*m.state.read() {
+                    MemberState::Up(conn) => Some(conn.clone()),
+                    _ => None,
+                };
+                let details = conn.map(|c| c.info(&m.config.name));
+                let (library, token, mechanisms, keys, error) = match details {
+                    Some(Ok((l, t, mech, keys))) => (Some(l), Some(t), mech, keys, None),
+                    Some(Err(e)) => (None, None, vec![], vec![], Some(e.to_string())),
+                    None => (None, None, vec![], vec![], Some(status.state.clone())),
+                };
+                info::ServerInfo { status, library, token, mechanisms, keys, error }
+            })
+            .collect();
+        info::Info { servers, ha: status.ha }
+    }
+
+    /// The label of the private key matching `spki` (or CKA_ID `id`) on every up member;
+    /// an error names the member where it is missing or differs.
+    pub fn find_key(&self, spki: &[u8], id: Option<&[u8]>) -> Result<String, HsmError> {
+        let mut label: Option<String> = None;
+        for m in &self.members {
+            let conn = match &*m.state.read() {
+                MemberState::Up(conn) => conn.clone(),
+                _ => continue,
+            };
+            let found = conn.find_key(&m.config.name, spki, id)?;
+            match &label {
+                Some(l) if *l != found => {
+                    return Err(HsmError::Malformed(format!(
+                        "the key is labelled {l:?} on one member and {found:?} on {}: HA members need the same label",
+                        m.config.name
+                    )));
+                }
+                _ => label = Some(found),
+            }
+        }
+        label.ok_or_else(|| HsmError::Unavailable(self.down_reasons()))
+    }
+
+    /// Signs on the healthy member with the fewest operations in flight; a transient failure is
+    /// retried once on another member, and the failed member is taken out for recovery.
     fn sign(
         &self,
         label: &str,
@@ -189,36 +366,137 @@ impl Hsm {
         scheme: SignatureScheme,
         message: &[u8],
     ) -> Result<Vec<u8>, HsmError> {
-        let result = self.first_up().and_then(|(name, conn)| conn.sign(&name, label, algorithm, scheme, message));
-        match &result {
-            Ok(_) => METRICS.hsm_sign_total.fetch_add(1, Relaxed),
-            Err(_) => METRICS.hsm_sign_errors_total.fetch_add(1, Relaxed),
-        };
-        result
+        let mut tried = Vec::with_capacity(2);
+        let mut last = None;
+        for _ in 0..2 {
+            let Some((i, conn)) = self.pick(&tried) else { break };
+            tried.push(i);
+            let member = &self.members[i];
+            let executor = &self.executors[conn.module()];
+            let op = Op::Sign { label: label.to_string(), algorithm, scheme, message: message.to_vec() };
+            member.in_flight.fetch_add(1, Relaxed);
+            let started = Instant::now();
+            let result = executor.call(&conn, &member.config.name, op, self.call_timeout);
+            member.in_flight.fetch_sub(1, Relaxed);
+            match result {
+                Ok(signature) => {
+                    METRICS.hsm_sign_total.fetch_add(1, Relaxed);
+                    member.metrics.observe_sign(started.elapsed());
+                    return Ok(signature);
+                }
+                Err(e) => {
+                    METRICS.hsm_sign_errors_total.fetch_add(1, Relaxed);
+                    member.metrics.observe_error(&e.reason());
+                    if e.is_auth() {
+                        member.take_out(&conn, MemberState::Locked(e.to_string()));
+                        return Err(e);
+                    }
+                    if !e.is_transient() {
+                        return Err(e);
+                    }
+                    tracing::error!(server = %member.config.name, error = %e, "hsm server failed; taking it out and retrying on another member");
+                    member.take_out(&conn, MemberState::Down(e.to_string()));
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| HsmError::Unavailable(self.down_reasons())))
     }
 
-    fn up_members(&self) -> impl Iterator<Item = (String, Arc<Connection>)> + '_ {
-        self.members.iter().filter_map(|m| match &*m.state.read() {
-            MemberState::Up(conn) => Some((m.config.name.clone(), conn.clone())),
-            MemberState::Down(_) => None,
-        })
+    /// The up member with the fewest operations in flight, not in `exclude`; with HA off,
+    /// only the primary (the first configured server).
+    fn pick(&self, exclude: &[usize]) -> Option<(usize, Arc<Connection>)> {
+        let candidates = if self.ha.enabled { self.members.len() } else { 1.min(self.members.len()) };
+        (0..candidates)
+            .filter(|i| !exclude.contains(i))
+            .filter_map(|i| match &*self.members[i].state.read() {
+                MemberState::Up(conn) => Some((i, conn.clone())),
+                _ => None,
+            })
+            .min_by_key(|(i, _)| self.members[*i].in_flight.load(Relaxed))
     }
 
     fn first_up(&self) -> Result<(String, Arc<Connection>), HsmError> {
         if self.members.is_empty() {
             return Err(HsmError::NotConfigured);
         }
-        self.up_members().next().ok_or_else(|| {
-            let reasons: Vec<_> = self
-                .members
-                .iter()
-                .filter_map(|m| match &*m.state.read() {
-                    MemberState::Down(reason) => Some(format!("{}: {reason}", m.config.name)),
-                    MemberState::Up(_) => None,
-                })
-                .collect();
-            HsmError::Unavailable(reasons.join("; "))
-        })
+        self.pick(&[])
+            .map(|(i, conn)| (self.members[i].config.name.clone(), conn))
+            .ok_or_else(|| HsmError::Unavailable(self.down_reasons()))
+    }
+
+    fn down_reasons(&self) -> String {
+        let reasons: Vec<_> = self
+            .members
+            .iter()
+            .filter_map(|m| match &*m.state.read() {
+                MemberState::Up(_) => None,
+                MemberState::Down(r) | MemberState::Locked(r) | MemberState::Exhausted(r) => {
+                    Some(format!("{}: {r}", m.config.name))
+                }
+            })
+            .collect();
+        reasons.join("; ")
+    }
+
+    /// One recovery round: re-initialise libraries whose members are all lost, then try every
+    /// down member again (at most `auto_recovery_retry` times; 0 = forever).
+    fn recover(&self) {
+        let mut libraries: HashMap<&PathBuf, bool> = HashMap::new();
+        for m in &self.members {
+            let up = matches!(*m.state.read(), MemberState::Up(_));
+            *libraries.entry(&m.config.module).or_insert(false) |= up;
+        }
+        let down: Vec<&Member> =
+            self.members.iter().filter(|m| matches!(*m.state.read(), MemberState::Down(_))).collect();
+        if down.is_empty() {
+            return;
+        }
+        for (module, any_up) in libraries {
+            if !any_up && down.iter().any(|m| &m.config.module == module) {
+                tracing::info!(module = %module.display(), "re-initialising PKCS#11 library: every member on it is down");
+                if let Err(e) = member::reinitialise(module) {
+                    tracing::warn!(module = %module.display(), error = %e, "re-initialisation failed");
+                }
+            }
+        }
+        for m in down {
+            let attempt = m.attempts.fetch_add(1, Relaxed) + 1;
+            match connect(&m.config) {
+                Ok(conn) => {
+                    tracing::info!(server = %m.config.name, attempt, "hsm server recovered");
+                    *m.state.write() = MemberState::Up(Arc::new(conn));
+                    m.attempts.store(0, Relaxed);
+                    m.metrics.set_up(true);
+                }
+                Err(e) if e.is_auth() => {
+                    tracing::error!(server = %m.config.name, error = %e, "hsm server locked: fix its PIN, then restart or reload");
+                    *m.state.write() = MemberState::Locked(e.to_string());
+                }
+                Err(e) if self.ha.retry != 0 && attempt >= self.ha.retry => {
+                    tracing::error!(server = %m.config.name, attempts = attempt, error = %e, "hsm server recovery gave up");
+                    *m.state.write() = MemberState::Exhausted(e.to_string());
+                }
+                Err(e) => {
+                    tracing::warn!(server = %m.config.name, attempt, error = %e, "hsm server still down");
+                    *m.state.write() = MemberState::Down(e.to_string());
+                }
+            }
+        }
+    }
+}
+
+impl Member {
+    /// Takes the member out, unless it was already replaced by a newer connection.
+    fn take_out(&self, failed: &Arc<Connection>, next: MemberState) {
+        let mut state = self.state.write();
+        if let MemberState::Up(current) = &*state
+            && current.id() == failed.id()
+        {
+            *state = next;
+            self.attempts.store(0, Relaxed);
+            self.metrics.set_up(false);
+        }
     }
 }
 
@@ -274,6 +552,19 @@ pub fn init_token(config: &HsmServerConfig, so_pin: &crate::config::SecretSource
     };
     let user = config.pin.as_ref().ok_or_else(|| HsmError::NoPin { server: config.name.clone() })?;
     member::init_token(config, &secret(so_pin, "administrator password")?, &secret(user, "partition password")?)
+}
+
+/// Checks the administrator password (SO PIN) of a server.
+pub fn check_so_pin(config: &HsmServerConfig, so_pin: &crate::config::SecretSource) -> Result<(), HsmError> {
+    let pin = so_pin
+        .load("administrator password")
+        .map_err(|e| HsmError::Secret { server: config.name.clone(), reason: e.to_string() })?;
+    member::check_so_pin(config, &pin)
+}
+
+/// Checks a partition password (user PIN) by logging in with it.
+pub fn check_user_pin(config: &HsmServerConfig, pin: &secrecy::SecretString) -> Result<(), HsmError> {
+    Connection::open(config, pin).map(drop)
 }
 
 fn connect(config: &HsmServerConfig) -> Result<Connection, HsmError> {

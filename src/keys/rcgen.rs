@@ -28,8 +28,22 @@ impl RcgenKey {
 impl rcgen::SigningKey for RcgenKey {
     fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
         let scheme = self.key.algorithm().certificate_scheme();
-        self.key.sign(scheme, msg).map_err(|_| rcgen::Error::RemoteKeyError)
+        self.key.sign(scheme, msg).map_err(|e| {
+            LAST_ERROR.with(|last| *last.borrow_mut() = Some(e.to_string()));
+            rcgen::Error::RemoteKeyError
+        })
     }
+}
+
+thread_local! {
+    /// Why the last signature on this thread failed: rcgen's `RemoteKeyError` carries no
+    /// reason, and signing is synchronous on the caller's thread, so this is exact.
+    static LAST_ERROR: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The reason of the last failed signature on this thread (see `LAST_ERROR`).
+pub fn take_last_error() -> Option<String> {
+    LAST_ERROR.with(|last| last.borrow_mut().take())
 }
 
 impl rcgen::PublicKeyData for RcgenKey {

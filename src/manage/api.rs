@@ -50,6 +50,13 @@ async fn route(state: Arc<ApiState>, req: Request<Incoming>) -> Result<Response<
             response
         }
         "/api/v1/hsm/status" => json(&state.hsm.status()),
+        "/api/v1/hsm/info" => {
+            let hsm = state.hsm.clone();
+            match tokio::task::spawn_blocking(move || hsm.info()).await {
+                Ok(info) => json(&info),
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+            }
+        }
         "/api/v1/certs" => {
             let state = state.clone();
             let rows = tokio::task::spawn_blocking(move || {

@@ -5,7 +5,7 @@ pub mod api;
 
 use std::sync::Arc;
 
-use crate::config::Config;
+use crate::config::{Config, SecretSource};
 use crate::hsm::{Hsm, HsmError, Status};
 use crate::keys::KeyAlgorithm;
 use crate::pki::{CaRole, CertEntry, CertStore, CertSummary, PkiError};
@@ -20,6 +20,10 @@ pub enum ManageError {
     Hsm(#[from] HsmError),
     #[error(transparent)]
     State(#[from] crate::state::StateError),
+    #[error(transparent)]
+    Vault(crate::vault::VaultError),
+    #[error("no [[hsm.server]] named {0:?} in the configuration")]
+    NoServer(String),
     #[error("writing {path}: {source}")]
     Write {
         path: String,
@@ -30,14 +34,14 @@ pub enum ManageError {
 
 /// `tollgate hsm status`: connects to every server and reports.
 pub fn hsm_status(config: &Config) -> Status {
-    Hsm::open(&config.hsm.servers).status()
+    Hsm::open(&config.hsm).status()
 }
 
 /// `tollgate cert list`.
 pub fn cert_list(config: &Config) -> Result<Vec<CertSummary>, ManageError> {
     let state = StateDir::open(&config.state_dir)?;
     let store = CertStore::load(&state)?;
-    let hsm = (!config.hsm.servers.is_empty()).then(|| Arc::new(Hsm::open(&config.hsm.servers)));
+    let hsm = (!config.hsm.servers.is_empty()).then(|| Arc::new(Hsm::open(&config.hsm)));
     Ok(store.summaries(hsm.as_ref()))
 }
 
@@ -51,12 +55,68 @@ pub fn generate_ca(
     out_cert: Option<&std::path::Path>,
 ) -> Result<CertEntry, ManageError> {
     let state = StateDir::open(&config.state_dir)?;
-    let hsm = Arc::new(Hsm::open_strict(&config.hsm.servers)?);
+    let hsm = Arc::new(Hsm::open_strict(&config.hsm)?);
     let entry = CertStore::generate_ca(&state, &hsm, name, algorithm, role)?;
     if let Some(path) = out_cert {
         export_pem(&entry, path)?;
     }
     Ok(entry)
+}
+
+/// `tollgate hsm setup`: checks the administrator password (SO PIN) authenticates.
+pub fn hsm_setup(config: &Config, server: &str, so_pin: &SecretSource) -> Result<(), ManageError> {
+    crate::hsm::check_so_pin(server_config(config, server)?, so_pin)?;
+    Ok(())
+}
+
+/// What `tollgate hsm login` did with a partition password that authenticated.
+pub enum LoginOutcome {
+    /// Sealed in the state directory for the service.
+    Stored(std::path::PathBuf),
+    /// The server takes its PIN from pin_file/pin_env; nothing stored.
+    Configured(String),
+}
+
+/// `tollgate hsm login`: checks the partition password (user PIN) and, unless the server has
+/// pin_file/pin_env, stores it sealed under the device key for the service.
+pub fn hsm_login(config: &Config, server: &str, pin: &secrecy::SecretString) -> Result<LoginOutcome, ManageError> {
+    let server_config = server_config(config, server)?;
+    crate::hsm::check_user_pin(server_config, pin)?;
+    match &server_config.pin {
+        Some(SecretSource::Sealed { file, device_key, purpose }) => {
+            let _lock = StateDir::open(&config.state_dir)?.lock()?;
+            let key = crate::vault::DeviceKey::load_or_create(device_key).map_err(ManageError::Vault)?;
+            use secrecy::ExposeSecret;
+            key.seal_to(file, purpose, pin.expose_secret().as_bytes()).map_err(ManageError::Vault)?;
+            Ok(LoginOutcome::Stored(file.clone()))
+        }
+        Some(other) => Ok(LoginOutcome::Configured(format!("{other:?}"))),
+        None => Ok(LoginOutcome::Configured("none".into())),
+    }
+}
+
+fn server_config<'a>(config: &'a Config, server: &str) -> Result<&'a crate::config::HsmServerConfig, ManageError> {
+    config.hsm.servers.iter().find(|s| s.name == server).ok_or_else(|| ManageError::NoServer(server.to_string()))
+}
+
+/// `tollgate hsm info`.
+pub fn hsm_info(config: &Config) -> crate::hsm::info::Info {
+    Hsm::open(&config.hsm).info()
+}
+
+/// `tollgate cert import --key-on-hsm`.
+pub fn import_on_hsm(
+    config: &Config,
+    name: &str,
+    cert: &std::path::Path,
+    id: Option<&[u8]>,
+    roles: &crate::pki::Roles,
+) -> Result<CertEntry, ManageError> {
+    let pem = std::fs::read_to_string(cert)
+        .map_err(|e| PkiError::Create { name: name.into(), reason: format!("reading {}: {e}", cert.display()) })?;
+    let state = StateDir::open(&config.state_dir)?;
+    let hsm = Arc::new(Hsm::open_strict(&config.hsm)?);
+    Ok(CertStore::import_on_hsm(&state, &hsm, name, &pem, id, roles)?)
 }
 
 /// `tollgate cert export`: a certificate as PEM.

@@ -109,7 +109,7 @@ impl Ca {
         // A fresh software key per leaf: never the CA key.
         let leaf_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
             .map_err(|e| KeyError::Invalid(e.to_string()))?;
-        let cert = params.signed_by(&leaf_key, &self.issuer).map_err(|e| MintError::Sign(e.to_string()))?;
+        let cert = params.signed_by(&leaf_key, &self.issuer).map_err(sign_error)?;
 
         let provider = rustls::crypto::aws_lc_rs::default_provider();
         let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
@@ -128,6 +128,14 @@ impl Ca {
 impl std::fmt::Debug for Ca {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ca").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+/// The signature error, with the key's own reason when rcgen only says "remote key error".
+fn sign_error(e: rcgen::Error) -> MintError {
+    match (e, crate::keys::rcgen::take_last_error()) {
+        (rcgen::Error::RemoteKeyError, Some(reason)) => MintError::Sign(reason),
+        (e, _) => MintError::Sign(e.to_string()),
     }
 }
 

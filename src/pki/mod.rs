@@ -76,6 +76,15 @@ pub enum KeyLocation {
     Hsm { label: String },
 }
 
+/// What a certificate is used for.
+#[derive(Clone, Debug, Default)]
+pub struct Roles {
+    pub forward_trust: bool,
+    pub forward_untrust: bool,
+    /// Host names it serves on inbound listeners.
+    pub inbound: Vec<String>,
+}
+
 /// `tollgate cert list --json` rows.
 #[derive(Clone, Debug, Serialize)]
 pub struct CertSummary {
@@ -172,6 +181,52 @@ impl CertStore {
                 CaRole::ForwardTrust => other.forward_trust = false,
                 CaRole::ForwardUntrust => other.forward_untrust = false,
             }
+        }
+        store.entries.push(entry.clone());
+        store.save()?;
+        Ok(entry)
+    }
+
+    /// Imports a certificate (PEM, leaf first) whose private key already resides on the HSM,
+    /// found on every member by the certificate's public key (or by CKA_ID `id`), and gives it
+    /// `roles`. Holds the state lock throughout.
+    pub fn import_on_hsm(
+        state: &StateDir,
+        hsm: &Arc<Hsm>,
+        name: &str,
+        cert_pem: &str,
+        id: Option<&[u8]>,
+        roles: &Roles,
+    ) -> Result<CertEntry, PkiError> {
+        check_name(name)?;
+        let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| PkiError::Create { name: name.into(), reason: format!("certificate PEM: {e}") })?;
+        let leaf = chain
+            .first()
+            .ok_or_else(|| PkiError::Create { name: name.into(), reason: "no certificate in the PEM".into() })?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(leaf)
+            .map_err(|e| PkiError::Create { name: name.into(), reason: format!("certificate: {e}") })?;
+        let label = hsm.find_key(parsed.public_key().raw, id)?;
+        let key = hsm.key(&label)?;
+        let _lock = state.lock()?;
+        let mut store = Self::load(state)?;
+        if store.entries.iter().any(|e| e.name == name) {
+            return Err(PkiError::Exists(name.into()));
+        }
+        let entry = CertEntry {
+            name: name.into(),
+            cert_pem: cert_pem.to_string(),
+            key: KeyLocation::Hsm { label },
+            algorithm: key.algorithm().as_str().into(),
+            forward_trust: roles.forward_trust,
+            forward_untrust: roles.forward_untrust,
+            inbound: roles.inbound.clone(),
+        };
+        entry.check_key(hsm).map_err(|reason| PkiError::Create { name: name.into(), reason })?;
+        for other in &mut store.entries {
+            other.forward_trust &= !roles.forward_trust;
+            other.forward_untrust &= !roles.forward_untrust;
         }
         store.entries.push(entry.clone());
         store.save()?;

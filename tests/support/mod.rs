@@ -286,6 +286,16 @@ impl Proxy {
             .unwrap()
     }
 
+    /// A labelled metric value (`name{server="label",…}`), summed over its lines.
+    pub async fn metric_labeled(&self, name: &str, server: &str) -> u64 {
+        let text = http_get(self.management, "/metrics").await;
+        let prefix = format!("{name}{{server=\"{server}\"");
+        text.lines()
+            .filter(|l| l.starts_with(&prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    }
+
     /// Whether the process is still running.
     pub fn alive(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()

@@ -1,0 +1,180 @@
+//! The HSM executor: a pool of OS threads per PKCS#11 library, fed by a bounded queue, each
+//! job with a deadline. Not tokio's blocking pool: a PKCS#11 call to a dropped network HSM can
+//! hang for minutes, and it must not starve anything else.
+//!
+//! Each worker owns its sessions (cryptoki sessions are `Send` but not `Sync`), one per
+//! connection it has served. A session that errored is closed, never reused. A caller whose job
+//! misses its deadline gets `Timeout` (and marks the member down); a worker stuck inside a call
+//! is replaced so the other members keep being served, and leaked (an FFI call cannot be
+//! cancelled).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use rustls::SignatureScheme;
+
+use super::HsmError;
+use super::member::{Connection, OwnedSession};
+use crate::keys::KeyAlgorithm;
+
+/// The most workers a library may have, replacements of stuck ones included.
+const MAX_WORKERS_FACTOR: usize = 4;
+
+/// One library's worker pool.
+pub(super) struct Executor {
+    library: String,
+    queue: Sender<Job>,
+    jobs: Receiver<Job>,
+    workers: usize,
+    /// Per worker: milliseconds since `epoch` when its current job started, 0 when idle.
+    busy: parking_lot::Mutex<Vec<Arc<AtomicU64>>>,
+    spawned: AtomicUsize,
+    epoch: Instant,
+    gauge: Arc<crate::telemetry::QueueGauge>,
+}
+
+/// What a worker does.
+pub(super) enum Op {
+    Sign { label: String, algorithm: KeyAlgorithm, scheme: SignatureScheme, message: Vec<u8> },
+}
+
+struct Job {
+    conn: Arc<Connection>,
+    server: String,
+    op: Op,
+    deadline: Instant,
+    reply: Sender<Result<Vec<u8>, HsmError>>,
+}
+
+impl Executor {
+    /// Starts `workers` threads serving a queue of `depth` jobs.
+    pub(super) fn start(library: &str, workers: usize, depth: usize) -> Arc<Self> {
+        let (queue, jobs) = crossbeam_channel::bounded(depth.max(1));
+        let executor = Arc::new(Self {
+            library: library.to_string(),
+            queue,
+            jobs,
+            workers: workers.max(1),
+            busy: parking_lot::Mutex::new(Vec::new()),
+            spawned: AtomicUsize::new(0),
+            epoch: Instant::now(),
+            gauge: crate::telemetry::QueueGauge::register(library),
+        });
+        for _ in 0..executor.workers {
+            executor.spawn_worker();
+        }
+        let watchdog = Arc::downgrade(&executor);
+        let _ = std::thread::Builder::new().name("hsm-watchdog".into()).spawn(move || {
+            while let Some(executor) = watchdog.upgrade() {
+                executor.replace_stuck_workers();
+                drop(executor);
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        });
+        executor
+    }
+
+    /// Runs `op` on `conn` and waits for it, at most `timeout`.
+    pub(super) fn call(
+        &self,
+        conn: &Arc<Connection>,
+        server: &str,
+        op: Op,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, HsmError> {
+        let (reply, result) = crossbeam_channel::bounded(1);
+        let deadline = Instant::now() + timeout;
+        let job = Job { conn: conn.clone(), server: server.to_string(), op, deadline, reply };
+        match self.queue.try_send(job) {
+            Ok(()) => self.gauge.set(self.queue.len()),
+            Err(TrySendError::Full(_)) => return Err(HsmError::QueueFull { library: self.library.clone() }),
+            Err(TrySendError::Disconnected(_)) => return Err(HsmError::Unavailable("executor stopped".into())),
+        }
+        result.recv_timeout(timeout).unwrap_or_else(|_| {
+            Err(HsmError::Timeout { server: server.to_string(), millis: timeout.as_millis() as u64 })
+        })
+    }
+
+    fn spawn_worker(self: &Arc<Self>) {
+        if self.spawned.fetch_add(1, Relaxed) >= self.workers * MAX_WORKERS_FACTOR {
+            self.spawned.fetch_sub(1, Relaxed);
+            tracing::error!(library = %self.library, "HSM workers exhausted by stuck calls; not starting more");
+            return;
+        }
+        let busy = Arc::new(AtomicU64::new(0));
+        self.busy.lock().push(busy.clone());
+        let jobs = self.jobs.clone();
+        let epoch = self.epoch;
+        let gauge = self.gauge.clone();
+        let name = format!("hsm-{}", self.spawned.load(Relaxed));
+        let spawned = std::thread::Builder::new().name(name).spawn(move || worker(jobs, busy, epoch, gauge));
+        if let Err(e) = spawned {
+            tracing::error!(library = %self.library, error = %e, "cannot start an HSM worker");
+        }
+    }
+
+    /// A worker busy far past any deadline is stuck in the library: start a replacement so
+    /// the queue keeps moving (the stuck thread is forgotten, it cannot be cancelled).
+    fn replace_stuck_workers(self: &Arc<Self>) {
+        const STUCK_MS: u64 = 5_000;
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let stuck: Vec<Arc<AtomicU64>> = {
+            let mut busy = self.busy.lock();
+            let (stuck, alive): (Vec<_>, Vec<_>) = busy.drain(..).partition(|b| {
+                let since = b.load(Relaxed);
+                since != 0 && now.saturating_sub(since) > STUCK_MS
+            });
+            *busy = alive;
+            stuck
+        };
+        for _ in &stuck {
+            tracing::error!(library = %self.library, "an HSM call has been stuck for over 5 s; starting a replacement worker");
+            self.spawn_worker();
+        }
+    }
+}
+
+fn worker(jobs: Receiver<Job>, busy: Arc<AtomicU64>, epoch: Instant, gauge: Arc<crate::telemetry::QueueGauge>) {
+    // Sessions this worker opened, by connection id. A session of a library generation that was
+    // re-initialised away is dropped without closing (its handle may now name someone else's
+    // session); see `OwnedSession`.
+    let mut sessions: HashMap<u64, OwnedSession> = HashMap::new();
+    while let Ok(job) = jobs.recv() {
+        gauge.set(jobs.len());
+        sessions.retain(|_, session| session.is_live());
+        if Instant::now() >= job.deadline {
+            let _ = job.reply.send(Err(HsmError::Timeout { server: job.server, millis: 0 }));
+            continue;
+        }
+        busy.store(epoch.elapsed().as_millis().max(1) as u64, Relaxed);
+        let result = run(&job, &mut sessions);
+        busy.store(0, Relaxed);
+        let _ = job.reply.send(result);
+    }
+    // The executor is gone, which happens as a short-lived command ends: closing sessions now
+    // would race the library's own teardown at process exit (SoftHSM corrupts its heap).
+    for (_, session) in sessions.drain() {
+        session.abandon();
+    }
+}
+
+fn run(job: &Job, sessions: &mut HashMap<u64, OwnedSession>) -> Result<Vec<u8>, HsmError> {
+    let id = job.conn.id();
+    let session = match sessions.entry(id) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(e) => e.insert(job.conn.open_session(&job.server)?),
+    };
+    let result = match &job.op {
+        Op::Sign { label, algorithm, scheme, message } => {
+            job.conn.sign(session, &job.server, label, *algorithm, *scheme, message)
+        }
+    };
+    if result.is_err() {
+        // Closed (when still live) by dropping: never reused after an error.
+        sessions.remove(&id);
+    }
+    result
+}

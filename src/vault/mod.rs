@@ -1,0 +1,115 @@
+//! Secrets at rest. Today: the device key that seals HSM partition passwords (user PINs) in the
+//! state directory. Deliberately not the master key: the HSM must unwrap the master key, so the
+//! PIN that opens the HSM cannot depend on it.
+//!
+//! Sealed files are `TGS1 ‖ nonce (12) ‖ AES-256-GCM(ciphertext ‖ tag)`, with associated data
+//! naming what the secret is for, so one sealed file cannot be passed off as another.
+
+use std::path::Path;
+
+use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use zeroize::Zeroizing;
+
+use crate::state::{Mode, write_atomic};
+
+const MAGIC: &[u8; 4] = b"TGS1";
+
+/// Errors sealing or opening secrets.
+#[derive(Debug, thiserror::Error)]
+pub enum VaultError {
+    #[error("{path}: {reason}")]
+    File { path: String, reason: String },
+    #[error("{path}: cannot be opened with this device key (corrupt, or sealed for something else)")]
+    Open { path: String },
+}
+
+/// The per-installation key that seals HSM PINs.
+pub struct DeviceKey {
+    key: Zeroizing<[u8; 32]>,
+}
+
+impl DeviceKey {
+    /// Reads the device key, creating it (random, 0600) when absent.
+    pub fn load_or_create(path: &Path) -> Result<Self, VaultError> {
+        if !path.exists() {
+            let key: Zeroizing<[u8; 32]> = Zeroizing::new(rand::random());
+            write_atomic(path, key.as_slice(), Mode::Secret).map_err(|e| file_err(path, e))?;
+        }
+        Self::load(path)
+    }
+
+    /// Reads the device key.
+    pub fn load(path: &Path) -> Result<Self, VaultError> {
+        let bytes = Zeroizing::new(std::fs::read(path).map_err(|e| file_err(path, e))?);
+        let key: [u8; 32] = bytes.as_slice().try_into().map_err(|_| file_err(path, "device key must be 32 bytes"))?;
+        Ok(Self { key: Zeroizing::new(key) })
+    }
+
+    /// Seals `secret` for `purpose` into `path` (0600, atomic).
+    pub fn seal_to(&self, path: &Path, purpose: &str, secret: &[u8]) -> Result<(), VaultError> {
+        if let Some(dir) = path.parent() {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| file_err(dir, e))?;
+        }
+        let nonce: [u8; NONCE_LEN] = rand::random();
+        let mut buf = Zeroizing::new(secret.to_vec());
+        self.cipher()
+            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(purpose.as_bytes()), &mut *buf)
+            .map_err(|_| file_err(path, "sealing failed"))?;
+        let mut out = Vec::with_capacity(4 + NONCE_LEN + buf.len());
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&buf);
+        write_atomic(path, &out, Mode::Secret).map_err(|e| file_err(path, e))
+    }
+
+    /// Opens what `seal_to` wrote for `purpose`.
+    pub fn open_from(&self, path: &Path, purpose: &str) -> Result<Zeroizing<Vec<u8>>, VaultError> {
+        let sealed = std::fs::read(path).map_err(|e| file_err(path, e))?;
+        let open_err = || VaultError::Open { path: path.display().to_string() };
+        if sealed.len() < 4 + NONCE_LEN || &sealed[..4] != MAGIC {
+            return Err(open_err());
+        }
+        let nonce: [u8; NONCE_LEN] = sealed[4..4 + NONCE_LEN].try_into().map_err(|_| open_err())?;
+        let mut buf = Zeroizing::new(sealed[4 + NONCE_LEN..].to_vec());
+        let len = self
+            .cipher()
+            .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(purpose.as_bytes()), &mut buf)
+            .map_err(|_| open_err())?
+            .len();
+        buf.truncate(len);
+        Ok(buf)
+    }
+
+    fn cipher(&self) -> LessSafeKey {
+        LessSafeKey::new(UnboundKey::new(&AES_256_GCM, self.key.as_slice()).expect("32-byte AES-256 key"))
+    }
+}
+
+fn file_err(path: &Path, reason: impl std::fmt::Display) -> VaultError {
+    VaultError::File { path: path.display().to_string(), reason: reason.to_string() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealed_secrets_round_trip_and_are_bound_to_their_purpose() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = DeviceKey::load_or_create(&dir.path().join("device.key")).unwrap();
+        let file = dir.path().join("a.sealed");
+        key.seal_to(&file, "pin:a", b"1234-secret").unwrap();
+        assert_eq!(key.open_from(&file, "pin:a").unwrap().as_slice(), b"1234-secret");
+        assert!(key.open_from(&file, "pin:b").is_err(), "sealed for another purpose");
+        let raw = std::fs::read(&file).unwrap();
+        assert!(!raw.windows(11).any(|w| w == b"1234-secret"), "never stored in the clear");
+        use std::os::unix::fs::PermissionsExt;
+        for f in ["device.key", "a.sealed"] {
+            let mode = std::fs::metadata(dir.path().join(f)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{f}");
+        }
+        let other = DeviceKey::load_or_create(&dir.path().join("other.key")).unwrap();
+        assert!(other.open_from(&file, "pin:a").is_err(), "another device key cannot open it");
+    }
+}

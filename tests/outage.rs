@@ -1,0 +1,336 @@
+//! HA and outages over a real hop. Member A is a SoftHSM token served by `p11-kit server` on
+//! a unix socket (tollgate loads `p11-kit-client.so`: a network HSM the test can cut off);
+//! member B is a separate copy of libsofthsm2.so on its own token directory (an independent
+//! library instance). Both hold the same CA key, imported into each token.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+const P11_KIT_CLIENT: &str = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so";
+
+/// A token behind `p11-kit server`: stop it to cut the HSM off, start it to bring it back.
+struct RemoteToken {
+    token: Token,
+    socket: PathBuf,
+    server: Option<Child>,
+}
+
+impl RemoteToken {
+    fn new() -> Self {
+        let token = Token::new();
+        let socket = token.path("p11kit.sock");
+        let mut remote = Self { token, socket, server: None };
+        remote.start();
+        remote
+    }
+
+    fn start(&mut self) {
+        use std::os::unix::process::CommandExt;
+        let _ = std::fs::remove_file(&self.socket);
+        let child = self
+            .token
+            .cmd("p11-kit")
+            .args(["server", "-f", "-n"])
+            .arg(&self.socket)
+            .args(["--provider", SOFTHSM_MODULE, &format!("pkcs11:token={}", self.token.label)])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("p11-kit server (package p11-kit)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.socket.exists() {
+            assert!(Instant::now() < deadline, "p11-kit server did not create its socket");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.server = Some(child);
+    }
+
+    /// Kills the listener and every per-client `p11-kit-remote` it forked (one process group).
+    fn stop(&mut self) {
+        if let Some(mut child) = self.server.take() {
+            // The group id is the listener's pid (process_group(0)). Not `kill -KILL -PGID`:
+            // procps kill reads that as pid -1 and kills every process.
+            let _ = Command::new("pkill").args(["-KILL", "-g", &child.id().to_string()]).status();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RemoteToken {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Imports the same EC key pair (private and public objects, CKA_ID 01) into a token.
+fn import_key(token: &Token, conf: &Path, private_der: &Path, public_der: &Path) {
+    for (file, kind) in [(private_der, "privkey"), (public_der, "pubkey")] {
+        let out = Command::new("pkcs11-tool")
+            .env("SOFTHSM2_CONF", conf)
+            .args(["--module", SOFTHSM_MODULE, "--token-label", &token.label, "--login", "--pin", USER_PIN])
+            .args(["--write-object", file.to_str().unwrap(), "--type", kind, "--id", "01", "--label", "ha-ca"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "import {kind}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+struct Group {
+    a: RemoteToken,
+    b: Token,
+    config: PathBuf,
+    ca: rustls::pki_types::CertificateDer<'static>,
+    _pki: TestPki,
+    _origin: Origin,
+}
+
+impl Group {
+    async fn new(extra: &str) -> Self {
+        let a = RemoteToken::new();
+        let b = Token::new();
+        let b_module = b.path("libmemberb.so");
+        std::fs::copy(SOFTHSM_MODULE, &b_module).unwrap();
+
+        // One CA key pair, imported into both tokens: an HA group holds the same keys.
+        let key = rcgen::KeyPair::generate().unwrap();
+        let private_der = b.path("ca.key.der");
+        std::fs::write(&private_der, key.serialize_der()).unwrap();
+        let public_der = b.path("ca.pub.der");
+        std::fs::write(&public_der, rcgen::PublicKeyData::subject_public_key_info(&key)).unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name.push(rcgen::DnType::CommonName, "tollgate HA test CA");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::DigitalSignature];
+        let ca_cert = params.self_signed(&key).unwrap();
+        drop(key);
+        let ca_pem = b.path("ha-ca.pem");
+        std::fs::write(&ca_pem, ca_cert.pem()).unwrap();
+        import_key(&a.token, &a.token.conf(), &private_der, &public_der);
+        import_key(&b, &b.conf(), &private_der, &public_der);
+        std::fs::remove_file(&private_der).unwrap();
+
+        let pki = TestPki::new();
+        let (chain, leaf_key) = pki.leaf(&LeafSpec::new(&["*.ha.test"]));
+        let origin = Origin::start("ha", chain, leaf_key, &["http/1.1"]).await;
+        let config = b.path("tollgate.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "state_dir = \"{state}\"\n\n[hsm]\ncall_timeout_ms = 1000\n\n[hsm.ha]\ngroup = \"ha-test\"\nauto_recovery_interval_secs = 1\n\n\
+                 [[hsm.server]]\nname = \"hsm-a\"\nmodule = \"{P11_KIT_CLIENT}\"\ntoken = \"{label}\"\npin_file = \"{pin}\"\naddress = \"unix:{sock}\"\n\n\
+                 [[hsm.server]]\nname = \"hsm-b\"\nmodule = \"{bmod}\"\ntoken = \"{label}\"\npin_file = \"{pin}\"\n\n\
+                 [[listener]]\nmode = \"sni\"\nlisten = \"127.0.0.1:0\"\n\n[management]\nlisten = \"127.0.0.1:0\"\n\n\
+                 [upstream]\nca_bundles = [\"{bundle}\"]\n\n[resolve]\n\"*.ha.test:443\" = \"{origin}\"\n{extra}",
+                state = b.path("state").display(),
+                label = b.label,
+                pin = b.path("user.pin").display(),
+                sock = a.socket.display(),
+                bmod = b_module.display(),
+                bundle = pki.bundle().display(),
+                origin = origin.addr,
+            ),
+        )
+        .unwrap();
+        let group = Self { a, b, config, ca: pem_cert(&ca_pem), _pki: pki, _origin: origin };
+        let out = group.tollgate(&[
+            "cert",
+            "import",
+            "--name",
+            "ha-ca",
+            "--cert",
+            ca_pem.to_str().unwrap(),
+            "--key-on-hsm",
+            "--forward-trust",
+        ]);
+        assert!(out.status.success(), "import: {}", String::from_utf8_lossy(&out.stderr));
+        group
+    }
+
+    fn cmd(&self) -> Command {
+        let mut cmd = Command::new(tollgate_bin());
+        cmd.env("SOFTHSM2_CONF", self.b.conf())
+            .env("P11_KIT_SERVER_ADDRESS", format!("unix:path={}", self.a.socket.display()));
+        cmd
+    }
+
+    fn tollgate(&self, args: &[&str]) -> std::process::Output {
+        self.cmd().args(args).arg("--config").arg(&self.config).output().unwrap()
+    }
+
+    fn start(&self) -> Proxy {
+        Proxy::start_with(self.cmd(), &self.config, 2)
+    }
+
+    /// Cuts member B off: its token directory disappears (the library keeps running).
+    fn stop_b(&self) {
+        std::fs::rename(self.b.path("tokens"), self.b.path("tokens.away")).unwrap();
+    }
+
+    fn start_b(&self) {
+        std::fs::rename(self.b.path("tokens.away"), self.b.path("tokens")).unwrap();
+    }
+}
+
+/// One new TLS connection through the sni listener to `host` with one request.
+async fn visit(
+    proxy: std::net::SocketAddr,
+    ca: &rustls::pki_types::CertificateDer<'static>,
+    host: &str,
+) -> Result<(), String> {
+    let tls = tls_via_sni(proxy, host, trusting_client(ca, &["http/1.1"])).await.map_err(|e| e.to_string())?;
+    let (status, _, _) = request(tls, false, get(host, "/", false)).await;
+    if status == 200 { Ok(()) } else { Err(format!("status {status}")) }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_finds_the_key_on_every_member_and_status_shows_the_group() {
+    let group = Group::new("").await;
+    let out = group.tollgate(&["hsm", "status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["ha"]["enabled"], true);
+    assert_eq!(status["ha"]["group"], "ha-test");
+    for server in status["servers"].as_array().unwrap() {
+        assert_eq!(server["up"], true, "{server}");
+        assert_eq!(server["state"], "authenticated");
+    }
+    let out = group.tollgate(&["cert", "list", "--json"]);
+    let certs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(certs[0]["key"], "hsm", "{certs}");
+
+    let out = group.tollgate(&["hsm", "info", "--json"]);
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for server in info["servers"].as_array().unwrap() {
+        assert!(server["mechanisms"].as_array().unwrap().iter().any(|m| m == "CKM_ECDSA"), "{server}");
+        let key = server["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["label"] == "ha-ca" && k["class"] == "private")
+            .unwrap();
+        assert_eq!(key["id"], "01");
+        assert!(server["token"]["serial"].as_str().is_some());
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("\"value\""), "no key material in hsm info");
+
+    // The service reports the group through the management API too.
+    let proxy = group.start();
+    tokio::time::timeout(Duration::from_secs(10), visit(proxy.sni, &group.ca, "first.ha.test")).await.unwrap().unwrap();
+    let api = http_get(proxy.management, "/api/v1/hsm/status").await;
+    let api: serde_json::Value = serde_json::from_str(&api).unwrap();
+    assert_eq!(api["servers"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signing_survives_member_loss_and_recovers_after_a_full_outage() {
+    let mut group = Group::new("").await;
+    let proxy = group.start();
+    let ca = Arc::new(group.ca.clone());
+
+    // A bounded load of new-host mints, 8 at a time, for the whole test.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let results = Arc::new(parking_lot::Mutex::new(Vec::<(Instant, Duration, bool)>::new()));
+    let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..8 {
+        let (stop, results, counter, ca, addr) =
+            (stop.clone(), results.clone(), counter.clone(), ca.clone(), proxy.sni);
+        workers.push(tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let i = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= 3000 {
+                    break;
+                }
+                let started = Instant::now();
+                let host = format!("h{i}.ha.test");
+                let ok = tokio::time::timeout(Duration::from_secs(5), visit(addr, &ca, &host))
+                    .await
+                    .is_ok_and(|r| r.is_ok());
+                results.lock().push((started, started.elapsed(), ok));
+                if !ok {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }));
+    }
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let signs_a = proxy.metric_labeled("tollgate_hsm_sign_duration_seconds_count", "hsm-a").await;
+    let signs_b = proxy.metric_labeled("tollgate_hsm_sign_duration_seconds_count", "hsm-b").await;
+    assert!(signs_a > 0 && signs_b > 0, "signing is spread over both members: a={signs_a} b={signs_b}");
+
+    // Member A (the network HSM) drops: nothing fails.
+    let a_down = Instant::now();
+    group.a.stop();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let all_down = Instant::now();
+    // Then B too: cached hosts keep working, new hosts fail fast.
+    group.stop_b();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for i in 0..5 {
+        let host = format!("h{i}.ha.test");
+        visit(proxy.sni, &ca, &host).await.unwrap_or_else(|e| panic!("cached host {host} must keep working: {e}"));
+    }
+    let started = Instant::now();
+    let err = visit(proxy.sni, &ca, "brand-new.ha.test").await.expect_err("no HSM: a new host cannot be minted");
+    let fail_after = started.elapsed();
+    assert!(fail_after < Duration::from_secs(4), "fails within the deadline, no hang: {fail_after:?}");
+    assert!(err.to_lowercase().contains("alert"), "refused with a TLS alert: {err}");
+    proxy.wait_log("mint failure", |v| {
+        v["error"].as_str().is_some_and(|e| e.contains("minting a leaf for brand-new.ha.test"))
+    });
+    let status: serde_json::Value =
+        serde_json::from_str(&http_get(proxy.management, "/api/v1/hsm/status").await).unwrap();
+    assert!(status["servers"].as_array().unwrap().iter().all(|s| s["up"] == false), "{status}");
+
+    // Both come back: minting resumes by itself, no restart.
+    group.a.start();
+    group.start_b();
+    let back = Instant::now();
+    let recovered = loop {
+        if visit(proxy.sni, &ca, &format!("back{}.ha.test", back.elapsed().as_millis())).await.is_ok() {
+            break back.elapsed();
+        }
+        assert!(back.elapsed() < Duration::from_secs(15), "no recovery within 15 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in workers {
+        w.await.unwrap();
+    }
+
+    let results = results.lock().clone();
+    // A request belongs to a phase when it started and finished inside it.
+    let phase = |from: Instant, to: Instant| {
+        let window: Vec<_> = results.iter().filter(|(t, d, _)| *t >= from && *t + *d <= to).collect();
+        (window.len(), window.iter().filter(|(_, _, ok)| !ok).count())
+    };
+    let (before, before_failed) = phase(t0, a_down);
+    let (one_down, one_down_failed) = phase(a_down, all_down);
+    let (none, none_failed) = phase(all_down + Duration::from_millis(500), back);
+    let (after, after_failed) = phase(back + recovered + Duration::from_millis(500), Instant::now());
+    let slowest_failure = results.iter().filter(|(_, _, ok)| !ok).map(|(_, d, _)| *d).max().unwrap_or_default();
+    eprintln!(
+        "outage figures: both up {before} mints/{before_failed} failed; hsm-a down {one_down}/{one_down_failed} failed; \
+         all down {none} attempts/{none_failed} failed (slowest failure {slowest_failure:?}); recovered {recovered:?} after restart; \
+         after recovery {after}/{after_failed} failed"
+    );
+    for line in proxy.log_json().iter().filter(|v| v["level"] != "INFO").take(12) {
+        eprintln!("proxy: {line}");
+    }
+    assert_eq!(before_failed, 0);
+    assert!(one_down > 20, "load continued while a member was down");
+    assert_eq!(one_down_failed, 0, "losing one member fails no handshake");
+    assert_eq!(none_failed, none, "with no HSM every new host fails");
+    assert!(slowest_failure < Duration::from_secs(4), "failures are fast: {slowest_failure:?}");
+    assert!(recovered < Duration::from_secs(5), "recovers within the recovery interval: {recovered:?}");
+    assert_eq!(after_failed, 0);
+}
