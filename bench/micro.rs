@@ -77,12 +77,14 @@ fn mint(c: &mut Criterion) {
 fn sign(c: &mut Criterion, h: &HsmBench) {
     let mut group = c.benchmark_group("hsm_sign");
     let message = [7u8; 256];
-    for (label, scheme) in
-        [("bench-trust", SignatureScheme::ECDSA_NISTP256_SHA256), ("bench-untrust", SignatureScheme::RSA_PKCS1_SHA256)]
-    {
+    let schemes = [
+        ("bench-trust", SignatureScheme::ECDSA_NISTP256_SHA256, "ecdsa-p256"),
+        ("bench-untrust", SignatureScheme::RSA_PKCS1_SHA256, "rsa-2048-pkcs1"),
+        ("bench-untrust", SignatureScheme::RSA_PSS_SHA256, "rsa-2048-pss"),
+    ];
+    for (label, scheme, name) in schemes {
         let key = h.hsm.key(label).unwrap();
-        let name = format!("tollgate_{}", key.algorithm());
-        group.bench_function(&name, |b| b.iter(|| black_box(key.sign(scheme, &message).unwrap())));
+        group.bench_function(format!("tollgate_{name}"), |b| b.iter(|| black_box(key.sign(scheme, &message).unwrap())));
     }
     // The same token through a plain cryptoki loop: the floor tollgate's path is compared to.
     use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -96,15 +98,32 @@ fn sign(c: &mut Criterion, h: &HsmBench) {
         .unwrap();
     let session = pkcs11.open_ro_session(slot).unwrap();
     let _ = session.login(cryptoki::session::UserType::User, Some(&secrecy::SecretString::from(h.pin.clone())));
-    let key = session
-        .find_objects(&[
-            cryptoki::object::Attribute::Class(cryptoki::object::ObjectClass::PRIVATE_KEY),
-            cryptoki::object::Attribute::Label(b"bench-trust".to_vec()),
-        ])
-        .unwrap()[0];
+    let find = |label: &str| {
+        session
+            .find_objects(&[
+                cryptoki::object::Attribute::Class(cryptoki::object::ObjectClass::PRIVATE_KEY),
+                cryptoki::object::Attribute::Label(label.as_bytes().to_vec()),
+            ])
+            .unwrap()[0]
+    };
+    let (ec, rsa) = (find("bench-trust"), find("bench-untrust"));
     let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &message);
+    use cryptoki::mechanism::Mechanism;
     group.bench_function("raw_cryptoki_ecdsa-p256", |b| {
-        b.iter(|| black_box(session.sign(&cryptoki::mechanism::Mechanism::Ecdsa, key, digest.as_ref()).unwrap()))
+        b.iter(|| black_box(session.sign(&Mechanism::Ecdsa, ec, digest.as_ref()).unwrap()))
+    });
+    group.bench_function("raw_cryptoki_rsa-2048-pkcs1", |b| {
+        b.iter(|| black_box(session.sign(&Mechanism::Sha256RsaPkcs, rsa, &message).unwrap()))
+    });
+    let pss = || {
+        Mechanism::Sha256RsaPkcsPss(cryptoki::mechanism::rsa::PkcsPssParams {
+            hash_alg: cryptoki::mechanism::MechanismType::SHA256,
+            mgf: cryptoki::mechanism::rsa::PkcsMgfType::MGF1_SHA256,
+            s_len: 32u64.into(),
+        })
+    };
+    group.bench_function("raw_cryptoki_rsa-2048-pss", |b| {
+        b.iter(|| black_box(session.sign(&pss(), rsa, &message).unwrap()))
     });
     group.finish();
 }

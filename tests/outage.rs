@@ -123,11 +123,11 @@ impl Group {
         std::fs::write(
             &config,
             format!(
-                "state_dir = \"{state}\"\n\n[hsm]\ncall_timeout_ms = 1000\n\n[hsm.ha]\ngroup = \"ha-test\"\nauto_recovery_interval_secs = 1\n\n\
+                "state_dir = \"{state}\"\n\n[hsm]\ncall_timeout_ms = 1000\n\n[hsm.ha]\ngroup = \"ha-test\"\nauto_recovery_interval_secs = 1\n{extra}\n\
                  [[hsm.server]]\nname = \"hsm-a\"\nmodule = \"{P11_KIT_CLIENT}\"\ntoken = \"{label}\"\npin_file = \"{pin}\"\naddress = \"unix:{sock}\"\n\n\
                  [[hsm.server]]\nname = \"hsm-b\"\nmodule = \"{bmod}\"\ntoken = \"{label}\"\npin_file = \"{pin}\"\n\n\
                  [[listener]]\nmode = \"sni\"\nlisten = \"127.0.0.1:0\"\n\n[management]\nlisten = \"127.0.0.1:0\"\n\n\
-                 [upstream]\nca_bundles = [\"{bundle}\"]\n\n[resolve]\n\"*.ha.test:443\" = \"{origin}\"\n{extra}",
+                 [upstream]\nca_bundles = [\"{bundle}\"]\n\n[resolve]\n\"*.ha.test:443\" = \"{origin}\"\n",
                 state = b.path("state").display(),
                 label = b.label,
                 pin = b.path("user.pin").display(),
@@ -333,4 +333,29 @@ async fn signing_survives_member_loss_and_recovers_after_a_full_outage() {
     assert!(slowest_failure < Duration::from_secs(4), "failures are fast: {slowest_failure:?}");
     assert!(recovered < Duration::from_secs(5), "recovers within the recovery interval: {recovered:?}");
     assert_eq!(after_failed, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_ha_disabled_only_the_primary_signs_and_nothing_fails_over() {
+    let mut group = Group::new("enabled = false").await;
+    let status: serde_json::Value =
+        serde_json::from_slice(&group.tollgate(&["hsm", "status", "--json"]).stdout).unwrap();
+    assert_eq!(status["ha"]["enabled"], false);
+    assert!(status["ha"]["group"].is_null());
+    assert_eq!(status["servers"][0]["ha_state"], "active");
+    assert_eq!(status["servers"][1]["ha_state"], "standby");
+
+    let proxy = group.start();
+    let ca = group.ca.clone();
+    for i in 0..10 {
+        visit(proxy.sni, &ca, &format!("p{i}.ha.test")).await.unwrap();
+    }
+    assert!(proxy.metric_labeled("tollgate_hsm_sign_duration_seconds_count", "hsm-a").await >= 10);
+    assert_eq!(
+        proxy.metric_labeled("tollgate_hsm_sign_duration_seconds_count", "hsm-b").await,
+        0,
+        "the standby never signs"
+    );
+    group.a.stop();
+    assert!(visit(proxy.sni, &ca, "after.ha.test").await.is_err(), "HA off: no failover to the standby");
 }
