@@ -45,11 +45,18 @@ impl AppError {
 /// Checks what `run` would check before binding sockets, without touching the HSM.
 pub fn check(config: &Config) -> Result<(), AppError> {
     for l in &config.listeners {
-        if matches!(l.mode, ListenerMode::Transparent | ListenerMode::Inbound) {
+        if l.mode == ListenerMode::Transparent {
             return Err(AppError::Unsupported { mode: l.mode.as_str(), addr: l.listen });
         }
     }
-    Proxy::new(config, Cas::default())?;
+    if config.listener(ListenerMode::Inbound).is_some() && config.inbound.is_empty() {
+        return Err(AppError::Config(ConfigError::Invalid {
+            path: config.path.clone(),
+            field: "inbound".into(),
+            reason: "an inbound listener needs at least one [[inbound]] host".into(),
+        }));
+    }
+    Proxy::new(config, Cas::default(), Default::default())?;
     Ok(())
 }
 
@@ -64,7 +71,9 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         trust: load_ca(&store, CaRole::ForwardTrust, &hsm),
         untrust: load_ca(&store, CaRole::ForwardUntrust, &hsm),
     };
-    let mut proxy = Proxy::new(&config, cas)?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let inbound = crate::proxy::inbound::InboundSites::new(&config, &store, &hsm, &provider)?;
+    let mut proxy = Proxy::new(&config, cas, inbound)?;
 
     let mut bound = Vec::new();
     for l in &config.listeners {

@@ -49,6 +49,28 @@ pub struct Config {
     pub management: ManagementConfig,
     pub limits: LimitsConfig,
     pub mint: MintConfig,
+    /// `[[inbound]]`: our own servers, terminated by inbound listeners.
+    pub inbound: Vec<InboundConfig>,
+}
+
+/// One protected server.
+#[derive(Clone, Debug)]
+pub struct InboundConfig {
+    /// The SNI served (lower-case); its certificate comes from the store (`--inbound HOST`).
+    pub host: String,
+    /// The origin behind it.
+    pub origin: OriginConfig,
+}
+
+/// Where an inbound host's traffic goes.
+#[derive(Clone, Debug)]
+pub struct OriginConfig {
+    /// `https` (validated) or `http`.
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// Trust only this PEM bundle for the origin (a pinned CA) instead of the system roots.
+    pub ca_bundle: Option<PathBuf>,
 }
 
 /// `[hsm]`: the HSM servers (two or more form the HA group) and how they are driven.
@@ -181,6 +203,8 @@ pub struct LimitsConfig {
     pub upstream_pool_max: usize,
     /// A pooled upstream connection unused this long is closed.
     pub upstream_idle_timeout_secs: u64,
+    /// Inbound handshakes that may wait for an HSM signature at once; more are shed.
+    pub hsm_handshakes_max: usize,
 }
 
 /// `[mint]`.
@@ -261,7 +285,7 @@ struct Typer<'a> {
 
 impl Typer<'_> {
     fn config(&self, raw: raw::Config) -> Result<Config, ConfigError> {
-        let raw::Config { state_dir, hsm, listener, upstream, resolve, policy, inbound: _, management, limits, mint } =
+        let raw::Config { state_dir, hsm, listener, upstream, resolve, policy, inbound, management, limits, mint } =
             raw;
         let state_dir_path = self.resolve_path(&state_dir);
         let servers = hsm
@@ -317,8 +341,10 @@ impl Typer<'_> {
                 mint_timeout_secs: limits.mint_timeout_secs,
                 upstream_pool_max: limits.upstream_pool_max,
                 upstream_idle_timeout_secs: limits.upstream_idle_timeout_secs,
+                hsm_handshakes_max: limits.hsm_handshakes_max,
             },
             mint: MintConfig { cache_capacity: mint.cache_capacity },
+            inbound: inbound.into_iter().enumerate().map(|(i, raw)| self.inbound(i, raw)).collect::<Result<_, _>>()?,
         })
     }
 
@@ -357,6 +383,34 @@ impl Typer<'_> {
             return Err(self.invalid(format!("listener[{i}].upstream_port"), "must not be 0"));
         }
         Ok(ListenerConfig { mode: raw.mode, listen, upstream_port: raw.upstream_port })
+    }
+
+    fn inbound(&self, i: usize, raw: raw::Inbound) -> Result<InboundConfig, ConfigError> {
+        let field = |f: &str| format!("inbound[{i}].{f}");
+        if raw.host.is_empty() || raw.host.contains(['/', ':', ' ']) {
+            return Err(self.invalid(field("host"), format!("{:?} is not a host name", raw.host)));
+        }
+        let uri: http::Uri =
+            raw.upstream.parse().map_err(|e| self.invalid(field("upstream"), format!("{:?}: {e}", raw.upstream)))?;
+        let tls = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => {
+                return Err(
+                    self.invalid(field("upstream"), format!("{:?} must start with https:// or http://", raw.upstream))
+                );
+            }
+        };
+        let host = uri.host().filter(|h| !h.is_empty()).ok_or_else(|| self.invalid(field("upstream"), "no host"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        if uri.path() != "/" && !uri.path().is_empty() {
+            return Err(self.invalid(field("upstream"), "give only scheme://host[:port]; paths are not rewritten"));
+        }
+        Ok(InboundConfig {
+            host: raw.host.to_ascii_lowercase(),
+            origin: OriginConfig { tls, host, port, ca_bundle: raw.ca_bundle.map(|p| self.resolve_path(&p)) },
+        })
     }
 
     fn resolve_entry(&self, key: String, value: String) -> Result<((String, u16), SocketAddr), ConfigError> {
@@ -405,9 +459,7 @@ mod raw {
         pub resolve: BTreeMap<String, String>,
         #[serde(default)]
         pub policy: Policy,
-        /// Parsed now so configs written for inbound inspection load; served by `inbound`.
         #[serde(default)]
-        #[allow(dead_code)]
         pub inbound: Vec<Inbound>,
         #[serde(default)]
         pub management: Management,
@@ -522,10 +574,10 @@ mod raw {
 
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
-    #[allow(dead_code)]
     pub(super) struct Inbound {
         pub host: String,
         pub upstream: String,
+        pub ca_bundle: Option<PathBuf>,
     }
 
     #[derive(Deserialize)]
@@ -550,6 +602,8 @@ mod raw {
         pub upstream_pool_max: usize,
         #[serde(default = "default_upstream_idle_timeout")]
         pub upstream_idle_timeout_secs: u64,
+        #[serde(default = "default_hsm_handshakes_max")]
+        pub hsm_handshakes_max: usize,
     }
 
     #[derive(Deserialize)]
@@ -580,6 +634,7 @@ mod raw {
                 mint_timeout_secs: default_mint_timeout(),
                 upstream_pool_max: default_upstream_pool_max(),
                 upstream_idle_timeout_secs: default_upstream_idle_timeout(),
+                hsm_handshakes_max: default_hsm_handshakes_max(),
             }
         }
     }
@@ -616,6 +671,9 @@ mod raw {
     }
     fn default_upstream_idle_timeout() -> u64 {
         30
+    }
+    fn default_hsm_handshakes_max() -> usize {
+        256
     }
     fn default_cache_capacity() -> u64 {
         10_000

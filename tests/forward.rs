@@ -23,12 +23,19 @@ fn s(v: &str) -> String {
 
 /// One origin for `origin.test` behind a fresh proxy.
 async fn basic() -> (TestPki, Origin, Setup, Proxy) {
+    one_origin("a", &["origin.test", "127.0.0.1"], &["h2", "http/1.1"], "").await
+}
+
+/// An origin named `name` serving `names` (the first is resolved to it, port 443) behind a fresh
+/// proxy with `extra` config.
+async fn one_origin(name: &str, names: &[&str], alpn: &[&str], extra: &str) -> (TestPki, Origin, Setup, Proxy) {
     let pki = TestPki::new();
-    let (chain, key) = pki.leaf(&LeafSpec::new(&["origin.test", "127.0.0.1"]));
-    let origin = Origin::start("a", chain, key, &["h2", "http/1.1"]).await;
+    let (chain, key) = pki.leaf(&LeafSpec::new(names));
+    let origin = Origin::start(name, chain, key, alpn).await;
     let options = ProxyOptions {
         ca_bundles: vec![pki.bundle()],
-        resolve: vec![(s("origin.test:443"), origin.addr)],
+        resolve: vec![(format!("{}:443", names[0]), origin.addr)],
+        extra: extra.to_string(),
         ..Default::default()
     };
     let setup = Setup::new(&options);
@@ -520,16 +527,7 @@ async fn send(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_connections_are_reused_across_client_connections() {
-    let pki = TestPki::new();
-    let (chain, key) = pki.leaf(&LeafSpec::new(&["reuse.test"]));
-    let origin = Origin::start("reuse", chain, key, &["http/1.1"]).await;
-    let options = ProxyOptions {
-        ca_bundles: vec![pki.bundle()],
-        resolve: vec![(s("reuse.test:443"), origin.addr)],
-        ..Default::default()
-    };
-    let setup = Setup::new(&options);
-    let proxy = setup.start();
+    let (_pki, origin, setup, proxy) = one_origin("reuse", &["reuse.test"], &["http/1.1"], "").await;
     let mut conns = Vec::new();
     for i in 0..5 {
         let mut client = h1_client(&proxy, &setup, "reuse.test").await;
@@ -549,16 +547,7 @@ async fn upstream_connections_are_reused_across_client_connections() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_bound_authentication_is_never_shared() {
-    let pki = TestPki::new();
-    let (chain, key) = pki.leaf(&LeafSpec::new(&["intranet.test"]));
-    let origin = Origin::start("ntlm", chain, key, &["http/1.1"]).await;
-    let options = ProxyOptions {
-        ca_bundles: vec![pki.bundle()],
-        resolve: vec![(s("intranet.test:443"), origin.addr)],
-        ..Default::default()
-    };
-    let setup = Setup::new(&options);
-    let proxy = setup.start();
+    let (_pki, _origin, setup, proxy) = one_origin("ntlm", &["intranet.test"], &["http/1.1"], "").await;
 
     // Client A starts an NTLM exchange: its upstream connection is pinned to it.
     let mut a = h1_client(&proxy, &setup, "intranet.test").await;
@@ -582,17 +571,8 @@ async fn connection_bound_authentication_is_never_shared() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_upstream_pool_is_bounded_across_hosts() {
-    let pki = TestPki::new();
-    let (chain, key) = pki.leaf(&LeafSpec::new(&["*.crawl.test"]));
-    let origin = Origin::start("crawl", chain, key, &["http/1.1"]).await;
-    let options = ProxyOptions {
-        ca_bundles: vec![pki.bundle()],
-        resolve: vec![(s("*.crawl.test:443"), origin.addr)],
-        extra: s("\n[limits]\nupstream_pool_max = 4\n"),
-        ..Default::default()
-    };
-    let setup = Setup::new(&options);
-    let proxy = setup.start();
+    let (_pki, _origin, setup, proxy) =
+        one_origin("crawl", &["*.crawl.test"], &["http/1.1"], "\n[limits]\nupstream_pool_max = 4\n").await;
     for i in 0..12 {
         let host = format!("site{i}.crawl.test");
         let mut client = h1_client(&proxy, &setup, &host).await;

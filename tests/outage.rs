@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -69,19 +69,6 @@ impl Drop for RemoteToken {
     }
 }
 
-/// Imports the same EC key pair (private and public objects, CKA_ID 01) into a token.
-fn import_key(token: &Token, conf: &Path, private_der: &Path, public_der: &Path) {
-    for (file, kind) in [(private_der, "privkey"), (public_der, "pubkey")] {
-        let out = Command::new("pkcs11-tool")
-            .env("SOFTHSM2_CONF", conf)
-            .args(["--module", SOFTHSM_MODULE, "--token-label", &token.label, "--login", "--pin", USER_PIN])
-            .args(["--write-object", file.to_str().unwrap(), "--type", kind, "--id", "01", "--label", "ha-ca"])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "import {kind}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-}
-
 struct Group {
     a: RemoteToken,
     b: Token,
@@ -112,8 +99,8 @@ impl Group {
         drop(key);
         let ca_pem = b.path("ha-ca.pem");
         std::fs::write(&ca_pem, ca_cert.pem()).unwrap();
-        import_key(&a.token, &a.token.conf(), &private_der, &public_der);
-        import_key(&b, &b.conf(), &private_der, &public_der);
+        import_key(&a.token, &private_der, &public_der, "ha-ca", "01");
+        import_key(&b, &private_der, &public_der, "ha-ca", "01");
         std::fs::remove_file(&private_der).unwrap();
 
         let pki = TestPki::new();

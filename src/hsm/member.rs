@@ -72,6 +72,15 @@ impl Drop for OwnedSession {
     }
 }
 
+/// What `public_key_from` needs to rebuild a SubjectPublicKeyInfo.
+const PUBLIC_KEY_ATTRS: [AttributeType; 5] = [
+    AttributeType::KeyType,
+    AttributeType::EcParams,
+    AttributeType::EcPoint,
+    AttributeType::Modulus,
+    AttributeType::PublicExponent,
+];
+
 /// A public key read from the token.
 pub(super) struct PublicKeyInfo {
     pub algorithm: KeyAlgorithm,
@@ -203,23 +212,14 @@ impl Connection {
         Ok(())
     }
 
-    /// Reads the public key labelled `label`.
+    /// Reads the public key of the private key labelled `label` (which must exist).
     pub(super) fn public_key(&self, server: &str, label: &str) -> Result<PublicKeyInfo, HsmError> {
         let session = self.open_session(server)?;
+        self.private_key(server, &session, label)?;
         let handles = find(&session, ObjectClass::PUBLIC_KEY, label).map_err(|e| p11s(server, "C_FindObjects", e))?;
         let handle = single(handles, label)?;
-        let attrs = session
-            .get_attributes(
-                handle,
-                &[
-                    AttributeType::KeyType,
-                    AttributeType::EcParams,
-                    AttributeType::EcPoint,
-                    AttributeType::Modulus,
-                    AttributeType::PublicExponent,
-                ],
-            )
-            .map_err(|e| p11s(server, "C_GetAttributeValue", e))?;
+        let attrs =
+            session.get_attributes(handle, &PUBLIC_KEY_ATTRS).map_err(|e| p11s(server, "C_GetAttributeValue", e))?;
         public_key_from(label, &attrs)
     }
 
@@ -316,19 +316,10 @@ impl Connection {
                     .find_objects(&[Attribute::Class(ObjectClass::PUBLIC_KEY)])
                     .map_err(|e| p11s(server, "C_FindObjects", e))?;
                 for handle in publics {
-                    let attrs = session
-                        .get_attributes(
-                            handle,
-                            &[
-                                AttributeType::KeyType,
-                                AttributeType::EcParams,
-                                AttributeType::EcPoint,
-                                AttributeType::Modulus,
-                                AttributeType::PublicExponent,
-                                AttributeType::Id,
-                            ],
-                        )
-                        .map_err(|e| p11s(server, "C_GetAttributeValue", e))?;
+                    let mut wanted = PUBLIC_KEY_ATTRS.to_vec();
+                    wanted.push(AttributeType::Id);
+                    let attrs =
+                        session.get_attributes(handle, &wanted).map_err(|e| p11s(server, "C_GetAttributeValue", e))?;
                     let matches = public_key_from("(candidate)", &attrs).is_ok_and(|info| info.spki == spki);
                     if matches {
                         ids.extend(

@@ -5,11 +5,12 @@
 //! parameters; `rcgen.rs` is the thin adapter that lets rcgen sign through any `PrivateKey`.
 
 pub mod rcgen;
+pub mod rustls;
 pub mod software;
 
 use std::fmt;
 
-use rustls::SignatureScheme;
+use ::rustls::SignatureScheme;
 
 /// Key types tollgate can create and use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

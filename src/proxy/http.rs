@@ -22,8 +22,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::tls::{H2, Verdict};
-use super::upstream::{Lease, Peer, PoolKey, Sender};
+use super::tls::H2;
+use super::upstream::{Lease, Peer, PoolKey, Route, Sender};
 use super::{ConnCtx, Proxy, ProxyError, Target};
 use crate::config::ListenerMode;
 use crate::telemetry::METRICS;
@@ -40,28 +40,26 @@ pub const ERROR_HEADER: &str = "tollgate-error";
 pub async fn relay<IO>(
     proxy: Arc<Proxy>,
     client: tokio_rustls::server::TlsStream<IO>,
-    first: Lease,
-    key: PoolKey,
-    offer: Vec<Vec<u8>>,
+    upstream: Upstream,
     target: Target,
-    verdict: &Verdict,
     ctx: ConnCtx,
 ) -> Result<(), ProxyError>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let client_h2 = client.get_ref().1.alpn_protocol() == Some(H2);
+    let Upstream { route, key, first, pin, label } = upstream;
     let relay = Arc::new(Relay {
-        peer: first.peer.clone(),
-        first: Mutex::new(Some(first.sender)),
+        first: Mutex::new(first.map(|lease| (lease.sender, lease.peer))),
         pinned: Mutex::new(None),
         local: Mutex::new(Vec::new()),
         proxy,
+        route,
         key,
-        offer,
+        pin,
         target,
         ctx,
-        verdict: verdict.as_str().to_string(),
+        label,
     });
     let service = hyper::service::service_fn(move |req| relay.clone().handle(req));
     let io = TokioIo::new(client);
@@ -76,28 +74,39 @@ where
     Ok(())
 }
 
-/// One intercepted client connection.
+/// Where a client connection's requests go.
+pub struct Upstream {
+    pub route: Route,
+    pub key: PoolKey,
+    /// The connection made before the client handshake (forward: its certificate was mirrored).
+    pub first: Option<Lease>,
+    /// Forward: the upstream certificate every upstream connection must present.
+    pub pin: Option<[u8; 32]>,
+    /// For the access log: the upstream verdict, or `inbound`.
+    pub label: String,
+}
+
+/// One client connection whose HTTP tollgate relays.
 struct Relay {
     proxy: Arc<Proxy>,
+    route: Route,
     key: PoolKey,
-    offer: Vec<Vec<u8>>,
-    /// The upstream the minted leaf mirrors: every upstream connection used must present it.
-    peer: Arc<Peer>,
-    /// The sender of the connection the handshake was made on, for the first request.
-    first: Mutex<Option<Sender>>,
+    pin: Option<[u8; 32]>,
+    /// The connection the handshake was made on, for the first request.
+    first: Mutex<Option<(Sender, Arc<Peer>)>>,
     /// An HTTP/1.1 connection bound to this client by connection-based authentication.
-    pinned: Mutex<Option<http1::SendRequest<Body>>>,
+    pinned: Mutex<Option<(http1::SendRequest<Body>, Arc<Peer>)>>,
     /// Idle HTTP/1.1 connections this client used last: kept here while it stays, so a
     /// keep-alive client does not go through the shared pool on every request.
-    local: Mutex<Vec<http1::SendRequest<Body>>>,
+    local: Mutex<Vec<(http1::SendRequest<Body>, Arc<Peer>)>>,
     target: Target,
     ctx: ConnCtx,
-    verdict: String,
+    label: String,
 }
 
 impl Relay {
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
-        let log = AccessLog::start(&req, self.ctx, &self.target.host, &self.verdict);
+        let log = AccessLog::start(&req, self.ctx, &self.target.host, &self.label);
         let response = match self.clone().forward(req).await {
             Ok(response) => response,
             Err(refusal) => refusal.into_response(),
@@ -107,8 +116,8 @@ impl Relay {
 
     async fn forward(self: Arc<Self>, mut req: Request<Incoming>) -> Result<Response<Body>, Refusal> {
         match request_host(&req) {
-            // In sni mode the client's port is the listener's, not the upstream's.
-            Some(host) if same_host(host, &self.target, self.ctx.mode != ListenerMode::Sni) => {}
+            // Only a CONNECT names the upstream port; elsewhere the client's port is the listener's.
+            Some(host) if same_host(host, &self.target, self.ctx.mode == ListenerMode::Explicit) => {}
             Some(host) => {
                 return Err(Refusal::new(
                     StatusCode::MISDIRECTED_REQUEST,
@@ -124,7 +133,7 @@ impl Relay {
         let upgrade = is_upgrade(&req);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let connection_auth = connection_bound_auth(req.headers(), header::AUTHORIZATION);
-        let sender = self.ready_sender().await?;
+        let (sender, peer) = self.ready_sender().await?;
         let req = prepare_request(req, &self.target, matches!(sender, Sender::H2(_)), upgrade);
         let (response, h1) = match sender {
             Sender::H1(mut s) => (s.send_request(req).await, Some(s)),
@@ -144,33 +153,36 @@ impl Relay {
         // carries connection-based authentication stays with this client; others are shared.
         let pin = connection_auth || connection_bound_auth(response.headers(), header::WWW_AUTHENTICATE);
         let home = if pin { Home::Pinned(Arc::downgrade(&self)) } else { Home::Local(Arc::downgrade(&self)) };
-        Ok(response.map(|body| Recycle::new(body.boxed_unsync(), sender, home).boxed_unsync()))
+        Ok(response.map(|body| Recycle::new(body.boxed_unsync(), sender, peer, home).boxed_unsync()))
     }
 
     /// A sender ready for a request: the pinned connection, the first one, this client's
     /// last one, or one from the shared pool; a connection that turns out closed is skipped.
-    async fn ready_sender(&self) -> Result<Sender, Refusal> {
+    async fn ready_sender(&self) -> Result<(Sender, Arc<Peer>), Refusal> {
         for _ in 0..3 {
-            let local = || self.pinned.lock().take().or_else(|| self.local.lock().pop()).map(Sender::H1);
-            let sender = match local().or_else(|| self.first.lock().take()) {
-                Some(s) => s,
+            let local = || {
+                let held = self.pinned.lock().take().or_else(|| self.local.lock().pop());
+                held.map(|(s, peer)| (Sender::H1(s), peer))
+            };
+            let (sender, peer) = match local().or_else(|| self.first.lock().take()) {
+                Some(held) => held,
                 None => {
                     let lease = self
                         .proxy
                         .upstreams
-                        .checkout(&self.proxy, &self.target, &self.key, &self.offer, Some(self.peer.fingerprint))
+                        .checkout(&self.proxy, &self.route, &self.key, self.pin)
                         .await
                         .map_err(Refusal::upstream)?;
-                    lease.sender
+                    (lease.sender, lease.peer)
                 }
             };
             match sender {
                 Sender::H1(mut s) => {
                     if s.ready().await.is_ok() {
-                        return Ok(Sender::H1(s));
+                        return Ok((Sender::H1(s), peer));
                     }
                 }
-                Sender::H2(s) => return Ok(Sender::H2(s)),
+                Sender::H2(s) => return Ok((Sender::H2(s), peer)),
             }
         }
         Err(Refusal::upstream(ProxyError::UpstreamHttp {
@@ -185,11 +197,11 @@ impl Drop for Relay {
         // The client is gone: its idle upstream connections serve other clients. A pinned
         // (authenticated) one closes with it.
         let first = match self.first.get_mut().take() {
-            Some(Sender::H1(sender)) => Some(sender),
+            Some((Sender::H1(sender), peer)) => Some((sender, peer)),
             _ => None,
         };
-        for sender in first.into_iter().chain(self.local.get_mut().drain(..)) {
-            self.proxy.upstreams.checkin(&self.key, sender, self.peer.clone());
+        for (sender, peer) in first.into_iter().chain(self.local.get_mut().drain(..)) {
+            self.proxy.upstreams.checkin(&self.key, sender, peer);
         }
     }
 }
@@ -213,13 +225,13 @@ enum Home {
 /// A response body that returns its HTTP/1.1 connection when it ends.
 struct Recycle {
     inner: Body,
-    sender: Option<http1::SendRequest<Body>>,
+    sender: Option<(http1::SendRequest<Body>, Arc<Peer>)>,
     home: Option<Home>,
 }
 
 impl Recycle {
-    fn new(inner: Body, sender: http1::SendRequest<Body>, home: Home) -> Self {
-        let mut this = Self { inner, sender: Some(sender), home: Some(home) };
+    fn new(inner: Body, sender: http1::SendRequest<Body>, peer: Arc<Peer>, home: Home) -> Self {
+        let mut this = Self { inner, sender: Some((sender, peer)), home: Some(home) };
         if this.inner.is_end_stream() {
             this.release();
         }

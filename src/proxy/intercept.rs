@@ -9,7 +9,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::StartHandshake;
 
 use super::tls::{ClientHelloInfo, Verdict};
-use super::upstream::{Peer, Upstreams};
+use super::upstream::{Peer, Route, Upstreams};
 use super::{ConnCtx, Proxy, ProxyError, Side, Target};
 use crate::config::UntrustedAction;
 use crate::pki::cache::LeafKey;
@@ -78,7 +78,8 @@ where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let key = Upstreams::key(&target, &hello.alpn);
-    let lease = match proxy.upstreams.checkout(proxy, &target, &key, &hello.alpn, None).await {
+    let route = Route::Forward { target: target.clone(), client_alpn: hello.alpn.clone() };
+    let lease = match proxy.upstreams.checkout(proxy, &route, &key, None).await {
         Ok(lease) => lease,
         Err(e) => return Err(refuse(proxy, accepted, io, e).await),
     };
@@ -113,7 +114,9 @@ where
             return Err(ProxyError::Timeout { phase: "client TLS handshake", secs, side: Side::Client });
         }
     };
-    super::http::relay(proxy.clone(), client, lease, key, hello.alpn, target, &verdict, ctx).await
+    let pin = Some(lease.peer.fingerprint);
+    let upstream = super::http::Upstream { route, key, first: Some(lease), pin, label: verdict.as_str().to_string() };
+    super::http::relay(proxy.clone(), client, upstream, target, ctx).await
 }
 
 async fn mint(proxy: &Proxy, target: &Target, peer: &Peer, trusted: bool) -> Result<Arc<Minted>, ProxyError> {

@@ -4,6 +4,7 @@
 
 pub mod connect;
 pub mod http;
+pub mod inbound;
 pub mod intercept;
 pub mod tls;
 pub mod tunnel;
@@ -41,6 +42,8 @@ pub enum ProxyError {
     Hello(#[from] HelloError),
     #[error("ClientHello has no SNI and the listener needs it to find the destination")]
     NoSni,
+    #[error("no inbound host is served for SNI {0:?}")]
+    NoSite(String),
     #[error("SNI {sni:?} does not match the requested host {host:?}")]
     NameMismatch { sni: String, host: String },
     #[error("destination {0} is not allowed (tollgate's own listener)")]
@@ -79,9 +82,12 @@ impl ProxyError {
     /// Who failed.
     pub fn side(&self) -> Side {
         match self {
-            Self::Hello(_) | Self::NoSni | Self::NameMismatch { .. } | Self::Forbidden(_) | Self::ClientTls(_) => {
-                Side::Client
-            }
+            Self::Hello(_)
+            | Self::NoSni
+            | Self::NoSite(_)
+            | Self::NameMismatch { .. }
+            | Self::Forbidden(_)
+            | Self::ClientTls(_) => Side::Client,
             Self::Timeout { side, .. } => *side,
             Self::Connect { .. }
             | Self::UpstreamTls { .. }
@@ -141,6 +147,7 @@ pub struct Proxy {
     pub upstream_tls: UpstreamTls,
     pub server_tls: ServerTls,
     pub upstreams: upstream::Upstreams,
+    pub inbound: inbound::InboundSites,
     resolve: BTreeMap<(String, u16), SocketAddr>,
     /// Our own sockets: never a destination (no loops, no reaching management via the proxy).
     own: Vec<SocketAddr>,
@@ -151,8 +158,8 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Builds the shared state from the configuration and the loaded CAs.
-    pub fn new(config: &Config, cas: Cas) -> Result<Self, crate::config::ConfigError> {
+    /// Builds the shared state from the configuration, the loaded CAs and the inbound sites.
+    pub fn new(config: &Config, cas: Cas, inbound: inbound::InboundSites) -> Result<Self, crate::config::ConfigError> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let server_tls = ServerTls::new(provider.clone()).map_err(|e| crate::config::ConfigError::Invalid {
             path: config.path.clone(),
@@ -167,6 +174,7 @@ impl Proxy {
             cache: LeafCache::new(config.mint.cache_capacity),
             upstream_tls: UpstreamTls::new(&config.upstream, &config.path, &provider)?,
             server_tls,
+            inbound,
             upstreams: upstream::Upstreams::new(
                 config.limits.upstream_pool_max,
                 Duration::from_secs(config.limits.upstream_idle_timeout_secs),
@@ -259,7 +267,8 @@ pub async fn serve_listener(proxy: Arc<Proxy>, listener: TcpListener, config: Li
             match config.mode {
                 ListenerMode::Explicit => connect::serve(proxy, stream, ctx).await,
                 ListenerMode::Sni => intercept::serve(proxy, stream, None, ctx).await,
-                ListenerMode::Transparent | ListenerMode::Inbound => {}
+                ListenerMode::Inbound => inbound::serve(proxy, stream, ctx).await,
+                ListenerMode::Transparent => {}
             }
         });
     }

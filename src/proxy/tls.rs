@@ -382,8 +382,9 @@ impl ServerTls {
     }
 }
 
+/// Always presents one certified key.
 #[derive(Debug)]
-struct Fixed(Arc<CertifiedKey>);
+pub(crate) struct Fixed(pub(crate) Arc<CertifiedKey>);
 
 impl ResolvesServerCert for Fixed {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {

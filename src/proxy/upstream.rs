@@ -49,8 +49,21 @@ struct Pool {
 pub struct PoolKey {
     host: String,
     port: u16,
-    /// Index of the ALPN offer class (none, http/1.1, h2+http/1.1).
+    /// Forward: index of the ALPN offer class (none, http/1.1, h2+http/1.1).
     offer: usize,
+    /// Inbound: the site's index (its own origin TLS settings).
+    site: Option<usize>,
+}
+
+/// How to reach an upstream.
+#[derive(Clone)]
+pub enum Route {
+    /// Forward interception: TLS to the target with the client's ALPN offer, always
+    /// validated; the verdict picks the CA.
+    Forward { target: Target, client_alpn: Vec<Vec<u8>> },
+    /// Inbound inspection: the site's origin, over TLS validated with the site's roots (system
+    /// or a pinned CA), or plain HTTP.
+    Inbound(Arc<super::inbound::InboundSite>),
 }
 
 #[derive(Default)]
@@ -74,7 +87,9 @@ struct IdleH1 {
 
 /// What we know about the server at the other end of an upstream connection.
 pub struct Peer {
-    name: ServerName<'static>,
+    /// For forward peers: the name validated; `None` for inbound origins (validated strictly by
+    /// their own config at connect time, nothing to pick from).
+    name: Option<ServerName<'static>>,
     chain: Vec<CertificateDer<'static>>,
     /// SHA-256 of the end-entity certificate.
     pub fingerprint: [u8; 32],
@@ -103,7 +118,17 @@ impl Upstreams {
 
     /// The pool key for a target and a client's ALPN offer.
     pub fn key(target: &Target, client_alpn: &[Vec<u8>]) -> PoolKey {
-        PoolKey { host: target.host.clone(), port: target.port, offer: UpstreamTls::offer_class(client_alpn) }
+        PoolKey {
+            host: target.host.clone(),
+            port: target.port,
+            offer: UpstreamTls::offer_class(client_alpn),
+            site: None,
+        }
+    }
+
+    /// The pool key of an inbound site's origin.
+    pub fn inbound_key(site: &super::inbound::InboundSite) -> PoolKey {
+        PoolKey { host: site.origin.host.clone(), port: site.origin.port, offer: 0, site: Some(site.index) }
     }
 
     /// A sender to `key`'s upstream: a pooled one when available (matching `fingerprint` when
@@ -111,20 +136,22 @@ impl Upstreams {
     pub async fn checkout(
         &self,
         proxy: &Proxy,
-        target: &Target,
+        route: &Route,
         key: &PoolKey,
-        client_alpn: &[Vec<u8>],
         fingerprint: Option<[u8; 32]>,
     ) -> Result<Lease, ProxyError> {
         if let Some(lease) = self.pooled(key, fingerprint) {
             return Ok(lease);
         }
-        let lease = dial(proxy, target, client_alpn).await?;
+        let lease = match route {
+            Route::Forward { target, client_alpn } => dial_forward(proxy, target, client_alpn).await?,
+            Route::Inbound(site) => dial_inbound(proxy, site).await?,
+        };
         if let Some(expected) = fingerprint
             && lease.peer.fingerprint != expected
         {
             return Err(ProxyError::UpstreamHttp {
-                target: target.to_string(),
+                target: key.host.clone(),
                 reason: "upstream certificate changed within the connection".into(),
             });
         }
@@ -254,8 +281,10 @@ impl Peer {
     /// certificate may have expired, or the roots changed).
     pub fn verdict(&self, tls: &UpstreamTls) -> Verdict {
         let mut cached = self.verdict.lock();
-        if cached.1.elapsed() > VERDICT_MAX_AGE {
-            *cached = (tls.verdict(&self.name, &self.chain), Instant::now());
+        if let Some(name) = &self.name
+            && cached.1.elapsed() > VERDICT_MAX_AGE
+        {
+            *cached = (tls.verdict(name, &self.chain), Instant::now());
         }
         cached.0.clone()
     }
@@ -266,19 +295,13 @@ impl Peer {
     }
 }
 
-/// Connects and handshakes upstream (TLS with the client's SNI and ALPN offer, then HTTP).
-async fn dial(proxy: &Proxy, target: &Target, client_alpn: &[Vec<u8>]) -> Result<Lease, ProxyError> {
+/// Connects and handshakes upstream for forward interception: TLS with the client's SNI and
+/// ALPN offer, the verdict from the verifier, then HTTP.
+async fn dial_forward(proxy: &Proxy, target: &Target, client_alpn: &[Vec<u8>]) -> Result<Lease, ProxyError> {
     let tcp = proxy.dial(target).await?;
-    let name = ServerName::try_from(target.host.clone()).map_err(|e| ProxyError::UpstreamTls {
-        target: target.to_string(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
-    })?;
-    let connector = tokio_rustls::TlsConnector::from(proxy.upstream_tls.config_for(client_alpn));
-    let secs = proxy.connect_timeout.as_secs();
-    let stream = tokio::time::timeout(proxy.connect_timeout, connector.connect(name.clone(), tcp))
-        .await
-        .map_err(|_| ProxyError::Timeout { phase: "upstream TLS handshake", secs, side: Side::Upstream })?
-        .map_err(|source| ProxyError::UpstreamTls { target: target.to_string(), source })?;
+    let name = server_name(target)?;
+    let config = proxy.upstream_tls.config_for(client_alpn);
+    let stream = tls_connect(proxy, target, config, name.clone(), tcp).await?;
     let conn = stream.get_ref().1;
     let chain: Vec<CertificateDer<'static>> =
         conn.peer_certificates().unwrap_or_default().iter().map(|c| c.clone().into_owned()).collect();
@@ -286,18 +309,69 @@ async fn dial(proxy: &Proxy, target: &Target, client_alpn: &[Vec<u8>]) -> Result
     let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
     let verdict = proxy.upstream_tls.handshake_verdict(&name, &chain, resumed);
     let fingerprint = super::intercept::sha256(chain.first().map(|c| c.as_ref()).unwrap_or_default());
-    let peer = Arc::new(Peer { name, chain, fingerprint, alpn, verdict: Mutex::new((verdict, Instant::now())) });
+    let peer =
+        Arc::new(Peer { name: Some(name), chain, fingerprint, alpn, verdict: Mutex::new((verdict, Instant::now())) });
+    let sender = http_handshake(target, TokioIo::new(stream), peer.alpn.as_deref() == Some(H2)).await?;
+    Ok(Lease { sender, peer })
+}
 
+/// Connects to an inbound site's origin: TLS validated by the site's own config (a failure is
+/// an error, never a verdict), or plain HTTP.
+async fn dial_inbound(proxy: &Proxy, site: &super::inbound::InboundSite) -> Result<Lease, ProxyError> {
+    let target = Target { host: site.origin.host.clone(), port: site.origin.port };
+    let tcp = proxy.dial(&target).await?;
+    let trusted = || Mutex::new((Verdict::Trusted, Instant::now()));
+    let Some(config) = &site.origin_tls else {
+        let peer =
+            Arc::new(Peer { name: None, chain: Vec::new(), fingerprint: [0; 32], alpn: None, verdict: trusted() });
+        let sender = http_handshake(&target, TokioIo::new(tcp), false).await?;
+        return Ok(Lease { sender, peer });
+    };
+    let stream = tls_connect(proxy, &target, config.clone(), server_name(&target)?, tcp).await?;
+    let conn = stream.get_ref().1;
+    let chain: Vec<CertificateDer<'static>> =
+        conn.peer_certificates().unwrap_or_default().iter().map(|c| c.clone().into_owned()).collect();
+    let fingerprint = super::intercept::sha256(chain.first().map(|c| c.as_ref()).unwrap_or_default());
+    let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
+    let peer = Arc::new(Peer { name: None, chain, fingerprint, alpn, verdict: trusted() });
+    let sender = http_handshake(&target, TokioIo::new(stream), peer.alpn.as_deref() == Some(H2)).await?;
+    Ok(Lease { sender, peer })
+}
+
+fn server_name(target: &Target) -> Result<ServerName<'static>, ProxyError> {
+    ServerName::try_from(target.host.clone()).map_err(|e| ProxyError::UpstreamTls {
+        target: target.to_string(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+    })
+}
+
+async fn tls_connect(
+    proxy: &Proxy,
+    target: &Target,
+    config: Arc<rustls::ClientConfig>,
+    name: ServerName<'static>,
+    tcp: tokio::net::TcpStream,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, ProxyError> {
+    let secs = proxy.connect_timeout.as_secs();
+    tokio::time::timeout(proxy.connect_timeout, tokio_rustls::TlsConnector::from(config).connect(name, tcp))
+        .await
+        .map_err(|_| ProxyError::Timeout { phase: "upstream TLS handshake", secs, side: Side::Upstream })?
+        .map_err(|source| ProxyError::UpstreamTls { target: target.to_string(), source })
+}
+
+/// HTTP/1.1 or h2 over an established upstream connection.
+async fn http_handshake<IO>(target: &Target, io: TokioIo<IO>, h2: bool) -> Result<Sender, ProxyError>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let http_err = |e: hyper::Error| ProxyError::UpstreamHttp { target: target.to_string(), reason: e.to_string() };
-    let io = TokioIo::new(stream);
-    let sender = if peer.alpn.as_deref() == Some(H2) {
+    if h2 {
         let (sender, connection) = http2::handshake(TokioExecutor::new(), io).await.map_err(http_err)?;
         tokio::spawn(connection);
-        Sender::H2(sender)
+        Ok(Sender::H2(sender))
     } else {
         let (sender, connection) = http1::handshake(io).await.map_err(http_err)?;
         tokio::spawn(connection.with_upgrades());
-        Sender::H1(sender)
-    };
-    Ok(Lease { sender, peer })
+        Ok(Sender::H1(sender))
+    }
 }

@@ -95,6 +95,24 @@ impl Token {
     }
 }
 
+/// Imports a key pair (PKCS#8 private key and SubjectPublicKeyInfo, DER) into a token as an
+/// operator's vendor tool would: private and public objects with the same label and CKA_ID.
+pub fn import_key(token: &Token, private_der: &Path, public_der: &Path, label: &str, id: &str) {
+    for (file, kind) in [(private_der, "privkey"), (public_der, "pubkey")] {
+        let out = token.pkcs11_tool(&[
+            "--write-object",
+            file.to_str().unwrap(),
+            "--type",
+            kind,
+            "--id",
+            id,
+            "--label",
+            label,
+        ]);
+        assert!(out.status.success(), "import {kind}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
 /// The `tollgate` binary under test.
 pub fn tollgate_bin() -> &'static str {
     env!("CARGO_BIN_EXE_tollgate")
@@ -208,6 +226,7 @@ pub struct Proxy {
     pub explicit: SocketAddr,
     pub sni: SocketAddr,
     pub management: SocketAddr,
+    addrs: HashMap<String, SocketAddr>,
 }
 
 impl Proxy {
@@ -255,7 +274,12 @@ impl Proxy {
         }
         let none = SocketAddr::from(([0, 0, 0, 0], 0));
         let addr = |mode: &str| addrs.get(mode).copied().unwrap_or(none);
-        Self { child, logs, explicit: addr("explicit"), sni: addr("sni"), management: addr("management") }
+        Self { child, logs, explicit: addr("explicit"), sni: addr("sni"), management: addr("management"), addrs }
+    }
+
+    /// The address of the listener of `mode`.
+    pub fn listener(&self, mode: &str) -> SocketAddr {
+        self.addrs[mode]
     }
 
     /// Log lines parsed as JSON.
@@ -357,6 +381,14 @@ impl TestPki {
         self.dir.path().join("root.pem")
     }
 
+    /// A server certificate for `key` and `names`, issued by the root, as PEM.
+    pub fn certify(&self, key: &KeyPair, names: &[&str]) -> String {
+        let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, names[0]);
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        params.signed_by(key, &self.issuer).unwrap().pem()
+    }
+
     pub fn leaf(&self, spec: &LeafSpec<'_>) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
         let mut params = CertificateParams::default();
         params.distinguished_name.push(DnType::CommonName, spec.names[0]);
@@ -427,29 +459,15 @@ impl Origin {
                 .unwrap();
         config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let name = name.to_string();
-        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counter = accepted.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, peer)) = listener.accept().await else { continue };
-                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let acceptor = acceptor.clone();
-                let name = name.clone();
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(stream).await else { return };
-                    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-                    serve_origin(TokioIo::new(tls), h2, name, peer.port()).await;
-                });
-            }
-        });
-        Self { addr, accepted, task }
+        Self::listen(name, Some(acceptor)).await
     }
 
     /// A plain-HTTP origin.
     pub async fn start_plain(name: &str) -> Self {
+        Self::listen(name, None).await
+    }
+
+    async fn listen(name: &str, tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let name = name.to_string();
@@ -459,7 +477,15 @@ impl Origin {
             loop {
                 let Ok((stream, peer)) = listener.accept().await else { continue };
                 counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                tokio::spawn(serve_origin(TokioIo::new(stream), false, name.clone(), peer.port()));
+                let (tls, name) = (tls.clone(), name.clone());
+                tokio::spawn(async move {
+                    let Some(acceptor) = tls else {
+                        return serve_origin(TokioIo::new(stream), false, name, peer.port()).await;
+                    };
+                    let Ok(tls) = acceptor.accept(stream).await else { return };
+                    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                    serve_origin(TokioIo::new(tls), h2, name, peer.port()).await;
+                });
             }
         });
         Self { addr, accepted, task }

@@ -1,0 +1,203 @@
+//! SSL inbound inspection (D6): tollgate stands in front of our own servers and terminates TLS
+//! with their certificates, whose private keys stay on the HSM — every full handshake's
+//! signature is made by the HSM. Resumption (TLS 1.3 tickets with rotating keys, TLS 1.2
+//! session IDs) keeps resumed handshakes off the HSM. After the handshake, the same HTTP relay
+//! as forward interception carries requests to the origin.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use rustls::ServerConfig;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use rustls::server::ServerSessionMemoryCache;
+use rustls::sign::CertifiedKey;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_rustls::StartHandshake;
+
+use super::http::Upstream;
+use super::tls::{H2, HTTP11};
+use super::upstream::{Route, Upstreams};
+use super::{ConnCtx, Proxy, ProxyError, Side, Target};
+use crate::config::{Config, ConfigError, OriginConfig};
+use crate::hsm::Hsm;
+use crate::keys::rustls::{InFlight, RustlsKey};
+use crate::pki::CertStore;
+
+/// The protected servers, by SNI.
+#[derive(Default)]
+pub struct InboundSites {
+    by_host: HashMap<String, Arc<InboundSite>>,
+}
+
+/// One protected server.
+pub struct InboundSite {
+    pub host: String,
+    /// Position in the configuration (pool key).
+    pub index: usize,
+    pub origin: OriginConfig,
+    /// TLS to the origin (validated with its roots); `None` for plain HTTP.
+    pub origin_tls: Option<Arc<rustls::ClientConfig>>,
+    server: Arc<ServerConfig>,
+}
+
+impl InboundSites {
+    /// Builds a site per `[[inbound]]` whose certificate (from the store) has its key on the
+    /// HSM. A site whose key cannot be used is left out with an error log; the others serve.
+    pub fn new(
+        config: &Config,
+        store: &CertStore,
+        hsm: &Arc<Hsm>,
+        provider: &Arc<CryptoProvider>,
+    ) -> Result<Self, ConfigError> {
+        let storage = ServerSessionMemoryCache::new(64 * 1024);
+        let ticketer =
+            rustls::crypto::aws_lc_rs::Ticketer::new().map_err(|e| invalid(config, "inbound", e.to_string()))?;
+        let waiting = InFlight::new(config.limits.hsm_handshakes_max);
+        let mut by_host = HashMap::new();
+        for (index, site) in config.inbound.iter().enumerate() {
+            let origin_tls = match site.origin.tls {
+                true => Some(origin_client(config, index, &site.origin, provider)?),
+                false => None,
+            };
+            let Some(entry) =
+                store.entries().iter().find(|e| e.inbound.iter().any(|h| h.eq_ignore_ascii_case(&site.host)))
+            else {
+                tracing::error!(host = %site.host, "inbound host has no certificate in the store (tollgate cert import --inbound HOST); not served");
+                continue;
+            };
+            let certified = match certified_key(entry, hsm, &waiting) {
+                Ok(certified) => certified,
+                Err(reason) => {
+                    tracing::error!(host = %site.host, certificate = %entry.name, error = %reason, "inbound certificate unusable; host not served");
+                    continue;
+                }
+            };
+            let mut server = ServerConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| invalid(config, "inbound", e.to_string()))?
+                .with_no_client_auth()
+                .with_cert_resolver(Arc::new(super::tls::Fixed(Arc::new(certified))));
+            server.alpn_protocols = vec![H2.to_vec(), HTTP11.to_vec()];
+            server.session_storage = storage.clone();
+            server.ticketer = ticketer.clone();
+            tracing::info!(host = %site.host, certificate = %entry.name, origin = %format!("{}:{}", site.origin.host, site.origin.port), "inbound host served");
+            let site = InboundSite {
+                host: site.host.clone(),
+                index,
+                origin: site.origin.clone(),
+                origin_tls,
+                server: Arc::new(server),
+            };
+            by_host.insert(site.host.clone(), Arc::new(site));
+        }
+        Ok(Self { by_host })
+    }
+
+    /// The site serving `sni`.
+    pub fn get(&self, sni: &str) -> Option<&Arc<InboundSite>> {
+        self.by_host.get(sni)
+    }
+}
+
+/// Serves one connection of an inbound listener.
+pub async fn serve<IO>(proxy: Arc<Proxy>, mut io: IO, ctx: ConnCtx)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let result = async {
+        let secs = proxy.handshake_timeout.as_secs();
+        let (accepted, hello, _) =
+            tokio::time::timeout(proxy.handshake_timeout, super::tls::read_client_hello(&mut io))
+                .await
+                .map_err(|_| ProxyError::Timeout { phase: "ClientHello", secs, side: Side::Client })??;
+        let site = hello.sni.as_deref().and_then(|sni| proxy.inbound.get(sni)).cloned();
+        let Some(site) = site else {
+            let host = hello.sni.clone().unwrap_or_default();
+            let _ = StartHandshake::from_parts(accepted, io).into_stream(proxy.server_tls.refuse()).await;
+            return Err(ProxyError::NoSite(host));
+        };
+        let client = tokio::time::timeout(
+            proxy.handshake_timeout,
+            StartHandshake::from_parts(accepted, io).into_stream(site.server.clone()),
+        )
+        .await
+        .map_err(|_| ProxyError::Timeout { phase: "client TLS handshake", secs, side: Side::Client })?
+        .map_err(ProxyError::ClientTls)?;
+        let target = Target { host: site.host.clone(), port: 443 };
+        let upstream = Upstream {
+            key: Upstreams::inbound_key(&site),
+            route: Route::Inbound(site),
+            first: None,
+            pin: None,
+            label: "inbound".into(),
+        };
+        super::http::relay(proxy.clone(), client, upstream, target, ctx).await
+    }
+    .await;
+    if let Err(e) = result {
+        let side = e.side();
+        match side {
+            Side::Client => {
+                tracing::info!(client = %ctx.client, mode = "inbound", side = ?side, error = %e, "connection refused")
+            }
+            _ => tracing::warn!(client = %ctx.client, mode = "inbound", side = ?side, error = %e, "connection failed"),
+        }
+    }
+}
+
+/// The chain and an HSM-backed signing key, checked against each other.
+fn certified_key(
+    entry: &crate::pki::CertEntry,
+    hsm: &Arc<Hsm>,
+    waiting: &Arc<InFlight>,
+) -> Result<CertifiedKey, String> {
+    let crate::pki::KeyLocation::Hsm { label } = &entry.key;
+    let key = hsm.key(label).map_err(|e| e.to_string())?;
+    let chain = CertificateDer::pem_slice_iter(entry.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("certificate PEM: {e}"))?;
+    let signing = Arc::new(RustlsKey::new(key, waiting.clone()));
+    let certified = CertifiedKey::new(chain, signing);
+    certified.keys_match().map_err(|e| format!("certificate and HSM key do not match: {e}"))?;
+    Ok(certified)
+}
+
+/// TLS to an inbound origin: the pinned bundle when given, else webpki and system roots.
+fn origin_client(
+    config: &Config,
+    index: usize,
+    origin: &OriginConfig,
+    provider: &Arc<CryptoProvider>,
+) -> Result<Arc<rustls::ClientConfig>, ConfigError> {
+    let field = format!("inbound[{index}].ca_bundle");
+    let mut roots = rustls::RootCertStore::empty();
+    match &origin.ca_bundle {
+        Some(bundle) => {
+            let certs = CertificateDer::pem_file_iter(bundle)
+                .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| invalid(config, &field, format!("{}: {e}", bundle.display())))?;
+            for cert in certs {
+                roots.add(cert).map_err(|e| invalid(config, &field, e.to_string()))?;
+            }
+        }
+        None => {
+            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+        }
+    }
+    let mut client = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| invalid(config, &field, e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    client.alpn_protocols = vec![H2.to_vec(), HTTP11.to_vec()];
+    Ok(Arc::new(client))
+}
+
+fn invalid(config: &Config, field: &str, reason: String) -> ConfigError {
+    ConfigError::Invalid { path: config.path.clone(), field: field.into(), reason }
+}
