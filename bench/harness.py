@@ -172,7 +172,7 @@ http {{
 
     def start(self):
         w = self.work
-        self.ports = {k: free_port() for k in ("origin", "nginx-proxy", "tollgate", "mgmt", "mitmdump")}
+        self.ports = {k: free_port() for k in ("origin", "nginx-proxy", "tollgate", "mgmt", "mitmdump", "inbound")}
         p = self.ports
         self.origin = self.nginx("origin", f"""
   server {{
@@ -219,6 +219,13 @@ pin_file = "{w}/user.pin"
 [[listener]]
 mode = "sni"
 listen = "127.0.0.1:{p['tollgate']}"
+[[listener]]
+mode = "inbound"
+listen = "127.0.0.1:{p['inbound']}"
+[[inbound]]
+host = "localhost"
+upstream = "https://localhost:{p['origin']}"
+ca_bundle = "{w}/root.pem"
 [management]
 listen = "127.0.0.1:{p['mgmt']}"
 [upstream]
@@ -236,10 +243,21 @@ cache_capacity = 1000000
            "--out-cert", w / "tollgate-ca.pem", env=self.env)
         sh(TOLLGATE, "cert", "generate-ca", "--config", config, "--name", "bench-untrust", "--on-hsm",
            "--forward-untrust", "--algorithm", "rsa-2048", env=self.env)
+        # The inbound server key: generated on the token (as a vendor tool would), certified by
+        # the bench root for localhost, imported --key-on-hsm --inbound.
+        tool = ["pkcs11-tool", "--module", SOFTHSM, "--token-label", "bench", "--login", "--pin", (w / "user.pin").read_text()]
+        sh(*tool, "--keypairgen", "--key-type", "EC:prime256v1", "--label", "bench-inbound", "--id", "42", env=self.env)
+        sh(*tool, "--read-object", "--type", "pubkey", "--label", "bench-inbound", "-o", w / "inbound.pub.der", env=self.env)
+        sh("openssl", "pkey", "-pubin", "-inform", "DER", "-in", w / "inbound.pub.der", "-out", w / "inbound.pub.pem")
+        sh("openssl", "x509", "-new", "-force_pubkey", w / "inbound.pub.pem", "-subj", "/CN=localhost", "-CA", w / "root.pem",
+           "-CAkey", w / "root.key", "-days", "10", "-extfile", w / "ext.cnf", "-out", w / "inbound.pem")
+        sh(TOLLGATE, "cert", "import", "--config", config, "--name", "bench-inbound", "--cert", w / "inbound.pem",
+           "--key-on-hsm", "--inbound", "localhost", env=self.env)
         self.config = config
         self.tollgate = Service("tollgate", [TOLLGATE, "run", "--config", config], env=self.env, log=w / "tollgate.log")
         self.services.append(self.tollgate)
         wait_port(p["tollgate"], "tollgate")
+        wait_port(p["inbound"], "tollgate inbound listener")
 
     def start_mitmdump(self):
         self.mitm = None
@@ -323,10 +341,12 @@ cache_capacity = 1000000
                     "p50_ms": pct(0.5), "p99_ms": pct(0.99)}
         return argv, parse
 
-    def loadgen(self, port, ca, sni_pattern=None):
+    def loadgen(self, port, ca, sni_pattern=None, resume=False):
         argv = [LOADGEN, "newconn", "--addr", f"127.0.0.1:{port}", "--ca", ca, "-c", "50", "-d", str(self.args.duration)]
         if sni_pattern:
             argv += ["--sni-pattern", sni_pattern]
+        if resume:
+            argv.append("--resume")
 
         def parse(result):
             if result.returncode != 0:
@@ -364,6 +384,33 @@ cache_capacity = 1000000
                 print(f"  {name:13} {workload:36} {row['rps']:>10} req/s", file=sys.stderr)
         if not self.args.workloads or self.args.workloads in "new-host mint":
             rows += self.mints()
+        if not self.args.workloads or "inbound" in self.args.workloads:
+            rows += self.inbound()
+        return rows
+
+    def inbound(self):
+        """Inbound inspection: full handshakes (each signed by the HSM) and resumed ones, next to
+        nginx terminating TLS with a software key (the origin) on the same client."""
+        rows = []
+        w, p = self.work, self.ports
+        cases = [
+            ("tollgate-inbound", p["inbound"], self.tollgate, False, "inbound: full handshake per request (HSM signs)"),
+            ("nginx-origin", p["origin"], self.origin, False, "inbound: full handshake per request (HSM signs)"),
+            ("tollgate-inbound", p["inbound"], self.tollgate, True, "inbound: resumed handshake per request"),
+            ("nginx-origin", p["origin"], self.origin, True, "inbound: resumed handshake per request"),
+        ]
+        for name, port, svc, resume, workload in cases:
+            if self.args.systems and name.split("-")[0] not in self.args.systems and name not in self.args.systems:
+                continue
+            runs = [self.measure(svc, *self.loadgen(port, w / "root.pem", resume=resume)) for _ in range(self.args.repeat)]
+            row = self.median(runs)
+            row.update({"system": name, "workload": workload, "peak_rss_mib": round(memory_kb(svc.pids(), "VmHWM") / 1024, 1)})
+            raw = (getattr(self, "mint_micro", None) or {}).get("raw_sign_rate")
+            if name == "tollgate-inbound" and not resume and raw:
+                row["raw_sign_rate"] = raw
+                row["ratio_to_raw_sign"] = round(row["rps"] / raw, 3)
+            rows.append(row)
+            print(f"  {name:16} {workload:46} {row['rps']:>10} req/s", file=sys.stderr)
         return rows
 
     def loadgen_bounded(self, port, ca):
@@ -447,6 +494,8 @@ cache_capacity = 1000000
 
 def table(rows, memory, mint_micro, micro):
     base = {r["workload"]: r["rps"] for r in rows if r["system"] == "nginx-proxy"}
+    # Inbound rows compare with nginx terminating TLS itself (software key).
+    base.update({r["workload"]: r["rps"] for r in rows if r["system"] == "nginx-origin" and r["workload"].startswith("inbound")})
     mitm = {r["workload"]: r["rps"] for r in rows if r["system"] == "mitmdump"}
     lines = ["| system | workload | req/s | p50 ms | p99 ms | proxy CPU-s / 1k req | peak RSS MiB | vs nginx-proxy | vs mitmdump | CPU gen/proxy/origin % |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]

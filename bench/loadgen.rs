@@ -36,6 +36,9 @@ enum Mode {
         /// Stop after this many requests (bounded load).
         #[arg(long, default_value_t = 1_000_000)]
         max_requests: u64,
+        /// Resume TLS sessions (abbreviated handshakes) instead of a full handshake each time.
+        #[arg(long)]
+        resume: bool,
     },
     /// Opens N h2 connections, one request each, holds them until stdin closes.
     Idle {
@@ -88,22 +91,22 @@ struct TargetArgs {
 fn main() {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let report =
-        match cli.mode {
-            Mode::Newconn { target, sni_pattern, concurrency, duration_secs, max_requests } => runtime
-                .block_on(newconn(target, sni_pattern, concurrency, Duration::from_secs(duration_secs), max_requests)),
-            Mode::Idle { target, n } => runtime.block_on(idle(target, n)),
-            Mode::MintRate { config, threads, duration_secs } => {
-                mint_rate(&config, threads, Duration::from_secs(duration_secs))
-            }
-            Mode::Sign { module, token, pin_file, label, duration_secs } => {
-                sign(module, &token, &pin_file, &label, Duration::from_secs(duration_secs))
-            }
-        };
+    let report = match cli.mode {
+        Mode::Newconn { target, sni_pattern, concurrency, duration_secs, max_requests, resume } => runtime.block_on(
+            newconn(target, sni_pattern, concurrency, Duration::from_secs(duration_secs), max_requests, resume),
+        ),
+        Mode::Idle { target, n } => runtime.block_on(idle(target, n)),
+        Mode::MintRate { config, threads, duration_secs } => {
+            mint_rate(&config, threads, Duration::from_secs(duration_secs))
+        }
+        Mode::Sign { module, token, pin_file, label, duration_secs } => {
+            sign(module, &token, &pin_file, &label, Duration::from_secs(duration_secs))
+        }
+    };
     println!("{report}");
 }
 
-fn client_config(ca: &PathBuf, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+fn client_config(ca: &PathBuf, alpn: &[&[u8]], resume: bool) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(ca).expect("CA bundle") {
         roots.add(cert.expect("CA certificate")).expect("CA certificate");
@@ -114,7 +117,9 @@ fn client_config(ca: &PathBuf, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
             .expect("versions")
             .with_root_certificates(roots)
             .with_no_client_auth();
-    config.resumption = rustls::client::Resumption::disabled();
+    if !resume {
+        config.resumption = rustls::client::Resumption::disabled();
+    }
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Arc::new(config)
 }
@@ -146,8 +151,9 @@ async fn newconn(
     concurrency: usize,
     duration: Duration,
     max_requests: u64,
+    resume: bool,
 ) -> serde_json::Value {
-    let connector = tokio_rustls::TlsConnector::from(client_config(&target.ca, &[b"http/1.1"]));
+    let connector = tokio_rustls::TlsConnector::from(client_config(&target.ca, &[b"http/1.1"], resume));
     let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let started = Instant::now();
     let deadline = started + duration;
@@ -193,7 +199,7 @@ async fn newconn(
 }
 
 async fn idle(target: TargetArgs, n: usize) -> serde_json::Value {
-    let connector = tokio_rustls::TlsConnector::from(client_config(&target.ca, &[b"h2"]));
+    let connector = tokio_rustls::TlsConnector::from(client_config(&target.ca, &[b"h2"], false));
     let mut held = Vec::with_capacity(n);
     let mut errors = 0;
     for _ in 0..n {
