@@ -183,6 +183,29 @@ pub enum UntrustedAction {
 pub struct PolicyConfig {
     /// Host globs whose TLS is passed through untouched.
     pub no_decrypt: Vec<String>,
+    /// HTTP inspection rules, first match wins; no match allows.
+    pub rules: Vec<RuleConfig>,
+}
+
+/// One `[[policy.rule]]`.
+#[derive(Clone, Debug)]
+pub struct RuleConfig {
+    pub name: String,
+    /// Host glob (any when absent).
+    pub host: Option<String>,
+    /// Path prefix (any when absent).
+    pub path_prefix: Option<String>,
+    /// Upper-case methods (any when empty).
+    pub methods: Vec<String>,
+    pub action: RuleAction,
+}
+
+/// What a matching rule does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuleAction {
+    Allow,
+    Block,
 }
 
 /// `[management]`.
@@ -332,7 +355,10 @@ impl Typer<'_> {
                 untrusted: upstream.untrusted,
             },
             resolve,
-            policy: PolicyConfig { no_decrypt: policy.no_decrypt },
+            policy: PolicyConfig {
+                no_decrypt: policy.no_decrypt,
+                rules: policy.rule.into_iter().enumerate().map(|(i, r)| self.rule(i, r)).collect::<Result<_, _>>()?,
+            },
             management: ManagementConfig { listen: management.listen },
             limits: LimitsConfig {
                 max_connections: limits.max_connections,
@@ -383,6 +409,29 @@ impl Typer<'_> {
             return Err(self.invalid(format!("listener[{i}].upstream_port"), "must not be 0"));
         }
         Ok(ListenerConfig { mode: raw.mode, listen, upstream_port: raw.upstream_port })
+    }
+
+    fn rule(&self, i: usize, raw: raw::Rule) -> Result<RuleConfig, ConfigError> {
+        let field = |f: &str| format!("policy.rule[{i}].{f}");
+        if let Some(glob) = &raw.host {
+            globset::Glob::new(glob).map_err(|e| self.invalid(field("host"), e.to_string()))?;
+        }
+        if let Some(prefix) = &raw.path_prefix
+            && !prefix.starts_with('/')
+        {
+            return Err(self.invalid(field("path_prefix"), format!("{prefix:?} must start with /")));
+        }
+        let methods = raw.methods.iter().map(|m| m.to_ascii_uppercase()).collect::<Vec<_>>();
+        if let Some(bad) = methods.iter().find(|m| http::Method::from_bytes(m.as_bytes()).is_err()) {
+            return Err(self.invalid(field("methods"), format!("{bad:?} is not an HTTP method")));
+        }
+        Ok(RuleConfig {
+            name: raw.name.unwrap_or_else(|| format!("rule {i}")),
+            host: raw.host,
+            path_prefix: raw.path_prefix,
+            methods,
+            action: raw.action,
+        })
     }
 
     fn inbound(&self, i: usize, raw: raw::Inbound) -> Result<InboundConfig, ConfigError> {
@@ -570,6 +619,19 @@ mod raw {
     pub(super) struct Policy {
         #[serde(default)]
         pub no_decrypt: Vec<String>,
+        #[serde(default)]
+        pub rule: Vec<Rule>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct Rule {
+        pub name: Option<String>,
+        pub host: Option<String>,
+        pub path_prefix: Option<String>,
+        #[serde(default)]
+        pub methods: Vec<String>,
+        pub action: super::RuleAction,
     }
 
     #[derive(Deserialize)]

@@ -2,7 +2,7 @@
 
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 
-use crate::config::{Config, ConfigError, UntrustedAction};
+use crate::config::{Config, ConfigError, RuleAction, UntrustedAction};
 
 /// What to do with a TLS connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -13,10 +13,19 @@ pub enum TlsAction {
     Tunnel,
 }
 
+/// What to do with an HTTP request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HttpAction {
+    Allow,
+    /// Blocked by the named rule.
+    Block(String),
+}
+
 /// The rules of the running configuration.
 #[derive(Debug)]
 pub struct Policy {
     no_decrypt: GlobSet,
+    rules: Vec<Rule>,
     /// What to do with upstreams whose certificate does not validate.
     pub untrusted: UntrustedAction,
 }
@@ -40,13 +49,64 @@ impl Policy {
             field: "policy.no_decrypt".into(),
             reason: e.to_string(),
         })?;
-        Ok(Self { no_decrypt, untrusted: config.upstream.untrusted })
+        let rules = config
+            .policy
+            .rules
+            .iter()
+            .map(|r| {
+                let host = r
+                    .host
+                    .as_ref()
+                    .map(|g| {
+                        GlobBuilder::new(&g.to_ascii_lowercase())
+                            .literal_separator(true)
+                            .build()
+                            .map(|g| g.compile_matcher())
+                    })
+                    .transpose()
+                    .map_err(|e| ConfigError::Invalid {
+                        path: config.path.clone(),
+                        field: format!("policy.rule {}", r.name),
+                        reason: e.to_string(),
+                    })?;
+                Ok(Rule {
+                    name: r.name.clone(),
+                    host,
+                    path_prefix: r.path_prefix.clone(),
+                    methods: r.methods.clone(),
+                    action: r.action,
+                })
+            })
+            .collect::<Result<_, ConfigError>>()?;
+        Ok(Self { no_decrypt, rules, untrusted: config.upstream.untrusted })
+    }
+
+    /// Decides on a request: the first matching rule, allow when none matches.
+    pub fn decide_http(&self, host: &str, method: &http::Method, path: &str) -> HttpAction {
+        let hit = self.rules.iter().find(|r| {
+            r.host.as_ref().is_none_or(|g| g.is_match(host))
+                && r.path_prefix.as_ref().is_none_or(|p| path.starts_with(p.as_str()))
+                && (r.methods.is_empty() || r.methods.iter().any(|m| m == method.as_str()))
+        });
+        match hit {
+            Some(rule) if rule.action == RuleAction::Block => HttpAction::Block(rule.name.clone()),
+            _ => HttpAction::Allow,
+        }
     }
 
     /// Decides on a connection to `host` (lower-case).
     pub fn decide_tls(&self, host: &str) -> TlsAction {
         if self.no_decrypt.is_match(host) { TlsAction::Tunnel } else { TlsAction::Intercept }
     }
+}
+
+#[derive(Debug)]
+struct Rule {
+    name: String,
+    host: Option<globset::GlobMatcher>,
+    path_prefix: Option<String>,
+    methods: Vec<String>,
+    action: RuleAction,
 }
 
 #[cfg(test)]
@@ -65,5 +125,44 @@ mod tests {
         assert_eq!(policy.decide_tls("www.bank.test"), TlsAction::Tunnel);
         assert_eq!(policy.decide_tls("pinned.test"), TlsAction::Tunnel);
         assert_eq!(policy.decide_tls("bank.test"), TlsAction::Intercept);
+    }
+
+    #[test]
+    fn http_rules_first_match_wins() {
+        let config = Config::from_toml(
+            r#"
+            state_dir = "s"
+            [[policy.rule]]
+            name = "admins may"
+            host = "intranet.test"
+            path_prefix = "/admin"
+            action = "allow"
+            [[policy.rule]]
+            name = "no admin"
+            path_prefix = "/admin"
+            action = "block"
+            [[policy.rule]]
+            name = "no uploads"
+            host = "*.test"
+            methods = ["post", "PUT"]
+            action = "block"
+            "#,
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        let policy = Policy::new(&config).unwrap();
+        let get = http::Method::GET;
+        assert_eq!(policy.decide_http("intranet.test", &get, "/admin/x"), HttpAction::Allow);
+        assert_eq!(policy.decide_http("www.test", &get, "/admin/x"), HttpAction::Block("no admin".into()));
+        assert_eq!(policy.decide_http("www.test", &http::Method::POST, "/x"), HttpAction::Block("no uploads".into()));
+        assert_eq!(policy.decide_http("www.test", &get, "/x"), HttpAction::Allow);
+        assert_eq!(policy.decide_http("www.other", &http::Method::POST, "/x"), HttpAction::Allow);
+        let err = Config::from_toml(
+            "state_dir = \"s\"\n[[policy.rule]]\nmethods = [\"GE T\"]\naction = \"block\"\n",
+            Path::new("t.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("policy.rule[0].methods"), "{err}");
     }
 }

@@ -584,3 +584,33 @@ async fn the_upstream_pool_is_bounded_across_hosts() {
     assert!((1..=4).contains(&pooled), "pool holds at most upstream_pool_max connections: {pooled}");
     assert_eq!(proxy.metric("tollgate_hsm_sign_total").await, 12, "one mint per distinct host");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspection_rules_block_with_a_clear_page() {
+    let rules = "\n[[policy.rule]]\nname = \"no admin\"\npath_prefix = \"/admin\"\naction = \"block\"\n\n\
+                 [[policy.rule]]\nname = \"no uploads\"\nhost = \"*.test\"\nmethods = [\"POST\"]\naction = \"block\"\n";
+    let (_pki, _origin, setup, proxy) = one_origin("rules", &["origin.test"], &["h2", "http/1.1"], rules).await;
+    for h2 in [false, true] {
+        let alpn = if h2 { "h2" } else { "http/1.1" };
+        let tls = tls_via_sni(proxy.sni, "origin.test", trusting_client(&setup.trust_ca, &[alpn])).await.unwrap();
+        let (status, headers, body) = request(tls, h2, get("origin.test", "/admin/a&b'c", h2)).await;
+        assert_eq!(status, 403, "h2={h2}");
+        assert_eq!(headers["tollgate-error"], "blocked-by-policy");
+        assert!(headers["content-type"].to_str().unwrap().starts_with("text/html"));
+        assert!(
+            body.contains("no admin") && body.contains("a&amp;b&#39;c") && !body.contains("a&b'c"),
+            "escaped: {body}"
+        );
+        let tls = tls_via_sni(proxy.sni, "origin.test", trusting_client(&setup.trust_ca, &[alpn])).await.unwrap();
+        let (status, _, _) = request(tls, h2, get("origin.test", "/public", h2)).await;
+        assert_eq!(status, 200);
+    }
+    let tls = tls_via_sni(proxy.sni, "origin.test", trusting_client(&setup.trust_ca, &["http/1.1"])).await.unwrap();
+    let mut post = get("origin.test", "/upload", false);
+    *post.method_mut() = hyper::Method::POST;
+    let (status, _, body) = request(tls, false, post).await;
+    assert_eq!(status, 403);
+    assert!(body.contains("no uploads"));
+    let line = proxy.wait_log("blocked access log", |v| v["message"] == "request" && v["status"] == 403);
+    assert_eq!(line["host"], "origin.test");
+}

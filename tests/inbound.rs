@@ -118,19 +118,17 @@ impl InboundAddr for Proxy {
     }
 }
 
-async fn openssl_reconnect(addr: std::net::SocketAddr, host: &str, ca: &std::path::Path, version: &str) -> String {
+async fn openssl_reconnect(
+    addr: std::net::SocketAddr,
+    host: &str,
+    ca: &std::path::Path,
+    version: &str,
+    extra: Option<&str>,
+) -> String {
     let out = tokio::process::Command::new("openssl")
-        .args([
-            "s_client",
-            "-connect",
-            &addr.to_string(),
-            "-servername",
-            host,
-            "-CAfile",
-            ca.to_str().unwrap(),
-            "-reconnect",
-            version,
-        ])
+        .args(["s_client", "-connect", &addr.to_string(), "-servername", host, "-reconnect", version])
+        .args(["-CAfile", ca.to_str().unwrap()])
+        .args(extra)
         .stdin(std::process::Stdio::null())
         .output()
         .await
@@ -160,7 +158,8 @@ async fn openssl_session(addr: std::net::SocketAddr, ca: &std::path::Path, extra
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_handshakes_sign_on_the_hsm_and_resumed_ones_do_not() {
     let site = Site { host: "www.inbound.test", label: "www", rsa: false };
-    let inbound = Inbound::new(&[site], "").await;
+    let rule = "[[policy.rule]]\nname = \"no admin\"\npath_prefix = \"/admin\"\naction = \"block\"\n";
+    let inbound = Inbound::new(&[site], rule).await;
     let proxy = inbound.start();
     let addr = proxy.inbound();
     let ca = inbound.pki.bundle();
@@ -188,12 +187,19 @@ async fn full_handshakes_sign_on_the_hsm_and_resumed_ones_do_not() {
     );
     assert_eq!(proxy.metric("tollgate_hsm_sign_total").await, 1, "one full handshake, one HSM signature");
 
-    // TLS 1.2, openssl -reconnect: one full handshake, five resumed.
-    let before = proxy.metric("tollgate_hsm_sign_total").await;
-    let text = openssl_reconnect(addr, "www.inbound.test", &ca, "-tls1_2").await;
-    assert_eq!(text.matches("Reused,").count(), 5, "five resumed TLS 1.2 handshakes\n{text}");
-    assert!(text.contains("Verify return code: 0 (ok)"));
-    assert_eq!(proxy.metric("tollgate_hsm_sign_total").await - before, 1, "resumed handshakes make no HSM operation");
+    // TLS 1.2, openssl -reconnect: one full handshake, five resumed, with tickets and with
+    // session IDs alone (-no_ticket).
+    for extra in [None, Some("-no_ticket")] {
+        let before = proxy.metric("tollgate_hsm_sign_total").await;
+        let text = openssl_reconnect(addr, "www.inbound.test", &ca, "-tls1_2", extra).await;
+        assert_eq!(text.matches("Reused,").count(), 5, "{extra:?}: five resumed TLS 1.2 handshakes\n{text}");
+        assert!(text.contains("Verify return code: 0 (ok)"));
+        assert_eq!(
+            proxy.metric("tollgate_hsm_sign_total").await - before,
+            1,
+            "{extra:?}: resumption makes no HSM operation"
+        );
+    }
 
     // TLS 1.3 tickets with openssl: a session saved after a request, then resumed 5 times
     // (-reconnect cannot: it drops the connection before reading the NewSessionTicket).
@@ -218,6 +224,11 @@ async fn full_handshakes_sign_on_the_hsm_and_resumed_ones_do_not() {
     assert_eq!(proxy.metric("tollgate_hsm_sign_total").await - before, 1);
     let line = proxy.wait_log("inbound access log", |v| v["message"] == "request" && v["mode"] == "inbound");
     assert_eq!(line["upstream"], "inbound");
+
+    // Inspection rules apply on the inbound path too: the same relay.
+    let tls = tls_via_sni(addr, "www.inbound.test", config.clone()).await.unwrap();
+    let (status, headers, _) = request(tls, false, get("www.inbound.test", "/admin/panel", false)).await;
+    assert_eq!((status, headers["tollgate-error"].to_str().unwrap()), (403, "blocked-by-policy"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

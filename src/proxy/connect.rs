@@ -63,9 +63,15 @@ async fn plain(proxy: Arc<Proxy>, req: Request<Incoming>, ctx: ConnCtx) -> Respo
             .into_response();
     };
     let log = AccessLog::start(&req, ctx, &target.host, "plain-http");
-    let response = match send_plain(&proxy, req, &target).await {
-        Ok(response) => response,
-        Err(e) => Refusal::upstream(e).into_response(),
+    let action = proxy.policy.decide_http(&target.host, req.method(), req.uri().path());
+    let response = match action {
+        crate::policy::HttpAction::Block(rule) => {
+            Refusal::blocked(&rule, req.method(), &target.host, req.uri().path()).into_response()
+        }
+        crate::policy::HttpAction::Allow => match send_plain(&proxy, req, &target).await {
+            Ok(response) => response,
+            Err(e) => Refusal::upstream(e).into_response(),
+        },
     };
     AccessLog::attach(log, response)
 }

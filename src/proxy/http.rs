@@ -26,6 +26,7 @@ use super::tls::H2;
 use super::upstream::{Lease, Peer, PoolKey, Route, Sender};
 use super::{ConnCtx, Proxy, ProxyError, Target};
 use crate::config::ListenerMode;
+use crate::policy::HttpAction;
 use crate::telemetry::METRICS;
 
 /// Body type of everything tollgate sends.
@@ -129,6 +130,11 @@ impl Relay {
                 return Err(Refusal::new(StatusCode::BAD_REQUEST, "missing-host", "request has no Host header".into()));
             }
             None => {}
+        }
+        if let HttpAction::Block(rule) =
+            self.proxy.policy.decide_http(&self.target.host, req.method(), req.uri().path())
+        {
+            return Err(Refusal::blocked(&rule, req.method(), &self.target.host, req.uri().path()));
         }
         let upgrade = is_upgrade(&req);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -376,12 +382,31 @@ pub struct Refusal {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// An HTML page with this title instead of plain text.
+    page: Option<&'static str>,
 }
 
 impl Refusal {
     /// A refusal with a status, a short machine code (the header) and a human message.
     pub fn new(status: StatusCode, code: &'static str, message: String) -> Self {
-        Self { status, code, message }
+        Self { status, code, message, page: None }
+    }
+
+    /// A block page: which rule blocked what (all of it escaped: it is client input).
+    pub fn blocked(rule: &str, method: &Method, host: &str, path: &str) -> Self {
+        tracing::info!(rule, method = %method, host, path, "request blocked by policy");
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "blocked-by-policy",
+            format!("{method} {host}{path} is blocked by the inspection rule \"{rule}\"."),
+        )
+        .html("Blocked by policy")
+    }
+
+    /// Renders the message as a small HTML page instead of plain text.
+    fn html(mut self, title: &'static str) -> Self {
+        self.page = Some(title);
+        self
     }
 
     /// The upstream could not be reached.
@@ -401,16 +426,40 @@ impl Refusal {
 
     /// The response.
     pub fn into_response(self) -> Response<Body> {
-        let body = Full::new(Bytes::from(format!("tollgate: {}\n", self.message)))
-            .map_err(|never: Infallible| match never {})
-            .boxed_unsync();
+        let (text, content_type) = match self.page {
+            Some(title) => (
+                format!(
+                    "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{title}</title></head>\n<body><h1>{title}</h1>\n<p>{}</p>\n<p><small>tollgate</small></p></body></html>\n",
+                    escape_html(&self.message)
+                ),
+                "text/html; charset=utf-8",
+            ),
+            None => (format!("tollgate: {}\n", self.message), "text/plain; charset=utf-8"),
+        };
+        let body = Full::new(Bytes::from(text)).map_err(|never: Infallible| match never {}).boxed_unsync();
         let mut response = Response::new(body);
         *response.status_mut() = self.status;
         let headers = response.headers_mut();
         headers.insert(ERROR_HEADER, HeaderValue::from_static(self.code));
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         response
     }
+}
+
+fn escape_html(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        match c {
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '&' => out.push_str("&amp;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// The facts of one request, logged as one JSON line when its response body ends.
