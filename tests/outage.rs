@@ -52,6 +52,14 @@ impl RemoteToken {
         self.server = Some(child);
     }
 
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) the server and its per-client processes: a network
+    /// HSM that stops answering without closing anything.
+    fn signal(&self, signal: &str) {
+        let pgid = self.server.as_ref().expect("running").id().to_string();
+        let status = Command::new("pkill").args([signal, "-g", &pgid]).status().unwrap();
+        assert!(status.success(), "pkill {signal} -g {pgid}");
+    }
+
     /// Kills the listener and every per-client `p11-kit-remote` it forked (one process group).
     fn stop(&mut self) {
         if let Some(mut child) = self.server.take() {
@@ -345,4 +353,34 @@ async fn with_ha_disabled_only_the_primary_signs_and_nothing_fails_over() {
     );
     group.a.stop();
     assert!(visit(proxy.sni, &ca, "after.ha.test").await.is_err(), "HA off: no failover to the standby");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_hsm_fails_at_the_deadline_and_fails_over() {
+    let group = Group::new("").await;
+    let proxy = group.start();
+    let ca = group.ca.clone();
+    for i in 0..4 {
+        visit(proxy.sni, &ca, &format!("warm{i}.ha.test")).await.unwrap();
+    }
+    // Member A stops answering (no error, no closed socket): its calls hang.
+    group.a.signal("-STOP");
+    let started = std::time::Instant::now();
+    for i in 0..20 {
+        let host = format!("hung{i}.ha.test");
+        tokio::time::timeout(Duration::from_secs(4), visit(proxy.sni, &ca, &host))
+            .await
+            .unwrap_or_else(|_| panic!("{host}: a hung member must not hang the handshake"))
+            .unwrap_or_else(|e| panic!("{host}: fails over to hsm-b: {e}"));
+    }
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(8), "at most one deadline (1 s) is paid: {took:?}");
+    let status: serde_json::Value =
+        serde_json::from_str(&http_get(proxy.management, "/api/v1/hsm/status").await).unwrap();
+    let a = &status["servers"][0];
+    assert_eq!(a["up"], false, "{status}");
+    assert!(a["state"].as_str().unwrap().contains("no answer within"), "{a}");
+    let info: serde_json::Value = serde_json::from_str(&http_get(proxy.management, "/api/v1/hsm/info").await).unwrap();
+    assert!(info["servers"][1]["mechanisms"].as_array().is_some_and(|m| !m.is_empty()), "{info}");
+    group.a.signal("-CONT");
 }
