@@ -222,16 +222,22 @@ async fn bad_origins(pki: &TestPki) -> Vec<(&'static str, Origin)> {
     origins
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn untrusted_upstreams_get_a_forward_untrust_leaf() {
+/// The four bad upstreams and a good one behind a proxy with the `untrusted` policy.
+async fn untrusted_and_good(untrusted: &'static str) -> (TestPki, Vec<(&'static str, Origin)>, Origin, Setup, Proxy) {
     let pki = TestPki::new();
     let bad = bad_origins(&pki).await;
     let (chain, key) = pki.leaf(&LeafSpec::new(&["good.test"]));
     let good = Origin::start("good", chain, key, &["http/1.1"]).await;
     let mut resolve: Vec<_> = bad.iter().map(|(h, o)| (format!("{h}:443"), o.addr)).collect();
     resolve.push((s("good.test:443"), good.addr));
-    let setup = Setup::new(&ProxyOptions { ca_bundles: vec![pki.bundle()], resolve, ..Default::default() });
+    let setup = Setup::new(&ProxyOptions { untrusted, ca_bundles: vec![pki.bundle()], resolve, ..Default::default() });
     let proxy = setup.start();
+    (pki, bad, good, setup, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untrusted_upstreams_get_a_forward_untrust_leaf() {
+    let (_pki, bad, _good, setup, proxy) = untrusted_and_good("forward-untrust").await;
     let trust = parse(&setup.trust_ca);
     let untrust = parse(&setup.untrust_ca);
 
@@ -271,15 +277,7 @@ async fn untrusted_upstreams_get_a_forward_untrust_leaf() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn block_policy_refuses_untrusted_upstreams() {
-    let pki = TestPki::new();
-    let bad = bad_origins(&pki).await;
-    let (chain, key) = pki.leaf(&LeafSpec::new(&["good.test"]));
-    let good = Origin::start("good", chain, key, &["http/1.1"]).await;
-    let mut resolve: Vec<_> = bad.iter().map(|(h, o)| (format!("{h}:443"), o.addr)).collect();
-    resolve.push((s("good.test:443"), good.addr));
-    let options = ProxyOptions { untrusted: "block", ca_bundles: vec![pki.bundle()], resolve, ..Default::default() };
-    let setup = Setup::new(&options);
-    let proxy = setup.start();
+    let (_pki, bad, _good, setup, proxy) = untrusted_and_good("block").await;
     for (host, _) in &bad {
         let (config, seen) = capturing_client(&["http/1.1"]);
         let err = tls_via_sni(proxy.sni, host, config).await.expect_err(host);
