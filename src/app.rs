@@ -2,9 +2,14 @@
 //! signal. The order matters: everything that can fail on bad input fails before any socket
 //! is bound.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
 
 use crate::config::{Config, ConfigError, ListenerMode};
 use crate::hsm::Hsm;
@@ -60,55 +65,172 @@ pub fn check(config: &Config) -> Result<(), AppError> {
     Ok(())
 }
 
-/// Runs the proxy until SIGTERM or SIGINT.
+/// Runs the proxy until SIGTERM or SIGINT (then drains); SIGHUP reloads the configuration.
 pub async fn run(config: Config) -> Result<(), AppError> {
     check(&config)?;
-    let state = StateDir::open(&config.state_dir)?;
-    let store = CertStore::load(&state)?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let hsm = Arc::new(Hsm::open(&config.hsm));
     hsm.start_recovery();
-    let cas = Cas {
-        trust: load_ca(&store, CaRole::ForwardTrust, &hsm),
-        untrust: load_ca(&store, CaRole::ForwardUntrust, &hsm),
-    };
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let inbound = crate::proxy::inbound::InboundSites::new(&config, &store, &hsm, &provider)?;
-    let mut proxy = Proxy::new(&config, cas, inbound)?;
 
-    let mut bound = Vec::new();
-    for l in &config.listeners {
-        let listener = TcpListener::bind(l.listen).await.map_err(|source| AppError::Bind {
-            what: format!("{} listener", l.mode.as_str()),
-            addr: l.listen,
-            source,
-        })?;
-        let local = listener.local_addr().map_err(|source| AppError::Bind {
-            what: "listener".into(),
-            addr: l.listen,
-            source,
-        })?;
-        proxy.add_own(local);
-        bound.push((listener, l.clone(), local));
-    }
     let management = TcpListener::bind(config.management.listen).await.map_err(|source| AppError::Bind {
         what: "management listener".into(),
         addr: config.management.listen,
         source,
     })?;
     let management_addr = management.local_addr().unwrap_or(config.management.listen);
-    proxy.add_own(management_addr);
-
-    let proxy = Arc::new(proxy);
-    for (listener, l, local) in bound {
-        tracing::info!(mode = l.mode.as_str(), addr = %local, "listening");
-        tokio::spawn(proxy::serve_listener(proxy.clone(), listener, l));
-    }
     tracing::info!(mode = "management", addr = %management_addr, "listening");
-    tokio::spawn(api::serve(management, Arc::new(ApiState { hsm, state_dir: config.state_dir.clone() })));
+    tokio::spawn(api::serve(management, Arc::new(ApiState { hsm: hsm.clone(), state_dir: config.state_dir.clone() })));
 
-    wait_for_signal().await?;
-    tracing::info!("shutting down");
+    let mut listeners = Listeners::default();
+    let mut proxy = build_proxy(&config, &hsm, &shutdown_rx)?;
+    let bound = listeners.bind(&config).await.map_err(|(_, e)| e)?;
+    listeners.own_addresses(&mut proxy, &bound, management_addr);
+    let (proxies, _) = watch::channel(Arc::new(proxy));
+    listeners.start(bound, &proxies);
+    let mut current = config;
+
+    let mut term = signal(SignalKind::terminate()).map_err(AppError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(AppError::Signal)?;
+    let mut hup = signal(SignalKind::hangup()).map_err(AppError::Signal)?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => match reload(&current, &hsm, &shutdown_rx) {
+                Ok((next, proxy)) => {
+                    if next.hsm.servers.iter().map(|s| &s.name).ne(current.hsm.servers.iter().map(|s| &s.name)) {
+                        tracing::warn!("[hsm] servers changed: they take effect at the next restart");
+                    }
+                    // New connections get the new state; established ones keep theirs.
+                    let mut proxy = proxy;
+                    let bound = match listeners.bind(&next).await {
+                        Ok(bound) => bound,
+                        Err((bound, e)) => {
+                            tracing::error!(error = %e, "reload: a listener could not be bound; the others run");
+                            bound
+                        }
+                    };
+                    listeners.own_addresses(&mut proxy, &bound, management_addr);
+                    let _ = proxies.send(Arc::new(proxy));
+                    listeners.start(bound, &proxies);
+                    current = next;
+                    tracing::info!(config = %current.path.display(), "configuration reloaded");
+                }
+                Err(e) => tracing::error!(error = %e, "reload refused; the running configuration stays"),
+            },
+        }
+    }
+    drain(listeners, &shutdown_tx, Duration::from_secs(current.limits.shutdown_grace_secs)).await;
     Ok(())
+}
+
+/// The configuration and proxy state a SIGHUP would switch to, fully validated.
+fn reload(current: &Config, hsm: &Arc<Hsm>, shutdown: &watch::Receiver<bool>) -> Result<(Config, Proxy), AppError> {
+    let next = Config::load(&current.path)?;
+    check(&next)?;
+    let proxy = build_proxy(&next, hsm, shutdown)?;
+    Ok((next, proxy))
+}
+
+fn build_proxy(config: &Config, hsm: &Arc<Hsm>, shutdown: &watch::Receiver<bool>) -> Result<Proxy, AppError> {
+    let state = StateDir::open(&config.state_dir)?;
+    let store = CertStore::load(&state)?;
+    let cas = Cas {
+        trust: load_ca(&store, CaRole::ForwardTrust, hsm),
+        untrust: load_ca(&store, CaRole::ForwardUntrust, hsm),
+    };
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let inbound = crate::proxy::inbound::InboundSites::new(config, &store, hsm, &provider)?;
+    let mut proxy = Proxy::new(config, cas, inbound)?;
+    proxy.set_shutdown(shutdown.clone());
+    Ok(proxy)
+}
+
+/// Stops accepting, lets in-flight requests finish (connections close after their current
+/// request), and gives up after `grace`.
+async fn drain(listeners: Listeners, shutdown: &watch::Sender<bool>, grace: Duration) {
+    listeners.stop();
+    let _ = shutdown.send(true);
+    let active = || crate::telemetry::METRICS.connections_active.load(std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(connections = active(), grace_secs = grace.as_secs(), "shutting down: draining");
+    let deadline = tokio::time::Instant::now() + grace;
+    while active() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    match active() {
+        0 => tracing::info!("drained; exiting"),
+        left => tracing::warn!(connections = left, "grace period over; cutting the remaining connections"),
+    }
+}
+
+/// The running listeners, by what defines them.
+#[derive(Default)]
+struct Listeners {
+    running: HashMap<(ListenerMode, SocketAddr, u16), (SocketAddr, tokio::task::JoinHandle<()>)>,
+}
+
+/// A listener socket bound and not yet accepting.
+type Bound = Vec<((ListenerMode, SocketAddr, u16), TcpListener, crate::config::ListenerConfig, SocketAddr)>;
+
+impl Listeners {
+    /// Stops the listeners `config` no longer has and binds those it adds. On a bind error the
+    /// others are still returned, with the first error.
+    async fn bind(&mut self, config: &Config) -> Result<Bound, (Bound, AppError)> {
+        let wanted: Vec<_> =
+            config.listeners.iter().map(|l| ((l.mode, l.listen, l.upstream_port), l.clone())).collect();
+        self.running.retain(|key, (addr, task)| {
+            let keep = wanted.iter().any(|(k, _)| k == key);
+            if !keep {
+                tracing::info!(mode = key.0.as_str(), addr = %addr, "listener stopped");
+                task.abort();
+            }
+            keep
+        });
+        let mut bound = Vec::new();
+        let mut first_error = None;
+        for (key, l) in wanted {
+            if self.running.contains_key(&key) {
+                continue;
+            }
+            match TcpListener::bind(l.listen).await {
+                Ok(listener) => {
+                    let local = listener.local_addr().unwrap_or(l.listen);
+                    bound.push((key, listener, l, local));
+                }
+                Err(source) => {
+                    let what = format!("{} listener", l.mode.as_str());
+                    first_error.get_or_insert(AppError::Bind { what, addr: l.listen, source });
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err((bound, e)),
+            None => Ok(bound),
+        }
+    }
+
+    /// Tells the proxy state every socket of ours (it never connects to them).
+    fn own_addresses(&self, proxy: &mut Proxy, bound: &Bound, management: SocketAddr) {
+        let running = self.running.values().map(|(addr, _)| *addr);
+        for addr in running.chain(bound.iter().map(|b| b.3)).chain([management]) {
+            proxy.add_own(addr);
+        }
+    }
+
+    /// Starts accepting on newly bound sockets.
+    fn start(&mut self, bound: Bound, proxies: &watch::Sender<Arc<Proxy>>) {
+        for (key, listener, l, local) in bound {
+            tracing::info!(mode = l.mode.as_str(), addr = %local, "listening");
+            let task = tokio::spawn(proxy::serve_listener(proxies.subscribe(), listener, l));
+            self.running.insert(key, (local, task));
+        }
+    }
+
+    fn stop(self) {
+        for (_, (_, task)) in self.running {
+            task.abort();
+        }
+    }
 }
 
 fn load_ca(store: &CertStore, role: CaRole, hsm: &Arc<Hsm>) -> Option<Arc<crate::pki::mint::Ca>> {
@@ -130,15 +252,4 @@ fn load_ca(store: &CertStore, role: CaRole, hsm: &Arc<Hsm>) -> Option<Arc<crate:
             None
         }
     }
-}
-
-async fn wait_for_signal() -> Result<(), AppError> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).map_err(AppError::Signal)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(AppError::Signal)?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    Ok(())
 }

@@ -146,7 +146,7 @@ pub struct ListenerConfig {
 }
 
 /// What a listener takes its destination from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ListenerMode {
     /// HTTP CONNECT and absolute-form plain HTTP.
@@ -228,6 +228,12 @@ pub struct LimitsConfig {
     pub upstream_idle_timeout_secs: u64,
     /// Inbound handshakes that may wait for an HSM signature at once; more are shed.
     pub hsm_handshakes_max: usize,
+    /// A client must send a request's headers within this (HTTP/1.1; slowloris guard).
+    pub header_timeout_secs: u64,
+    /// Largest request header block accepted.
+    pub max_header_bytes: usize,
+    /// On SIGTERM, in-flight requests get this long to finish.
+    pub shutdown_grace_secs: u64,
 }
 
 /// `[mint]`.
@@ -334,6 +340,12 @@ impl Typer<'_> {
         if limits.max_connections == 0 {
             return Err(self.invalid("limits.max_connections", "must be at least 1"));
         }
+        if !(8192..=16 * 1024 * 1024).contains(&limits.max_header_bytes) {
+            return Err(self.invalid("limits.max_header_bytes", "must be between 8192 and 16777216"));
+        }
+        if limits.header_timeout_secs == 0 {
+            return Err(self.invalid("limits.header_timeout_secs", "must be at least 1"));
+        }
         Ok(Config {
             path: self.path.to_path_buf(),
             state_dir: state_dir_path.clone(),
@@ -368,6 +380,9 @@ impl Typer<'_> {
                 upstream_pool_max: limits.upstream_pool_max,
                 upstream_idle_timeout_secs: limits.upstream_idle_timeout_secs,
                 hsm_handshakes_max: limits.hsm_handshakes_max,
+                header_timeout_secs: limits.header_timeout_secs,
+                max_header_bytes: limits.max_header_bytes,
+                shutdown_grace_secs: limits.shutdown_grace_secs,
             },
             mint: MintConfig { cache_capacity: mint.cache_capacity },
             inbound: inbound.into_iter().enumerate().map(|(i, raw)| self.inbound(i, raw)).collect::<Result<_, _>>()?,
@@ -666,6 +681,12 @@ mod raw {
         pub upstream_idle_timeout_secs: u64,
         #[serde(default = "default_hsm_handshakes_max")]
         pub hsm_handshakes_max: usize,
+        #[serde(default = "default_header_timeout")]
+        pub header_timeout_secs: u64,
+        #[serde(default = "default_max_header_bytes")]
+        pub max_header_bytes: usize,
+        #[serde(default = "default_shutdown_grace")]
+        pub shutdown_grace_secs: u64,
     }
 
     #[derive(Deserialize)]
@@ -697,6 +718,9 @@ mod raw {
                 upstream_pool_max: default_upstream_pool_max(),
                 upstream_idle_timeout_secs: default_upstream_idle_timeout(),
                 hsm_handshakes_max: default_hsm_handshakes_max(),
+                header_timeout_secs: default_header_timeout(),
+                max_header_bytes: default_max_header_bytes(),
+                shutdown_grace_secs: default_shutdown_grace(),
             }
         }
     }
@@ -732,6 +756,15 @@ mod raw {
         1024
     }
     fn default_upstream_idle_timeout() -> u64 {
+        30
+    }
+    fn default_header_timeout() -> u64 {
+        30
+    }
+    fn default_max_header_bytes() -> usize {
+        64 * 1024
+    }
+    fn default_shutdown_grace() -> u64 {
         30
     }
     fn default_hsm_handshakes_max() -> usize {

@@ -16,11 +16,18 @@ use super::{ConnCtx, Proxy, ProxyError, Target};
 
 /// Serves one client connection of the explicit listener.
 pub async fn serve(proxy: Arc<Proxy>, stream: TcpStream, ctx: ConnCtx) {
+    let server = proxy.http1_server();
+    let draining = proxy.clone();
     let service = hyper::service::service_fn(move |req| handle(proxy.clone(), req, ctx));
-    let result = hyper::server::conn::http1::Builder::new()
-        .serve_connection(TokioIo::new(stream), service)
-        .with_upgrades()
-        .await;
+    let conn = server.serve_connection(TokioIo::new(stream), service).with_upgrades();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        result = &mut conn => result,
+        () = draining.shutting_down() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
     if let Err(e) = result {
         tracing::debug!(client = %ctx.client, error = %e, "proxy connection ended with an error");
     }

@@ -18,7 +18,7 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -62,12 +62,29 @@ where
         ctx,
         label,
     });
+    let proxy = relay.proxy.clone();
     let service = hyper::service::service_fn(move |req| relay.clone().handle(req));
     let io = TokioIo::new(client);
     let result = if client_h2 {
-        hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(io, service).await
+        let conn = proxy.http2_server().serve_connection(io, service);
+        tokio::pin!(conn);
+        tokio::select! {
+            result = &mut conn => result,
+            () = proxy.shutting_down() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        }
     } else {
-        hyper::server::conn::http1::Builder::new().serve_connection(io, service).with_upgrades().await
+        let conn = proxy.http1_server().serve_connection(io, service).with_upgrades();
+        tokio::pin!(conn);
+        tokio::select! {
+            result = &mut conn => result,
+            () = proxy.shutting_down() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        }
     };
     if let Err(e) = result {
         tracing::debug!(client = %ctx.client, error = %e, "client connection ended with an error");

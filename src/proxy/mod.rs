@@ -155,6 +155,10 @@ pub struct Proxy {
     pub handshake_timeout: Duration,
     pub connect_timeout: Duration,
     pub mint_timeout: Duration,
+    header_timeout: Duration,
+    max_header_bytes: usize,
+    /// Becomes true on SIGTERM: connections finish their requests and close.
+    shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Proxy {
@@ -185,7 +189,49 @@ impl Proxy {
             handshake_timeout: Duration::from_secs(config.limits.handshake_timeout_secs),
             connect_timeout: Duration::from_secs(config.limits.connect_timeout_secs),
             mint_timeout: Duration::from_secs(config.limits.mint_timeout_secs),
+            header_timeout: Duration::from_secs(config.limits.header_timeout_secs),
+            max_header_bytes: config.limits.max_header_bytes,
+            shutdown: tokio::sync::watch::channel(false).1,
         })
+    }
+
+    /// Connections watch `shutdown` to drain when it turns true.
+    pub fn set_shutdown(&mut self, shutdown: tokio::sync::watch::Receiver<bool>) {
+        self.shutdown = shutdown;
+    }
+
+    /// Resolves when the process is shutting down (never, if nobody will say so).
+    pub async fn shutting_down(&self) {
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            if *shutdown.borrow_and_update() {
+                return;
+            }
+            if shutdown.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// The HTTP/1.1 server settings every client-facing connection uses.
+    pub fn http1_server(&self) -> hyper::server::conn::http1::Builder {
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(self.header_timeout)
+            .max_buf_size(self.max_header_bytes);
+        builder
+    }
+
+    /// The HTTP/2 server settings every client-facing connection uses.
+    pub fn http2_server(&self) -> hyper::server::conn::http2::Builder<hyper_util::rt::TokioExecutor> {
+        let mut builder = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+        builder
+            .timer(hyper_util::rt::TokioTimer::new())
+            .max_header_list_size(u32::try_from(self.max_header_bytes).unwrap_or(u32::MAX))
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(Duration::from_secs(20));
+        builder
     }
 
     /// Records the address a listener actually bound (port 0 in tests).
@@ -242,8 +288,13 @@ impl Proxy {
     }
 }
 
-/// Accepts connections on one listener until the task is dropped.
-pub async fn serve_listener(proxy: Arc<Proxy>, listener: TcpListener, config: ListenerConfig) {
+/// Accepts connections on one listener until the task is aborted. Each connection uses the
+/// proxy state current when it was accepted, for as long as it lives (a reload never drops it).
+pub async fn serve_listener(
+    proxies: tokio::sync::watch::Receiver<Arc<Proxy>>,
+    listener: TcpListener,
+    config: ListenerConfig,
+) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -253,6 +304,7 @@ pub async fn serve_listener(proxy: Arc<Proxy>, listener: TcpListener, config: Li
                 continue;
             }
         };
+        let proxy = proxies.borrow().clone();
         let Ok(permit) = proxy.limit.clone().try_acquire_owned() else {
             tracing::warn!(client = %peer, "connection refused: max_connections reached");
             continue;

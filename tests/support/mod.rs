@@ -320,6 +320,24 @@ impl Proxy {
             .sum::<f64>() as u64
     }
 
+    /// Sends a signal to the process (`-TERM`, `-HUP`).
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill").args([signal, &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit; its exit code.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(Instant::now() < deadline, "tollgate did not exit within {within:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Whether the process is still running.
     pub fn alive(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
@@ -537,6 +555,9 @@ async fn origin_response(
         .or_else(|| req.headers().get("host").map(|h| h.to_str().unwrap_or("").to_string()));
     let version = req.version();
     let path = req.uri().path().to_string();
+    if path == "/slow" {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
     let body = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
     let text = format!(
         "origin={name} path={path} host={} version={version:?} body={body} conn={conn}\n",

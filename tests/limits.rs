@@ -1,0 +1,143 @@
+//! Limits and signals: slow clients are cut at the header timeout, oversized headers refused,
+//! connections over the limit refused while established ones keep working; SIGTERM drains
+//! in-flight requests and exits 0; SIGHUP reloads without dropping established connections and
+//! refuses a bad new configuration.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn setup(extra: &str) -> (TestPki, Origin, Setup, Proxy) {
+    let pki = TestPki::new();
+    let (chain, key) = pki.leaf(&LeafSpec::new(&["origin.test"]));
+    let origin = Origin::start("limits", chain, key, &["http/1.1"]).await;
+    let options = ProxyOptions {
+        ca_bundles: vec![pki.bundle()],
+        resolve: vec![("origin.test:443".into(), origin.addr)],
+        extra: extra.into(),
+        ..Default::default()
+    };
+    let setup = Setup::new(&options);
+    let proxy = setup.start();
+    (pki, origin, setup, proxy)
+}
+
+/// Reads until the peer closes; how long that took.
+async fn closed_after(stream: &mut tokio::net::TcpStream) -> Duration {
+    let started = Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return started.elapsed(),
+            Ok(Ok(_)) => continue,
+            Err(_) => panic!("connection still open after 10 s"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_oversized_clients_are_cut() {
+    let limits = "\n[limits]\nheader_timeout_secs = 1\nhandshake_timeout_secs = 1\nmax_header_bytes = 16384\n";
+    let (_pki, _origin, setup, proxy) = setup(limits).await;
+
+    // Slowloris on the proxy port: a request line, then nothing.
+    let mut slow = tokio::net::TcpStream::connect(proxy.explicit).await.unwrap();
+    slow.write_all(b"CONNECT origin.test:443 HTTP/1.1\r\nHost: origin.test").await.unwrap();
+    let took = closed_after(&mut slow).await;
+    assert!(took < Duration::from_secs(3), "cut at the header timeout: {took:?}");
+
+    // A TLS port where the client never sends its ClientHello.
+    let mut silent = tokio::net::TcpStream::connect(proxy.sni).await.unwrap();
+    let took = closed_after(&mut silent).await;
+    assert!(took < Duration::from_secs(3), "cut at the handshake timeout: {took:?}");
+
+    // Oversized headers: refused, the proxy keeps serving.
+    let tls = tls_via_sni(proxy.sni, "origin.test", trusting_client(&setup.trust_ca, &["http/1.1"])).await.unwrap();
+    let mut big = get("origin.test", "/", false);
+    big.headers_mut().insert("x-filler", "a".repeat(40_000).parse().unwrap());
+    let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(conn);
+    let mut sender = sender;
+    let refused = match sender.send_request(big).await {
+        Ok(response) => response.status() == 431,
+        Err(_) => true,
+    };
+    assert!(refused, "oversized headers are refused");
+    let tls = tls_via_sni(proxy.sni, "origin.test", trusting_client(&setup.trust_ca, &["http/1.1"])).await.unwrap();
+    assert_eq!(request(tls, false, get("origin.test", "/", false)).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_limit_are_refused_quickly() {
+    let (_pki, _origin, setup, proxy) = setup("\n[limits]\nmax_connections = 3\n").await;
+    let config = trusting_client(&setup.trust_ca, &["http/1.1"]);
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(tls_via_sni(proxy.sni, "origin.test", config.clone()).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut extra = tokio::net::TcpStream::connect(proxy.sni).await.unwrap();
+    let took = closed_after(&mut extra).await;
+    assert!(took < Duration::from_millis(500), "refused at once: {took:?}");
+    proxy.wait_log("limit log", |v| v["message"].as_str().is_some_and(|m| m.contains("max_connections")));
+    // The established ones still work.
+    let tls = held.pop().unwrap();
+    assert_eq!(request(tls, false, get("origin.test", "/", false)).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests_and_exits_zero() {
+    let (_pki, _origin, setup, mut proxy) = setup("").await;
+    let tls = tls_via_sni(proxy.sni, "origin.test", trusting_client(&setup.trust_ca, &["http/1.1"])).await.unwrap();
+    let slow = tokio::spawn(async move { request(tls, false, get("origin.test", "/slow", false)).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.signal("-TERM");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(tokio::net::TcpStream::connect(proxy.sni).await.is_err(), "no new connections while draining");
+    let (status, _, body) = slow.await.unwrap();
+    assert_eq!(status, 200, "the in-flight request completes");
+    assert!(body.contains("path=/slow"));
+    let code = tokio::task::spawn_blocking(move || proxy.wait_exit(Duration::from_secs(10))).await.unwrap();
+    assert_eq!(code, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_without_dropping_connections_and_refuses_bad_config() {
+    let (_pki, _origin, setup, proxy) = setup("").await;
+    // An established keep-alive connection.
+    let tls = tls_via_sni(proxy.sni, "origin.test", trusting_client(&setup.trust_ca, &["http/1.1"])).await.unwrap();
+    let (mut kept, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(conn);
+    kept.ready().await.unwrap();
+    assert_eq!(kept.send_request(get("origin.test", "/one", false)).await.unwrap().status(), 200);
+
+    // A new policy rule, then SIGHUP.
+    let original = std::fs::read_to_string(&setup.config).unwrap();
+    let rule = "\n[[policy.rule]]\nname = \"reloaded\"\npath_prefix = \"/blocked\"\naction = \"block\"\n";
+    std::fs::write(&setup.config, format!("{original}{rule}")).unwrap();
+    proxy.signal("-HUP");
+    proxy.wait_log("reloaded", |v| v["message"] == "configuration reloaded");
+    let tls = tls_via_sni(proxy.sni, "origin.test", trusting_client(&setup.trust_ca, &["http/1.1"])).await.unwrap();
+    assert_eq!(
+        request(tls, false, get("origin.test", "/blocked", false)).await.0,
+        403,
+        "new connections use the new config"
+    );
+    kept.ready().await.unwrap();
+    assert_eq!(
+        kept.send_request(get("origin.test", "/two", false)).await.unwrap().status(),
+        200,
+        "not dropped by the reload"
+    );
+
+    // A broken config is refused; the running one stays.
+    std::fs::write(&setup.config, format!("{original}\n[limits]\nmax_connections = 0\n")).unwrap();
+    proxy.signal("-HUP");
+    let refused = proxy.wait_log("refused", |v| v["message"].as_str().is_some_and(|m| m.contains("reload refused")));
+    assert!(refused["error"].as_str().unwrap().contains("limits.max_connections"), "{refused}");
+    let tls = tls_via_sni(proxy.sni, "origin.test", trusting_client(&setup.trust_ca, &["http/1.1"])).await.unwrap();
+    assert_eq!(request(tls, false, get("origin.test", "/blocked", false)).await.0, 403, "still the last good config");
+}
