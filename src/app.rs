@@ -27,8 +27,6 @@ pub enum AppError {
     State(#[from] StateError),
     #[error(transparent)]
     Pki(#[from] PkiError),
-    #[error("listener {mode} on {addr}: mode not supported by this build")]
-    Unsupported { mode: &'static str, addr: std::net::SocketAddr },
     #[error("binding {what} on {addr}: {source}")]
     Bind {
         what: String,
@@ -43,17 +41,12 @@ pub enum AppError {
 impl AppError {
     /// Whether the operator's input was at fault (exit code 64).
     pub fn is_usage(&self) -> bool {
-        matches!(self, Self::Config(_) | Self::Unsupported { .. })
+        matches!(self, Self::Config(_))
     }
 }
 
 /// Checks what `run` would check before binding sockets, without touching the HSM.
 pub fn check(config: &Config) -> Result<(), AppError> {
-    for l in &config.listeners {
-        if l.mode == ListenerMode::Transparent {
-            return Err(AppError::Unsupported { mode: l.mode.as_str(), addr: l.listen });
-        }
-    }
     if config.listener(ListenerMode::Inbound).is_some() && config.inbound.is_empty() {
         return Err(AppError::Config(ConfigError::Invalid {
             path: config.path.clone(),
@@ -192,7 +185,7 @@ impl Listeners {
             if self.running.contains_key(&key) {
                 continue;
             }
-            match TcpListener::bind(l.listen).await {
+            match crate::proxy::transparent::bind(&l) {
                 Ok(listener) => {
                     let local = listener.local_addr().unwrap_or(l.listen);
                     bound.push((key, listener, l, local));

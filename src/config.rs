@@ -143,6 +143,9 @@ pub struct ListenerConfig {
     pub listen: SocketAddr,
     /// `sni` mode: the upstream port (default 443).
     pub upstream_port: u16,
+    /// `transparent` mode: TPROXY (IP_TRANSPARENT; the original destination is the socket's
+    /// local address) instead of REDIRECT (SO_ORIGINAL_DST).
+    pub tproxy: bool,
 }
 
 /// What a listener takes its destination from.
@@ -423,7 +426,10 @@ impl Typer<'_> {
         if raw.upstream_port == 0 {
             return Err(self.invalid(format!("listener[{i}].upstream_port"), "must not be 0"));
         }
-        Ok(ListenerConfig { mode: raw.mode, listen, upstream_port: raw.upstream_port })
+        if raw.tproxy && raw.mode != ListenerMode::Transparent {
+            return Err(self.invalid(format!("listener[{i}].tproxy"), "only a transparent listener can use TPROXY"));
+        }
+        Ok(ListenerConfig { mode: raw.mode, listen, upstream_port: raw.upstream_port, tproxy: raw.tproxy })
     }
 
     fn rule(&self, i: usize, raw: raw::Rule) -> Result<RuleConfig, ConfigError> {
@@ -618,6 +624,8 @@ mod raw {
         pub listen: String,
         #[serde(default = "default_upstream_port")]
         pub upstream_port: u16,
+        #[serde(default)]
+        pub tproxy: bool,
     }
 
     #[derive(Deserialize)]

@@ -602,7 +602,7 @@ mod tests {
 
     #[test]
     fn authority_must_name_the_target() {
-        let target = Target { host: "origin.test".into(), port: 443 };
+        let target = Target { host: "origin.test".into(), port: 443, addr: None };
         assert!(same_host("origin.test", &target, true));
         assert!(same_host("ORIGIN.test:443", &target, true));
         assert!(!same_host("origin.test:8443", &target, true));
@@ -612,7 +612,7 @@ mod tests {
 
     #[test]
     fn requests_take_the_upstream_form() {
-        let target = Target { host: "origin.test".into(), port: 8443 };
+        let target = Target { host: "origin.test".into(), port: 8443, addr: None };
         let req = Request::builder()
             .uri("/a?b=1")
             .header(header::HOST, "origin.test:8443")

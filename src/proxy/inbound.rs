@@ -125,7 +125,7 @@ where
         .await
         .map_err(|_| ProxyError::Timeout { phase: "client TLS handshake", secs, side: Side::Client })?
         .map_err(ProxyError::ClientTls)?;
-        let target = Target { host: site.host.clone(), port: 443 };
+        let target = Target { host: site.host.clone(), port: 443, addr: None };
         let upstream = Upstream {
             key: Upstreams::inbound_key(&site),
             route: Route::Inbound(site),

@@ -11,7 +11,7 @@ use tokio_rustls::StartHandshake;
 use super::tls::{ClientHelloInfo, Verdict};
 use super::upstream::{Peer, Route, Upstreams};
 use super::{ConnCtx, Proxy, ProxyError, Side, Target};
-use crate::config::UntrustedAction;
+use crate::config::{ListenerMode, UntrustedAction};
 use crate::pki::cache::LeafKey;
 use crate::pki::mint::{MintError, Minted};
 use crate::policy::TlsAction;
@@ -54,14 +54,21 @@ where
     }
 }
 
-/// The destination: the listener's hint and the SNI must name the same host.
+/// The destination: the listener's hint and the SNI must name the same host. In transparent
+/// mode the hint is the original destination address: the SNI names the host (validated and
+/// minted for) while the connection still goes to the address the client chose.
 fn bind_target(hint: Option<Target>, hello: &ClientHelloInfo, ctx: ConnCtx) -> Result<Target, ProxyError> {
+    if ctx.mode == ListenerMode::Transparent
+        && let (Some(dst), Some(sni)) = (&hint, &hello.sni)
+    {
+        return Ok(Target { host: sni.clone(), port: dst.port, addr: dst.addr });
+    }
     match (hint, &hello.sni) {
         (Some(target), Some(sni)) if *sni != target.host => {
             Err(ProxyError::NameMismatch { sni: sni.clone(), host: target.host })
         }
         (Some(target), _) => Ok(target),
-        (None, Some(sni)) => Ok(Target { host: sni.clone(), port: ctx.upstream_port }),
+        (None, Some(sni)) => Ok(Target { host: sni.clone(), port: ctx.upstream_port, addr: None }),
         (None, None) => Err(ProxyError::NoSni),
     }
 }
@@ -166,7 +173,6 @@ pub fn sha256(bytes: &[u8]) -> [u8; 32] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ListenerMode;
 
     fn ctx(mode: ListenerMode) -> ConnCtx {
         ConnCtx { client: "127.0.0.1:1".parse().unwrap(), mode, upstream_port: 8443 }
@@ -178,7 +184,7 @@ mod tests {
 
     #[test]
     fn sni_and_connect_host_must_agree() {
-        let target = Target { host: "a.test".into(), port: 443 };
+        let target = Target { host: "a.test".into(), port: 443, addr: None };
         let explicit = ctx(ListenerMode::Explicit);
         assert!(matches!(
             bind_target(Some(target.clone()), &hello(Some("b.test")), explicit),

@@ -7,6 +7,7 @@ pub mod http;
 pub mod inbound;
 pub mod intercept;
 pub mod tls;
+pub mod transparent;
 pub mod tunnel;
 pub mod upstream;
 
@@ -105,9 +106,12 @@ impl ProxyError {
 /// Where a connection goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Target {
-    /// Lower-case host name or IP literal (no brackets).
+    /// Lower-case host name or IP literal (no brackets): the name validated and minted for.
     pub host: String,
     pub port: u16,
+    /// The address to connect to, when the client already chose it (transparent mode: the
+    /// original destination); otherwise `[resolve]` or DNS decides.
+    pub addr: Option<SocketAddr>,
 }
 
 impl Target {
@@ -118,7 +122,7 @@ impl Target {
         if host.is_empty() {
             return None;
         }
-        Some(Self { host: host.to_ascii_lowercase(), port: authority.port_u16().unwrap_or(default_port) })
+        Some(Self { host: host.to_ascii_lowercase(), port: authority.port_u16().unwrap_or(default_port), addr: None })
     }
 }
 
@@ -242,7 +246,7 @@ impl Proxy {
     /// Opens a TCP connection to `target`, honouring `[resolve]` and refusing our own sockets.
     pub async fn dial(&self, target: &Target) -> Result<TcpStream, ProxyError> {
         let connect_err = |source| ProxyError::Connect { target: target.to_string(), source };
-        let addrs: Vec<SocketAddr> = match self.resolve_override(target) {
+        let addrs: Vec<SocketAddr> = match target.addr.or_else(|| self.resolve_override(target)) {
             Some(addr) => vec![addr],
             None => tokio::net::lookup_host((target.host.as_str(), target.port)).await.map_err(connect_err)?.collect(),
         };
@@ -320,7 +324,7 @@ pub async fn serve_listener(
                 ListenerMode::Explicit => connect::serve(proxy, stream, ctx).await,
                 ListenerMode::Sni => intercept::serve(proxy, stream, None, ctx).await,
                 ListenerMode::Inbound => inbound::serve(proxy, stream, ctx).await,
-                ListenerMode::Transparent => {}
+                ListenerMode::Transparent => transparent::serve(proxy, stream, ctx, config.tproxy).await,
             }
         });
     }
@@ -353,7 +357,10 @@ mod tests {
 
     #[test]
     fn targets_parse() {
-        assert_eq!(Target::parse("Example.COM:8443", 443), Some(Target { host: "example.com".into(), port: 8443 }));
+        assert_eq!(
+            Target::parse("Example.COM:8443", 443),
+            Some(Target { host: "example.com".into(), port: 8443, addr: None })
+        );
         assert_eq!(Target::parse("[::1]:443", 443).unwrap().to_string(), "[::1]:443");
         assert_eq!(Target::parse("host", 443).unwrap().port, 443);
         assert_eq!(Target::parse("", 443), None);

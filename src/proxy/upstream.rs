@@ -49,6 +49,8 @@ struct Pool {
 pub struct PoolKey {
     host: String,
     port: u16,
+    /// The address chosen by the client (transparent mode), when it did.
+    addr: Option<std::net::SocketAddr>,
     /// Forward: index of the ALPN offer class (none, http/1.1, h2+http/1.1).
     offer: usize,
     /// Inbound: the site's index (its own origin TLS settings).
@@ -118,17 +120,13 @@ impl Upstreams {
 
     /// The pool key for a target and a client's ALPN offer.
     pub fn key(target: &Target, client_alpn: &[Vec<u8>]) -> PoolKey {
-        PoolKey {
-            host: target.host.clone(),
-            port: target.port,
-            offer: UpstreamTls::offer_class(client_alpn),
-            site: None,
-        }
+        let offer = UpstreamTls::offer_class(client_alpn);
+        PoolKey { host: target.host.clone(), port: target.port, addr: target.addr, offer, site: None }
     }
 
     /// The pool key of an inbound site's origin.
     pub fn inbound_key(site: &super::inbound::InboundSite) -> PoolKey {
-        PoolKey { host: site.origin.host.clone(), port: site.origin.port, offer: 0, site: Some(site.index) }
+        PoolKey { host: site.origin.host.clone(), port: site.origin.port, addr: None, offer: 0, site: Some(site.index) }
     }
 
     /// A sender to `key`'s upstream: a pooled one when available (matching `fingerprint` when
@@ -318,7 +316,7 @@ async fn dial_forward(proxy: &Proxy, target: &Target, client_alpn: &[Vec<u8>]) -
 /// Connects to an inbound site's origin: TLS validated by the site's own config (a failure is
 /// an error, never a verdict), or plain HTTP.
 async fn dial_inbound(proxy: &Proxy, site: &super::inbound::InboundSite) -> Result<Lease, ProxyError> {
-    let target = Target { host: site.origin.host.clone(), port: site.origin.port };
+    let target = Target { host: site.origin.host.clone(), port: site.origin.port, addr: None };
     let tcp = proxy.dial(&target).await?;
     let trusted = || Mutex::new((Verdict::Trusted, Instant::now()));
     let Some(config) = &site.origin_tls else {

@@ -407,7 +407,16 @@ impl TestPki {
         params.signed_by(key, &self.issuer).unwrap().pem()
     }
 
-    pub fn leaf(&self, spec: &LeafSpec<'_>) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+    /// A leaf as PEM files in `dir`: (certificate, private key).
+    pub fn leaf_files(&self, spec: &LeafSpec<'_>, dir: &Path) -> (PathBuf, PathBuf) {
+        let (cert, key) = self.make_leaf(spec);
+        let (cert_path, key_path) = (dir.join("leaf.pem"), dir.join("leaf.key"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        (cert_path, key_path)
+    }
+
+    fn make_leaf(&self, spec: &LeafSpec<'_>) -> (rcgen::Certificate, KeyPair) {
         let mut params = CertificateParams::default();
         params.distinguished_name.push(DnType::CommonName, spec.names[0]);
         params.subject_alt_names = spec
@@ -431,6 +440,11 @@ impl TestPki {
         } else {
             params.signed_by(&key, &self.issuer).unwrap()
         };
+        (cert, key)
+    }
+
+    pub fn leaf(&self, spec: &LeafSpec<'_>) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let (cert, key) = self.make_leaf(spec);
         (vec![cert.der().clone()], PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())))
     }
 }
