@@ -71,11 +71,18 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         source,
     })?;
     let management_addr = management.local_addr().unwrap_or(config.management.listen);
+    let bypass = Arc::new(crate::proxy::bypass::Bypass::new(Duration::from_secs(config.policy.learn_bypass_secs)));
+    let token = match &config.management.token {
+        Some(source) => Some(source.load("management API token")?),
+        None => None,
+    };
     tracing::info!(mode = "management", addr = %management_addr, "listening");
-    tokio::spawn(api::serve(management, Arc::new(ApiState { hsm: hsm.clone(), state_dir: config.state_dir.clone() })));
+    let api_state = ApiState { hsm: hsm.clone(), state_dir: config.state_dir.clone(), bypass: bypass.clone(), token };
+    tokio::spawn(api::serve(management, Arc::new(api_state)));
 
     let mut listeners = Listeners::default();
     let mut proxy = build_proxy(&config, &hsm, &shutdown_rx)?;
+    proxy.set_bypass(bypass.clone());
     let bound = listeners.bind(&config).await.map_err(|(_, e)| e)?;
     listeners.own_addresses(&mut proxy, &bound, management_addr);
     let (proxies, _) = watch::channel(Arc::new(proxy));
@@ -96,6 +103,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
                     }
                     // New connections get the new state; established ones keep theirs.
                     let mut proxy = proxy;
+                    proxy.set_bypass(bypass.clone());
                     let bound = match listeners.bind(&next).await {
                         Ok(bound) => bound,
                         Err((bound, e)) => {

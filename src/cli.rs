@@ -41,6 +41,30 @@ enum Command {
         #[command(subcommand)]
         command: CertCommand,
     },
+    /// Hosts excluded from decryption because their clients pin certificates (the running
+    /// service's learned bypass).
+    Bypass {
+        #[command(subcommand)]
+        command: BypassCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BypassCommand {
+    /// Show the excluded hosts: host, reason, since, expires.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove one host (--host) or every entry.
+    Clear {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        host: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -191,6 +215,46 @@ pub fn main() -> i32 {
         Command::Run { config, check } => run(&config.config, check),
         Command::Hsm { command } => hsm(command),
         Command::Cert { command } => cert(command),
+        Command::Bypass { command } => bypass(command),
+    }
+}
+
+fn bypass(command: BypassCommand) -> i32 {
+    let (config, method, path, json) = match command {
+        BypassCommand::List { config, json } => (config, "GET", "/api/v1/bypass".to_string(), json),
+        BypassCommand::Clear { config, host } => {
+            let path = match host {
+                Some(host) => format!("/api/v1/bypass?host={}", host.to_ascii_lowercase()),
+                None => "/api/v1/bypass".to_string(),
+            };
+            (config, "DELETE", path, true)
+        }
+    };
+    let config = match load(&config.config) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    match manage::api_request(&config, method, &path) {
+        Ok((200, body)) if json => {
+            print!("{body}");
+            0
+        }
+        Ok((200, body)) => {
+            let entries: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap_or_default();
+            println!("{:<40} {:<30} {:<22} EXPIRES", "HOST", "REASON", "SINCE");
+            for e in entries {
+                println!(
+                    "{:<40} {:<30} {:<22} {}",
+                    e["host"].as_str().unwrap_or(""),
+                    e["reason"].as_str().unwrap_or(""),
+                    e["since"].as_str().unwrap_or(""),
+                    e["expires"].as_str().unwrap_or("")
+                );
+            }
+            0
+        }
+        Ok((status, body)) => fail(format!("management API answered {status}: {}", body.trim())),
+        Err(e) => fail(e),
     }
 }
 

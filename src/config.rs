@@ -188,6 +188,9 @@ pub struct PolicyConfig {
     pub no_decrypt: Vec<String>,
     /// HTTP inspection rules, first match wins; no match allows.
     pub rules: Vec<RuleConfig>,
+    /// How long a host whose clients reject our certificate (pinning) is passed through;
+    /// 0 disables learning.
+    pub learn_bypass_secs: u64,
 }
 
 /// One `[[policy.rule]]`.
@@ -215,6 +218,8 @@ pub enum RuleAction {
 #[derive(Clone, Debug)]
 pub struct ManagementConfig {
     pub listen: SocketAddr,
+    /// Bearer token for changing routes; without one they are refused.
+    pub token: Option<SecretSource>,
 }
 
 /// `[limits]`.
@@ -371,10 +376,14 @@ impl Typer<'_> {
             },
             resolve,
             policy: PolicyConfig {
+                learn_bypass_secs: policy.learn_bypass_secs,
                 no_decrypt: policy.no_decrypt,
                 rules: policy.rule.into_iter().enumerate().map(|(i, r)| self.rule(i, r)).collect::<Result<_, _>>()?,
             },
-            management: ManagementConfig { listen: management.listen },
+            management: ManagementConfig {
+                listen: management.listen,
+                token: management.token_file.map(|p| SecretSource::File(self.resolve_path(&p))),
+            },
             limits: LimitsConfig {
                 max_connections: limits.max_connections,
                 handshake_timeout_secs: limits.handshake_timeout_secs,
@@ -637,13 +646,15 @@ mod raw {
         pub untrusted: UntrustedAction,
     }
 
-    #[derive(Deserialize, Default)]
+    #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     pub(super) struct Policy {
         #[serde(default)]
         pub no_decrypt: Vec<String>,
         #[serde(default)]
         pub rule: Vec<Rule>,
+        #[serde(default = "default_learn_bypass")]
+        pub learn_bypass_secs: u64,
     }
 
     #[derive(Deserialize)]
@@ -670,6 +681,7 @@ mod raw {
     pub(super) struct Management {
         #[serde(default = "default_management")]
         pub listen: std::net::SocketAddr,
+        pub token_file: Option<PathBuf>,
     }
 
     #[derive(Deserialize)]
@@ -712,7 +724,7 @@ mod raw {
 
     impl Default for Management {
         fn default() -> Self {
-            Self { listen: default_management() }
+            Self { listen: default_management(), token_file: None }
         }
     }
 
@@ -765,6 +777,15 @@ mod raw {
     }
     fn default_upstream_idle_timeout() -> u64 {
         30
+    }
+    impl Default for Policy {
+        fn default() -> Self {
+            Self { no_decrypt: Vec::new(), rule: Vec::new(), learn_bypass_secs: default_learn_bypass() }
+        }
+    }
+
+    fn default_learn_bypass() -> u64 {
+        12 * 3600
     }
     fn default_header_timeout() -> u64 {
         30

@@ -21,6 +21,9 @@ use crate::telemetry::METRICS;
 pub struct ApiState {
     pub hsm: Arc<Hsm>,
     pub state_dir: PathBuf,
+    pub bypass: Arc<crate::proxy::bypass::Bypass>,
+    /// Bearer token for changing routes; `None` refuses them.
+    pub token: Option<secrecy::SecretString>,
 }
 
 /// Serves the API until the task is dropped.
@@ -36,6 +39,15 @@ pub async fn serve(listener: TcpListener, state: Arc<ApiState>) {
 }
 
 async fn route(state: Arc<ApiState>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.method() == Method::DELETE && req.uri().path() == "/api/v1/bypass" {
+        if let Some(refusal) = refuse_unauthorized(&state, &req) {
+            return Ok(refusal);
+        }
+        let host = req.uri().query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("host=")));
+        let removed = state.bypass.clear(host);
+        tracing::info!(host = host.unwrap_or("*"), removed, "bypass entries cleared");
+        return Ok(json(&serde_json::json!({ "removed": removed })));
+    }
     if req.method() != Method::GET {
         return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n".into()));
     }
@@ -50,6 +62,7 @@ async fn route(state: Arc<ApiState>, req: Request<Incoming>) -> Result<Response<
             response
         }
         "/api/v1/hsm/status" => json(&state.hsm.status()),
+        "/api/v1/bypass" => json(&state.bypass.list()),
         "/api/v1/hsm/info" => {
             let hsm = state.hsm.clone();
             match tokio::task::spawn_blocking(move || hsm.info()).await {
@@ -73,6 +86,22 @@ async fn route(state: Arc<ApiState>, req: Request<Incoming>) -> Result<Response<
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
     })
+}
+
+/// Changing routes need `Authorization: Bearer <token>`; with no token configured they are
+/// refused outright. The refusal to send, if any.
+fn refuse_unauthorized<B>(state: &ApiState, req: &Request<B>) -> Option<Response<Full<Bytes>>> {
+    use secrecy::ExposeSecret;
+    let Some(token) = &state.token else {
+        return Some(text(StatusCode::FORBIDDEN, "changes are disabled: set [management] token_file\n".into()));
+    };
+    let given =
+        req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let digest = |s: &str| aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, s.as_bytes());
+    match given {
+        Some(given) if digest(given).as_ref() == digest(token.expose_secret()).as_ref() => None,
+        _ => Some(text(StatusCode::UNAUTHORIZED, "a valid bearer token is required\n".into())),
+    }
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {

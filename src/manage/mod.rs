@@ -22,6 +22,8 @@ pub enum ManageError {
     State(#[from] crate::state::StateError),
     #[error(transparent)]
     Vault(crate::vault::VaultError),
+    #[error("management API at {addr}: {reason}")]
+    Api { addr: String, reason: String },
     #[error("no [[hsm.server]] named {0:?} in the configuration")]
     NoServer(String),
     #[error("writing {path}: {source}")]
@@ -97,6 +99,33 @@ pub fn hsm_login(config: &Config, server: &str, pin: &secrecy::SecretString) -> 
 
 fn server_config<'a>(config: &'a Config, server: &str) -> Result<&'a crate::config::HsmServerConfig, ManageError> {
     config.hsm.servers.iter().find(|s| s.name == server).ok_or_else(|| ManageError::NoServer(server.to_string()))
+}
+
+/// One request to the running service's management API: (status, body). Changing requests
+/// carry the configured bearer token.
+pub fn api_request(config: &Config, method: &str, path: &str) -> Result<(u16, String), ManageError> {
+    use std::io::{Read, Write};
+    let addr = config.management.listen;
+    let api_err = |reason: String| ManageError::Api { addr: addr.to_string(), reason };
+    let mut auth = String::new();
+    if method != "GET"
+        && let Some(source) = &config.management.token
+    {
+        use secrecy::ExposeSecret;
+        let token = source.load("management API token").map_err(|e| api_err(e.to_string()))?;
+        auth = format!("Authorization: Bearer {}\r\n", token.expose_secret());
+    }
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
+        .map_err(|e| api_err(format!("{e} (is `tollgate run` running?)")))?;
+    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+    write!(stream, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n")
+        .map_err(|e| api_err(e.to_string()))?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).map_err(|e| api_err(e.to_string()))?;
+    let status =
+        response.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| api_err("malformed response".into()))?;
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
 }
 
 /// `tollgate hsm info`.

@@ -48,7 +48,11 @@ where
         Ok(target) => target,
         Err(e) => return Err(refuse(proxy, accepted, io, e).await),
     };
-    match proxy.policy.decide_tls(&target.host) {
+    let action = match proxy.policy.decide_tls(&target.host) {
+        TlsAction::Intercept if proxy.bypass.contains(&target.host) => TlsAction::Tunnel,
+        action => action,
+    };
+    match action {
         TlsAction::Tunnel => super::tunnel::run(proxy.clone(), io, raw, target, ctx).await,
         TlsAction::Intercept => intercept(proxy, io, accepted, hello, target, ctx).await,
     }
@@ -114,6 +118,9 @@ where
         Ok(Ok(client)) => client,
         Ok(Err(e)) => {
             proxy.upstreams.give_back(&key, lease);
+            if let Some(reason) = proxy.bypass.learn(&target.host, &e) {
+                tracing::warn!(host = %target.host, reason, client = %ctx.client, "client rejected our certificate (pinning?): host excluded from decryption");
+            }
             return Err(ProxyError::ClientTls(e));
         }
         Err(_) => {

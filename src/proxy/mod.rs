@@ -2,6 +2,7 @@
 //! one, a `Target`; after that there is one pipeline (`intercept::serve`): read the ClientHello,
 //! decide, then tunnel or intercept and relay HTTP.
 
+pub mod bypass;
 pub mod connect;
 pub mod http;
 pub mod inbound;
@@ -163,6 +164,8 @@ pub struct Proxy {
     max_header_bytes: usize,
     /// Becomes true on SIGTERM: connections finish their requests and close.
     shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Hosts learned to be pinned by their clients; shared across reloads.
+    pub bypass: Arc<bypass::Bypass>,
 }
 
 impl Proxy {
@@ -196,7 +199,13 @@ impl Proxy {
             header_timeout: Duration::from_secs(config.limits.header_timeout_secs),
             max_header_bytes: config.limits.max_header_bytes,
             shutdown: tokio::sync::watch::channel(false).1,
+            bypass: Arc::new(bypass::Bypass::new(Duration::from_secs(config.policy.learn_bypass_secs))),
         })
+    }
+
+    /// Shares the process's exclusion cache (it outlives reloads).
+    pub fn set_bypass(&mut self, bypass: Arc<bypass::Bypass>) {
+        self.bypass = bypass;
     }
 
     /// Connections watch `shutdown` to drain when it turns true.

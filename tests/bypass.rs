@@ -1,0 +1,85 @@
+//! The learned bypass: a client that pins the origin's certificate rejects tollgate's leaf; the
+//! host is then passed through untouched, shown in status, clearable by CLI and API (with the
+//! bearer token); resets never add entries.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_pin_get_a_bypass_and_operators_can_clear_it() {
+    let pki = TestPki::new();
+    let (chain, key) = pki.leaf(&LeafSpec::new(&["pinned.test", "reset.test"]));
+    let origin = Origin::start("pinned", chain, key, &["http/1.1"]).await;
+    let options = ProxyOptions {
+        ca_bundles: vec![pki.bundle()],
+        resolve: vec![("pinned.test:443".into(), origin.addr), ("reset.test:443".into(), origin.addr)],
+        ..Default::default()
+    };
+    let setup = Setup::new(&options);
+    let token_file = setup.token.path("api.token");
+    std::fs::write(&token_file, "s3cret-api-token\n").unwrap();
+    let text = std::fs::read_to_string(&setup.config).unwrap().replace(
+        "[management]\nlisten = \"127.0.0.1:0\"",
+        &format!("[management]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"", token_file.display()),
+    );
+    std::fs::write(&setup.config, text).unwrap();
+    let proxy = setup.start();
+
+    // A client pinning the origin's CA refuses tollgate's leaf…
+    let pinning = trusting_client(&pki.root.der().clone(), &["http/1.1"]);
+    assert!(tls_via_sni(proxy.sni, "pinned.test", pinning.clone()).await.is_err());
+    proxy.wait_log("learned", |v| v["message"].as_str().is_some_and(|m| m.contains("excluded from decryption")));
+    // …and from then on the host is passed through: the pin holds, the request works.
+    let tls = tls_via_sni(proxy.sni, "pinned.test", pinning.clone())
+        .await
+        .expect("bypassed: the client sees the origin's certificate");
+    assert_eq!(request(tls, false, get("pinned.test", "/", false)).await.0, 200);
+    assert!(proxy.metric("tollgate_tunnels_total").await >= 1);
+
+    // A reset before our certificate arrives never adds an entry.
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut hello = Vec::new();
+        let mut conn = rustls::ClientConnection::new(pinning.clone(), "reset.test".try_into().unwrap()).unwrap();
+        conn.write_tls(&mut hello).unwrap();
+        let mut tcp = tokio::net::TcpStream::connect(proxy.sni).await.unwrap();
+        tcp.write_all(&hello).await.unwrap();
+        tcp.set_zero_linger().unwrap();
+        drop(tcp);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Status through the API and the CLI.
+    let list: serde_json::Value = serde_json::from_str(&http_get(proxy.management, "/api/v1/bypass").await).unwrap();
+    let hosts: Vec<&str> = list.as_array().unwrap().iter().map(|e| e["host"].as_str().unwrap()).collect();
+    assert_eq!(hosts, ["pinned.test"], "{list}");
+    assert_eq!(list[0]["reason"], "UnknownCA");
+    assert!(list[0]["since"].as_str().is_some() && list[0]["expires"].as_str().is_some());
+    let mut config_for_cli = std::fs::read_to_string(&setup.config).unwrap();
+    config_for_cli = config_for_cli
+        .replace("listen = \"127.0.0.1:0\"\ntoken_file", &format!("listen = \"{}\"\ntoken_file", proxy.management));
+    let cli_config = setup.token.path("cli.toml");
+    std::fs::write(&cli_config, config_for_cli).unwrap();
+    let cli =
+        |args: &[&str]| setup.token.cmd(tollgate_bin()).args(args).arg("--config").arg(&cli_config).output().unwrap();
+    let out = cli(&["bypass", "list", "--json"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("pinned.test"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Clearing needs the token: without it the API refuses.
+    let mut raw = tokio::net::TcpStream::connect(proxy.management).await.unwrap();
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        raw.write_all(b"DELETE /api/v1/bypass HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+        let mut response = String::new();
+        raw.read_to_string(&mut response).await.unwrap();
+        assert!(response.starts_with("HTTP/1.1 401"), "{response}");
+    }
+    let out = cli(&["bypass", "clear", "--host", "pinned.test"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"removed\": 1"));
+    // Intercepted again: the pinning client refuses again.
+    assert!(tls_via_sni(proxy.sni, "pinned.test", pinning).await.is_err());
+}
