@@ -1,7 +1,9 @@
 //! Inline transparent mode end to end, in network namespaces this test creates: a client
-//! namespace routes through a gateway namespace where nftables (deploy/nftables-transparent.nft)
-//! redirects HTTPS to tollgate's transparent listener, to an origin namespace. The client runs
-//! plain `curl https://origin.test/` with only the CA trusted and no proxy settings.
+//! namespace routes through a gateway namespace where nftables (the rulesets in deploy/)
+//! sends HTTPS to tollgate's transparent listener, on to an origin namespace. The client runs
+//! plain `curl https://origin.test/` with only the CA trusted and no proxy settings — over
+//! IPv4 and IPv6 with REDIRECT (SO_ORIGINAL_DST, IP6T_SO_ORIGINAL_DST), and over IPv4 with
+//! TPROXY (IP_TRANSPARENT).
 
 mod support;
 
@@ -16,7 +18,13 @@ fn sh(args: &[&str]) {
     assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// Three namespaces wired client ↔ gateway ↔ origin; removed on drop.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Redirect,
+    Tproxy,
+}
+
+/// Three namespaces wired client ↔ gateway ↔ origin (IPv4 and IPv6); removed on drop.
 struct Net {
     client: String,
     gateway: String,
@@ -26,12 +34,12 @@ struct Net {
 }
 
 impl Net {
-    fn new() -> Self {
+    fn new(kind: Kind, port: u16) -> Self {
         for tool in ["ip", "nft"] {
             let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).status().map(|s| s.success());
             assert!(found.unwrap_or(false), "{tool} missing: run `bash deploy/install-deps`");
         }
-        let n = std::process::id() % 100_000;
+        let n = (std::process::id() % 10_000) * 10 + kind as u32;
         let (client, gateway, origin) = (format!("tgc{n}"), format!("tgg{n}"), format!("tgo{n}"));
         let net = Self {
             hosts_dir: PathBuf::from(format!("/etc/netns/{client}")),
@@ -75,34 +83,41 @@ impl Net {
             "netns",
             &net.gateway,
         ]);
-        let addr = |ns: &str, ifname: &str, cidr: &str| {
-            sh(&["ip", "-n", ns, "addr", "add", cidr, "dev", ifname]);
+        let addr = |ns: &str, ifname: &str, v4: &str, v6: &str| {
+            sh(&["ip", "-n", ns, "addr", "add", v4, "dev", ifname]);
+            sh(&["ip", "-n", ns, "addr", "add", v6, "dev", ifname, "nodad"]);
             sh(&["ip", "-n", ns, "link", "set", ifname, "up"]);
         };
-        addr(&net.client, &c0, "10.231.1.2/24");
-        addr(&net.gateway, &c1, "10.231.1.1/24");
-        addr(&net.gateway, &o1, "10.231.2.1/24");
-        addr(&net.origin, &o0, "10.231.2.2/24");
-        sh(&["ip", "-n", &net.client, "route", "add", "default", "via", "10.231.1.1"]);
-        sh(&["ip", "-n", &net.origin, "route", "add", "default", "via", "10.231.2.1"]);
-        sh(&["ip", "netns", "exec", &net.gateway, "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-        let ruleset = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/nftables-transparent.nft");
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &net.gateway,
-            "nft",
-            "-D",
-            &format!("LAN_IF={c1}"),
-            "-D",
-            "TOLLGATE_PORT=8443",
-            "-f",
-            ruleset,
-        ]);
-        // The client resolves origin.test through its own /etc/hosts (ip netns exec mounts it).
+        addr(&net.client, &c0, "10.231.1.2/24", "fd31:1::2/64");
+        addr(&net.gateway, &c1, "10.231.1.1/24", "fd31:1::1/64");
+        addr(&net.gateway, &o1, "10.231.2.1/24", "fd31:2::1/64");
+        addr(&net.origin, &o0, "10.231.2.2/24", "fd31:2::2/64");
+        for (ns, via4, via6) in [(&net.client, "10.231.1.1", "fd31:1::1"), (&net.origin, "10.231.2.1", "fd31:2::1")] {
+            sh(&["ip", "-n", ns, "route", "add", "default", "via", via4]);
+            sh(&["ip", "-n", ns, "-6", "route", "add", "default", "via", via6]);
+        }
+        let (lan, tg_port) = (format!("LAN_IF={c1}"), format!("TOLLGATE_PORT={port}"));
+        let defines = ["-D", lan.as_str(), "-D", tg_port.as_str()];
+        let ruleset = match kind {
+            Kind::Redirect => concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/nftables-transparent.nft"),
+            Kind::Tproxy => {
+                // Marked packets are delivered locally (the ruleset's header says so).
+                sh(&["ip", "-n", &net.gateway, "rule", "add", "fwmark", "0x1", "lookup", "100"]);
+                sh(&["ip", "-n", &net.gateway, "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "100"]);
+                concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/nftables-tproxy.nft")
+            }
+        };
+        let mut nft = vec!["ip", "netns", "exec", &net.gateway, "nft"];
+        nft.extend(defines);
+        nft.extend(["-f", ruleset]);
+        sh(&nft);
+        // The client resolves names through its own /etc/hosts (ip netns exec mounts it).
         std::fs::create_dir_all(&net.hosts_dir).unwrap();
-        std::fs::write(net.hosts_dir.join("hosts"), "127.0.0.1 localhost\n10.231.2.2 origin.test\n").unwrap();
+        std::fs::write(
+            net.hosts_dir.join("hosts"),
+            "127.0.0.1 localhost\n10.231.2.2 origin.test\nfd31:2::2 origin6.test\n",
+        )
+        .unwrap();
         net
     }
 
@@ -110,6 +125,49 @@ impl Net {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", ns, program]);
         cmd
+    }
+
+    /// The origin: openssl serving `www` over TLS on port 443, IPv4 and IPv6.
+    fn start_origin(&mut self, cert: &std::path::Path, key: &std::path::Path, www: &std::path::Path) {
+        for family in ["-4", "-6"] {
+            let child = self
+                .exec(&self.origin, "openssl")
+                .args(["s_server", "-quiet", "-WWW", family, "-accept", "443", "-cert"])
+                .arg(cert)
+                .arg("-key")
+                .arg(key)
+                .current_dir(www)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            self.processes.push(child);
+        }
+    }
+
+    /// Plain curl in the client namespace, retried until the path is up.
+    fn curl(&self, url: &str, ca: &std::path::Path, proxy: &Proxy) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = self
+                .exec(&self.client, "curl")
+                .args(["-sS", "--max-time", "5", "--cacert"])
+                .arg(ca)
+                .arg(url)
+                .output()
+                .unwrap();
+            if out.status.success() {
+                return String::from_utf8_lossy(&out.stdout).into_owned();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "curl {url}: {}\nlogs: {:#?}",
+                String::from_utf8_lossy(&out.stderr),
+                proxy.logs.lock()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 }
 
@@ -126,37 +184,19 @@ impl Drop for Net {
     }
 }
 
-#[test]
-fn redirected_clients_are_intercepted_with_an_hsm_minted_leaf() {
-    let mut net = Net::new();
+/// Token, CA, origin files and a tollgate in the gateway with one transparent listener.
+fn gateway(net: &mut Net, listener: &str) -> (Token, Proxy) {
     let token = Token::new();
     let pki = TestPki::new();
-
-    // The origin, in its namespace: openssl serving one file over TLS.
     let www = token.path("www");
     std::fs::create_dir(&www).unwrap();
     std::fs::write(www.join("index.html"), "hello from the origin namespace\n").unwrap();
-    let (cert_pem, key_pem) = pki.leaf_files(&LeafSpec::new(&["origin.test"]), token.dir.path());
-    let origin = net
-        .exec(&net.origin, "openssl")
-        .args(["s_server", "-quiet", "-WWW", "-accept", "443", "-cert"])
-        .arg(&cert_pem)
-        .arg("-key")
-        .arg(&key_pem)
-        .current_dir(&www)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    net.processes.push(origin);
-
-    // tollgate in the gateway namespace, CA on the token.
+    let (cert, key) = pki.leaf_files(&LeafSpec::new(&["origin.test", "origin6.test"]), token.dir.path());
+    net.start_origin(&cert, &key, &www);
     let config = token.path("tollgate.toml");
     write_config(&token, &config, &ProxyOptions { ca_bundles: vec![pki.bundle()], ..Default::default() });
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("mode = \"explicit\"\nlisten = \"127.0.0.1:0\"", "mode = \"transparent\"\nlisten = \"0.0.0.0:8443\"");
+    let text =
+        std::fs::read_to_string(&config).unwrap().replace("mode = \"explicit\"\nlisten = \"127.0.0.1:0\"", listener);
     std::fs::write(&config, text).unwrap();
     let out = token
         .cmd(tollgate_bin())
@@ -177,29 +217,18 @@ fn redirected_clients_are_intercepted_with_an_hsm_minted_leaf() {
     let mut run = net.exec(&net.gateway, tollgate_bin());
     run.env("SOFTHSM2_CONF", token.conf());
     let proxy = Proxy::start_with(run, &config, 3);
+    (token, proxy)
+}
 
-    // The client: plain curl, only the CA trusted, no proxy settings.
+#[test]
+fn redirected_clients_are_intercepted_over_ipv4_and_ipv6() {
+    let mut net = Net::new(Kind::Redirect, 8443);
+    // One dual-stack listener: IPv4 clients arrive v4-mapped.
+    let (token, proxy) = gateway(&mut net, "mode = \"transparent\"\nlisten = \"[::]:8443\"");
     let ca = token.path("ca.pem");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let body = loop {
-        let out = net
-            .exec(&net.client, "curl")
-            .args(["-sS", "--max-time", "5", "--cacert", ca.to_str().unwrap(), "https://origin.test/index.html"])
-            .output()
-            .unwrap();
-        if out.status.success() {
-            break String::from_utf8_lossy(&out.stdout).into_owned();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "curl: {}\nlogs: {:#?}",
-            String::from_utf8_lossy(&out.stderr),
-            proxy.logs.lock()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    assert_eq!(body, "hello from the origin namespace\n");
-
+    for url in ["https://origin.test/index.html", "https://origin6.test/index.html"] {
+        assert_eq!(net.curl(url, &ca, &proxy), "hello from the origin namespace\n", "{url}");
+    }
     let out = net
         .exec(&net.client, "openssl")
         .args([
@@ -217,6 +246,22 @@ fn redirected_clients_are_intercepted_with_an_hsm_minted_leaf() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("issuer=CN = tollgate Forward Trust CA (ca)"), "{text}");
     assert!(text.contains("Verify return code: 0 (ok)"), "{text}");
-    let line = proxy.wait_log("transparent access log", |v| v["message"] == "request" && v["mode"] == "transparent");
-    assert_eq!(line["host"], "origin.test");
+    for host in ["origin.test", "origin6.test"] {
+        let line =
+            proxy.wait_log(host, |v| v["message"] == "request" && v["mode"] == "transparent" && v["host"] == host);
+        assert_eq!(line["status"], 200);
+    }
+    assert!(
+        proxy.log_json().iter().any(|v| v["message"] == "request" && v["host"] == "origin6.test"),
+        "the IPv6 request went through tollgate"
+    );
+}
+
+#[test]
+fn tproxy_clients_are_intercepted() {
+    let mut net = Net::new(Kind::Tproxy, 8444);
+    let (token, proxy) = gateway(&mut net, "mode = \"transparent\"\nlisten = \"0.0.0.0:8444\"\ntproxy = true");
+    let body = net.curl("https://origin.test/index.html", &token.path("ca.pem"), &proxy);
+    assert_eq!(body, "hello from the origin namespace\n");
+    proxy.wait_log("tproxy access log", |v| v["message"] == "request" && v["mode"] == "transparent");
 }

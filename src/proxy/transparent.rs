@@ -42,16 +42,33 @@ pub fn bind(config: &ListenerConfig) -> io::Result<TcpListener> {
 pub fn original_destination(stream: &TcpStream, tproxy: bool) -> io::Result<SocketAddr> {
     let local = stream.local_addr()?;
     if tproxy {
-        return Ok(local);
+        return Ok(unmapped(local));
     }
+    // A dual-stack [::] listener sees IPv4 clients as v4-mapped addresses: their original
+    // destination is an IPv4 one, asked for at the IPv4 level.
+    let v4 = match local {
+        SocketAddr::V4(_) => true,
+        SocketAddr::V6(v6) => v6.ip().to_ipv4_mapped().is_some(),
+    };
     Ok(match local {
-        SocketAddr::V4(_) => {
+        _ if v4 => {
             let sa = getsockopt(stream, sockopt::OriginalDst).map_err(io::Error::from)?;
             SocketAddr::from((Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)), u16::from_be(sa.sin_port)))
         }
-        SocketAddr::V6(_) => {
+        _ => {
             let sa = getsockopt(stream, sockopt::Ip6tOriginalDst).map_err(io::Error::from)?;
             SocketAddr::from((Ipv6Addr::from(sa.sin6_addr.s6_addr), u16::from_be(sa.sin6_port)))
         }
     })
+}
+
+/// An IPv4 address as itself, not as a v4-mapped IPv6 one (dual-stack sockets report those).
+fn unmapped(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::from((v4, v6.port())),
+            None => addr,
+        },
+        v4 => v4,
+    }
 }
