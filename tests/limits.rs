@@ -54,6 +54,20 @@ async fn slow_and_oversized_clients_are_cut() {
     let took = closed_after(&mut silent).await;
     assert!(took < Duration::from_secs(3), "cut at the handshake timeout: {took:?}");
 
+    // An idle keep-alive connection is closed after the header timeout too.
+    let tls = tls_via_sni(proxy.sni, "origin.test", trusting_client(&setup.trust_ca, &["http/1.1"])).await.unwrap();
+    let (mut idle, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
+    let closed = tokio::spawn(conn);
+    idle.ready().await.unwrap();
+    assert_eq!(idle.send_request(get("origin.test", "/", false)).await.unwrap().status(), 200);
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), closed).await.expect("idle connection closed").unwrap().ok();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "closed after about header_timeout_secs: {:?}",
+        started.elapsed()
+    );
+
     // Oversized headers: refused, the proxy keeps serving.
     let tls = tls_via_sni(proxy.sni, "origin.test", trusting_client(&setup.trust_ca, &["http/1.1"])).await.unwrap();
     let mut big = get("origin.test", "/", false);
@@ -114,12 +128,24 @@ async fn sighup_reloads_without_dropping_connections_and_refuses_bad_config() {
     kept.ready().await.unwrap();
     assert_eq!(kept.send_request(get("origin.test", "/one", false)).await.unwrap().status(), 200);
 
-    // A new policy rule, then SIGHUP.
+    // A new policy rule and a new listener, then SIGHUP.
     let original = std::fs::read_to_string(&setup.config).unwrap();
     let rule = "\n[[policy.rule]]\nname = \"reloaded\"\npath_prefix = \"/blocked\"\naction = \"block\"\n";
-    std::fs::write(&setup.config, format!("{original}{rule}")).unwrap();
+    let extra_listener = "[[listener]]\nmode = \"sni\"\nlisten = \"127.0.0.2:0\"\n\n[management]";
+    let reloaded = format!("{original}{rule}").replacen("[management]", extra_listener, 1);
+    std::fs::write(&setup.config, reloaded).unwrap();
     proxy.signal("-HUP");
     proxy.wait_log("reloaded", |v| v["message"] == "configuration reloaded");
+    let added = proxy.wait_log("new listener", |v| {
+        v["message"] == "listening" && v["addr"].as_str().is_some_and(|a| a.starts_with("127.0.0.2:"))
+    });
+    let added: std::net::SocketAddr = added["addr"].as_str().unwrap().parse().unwrap();
+    let tls = tls_via_sni(added, "origin.test", trusting_client(&setup.trust_ca, &["http/1.1"])).await.unwrap();
+    assert_eq!(
+        request(tls, false, get("origin.test", "/", false)).await.0,
+        200,
+        "the listener added by the reload serves"
+    );
     let tls = tls_via_sni(proxy.sni, "origin.test", trusting_client(&setup.trust_ca, &["http/1.1"])).await.unwrap();
     assert_eq!(
         request(tls, false, get("origin.test", "/blocked", false)).await.0,
