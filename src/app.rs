@@ -77,7 +77,13 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         None => None,
     };
     tracing::info!(mode = "management", addr = %management_addr, "listening");
-    let api_state = ApiState { hsm: hsm.clone(), state_dir: config.state_dir.clone(), bypass: bypass.clone(), token };
+    let api_state = ApiState {
+        hsm: hsm.clone(),
+        state_dir: config.state_dir.clone(),
+        bypass: bypass.clone(),
+        config_path: config.path.clone(),
+        token,
+    };
     tokio::spawn(api::serve(management, Arc::new(api_state)));
 
     let mut listeners = Listeners::default();
@@ -89,6 +95,13 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     listeners.start(bound, &proxies);
     let mut current = config;
 
+    let state_dir = current.state_dir.clone();
+    tokio::spawn(async move {
+        loop {
+            watch_master_key_expiry(&state_dir);
+            tokio::time::sleep(Duration::from_secs(24 * 3600)).await;
+        }
+    });
     let mut term = signal(SignalKind::terminate()).map_err(AppError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(AppError::Signal)?;
     let mut hup = signal(SignalKind::hangup()).map_err(AppError::Signal)?;
@@ -123,6 +136,35 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     }
     drain(listeners, &shutdown_tx, Duration::from_secs(current.limits.shutdown_grace_secs)).await;
     Ok(())
+}
+
+/// Publishes the master key's remaining lifetime and warns inside its reminder window (at
+/// start, then daily). An expired master key keeps working — refusing to start would take the
+/// whole proxy down for a date — but is logged as an error every day until it is replaced.
+fn watch_master_key_expiry(state_dir: &std::path::Path) {
+    use crate::vault::master::{FILE, MasterKeyFile, reminder_due};
+    let Ok(bytes) = std::fs::read(state_dir.join(FILE)) else { return };
+    let Ok(file) = serde_json::from_slice::<MasterKeyFile>(&bytes) else { return };
+    let Some(expires) = file
+        .expires_at
+        .as_deref()
+        .and_then(|e| time::OffsetDateTime::parse(e, &time::format_description::well_known::Rfc3339).ok())
+    else {
+        return;
+    };
+    let now = time::OffsetDateTime::now_utc();
+    let left = (expires - now).whole_seconds();
+    crate::telemetry::METRICS.master_key_expiry_seconds.store(left, std::sync::atomic::Ordering::Relaxed);
+    let expires_at = file.expires_at.as_deref().unwrap_or_default();
+    if left <= 0 {
+        tracing::error!(expires_at, "the master key has expired: set a new one (tollgate master-key set)");
+    } else if reminder_due(expires, file.reminder_days.unwrap_or(0), now) {
+        tracing::warn!(
+            expires_at,
+            days_left = left / 86_400,
+            "the master key expires soon: set a new one (tollgate master-key set)"
+        );
+    }
 }
 
 /// The configuration and proxy state a SIGHUP would switch to, fully validated.

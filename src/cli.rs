@@ -41,11 +41,49 @@ enum Command {
         #[command(subcommand)]
         command: CertCommand,
     },
+    /// The master key that encrypts stored secrets.
+    MasterKey {
+        #[command(subcommand)]
+        command: MasterKeyCommand,
+    },
     /// Hosts excluded from decryption because their clients pin certificates (the running
     /// service's learned bypass).
     Bypass {
         #[command(subcommand)]
         command: BypassCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum MasterKeyCommand {
+    /// Whether it is HSM-encrypted, its wrapping key generation, expiry, and whether it opens.
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set a new master key: generated, or 64 hex digits read from stdin with --stdin.
+    Set {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        stdin: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Encrypt the master key with an AES wrapping key on the HSM.
+    EncryptWithHsm {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Days the master key is valid (1–730).
+        #[arg(long)]
+        lifetime: u32,
+        /// Days before expiry to start warning (1–365, less than the lifetime).
+        #[arg(long)]
+        reminder: u32,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -110,6 +148,14 @@ enum HsmCommand {
     /// Library, token, mechanisms, sessions and key inventory of every server (never key
     /// material).
     Info {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A new wrapping key generation on the HSM; the master key re-encrypted under it (old
+    /// generations are kept).
+    RotateWrappingKey {
         #[command(flatten)]
         config: ConfigArg,
         #[arg(long)]
@@ -183,6 +229,14 @@ enum CertCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Remove a certificate from the store (its key stays on the HSM). A running service
+    /// picks the change up on SIGHUP.
+    Delete {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The certificate's name.
+        name: String,
+    },
     /// Write a certificate as PEM.
     Export {
         #[command(flatten)]
@@ -216,7 +270,86 @@ pub fn main() -> i32 {
         Command::Hsm { command } => hsm(command),
         Command::Cert { command } => cert(command),
         Command::Bypass { command } => bypass(command),
+        Command::MasterKey { command } => master_key(command),
     }
+}
+
+fn master_key(command: MasterKeyCommand) -> i32 {
+    crate::telemetry::init(false);
+    let (config, json, result) = match command {
+        MasterKeyCommand::Status { config, json } => (config, json, None),
+        MasterKeyCommand::Set { config, stdin, json } => (config, json, Some((stdin, None))),
+        MasterKeyCommand::EncryptWithHsm { config, lifetime, reminder, json } => {
+            (config, json, Some((false, Some((lifetime, reminder)))))
+        }
+    };
+    let config = match load(&config.config) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let outcome = match result {
+        None => manage::master_key::status(&config),
+        Some((_, Some((lifetime, reminder)))) => manage::master_key::encrypt_with_hsm(&config, lifetime, reminder),
+        Some((stdin, None)) => {
+            let key = if stdin {
+                match read_master_key() {
+                    Ok(key) => Some(key),
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return EXIT_USAGE;
+                    }
+                }
+            } else {
+                None
+            };
+            manage::master_key::set(&config, key)
+        }
+    };
+    report_master_key(outcome, json)
+}
+
+fn report_master_key(outcome: Result<crate::vault::master::MasterKeyStatus, manage::ManageError>, json: bool) -> i32 {
+    match outcome {
+        Ok(status) if json => {
+            print_json(&status);
+            i32::from(status.configured && !status.opens)
+        }
+        Ok(status) => {
+            println!(
+                "master key: {}; HSM-encrypted: {}; wrapping key generation: {}; expires: {}{}",
+                if status.configured { if status.opens { "opens" } else { "does NOT open" } } else { "not set" },
+                status.hsm_encrypted,
+                status.wrapping_key_generation,
+                status.expires_at.as_deref().unwrap_or("never"),
+                if status.expired {
+                    " — EXPIRED"
+                } else if status.reminder {
+                    " — inside the reminder window"
+                } else {
+                    ""
+                }
+            );
+            if let Some(e) = &status.error {
+                println!("error: {e}");
+            }
+            i32::from(status.configured && !status.opens)
+        }
+        Err(manage::ManageError::Usage(e)) => {
+            eprintln!("error: {e}");
+            EXIT_USAGE
+        }
+        Err(e) => fail(e),
+    }
+}
+
+/// 64 hex digits from stdin.
+fn read_master_key() -> Result<zeroize::Zeroizing<[u8; 32]>, String> {
+    let mut line = zeroize::Zeroizing::new(String::new());
+    std::io::stdin().read_line(&mut line).map_err(|e| format!("reading stdin: {e}"))?;
+    let bytes = zeroize::Zeroizing::new(parse_hex(line.trim())?);
+    let key: [u8; 32] =
+        bytes.as_slice().try_into().map_err(|_| "the master key must be 64 hex digits (32 bytes)".to_string())?;
+    Ok(zeroize::Zeroizing::new(key))
 }
 
 fn bypass(command: BypassCommand) -> i32 {
@@ -402,6 +535,13 @@ fn hsm(command: HsmCommand) -> i32 {
             }
             i32::from(info.servers.iter().any(|s| !s.status.up))
         }
+        HsmCommand::RotateWrappingKey { config, json } => {
+            let config = match load(&config.config) {
+                Ok(config) => config,
+                Err(code) => return code,
+            };
+            report_master_key(manage::master_key::rotate_wrapping_key(&config), json)
+        }
         HsmCommand::Status { config, json } => {
             let config = match load(&config.config) {
                 Ok(config) => config,
@@ -528,6 +668,19 @@ fn cert(command: CertCommand) -> i32 {
                             r.reason.map(|e| format!(" ({e})")).unwrap_or_default()
                         );
                     }
+                    0
+                }
+                Err(e) => fail(e),
+            }
+        }
+        CertCommand::Delete { config, name } => {
+            let config = match load(&config.config) {
+                Ok(config) => config,
+                Err(code) => return code,
+            };
+            match manage::delete_cert(&config, &name) {
+                Ok(entry) => {
+                    println!("deleted certificate {} (its key stays on the HSM)", entry.name);
                     0
                 }
                 Err(e) => fail(e),

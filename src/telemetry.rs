@@ -23,6 +23,7 @@ pub mod names {
     pub const TUNNELS_TOTAL: &str = "tollgate_tunnels_total";
     pub const UNTRUSTED_UPSTREAMS_TOTAL: &str = "tollgate_upstream_untrusted_total";
     pub const UPSTREAM_POOLED: &str = "tollgate_upstream_pooled_connections";
+    pub const MASTER_KEY_EXPIRY: &str = "tollgate_master_key_expiry_seconds";
 }
 
 /// Every metric of the process.
@@ -39,6 +40,8 @@ pub struct Metrics {
     pub tunnels_total: AtomicU64,
     pub untrusted_upstreams_total: AtomicU64,
     pub upstream_pooled: AtomicI64,
+    /// Seconds until the master key expires (negative: expired; 0 with no expiry set).
+    pub master_key_expiry_seconds: AtomicI64,
     /// Per HSM server.
     pub hsm_members: RwLock<Vec<Arc<MemberMetrics>>>,
     /// Per PKCS#11 library: jobs waiting.
@@ -151,6 +154,7 @@ pub static METRICS: Metrics = Metrics {
     tunnels_total: AtomicU64::new(0),
     untrusted_upstreams_total: AtomicU64::new(0),
     upstream_pooled: AtomicI64::new(0),
+    master_key_expiry_seconds: AtomicI64::new(0),
     hsm_members: parking_lot::const_rwlock(Vec::new()),
     hsm_queues: parking_lot::const_rwlock(Vec::new()),
 };
@@ -171,6 +175,7 @@ impl Metrics {
             tunnels_total,
             untrusted_upstreams_total,
             upstream_pooled,
+            master_key_expiry_seconds,
             hsm_members,
             hsm_queues,
         } = self;
@@ -192,6 +197,7 @@ impl Metrics {
         let gauges = [
             (CONNECTIONS_ACTIVE, "Client connections open now.", connections_active),
             (UPSTREAM_POOLED, "Upstream connections pooled for reuse.", upstream_pooled),
+            (MASTER_KEY_EXPIRY, "Seconds until the master key expires (0: no expiry set).", master_key_expiry_seconds),
         ];
         for (name, help, value) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}", value.load(Relaxed));

@@ -80,6 +80,19 @@ fn status_and_cert_list_report_in_json() {
     let untrust = rows.iter().find(|r| r["name"] == "fwd-untrust").unwrap();
     assert_eq!((untrust["key"].as_str(), untrust["forward_untrust"].as_bool()), (Some("hsm"), Some(true)));
 
+    // Delete removes one entry and only that one.
+    let out = setup.tollgate(&["cert", "delete", "fwd-untrust"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = setup.tollgate(&["cert", "list", "--json"]);
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 1);
+    assert_eq!(rows[0]["name"], "fwd-trust");
+    let out = setup.tollgate(&["cert", "delete", "fwd-untrust"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("no certificate named"));
+    let out = setup.tollgate(&["cert", "generate-ca", "--name", "fwd-untrust2", "--on-hsm", "--forward-untrust"]);
+    assert!(out.status.success());
+
     // The same name twice is refused; nothing is lost.
     let out = setup.tollgate(&["cert", "generate-ca", "--name", "fwd-trust", "--on-hsm", "--forward-trust"]);
     assert_eq!(out.status.code(), Some(1));

@@ -223,6 +223,55 @@ impl Connection {
         public_key_from(label, &attrs)
     }
 
+    /// Generates an AES-256 key on the token: sensitive, never extractable, encrypt/decrypt
+    /// only (the master key's wrapping key).
+    pub(super) fn generate_secret(&self, server: &str, label: &str) -> Result<(), HsmError> {
+        let session = self.open_session(server)?;
+        if !find(&session, ObjectClass::SECRET_KEY, label).map_err(|e| p11s(server, "C_FindObjects", e))?.is_empty() {
+            return Err(HsmError::KeyExists { label: label.into() });
+        }
+        let template = [
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Encrypt(true),
+            Attribute::Decrypt(true),
+            Attribute::Wrap(false),
+            Attribute::Unwrap(false),
+            Attribute::ValueLen(32u64.into()),
+            Attribute::Label(label.as_bytes().to_vec()),
+        ];
+        session.generate_key(&Mechanism::AesKeyGen, &template).map_err(|e| p11s(server, "C_GenerateKey", e))?;
+        Ok(())
+    }
+
+    /// AES-GCM (128-bit tag) with the secret key labelled `label`, on the token.
+    pub(super) fn aes_gcm(
+        &self,
+        server: &str,
+        label: &str,
+        encrypt: bool,
+        iv: &[u8; 12],
+        aad: &[u8],
+        data: &[u8],
+    ) -> Result<Vec<u8>, HsmError> {
+        let session = self.open_session(server)?;
+        let handle = single(
+            find(&session, ObjectClass::SECRET_KEY, label).map_err(|e| p11s(server, "C_FindObjects", e))?,
+            label,
+        )?;
+        let mut iv = *iv;
+        let params = cryptoki::mechanism::aead::GcmParams::new(&mut iv, aad, 128u64.into())
+            .map_err(|e| HsmError::Malformed(format!("GCM parameters: {e}")))?;
+        let mechanism = Mechanism::AesGcm(params);
+        if encrypt {
+            session.encrypt(&mechanism, handle, data).map_err(|e| p11s(server, "C_Encrypt", e))
+        } else {
+            session.decrypt(&mechanism, handle, data).map_err(|e| p11s(server, "C_Decrypt", e))
+        }
+    }
+
     /// Library, token, mechanisms and key inventory (never key material).
     pub(super) fn info(&self, server: &str) -> Result<(LibraryInfo, TokenInfo, Vec<String>, Vec<KeyEntry>), HsmError> {
         let lib = self.pkcs11.get_library_info().map_err(|e| p11s(server, "C_GetInfo", e))?;

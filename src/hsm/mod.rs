@@ -357,6 +357,32 @@ impl Hsm {
         label.ok_or_else(|| HsmError::Unavailable(self.down_reasons()))
     }
 
+    /// Generates an AES-256 wrapping key labelled `label` on the HSM (sensitive, never
+    /// extractable).
+    pub fn generate_wrapping_key(&self, label: &str) -> Result<(), HsmError> {
+        let (name, conn) = self.first_up()?;
+        conn.generate_secret(&name, label)
+    }
+
+    /// Encrypts with the HSM wrapping key `label` (AES-GCM, fresh 96-bit IV): (iv, ciphertext).
+    pub fn wrap(&self, label: &str, aad: &[u8], plaintext: &[u8]) -> Result<([u8; 12], Vec<u8>), HsmError> {
+        let (name, conn) = self.first_up()?;
+        let iv: [u8; 12] = rand::random();
+        Ok((iv, conn.aes_gcm(&name, label, true, &iv, aad, plaintext)?))
+    }
+
+    /// Decrypts what `wrap` made.
+    pub fn unwrap(
+        &self,
+        label: &str,
+        iv: &[u8; 12],
+        aad: &[u8],
+        ciphertext: &[u8],
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, HsmError> {
+        let (name, conn) = self.first_up()?;
+        Ok(zeroize::Zeroizing::new(conn.aes_gcm(&name, label, false, iv, aad, ciphertext)?))
+    }
+
     /// Signs on the healthy member with the fewest operations in flight; a transient failure is
     /// retried once on another member, and the failed member is taken out for recovery.
     fn sign(

@@ -22,6 +22,8 @@ pub struct ApiState {
     pub hsm: Arc<Hsm>,
     pub state_dir: PathBuf,
     pub bypass: Arc<crate::proxy::bypass::Bypass>,
+    /// The configuration file, re-read by operations the CLI shares (master key).
+    pub config_path: PathBuf,
     /// Bearer token for changing routes; `None` refuses them.
     pub token: Option<secrecy::SecretString>,
 }
@@ -48,6 +50,12 @@ async fn route(state: Arc<ApiState>, req: Request<Incoming>) -> Result<Response<
         tracing::info!(host = host.unwrap_or("*"), removed, "bypass entries cleared");
         return Ok(json(&serde_json::json!({ "removed": removed })));
     }
+    if req.method() == Method::POST && req.uri().path() == "/api/v1/hsm/rotate-wrapping-key" {
+        if let Some(refusal) = refuse_unauthorized(&state, &req) {
+            return Ok(refusal);
+        }
+        return Ok(master_key(&state, true).await);
+    }
     if req.method() != Method::GET {
         return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n".into()));
     }
@@ -63,6 +71,7 @@ async fn route(state: Arc<ApiState>, req: Request<Incoming>) -> Result<Response<
         }
         "/api/v1/hsm/status" => json(&state.hsm.status()),
         "/api/v1/bypass" => json(&state.bypass.list()),
+        "/api/v1/master-key" => master_key(&state, false).await,
         "/api/v1/hsm/info" => {
             let hsm = state.hsm.clone();
             match tokio::task::spawn_blocking(move || hsm.info()).await {
@@ -101,6 +110,25 @@ fn refuse_unauthorized<B>(state: &ApiState, req: &Request<B>) -> Option<Response
     match given {
         Some(given) if digest(given).as_ref() == digest(token.expose_secret()).as_ref() => None,
         _ => Some(text(StatusCode::UNAUTHORIZED, "a valid bearer token is required\n".into())),
+    }
+}
+
+/// Master key status, or a wrapping key rotation: the same functions as the CLI.
+async fn master_key(state: &ApiState, rotate: bool) -> Response<Full<Bytes>> {
+    let path = state.config_path.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let config = crate::config::Config::load(&path).map_err(|e| e.to_string())?;
+        let outcome = match rotate {
+            true => crate::manage::master_key::rotate_wrapping_key(&config),
+            false => crate::manage::master_key::status(&config),
+        };
+        outcome.map_err(|e| e.to_string())
+    })
+    .await;
+    match result {
+        Ok(Ok(status)) => json(&status),
+        Ok(Err(e)) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
     }
 }
 

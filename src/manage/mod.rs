@@ -2,6 +2,7 @@
 //! cannot drift apart.
 
 pub mod api;
+pub mod master_key;
 
 use std::sync::Arc;
 
@@ -22,6 +23,10 @@ pub enum ManageError {
     State(#[from] crate::state::StateError),
     #[error(transparent)]
     Vault(crate::vault::VaultError),
+    #[error("master key: {0}")]
+    MasterKey(String),
+    #[error("{0}")]
+    Usage(String),
     #[error("management API at {addr}: {reason}")]
     Api { addr: String, reason: String },
     #[error("no [[hsm.server]] named {0:?} in the configuration")]
@@ -146,6 +151,12 @@ pub fn import_on_hsm(
     let state = StateDir::open(&config.state_dir)?;
     let hsm = Arc::new(Hsm::open_strict(&config.hsm)?);
     Ok(CertStore::import_on_hsm(&state, &hsm, name, &pem, id, roles)?)
+}
+
+/// `tollgate cert delete`.
+pub fn delete_cert(config: &Config, name: &str) -> Result<CertEntry, ManageError> {
+    let state = StateDir::open(&config.state_dir)?;
+    Ok(CertStore::delete(&state, name)?)
 }
 
 /// `tollgate cert export`: a certificate as PEM.

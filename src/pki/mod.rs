@@ -233,6 +233,20 @@ impl CertStore {
         Ok(entry)
     }
 
+    /// Removes a certificate from the store (its key stays on the HSM: deleting keys is the
+    /// HSM administrator's decision). Holds the state lock.
+    pub fn delete(state: &StateDir, name: &str) -> Result<CertEntry, PkiError> {
+        let _lock = state.lock()?;
+        let mut store = Self::load(state)?;
+        let i = store.entries.iter().position(|e| e.name == name).ok_or_else(|| PkiError::Store {
+            path: STORE_FILE.into(),
+            reason: format!("no certificate named {name:?}"),
+        })?;
+        let entry = store.entries.remove(i);
+        store.save()?;
+        Ok(entry)
+    }
+
     /// Loads the CA holding `role`, its key checked against its certificate.
     pub fn ca(&self, role: CaRole, hsm: &Arc<Hsm>) -> Result<Option<Ca>, PkiError> {
         let Some(entry) = self.with_role(role) else { return Ok(None) };

@@ -7,6 +7,8 @@
 
 use std::path::Path;
 
+pub mod master;
+
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use zeroize::Zeroizing;
 
@@ -43,6 +45,36 @@ impl DeviceKey {
         let bytes = Zeroizing::new(std::fs::read(path).map_err(|e| file_err(path, e))?);
         let key: [u8; 32] = bytes.as_slice().try_into().map_err(|_| file_err(path, "device key must be 32 bytes"))?;
         Ok(Self { key: Zeroizing::new(key) })
+    }
+
+    /// Seals `secret` for `purpose`: `TGS1 ‖ nonce ‖ ciphertext ‖ tag`.
+    pub fn seal(&self, purpose: &str, secret: &[u8]) -> Vec<u8> {
+        let nonce: [u8; NONCE_LEN] = rand::random();
+        let mut buf = Zeroizing::new(secret.to_vec());
+        self.cipher()
+            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(purpose.as_bytes()), &mut *buf)
+            .expect("AES-GCM sealing of an in-memory buffer cannot fail");
+        let mut out = Vec::with_capacity(4 + NONCE_LEN + buf.len());
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&buf);
+        out
+    }
+
+    /// Opens what `seal` made for `purpose`; `None` when it was not (or was tampered with).
+    pub fn open(&self, purpose: &str, sealed: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+        if sealed.len() < 4 + NONCE_LEN || &sealed[..4] != MAGIC {
+            return None;
+        }
+        let nonce: [u8; NONCE_LEN] = sealed[4..4 + NONCE_LEN].try_into().ok()?;
+        let mut buf = Zeroizing::new(sealed[4 + NONCE_LEN..].to_vec());
+        let len = self
+            .cipher()
+            .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(purpose.as_bytes()), &mut buf)
+            .ok()?
+            .len();
+        buf.truncate(len);
+        Some(buf)
     }
 
     /// Seals `secret` for `purpose` into `path` (0600, atomic).
