@@ -146,13 +146,20 @@ fn worker(jobs: Receiver<Job>, busy: Arc<AtomicU64>, epoch: Instant, gauge: Arc<
         gauge.set(jobs.len());
         sessions.retain(|_, session| session.is_live());
         if Instant::now() >= job.deadline {
-            let _ = job.reply.send(Err(HsmError::Timeout { server: job.server, millis: 0 }));
+            let Job { conn, server, reply, .. } = job;
+            drop(conn);
+            let _ = reply.send(Err(HsmError::Timeout { server, millis: 0 }));
             continue;
         }
         busy.store(epoch.elapsed().as_millis().max(1) as u64, Relaxed);
         let result = run(&job, &mut sessions);
         busy.store(0, Relaxed);
-        let _ = job.reply.send(result);
+        // Let go of the connection before answering: once answered, the caller may drop the
+        // `Hsm` and exit, and the last reference must not be this thread's (dropping a
+        // `Connection` closes its anchor session, which must not race the library's teardown).
+        let Job { conn, reply, .. } = job;
+        drop(conn);
+        let _ = reply.send(result);
     }
     // The executor is gone, which happens as a short-lived command ends: closing sessions now
     // would race the library's own teardown at process exit (SoftHSM corrupts its heap).
