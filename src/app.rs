@@ -84,6 +84,8 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         config_path: config.path.clone(),
         token,
     };
+    // Published before the management API serves, so the first scrape already sees it.
+    watch_master_key_expiry(&config.state_dir);
     tokio::spawn(api::serve(management, Arc::new(api_state)));
 
     let mut listeners = Listeners::default();
@@ -92,16 +94,15 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let bound = listeners.bind(&config).await.map_err(|(_, e)| e)?;
     listeners.own_addresses(&mut proxy, &bound, management_addr);
     let (proxies, _) = watch::channel(Arc::new(proxy));
-    listeners.start(bound, &proxies);
-    let mut current = config;
-
-    let state_dir = current.state_dir.clone();
+    let state_dir = config.state_dir.clone();
     tokio::spawn(async move {
         loop {
-            watch_master_key_expiry(&state_dir);
             tokio::time::sleep(Duration::from_secs(24 * 3600)).await;
+            watch_master_key_expiry(&state_dir);
         }
     });
+    listeners.start(bound, &proxies);
+    let mut current = config;
     let mut term = signal(SignalKind::terminate()).map_err(AppError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(AppError::Signal)?;
     let mut hup = signal(SignalKind::hangup()).map_err(AppError::Signal)?;
