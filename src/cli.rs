@@ -161,6 +161,15 @@ enum HsmCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Write a support file (tar.gz): versions, redacted configuration, HSM status and info,
+    /// certificates, master key status and the service's recent log lines. Never a secret.
+    SupportBundle {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Where to write it (0600).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
     /// Connect to every HSM server and show its state.
     Status {
         #[command(flatten)]
@@ -541,6 +550,19 @@ fn hsm(command: HsmCommand) -> i32 {
                 Err(code) => return code,
             };
             report_master_key(manage::master_key::rotate_wrapping_key(&config), json)
+        }
+        HsmCommand::SupportBundle { config, out } => {
+            let config = match load(&config.config) {
+                Ok(config) => config,
+                Err(code) => return code,
+            };
+            match manage::support_bundle(&config, &out) {
+                Ok(how) => {
+                    println!("wrote {} ({how})", out.display());
+                    0
+                }
+                Err(e) => fail(e),
+            }
         }
         HsmCommand::Status { config, json } => {
             let config = match load(&config.config) {

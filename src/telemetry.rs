@@ -258,6 +258,38 @@ impl Drop for ConnectionGuard {
     }
 }
 
+/// How many of the service's last log lines the support file gets.
+const RECENT_LINES: usize = 500;
+
+static RECENT: Mutex<std::collections::VecDeque<String>> = Mutex::new(std::collections::VecDeque::new());
+
+/// The service's most recent log lines, oldest first (for the support file).
+pub fn recent_logs() -> Vec<String> {
+    RECENT.lock().iter().cloned().collect()
+}
+
+/// Standard output, with each line also kept in `RECENT` (the formatter writes one event per
+/// call).
+struct RecentTee;
+
+impl std::io::Write for RecentTee {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        {
+            let mut recent = RECENT.lock();
+            if recent.len() == RECENT_LINES {
+                recent.pop_front();
+            }
+            recent.push_back(String::from_utf8_lossy(buf).into_owned());
+        }
+        std::io::stdout().write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stdout().flush()
+    }
+}
+
 /// Installs the tracing subscriber: JSON lines on stdout, filter from `TOLLGATE_LOG`
 /// (default `info`). Human commands (`cert`, `hsm`) log to stderr so stdout stays data.
 pub fn init(json: bool) {
@@ -265,7 +297,13 @@ pub fn init(json: bool) {
     let filter = EnvFilter::try_from_env("TOLLGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     let result = if json {
-        builder.json().flatten_event(true).with_current_span(false).with_span_list(false).try_init()
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .with_writer(|| RecentTee)
+            .try_init()
     } else {
         builder.with_writer(std::io::stderr).try_init()
     };

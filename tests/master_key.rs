@@ -140,6 +140,164 @@ fn the_master_key_is_encrypted_by_an_hsm_key_and_rotation_survives_a_crash_at_ev
     assert!(refused.starts_with("HTTP/1.1 403"), "no token configured: changes refused: {refused}");
 }
 
+#[test]
+fn the_support_file_holds_the_diagnostics_and_none_of_the_secrets() {
+    let setup = Setup::new(&ProxyOptions::default());
+    let api_token = "support-api-token-7f3a";
+    let token_file = setup.token.path("api.token");
+    std::fs::write(&token_file, format!("{api_token}\n")).unwrap();
+    let master_hex = "c0ffee".repeat(10) + "beef";
+    let mut child = setup
+        .token
+        .cmd(tollgate_bin())
+        .args(["master-key", "set", "--stdin", "--config"])
+        .arg(&setup.config)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(format!("{master_hex}\n").as_bytes()).unwrap();
+    assert!(child.wait_with_output().unwrap().status.success());
+    let out = setup.tollgate(&["master-key", "encrypt-with-hsm", "--lifetime", "90", "--reminder", "10"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = setup.tollgate(&[
+        "hsm",
+        "login",
+        "--server",
+        "hsm-a",
+        "--pin-file",
+        setup.token.path("user.pin").to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Every secret this setup knows, in every spelling it could leak in.
+    let master_raw: Vec<u8> =
+        (0..master_hex.len()).step_by(2).map(|i| u8::from_str_radix(&master_hex[i..i + 2], 16).unwrap()).collect();
+    let mut secrets: Vec<Vec<u8>> = vec![
+        SO_PIN.into(),
+        USER_PIN.into(),
+        api_token.into(),
+        master_hex.clone().into(),
+        master_hex.to_uppercase().into(),
+        base64(&master_raw).into(),
+        master_raw.clone(),
+    ];
+    for file in ["state/device.key"] {
+        if let Ok(bytes) = std::fs::read(setup.token.path(file)) {
+            secrets.push(base64(&bytes).into());
+            secrets.push(bytes);
+        }
+    }
+
+    // Without the service: built by the CLI alone, and it says the log lines are missing.
+    let alone = setup.token.path("alone.tar.gz");
+    let out = setup.tollgate(&["hsm", "support-bundle", "--out", alone.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("without the service's log lines"));
+    let files = unpack(&alone);
+    for name in
+        ["versions.txt", "config.toml", "hsm-status.json", "hsm-info.json", "certs.json", "master-key.json", "logs.txt"]
+    {
+        assert!(files.iter().any(|(n, _)| n.ends_with(name)), "{name} missing from the support file");
+    }
+    let text =
+        |name: &str| String::from_utf8_lossy(&files.iter().find(|(n, _)| n.ends_with(name)).unwrap().1).into_owned();
+    assert!(text("versions.txt").contains(env!("CARGO_PKG_VERSION")));
+    assert!(text("hsm-status.json").contains("hsm-a"));
+    assert!(
+        text("certs.json").contains("fwd-trust") && text("certs.json").contains("\"hsm\""),
+        "{}",
+        text("certs.json")
+    );
+    assert!(text("master-key.json").contains("\"hsm_encrypted\": true"));
+    assert!(text("config.toml").contains("pin_file"), "references to where secrets live stay: {}", text("config.toml"));
+    assert_no_secret(&alone, &files, &secrets);
+
+    // With the service: built there, recent log lines included, the token required.
+    let config = std::fs::read_to_string(&setup.config).unwrap().replace(
+        "[management]\nlisten = \"127.0.0.1:0\"",
+        &format!("[management]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"", token_file.display()),
+    );
+    std::fs::write(&setup.config, &config).unwrap();
+    let proxy = setup.start();
+    let cli_config = setup.token.path("cli.toml");
+    std::fs::write(
+        &cli_config,
+        config
+            .replace("listen = \"127.0.0.1:0\"\ntoken_file", &format!("listen = \"{}\"\ntoken_file", proxy.management)),
+    )
+    .unwrap();
+    let served = setup.token.path("served.tar.gz");
+    let out = setup
+        .token
+        .cmd(tollgate_bin())
+        .args(["hsm", "support-bundle", "--out", served.to_str().unwrap(), "--config"])
+        .arg(&cli_config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("by the running service"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let files = unpack(&served);
+    let logs = String::from_utf8_lossy(&files.iter().find(|(n, _)| n.ends_with("logs.txt")).unwrap().1).into_owned();
+    assert!(logs.contains("\"listening\""), "the service's recent log lines: {logs}");
+    assert_no_secret(&served, &files, &secrets);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let refused = runtime.block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(proxy.management).await.unwrap();
+        tcp.write_all(b"POST /api/v1/hsm/support-bundle HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        tcp.read_to_string(&mut response).await.unwrap();
+        response
+    });
+    assert!(refused.starts_with("HTTP/1.1 401"), "no bearer token: refused: {refused}");
+}
+
+/// The files of a support file, by name.
+fn unpack(archive: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(archive).unwrap().permissions().mode() & 0o777, 0o600);
+    let dir = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new("tar").arg("-xzf").arg(archive).arg("-C").arg(dir.path()).status().unwrap();
+    assert!(status.success());
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir.path().join("tollgate-support")).unwrap() {
+        let entry = entry.unwrap();
+        files.push((entry.file_name().to_string_lossy().into_owned(), std::fs::read(entry.path()).unwrap()));
+    }
+    files
+}
+
+fn assert_no_secret(archive: &std::path::Path, files: &[(String, Vec<u8>)], secrets: &[Vec<u8>]) {
+    let raw = std::fs::read(archive).unwrap();
+    for secret in secrets {
+        let found = |hay: &[u8]| hay.windows(secret.len()).any(|w| w == secret.as_slice());
+        assert!(!found(&raw), "a secret is in the compressed support file");
+        for (name, bytes) in files {
+            assert!(!found(bytes), "a secret ({} bytes) is in {name}", secret.len());
+        }
+    }
+}
+
+fn base64(bytes: &[u8]) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new("base64")
+        .arg("-w0")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(bytes).unwrap();
+    String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap()
+}
+
 fn time_year() -> i32 {
     time::OffsetDateTime::now_utc().year()
 }

@@ -56,6 +56,12 @@ async fn route(state: Arc<ApiState>, req: Request<Incoming>) -> Result<Response<
         }
         return Ok(master_key(&state, true).await);
     }
+    if req.method() == Method::POST && req.uri().path() == "/api/v1/hsm/support-bundle" {
+        if let Some(refusal) = refuse_unauthorized(&state, &req) {
+            return Ok(refusal);
+        }
+        return Ok(support_bundle(&state).await);
+    }
     if req.method() != Method::GET {
         return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n".into()));
     }
@@ -127,6 +133,28 @@ async fn master_key(state: &ApiState, rotate: bool) -> Response<Full<Bytes>> {
     .await;
     match result {
         Ok(Ok(status)) => json(&status),
+        Ok(Err(e)) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+    }
+}
+
+/// The support file, with this process's recent log lines.
+async fn support_bundle(state: &Arc<ApiState>) -> Response<Full<Bytes>> {
+    let state = state.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let config = crate::config::Config::load(&state.config_path).map_err(|e| e.to_string())?;
+        let logs = Ok(crate::telemetry::recent_logs());
+        let sources = crate::manage::support::Sources { config: &config, hsm: &state.hsm, logs };
+        crate::manage::support::build(&sources).map_err(|e| e.to_string())
+    })
+    .await;
+    match result {
+        Ok(Ok(bytes)) => {
+            tracing::info!(bytes = bytes.len(), "support file built");
+            let mut response = Response::new(Full::new(Bytes::from(bytes)));
+            response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/gzip"));
+            response
+        }
         Ok(Err(e)) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
         Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
     }

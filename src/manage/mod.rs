@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod master_key;
+pub mod support;
 
 use std::sync::Arc;
 
@@ -29,6 +30,8 @@ pub enum ManageError {
     Usage(String),
     #[error("management API at {addr}: {reason}")]
     Api { addr: String, reason: String },
+    #[error("building the support file: {0}")]
+    Bundle(String),
     #[error("no [[hsm.server]] named {0:?} in the configuration")]
     NoServer(String),
     #[error("writing {path}: {source}")]
@@ -109,6 +112,12 @@ fn server_config<'a>(config: &'a Config, server: &str) -> Result<&'a crate::conf
 /// One request to the running service's management API: (status, body). Changing requests
 /// carry the configured bearer token.
 pub fn api_request(config: &Config, method: &str, path: &str) -> Result<(u16, String), ManageError> {
+    let (status, body) = api_request_bytes(config, method, path)?;
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// `api_request` with the body as bytes (the support file is a tar.gz).
+pub fn api_request_bytes(config: &Config, method: &str, path: &str) -> Result<(u16, Vec<u8>), ManageError> {
     use std::io::{Read, Write};
     let addr = config.management.listen;
     let api_err = |reason: String| ManageError::Api { addr: addr.to_string(), reason };
@@ -122,15 +131,35 @@ pub fn api_request(config: &Config, method: &str, path: &str) -> Result<(u16, St
     }
     let mut stream = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
         .map_err(|e| api_err(format!("{e} (is `tollgate run` running?)")))?;
-    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(30)));
     write!(stream, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n")
         .map_err(|e| api_err(e.to_string()))?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).map_err(|e| api_err(e.to_string()))?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).map_err(|e| api_err(e.to_string()))?;
+    let split = response.windows(4).position(|w| w == b"\r\n\r\n");
+    let head = String::from_utf8_lossy(&response[..split.unwrap_or(response.len())]).into_owned();
     let status =
-        response.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| api_err("malformed response".into()))?;
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        head.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| api_err("malformed response".into()))?;
+    let body = split.map(|at| response[at + 4..].to_vec()).unwrap_or_default();
     Ok((status, body))
+}
+
+/// `tollgate hsm support-bundle`: the running service builds it (it has the recent log
+/// lines); when it cannot be reached or refuses, this process builds it without them. Says
+/// which on the way back.
+pub fn support_bundle(config: &Config, out: &std::path::Path) -> Result<String, ManageError> {
+    let logs_missing = match api_request_bytes(config, "POST", "/api/v1/hsm/support-bundle") {
+        Ok((200, bytes)) => {
+            support::write(out, &bytes)?;
+            return Ok("built by the running service, recent log lines included".into());
+        }
+        Ok((status, body)) => format!("the service answered {status}: {}", String::from_utf8_lossy(&body).trim()),
+        Err(e) => e.to_string(),
+    };
+    let hsm = Arc::new(Hsm::open(&config.hsm));
+    let bytes = support::build(&support::Sources { config, hsm: &hsm, logs: Err(logs_missing.clone()) })?;
+    support::write(out, &bytes)?;
+    Ok(format!("built without the service's log lines ({logs_missing})"))
 }
 
 /// `tollgate hsm info`.
