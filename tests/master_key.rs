@@ -96,18 +96,7 @@ fn the_master_key_is_encrypted_by_an_hsm_key_and_rotation_survives_a_crash_at_ev
     }
 
     // A new master key given on stdin, stored under the current generation.
-    let mut child = setup
-        .token
-        .cmd(tollgate_bin())
-        .args(["master-key", "set", "--stdin", "--json", "--config"])
-        .arg(&setup.config)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child.stdin.take().unwrap().write_all(format!("{}\n", "ab".repeat(32)).as_bytes()).unwrap();
-    assert!(child.wait_with_output().unwrap().status.success());
+    set_master_key(&setup, &"ab".repeat(32));
     let s = status(&setup);
     assert_eq!((s["opens"].as_bool(), s["hsm_encrypted"].as_bool()), (Some(true), Some(true)));
     let file = std::fs::read_to_string(setup.token.path("state/master-key.json")).unwrap();
@@ -127,16 +116,7 @@ fn the_master_key_is_encrypted_by_an_hsm_key_and_rotation_survives_a_crash_at_ev
     let api: serde_json::Value =
         serde_json::from_str(&runtime.block_on(http_get(proxy.management, "/api/v1/master-key"))).unwrap();
     assert_eq!((api["hsm_encrypted"].as_bool(), api["opens"].as_bool()), (Some(true), Some(true)), "{api}");
-    let refused = runtime.block_on(async {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut tcp = tokio::net::TcpStream::connect(proxy.management).await.unwrap();
-        tcp.write_all(b"POST /api/v1/hsm/rotate-wrapping-key HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut response = String::new();
-        tcp.read_to_string(&mut response).await.unwrap();
-        response
-    });
+    let refused = runtime.block_on(raw_post(proxy.management, "/api/v1/hsm/rotate-wrapping-key"));
     assert!(refused.starts_with("HTTP/1.1 403"), "no token configured: changes refused: {refused}");
 }
 
@@ -147,18 +127,7 @@ fn the_support_file_holds_the_diagnostics_and_none_of_the_secrets() {
     let token_file = setup.token.path("api.token");
     std::fs::write(&token_file, format!("{api_token}\n")).unwrap();
     let master_hex = "c0ffee".repeat(10) + "beef";
-    let mut child = setup
-        .token
-        .cmd(tollgate_bin())
-        .args(["master-key", "set", "--stdin", "--config"])
-        .arg(&setup.config)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child.stdin.take().unwrap().write_all(format!("{master_hex}\n").as_bytes()).unwrap();
-    assert!(child.wait_with_output().unwrap().status.success());
+    set_master_key(&setup, &master_hex);
     let out = setup.tollgate(&["master-key", "encrypt-with-hsm", "--lifetime", "90", "--reminder", "10"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let out = setup.tollgate(&[
@@ -247,16 +216,7 @@ fn the_support_file_holds_the_diagnostics_and_none_of_the_secrets() {
     assert!(logs.contains("\"listening\""), "the service's recent log lines: {logs}");
     assert_no_secret(&served, &files, &secrets);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let refused = runtime.block_on(async {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut tcp = tokio::net::TcpStream::connect(proxy.management).await.unwrap();
-        tcp.write_all(b"POST /api/v1/hsm/support-bundle HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut response = String::new();
-        tcp.read_to_string(&mut response).await.unwrap();
-        response
-    });
+    let refused = runtime.block_on(raw_post(proxy.management, "/api/v1/hsm/support-bundle"));
     assert!(refused.starts_with("HTTP/1.1 401"), "no bearer token: refused: {refused}");
 }
 
@@ -296,6 +256,32 @@ fn base64(bytes: &[u8]) -> String {
         .unwrap();
     child.stdin.take().unwrap().write_all(bytes).unwrap();
     String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap()
+}
+
+/// A POST without credentials; the raw response.
+async fn raw_post(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(format!("POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut response = String::new();
+    tcp.read_to_string(&mut response).await.unwrap();
+    response
+}
+
+/// `tollgate master-key set --stdin` with `hex`.
+fn set_master_key(setup: &Setup, hex: &str) {
+    use std::io::Write;
+    let mut child = setup
+        .token
+        .cmd(tollgate_bin())
+        .args(["master-key", "set", "--stdin", "--json", "--config"])
+        .arg(&setup.config)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(format!("{hex}\n").as_bytes()).unwrap();
+    assert!(child.wait_with_output().unwrap().status.success());
 }
 
 fn time_year() -> i32 {
