@@ -220,6 +220,57 @@ fn the_support_file_holds_the_diagnostics_and_none_of_the_secrets() {
     assert!(refused.starts_with("HTTP/1.1 401"), "no bearer token: refused: {refused}");
 }
 
+#[test]
+fn the_status_page_shows_hsm_members_certificates_and_master_key_in_chromium() {
+    let setup = Setup::new(&ProxyOptions::default());
+    let out = setup.tollgate(&["master-key", "set"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = setup.tollgate(&["master-key", "encrypt-with-hsm", "--lifetime", "200", "--reminder", "20"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // A second member whose token does not exist: red on the page.
+    let mut config = std::fs::read_to_string(&setup.config).unwrap();
+    config.push_str(&format!(
+        "\n[[hsm.server]]\nname = \"hsm-b\"\nmodule = \"{SOFTHSM_MODULE}\"\ntoken = \"no-such-token\"\npin_file = \"{}\"\n",
+        setup.token.path("user.pin").display()
+    ));
+    std::fs::write(&setup.config, config).unwrap();
+    let proxy = setup.start();
+
+    let profile = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new("chromium")
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-dev-shm-usage"])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg("--dump-dom")
+        .arg(format!("http://{}/", proxy.management))
+        .output()
+        .expect("chromium (deploy/install-deps installs it)");
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        dom.contains("<h1>tollgate"),
+        "chromium rendered the page: {dom}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let row = |attr: &str, name: &str| {
+        let start = dom.find(&format!("{attr}=\"{name}\"")).unwrap_or_else(|| panic!("no row for {name}: {dom}"));
+        let tr = dom[..start].rfind("<tr").unwrap();
+        dom[tr..start + dom[start..].find("</tr>").unwrap()].to_string()
+    };
+    let a = row("data-server", "hsm-a");
+    assert!(a.contains("class=\"up\"") && a.contains("authenticated") && a.contains(&setup.token.label), "{a}");
+    let b = row("data-server", "hsm-b");
+    assert!(b.contains("class=\"down\"") && b.contains("no-such-token"), "{b}");
+    for name in ["fwd-trust", "fwd-untrust"] {
+        let cert = row("data-cert", name);
+        assert!(cert.contains('\u{1F512}') && cert.contains(">hsm<"), "{cert}");
+    }
+    let expires = status(&setup)["expires_at"].as_str().unwrap().to_string();
+    let master = &dom[dom.find("id=\"master-key\"").unwrap()..];
+    assert!(
+        master.contains("opens") && master.contains(&expires) && master.contains("encrypted on the HSM"),
+        "{master}"
+    );
+}
+
 /// The files of a support file, by name.
 fn unpack(archive: &std::path::Path) -> Vec<(String, Vec<u8>)> {
     use std::os::unix::fs::PermissionsExt;

@@ -87,20 +87,43 @@ async fn route(state: Arc<ApiState>, req: Request<Incoming>) -> Result<Response<
         }
         "/api/v1/certs" => {
             let state = state.clone();
-            let rows = tokio::task::spawn_blocking(move || {
-                let dir = StateDir::open(&state.state_dir).map_err(|e| e.to_string())?;
-                let store = CertStore::load(&dir).map_err(|e| e.to_string())?;
-                Ok::<_, String>(store.summaries(Some(&state.hsm)))
-            })
-            .await;
-            match rows {
+            match tokio::task::spawn_blocking(move || cert_rows(&state)).await {
                 Ok(Ok(rows)) => json(&rows),
                 Ok(Err(e)) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
                 Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
             }
         }
+        "/" => {
+            let state = state.clone();
+            let page = tokio::task::spawn_blocking(move || {
+                let hsm = state.hsm.status();
+                let master_key = crate::config::Config::load(&state.config_path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|config| crate::manage::master_key::status(&config).map_err(|e| e.to_string()));
+                let data = crate::manage::page::PageData { hsm: &hsm, certs: cert_rows(&state), master_key };
+                crate::manage::page::render(&data)
+            })
+            .await;
+            match page {
+                Ok(html) => {
+                    let mut response = text(StatusCode::OK, html);
+                    response
+                        .headers_mut()
+                        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/html; charset=utf-8"));
+                    response
+                }
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+            }
+        }
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
     })
+}
+
+/// The certificate list with key status (test signatures on the HSM: blocking).
+fn cert_rows(state: &ApiState) -> Result<Vec<crate::pki::CertSummary>, String> {
+    let dir = StateDir::open(&state.state_dir).map_err(|e| e.to_string())?;
+    let store = CertStore::load(&dir).map_err(|e| e.to_string())?;
+    Ok(store.summaries(Some(&state.hsm)))
 }
 
 /// Changing routes need `Authorization: Bearer <token>`; with no token configured they are

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod master_key;
+pub mod page;
 pub mod support;
 
 use std::sync::Arc;
