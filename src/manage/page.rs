@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 
 use crate::hsm::Status;
 use crate::pki::CertSummary;
+use crate::proxy::http::escape_html as escape;
 use crate::vault::master::MasterKeyStatus;
 
 /// What the page shows; an `Err` is shown in place of its section.
@@ -129,25 +130,23 @@ fn master_key_section(html: &mut String, status: &Result<MasterKeyStatus, String
     html.push_str("</p>");
 }
 
-fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '&' => out.push_str("&amp;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn markup_in_names_is_escaped() {
-        assert_eq!(super::escape("<script>\"x\"&'"), "&lt;script&gt;&quot;x&quot;&amp;&#39;");
+        let status = Status {
+            servers: vec![],
+            ha: crate::hsm::HaStatus {
+                enabled: true,
+                group: Some("<script>".into()),
+                auto_recovery_retry: 0,
+                auto_recovery_interval_secs: 60,
+            },
+        };
+        let html = render(&PageData { hsm: &status, certs: Err("<i>x</i>".into()), master_key: Err("\"x\"".into()) });
+        assert!(!html.contains("<script>") && !html.contains("<i>"), "{html}");
+        assert!(html.contains("&lt;script&gt;") && html.contains("&quot;x&quot;"), "{html}");
     }
 }

@@ -464,7 +464,8 @@ impl Refusal {
     }
 }
 
-fn escape_html(text: &str) -> String {
+/// Text made safe to put in HTML, attribute values included.
+pub(crate) fn escape_html(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 16);
     for c in text.chars() {
         match c {
