@@ -294,7 +294,9 @@ impl std::io::Write for RecentTee {
 /// (default `info`). Human commands (`cert`, `hsm`) log to stderr so stdout stays data.
 pub fn init(json: bool) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("TOLLGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_env("TOLLGATE_LOG")
+        // cryptoki logs an error for every vendor mechanism it has no name for (`hsm info`).
+        .unwrap_or_else(|_| EnvFilter::new("info,cryptoki::mechanism=off"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     let result = if json {
         builder

@@ -181,6 +181,7 @@ fn the_support_file_holds_the_diagnostics_and_none_of_the_secrets() {
     );
     assert!(text("master-key.json").contains("\"hsm_encrypted\": true"));
     assert!(text("config.toml").contains("pin_file"), "references to where secrets live stay: {}", text("config.toml"));
+    assert!(text("config.toml").contains(&setup.token.label), "the token label stays: {}", text("config.toml"));
     assert_no_secret(&alone, &files, &secrets);
 
     // With the service: built there, recent log lines included, the token required.

@@ -95,10 +95,17 @@ fn redacted_config(path: &Path) -> String {
 fn redact(value: &mut toml::Value) {
     match value {
         toml::Value::Table(table) => {
+            // In an `[[hsm.server]]` (it has a `module`), `token` is the token's label.
+            let hsm_server = table.contains_key("module");
             for (key, value) in table.iter_mut() {
                 let key = key.to_ascii_lowercase();
                 let reference = key.ends_with("_file") || key.ends_with("_env") || key.ends_with("_files");
-                if !reference && SECRET_WORDS.iter().any(|w| key.contains(w)) && !value.is_table() && !value.is_array()
+                let label = hsm_server && key == "token";
+                if !reference
+                    && !label
+                    && SECRET_WORDS.iter().any(|w| key.contains(w))
+                    && !value.is_table()
+                    && !value.is_array()
                 {
                     *value = toml::Value::String("<redacted>".into());
                 } else {
@@ -146,6 +153,8 @@ mod tests {
             token_file = "/etc/tollgate/token"
             [[hsm.server]]
             name = "a"
+            module = "/usr/lib/softhsm/libsofthsm2.so"
+            token = "partition-7"
             pin = "1234"
             user_password = "hunter2"
             pin_env = "HSM_PIN"
@@ -157,7 +166,7 @@ mod tests {
         for secret in ["s3cret-token", "1234", "hunter2"] {
             assert!(!text.contains(secret), "{secret} left in:\n{text}");
         }
-        for kept in ["/etc/tollgate/token", "HSM_PIN", "/var/lib/tollgate"] {
+        for kept in ["/etc/tollgate/token", "HSM_PIN", "/var/lib/tollgate", "partition-7"] {
             assert!(text.contains(kept), "{kept} missing:\n{text}");
         }
     }
