@@ -170,6 +170,38 @@ enum HsmCommand {
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
+    /// Remove every [[hsm.server]] from the configuration and every stored partition password —
+    /// nothing else: certificates, the master key and the keys on the HSM stay, and adding the
+    /// servers back (add-server, login) restores everything.
+    Reset {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Confirm.
+        #[arg(long)]
+        yes: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add an [[hsm.server]] to the configuration file (checked: the result must load).
+    AddServer {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        name: String,
+        /// The PKCS#11 library.
+        #[arg(long, value_name = "PATH")]
+        module: PathBuf,
+        /// Token (partition) label.
+        #[arg(long)]
+        token: String,
+        #[arg(long, conflicts_with = "pin_env")]
+        pin_file: Option<PathBuf>,
+        #[arg(long)]
+        pin_env: Option<String>,
+        /// Informational network address of the HSM.
+        #[arg(long)]
+        address: Option<String>,
+    },
     /// Connect to every HSM server and show its state.
     Status {
         #[command(flatten)]
@@ -551,6 +583,61 @@ fn hsm(command: HsmCommand) -> i32 {
             };
             report_master_key(manage::master_key::rotate_wrapping_key(&config), json)
         }
+        HsmCommand::Reset { config, yes, json } => {
+            if !yes {
+                eprintln!(
+                    "error: hsm reset removes every [[hsm.server]] from {} and the stored partition passwords; \
+                     pass --yes to do it",
+                    config.config.display()
+                );
+                return EXIT_USAGE;
+            }
+            let config = match load(&config.config) {
+                Ok(config) => config,
+                Err(code) => return code,
+            };
+            match manage::servers::reset(&config) {
+                Ok(report) if json => {
+                    print_json(&report);
+                    0
+                }
+                Ok(report) => {
+                    println!(
+                        "removed HSM servers [{}] and {} stored partition password(s); add them back with \
+                         `tollgate hsm add-server` (and `tollgate hsm login`)",
+                        report.servers.join(", "),
+                        report.sealed_pins.len()
+                    );
+                    0
+                }
+                Err(e) => fail(e),
+            }
+        }
+        HsmCommand::AddServer { config, name, module, token, pin_file, pin_env, address } => {
+            let config = match load(&config.config) {
+                Ok(config) => config,
+                Err(code) => return code,
+            };
+            let server = manage::servers::NewServer {
+                name: &name,
+                module: &module,
+                token: &token,
+                pin_file: pin_file.as_deref(),
+                pin_env: pin_env.as_deref(),
+                address: address.as_deref(),
+            };
+            match manage::servers::add_server(&config, &server) {
+                Ok(()) => {
+                    println!("added [[hsm.server]] {name:?} to {}", config.path.display());
+                    0
+                }
+                Err(e @ manage::ManageError::Usage(_)) => {
+                    eprintln!("error: {e}");
+                    EXIT_USAGE
+                }
+                Err(e) => fail(e),
+            }
+        }
         HsmCommand::SupportBundle { config, out } => {
             let config = match load(&config.config) {
                 Ok(config) => config,
@@ -573,6 +660,9 @@ fn hsm(command: HsmCommand) -> i32 {
             if json {
                 print_json(&status);
             } else {
+                if status.servers.is_empty() {
+                    println!("\u{1F534} no HSM server is configured (tollgate hsm add-server)");
+                }
                 println!("{:<12} {:<20} {:<18} {:<4} STATE", "SERVER", "TOKEN", "SERIAL", "UP");
                 for s in &status.servers {
                     let light = if s.up { "\u{1F7E2}" } else { "\u{1F534}" };
@@ -587,7 +677,7 @@ fn hsm(command: HsmCommand) -> i32 {
                 }
                 println!("HA: {}", if status.ha.enabled { "enabled" } else { "disabled (one server)" });
             }
-            i32::from(status.servers.iter().any(|s| !s.up))
+            i32::from(status.servers.is_empty() || status.servers.iter().any(|s| !s.up))
         }
     }
 }

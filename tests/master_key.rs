@@ -272,6 +272,84 @@ fn the_status_page_shows_hsm_members_certificates_and_master_key_in_chromium() {
     );
 }
 
+#[test]
+fn hsm_reset_removes_only_the_servers_and_their_credentials_and_adding_them_back_restores_all() {
+    let setup = Setup::new(&ProxyOptions::default());
+    let out = setup.tollgate(&["master-key", "set"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = setup.tollgate(&["master-key", "encrypt-with-hsm", "--lifetime", "30", "--reminder", "5"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cert_status = |setup: &Setup| -> Vec<(String, String)> {
+        let out = setup.tollgate(&["cert", "list", "--json"]);
+        let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| (r["name"].as_str().unwrap().into(), r["key"].as_str().unwrap().into()))
+            .collect()
+    };
+    assert!(cert_status(&setup).iter().all(|(_, key)| key == "hsm"));
+    let state_files =
+        ["state/certs.json", "state/master-key.json"].map(|f| std::fs::read(setup.token.path(f)).unwrap());
+    let config_before = std::fs::read_to_string(&setup.config).unwrap();
+
+    // Without --yes: refused, nothing changed.
+    let out = setup.tollgate(&["hsm", "reset"]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--yes"));
+    assert_eq!(std::fs::read_to_string(&setup.config).unwrap(), config_before);
+
+    let out = setup.tollgate(&["hsm", "reset", "--yes", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let config_after = std::fs::read_to_string(&setup.config).unwrap();
+    assert!(!config_after.contains("[[hsm.server]]") && !config_after.contains("user.pin"), "{config_after}");
+    assert!(
+        config_after.contains("[[listener]]") && config_after.contains("[upstream]"),
+        "the rest stays: {config_after}"
+    );
+    for (file, before) in ["state/certs.json", "state/master-key.json"].iter().zip(&state_files) {
+        assert_eq!(&std::fs::read(setup.token.path(file)).unwrap(), before, "{file} untouched");
+    }
+    // Red status, HSM-keyed certificates in error, the HSM-encrypted master key closed.
+    let out = setup.tollgate(&["hsm", "status", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "status is red");
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["servers"].as_array().map(Vec::len), Some(0));
+    assert!(cert_status(&setup).iter().all(|(_, key)| key == "error"));
+    let out = setup.tollgate(&["master-key", "status", "--json"]);
+    let mk: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(mk["opens"], false, "{mk}");
+
+    // Setup again: everything works, the master key included.
+    let module = SOFTHSM_MODULE;
+    let pin = setup.token.path("user.pin");
+    let out = setup.tollgate(&[
+        "hsm",
+        "add-server",
+        "--name",
+        "hsm-a",
+        "--module",
+        module,
+        "--token",
+        &setup.token.label,
+        "--pin-file",
+        pin.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = setup.tollgate(&["hsm", "add-server", "--name", "hsm-a", "--module", module, "--token", "x"]);
+    assert_eq!(out.status.code(), Some(64), "a duplicate name is refused");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+    let out = setup.tollgate(&["hsm", "status", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(cert_status(&setup).iter().all(|(_, key)| key == "hsm"));
+    let out = setup.tollgate(&["master-key", "status", "--json"]);
+    let mk: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((mk["opens"].as_bool(), mk["hsm_encrypted"].as_bool()), (Some(true), Some(true)), "{mk}");
+    let proxy = setup.start();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    assert!(runtime.block_on(http_get(proxy.management, "/api/v1/hsm/status")).contains("authenticated"));
+}
+
 /// The files of a support file, by name.
 fn unpack(archive: &std::path::Path) -> Vec<(String, Vec<u8>)> {
     use std::os::unix::fs::PermissionsExt;

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod master_key;
 pub mod page;
+pub mod servers;
 pub mod support;
 
 use std::sync::Arc;

@@ -1,0 +1,106 @@
+//! `tollgate hsm reset` and `tollgate hsm add-server`: the HSM servers of the configuration
+//! file, edited in place (comments and layout kept) and written atomically; the rest of the file
+//! and the state directory are never touched, except the sealed partition passwords reset
+//! removes.
+
+use std::path::Path;
+
+use super::ManageError;
+use crate::config::{Config, sealed_pin};
+
+/// A server for `add-server`.
+pub struct NewServer<'a> {
+    pub name: &'a str,
+    pub module: &'a Path,
+    pub token: &'a str,
+    pub pin_file: Option<&'a Path>,
+    pub pin_env: Option<&'a str>,
+    pub address: Option<&'a str>,
+}
+
+/// What `reset` removed.
+#[derive(Debug, serde::Serialize)]
+pub struct ResetReport {
+    pub servers: Vec<String>,
+    pub sealed_pins: Vec<String>,
+}
+
+/// Removes every `[[hsm.server]]` and every stored partition password. Certificates, the
+/// master key and its wrapping keys on the HSM stay, so adding the servers back restores all.
+pub fn reset(config: &Config) -> Result<ResetReport, ManageError> {
+    let mut doc = read(&config.path)?;
+    if let Some(hsm) = doc.get_mut("hsm").and_then(|h| h.as_table_like_mut()) {
+        hsm.remove("server");
+    }
+    write(&config.path, &doc)?;
+    let mut sealed_pins = Vec::new();
+    for server in &config.hsm.servers {
+        if let crate::config::SecretSource::Sealed { file, .. } = sealed_pin(&config.state_dir, &server.name) {
+            match std::fs::remove_file(&file) {
+                Ok(()) => sealed_pins.push(file.display().to_string()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(ManageError::Usage(format!("removing {}: {e}", file.display()))),
+            }
+        }
+    }
+    let servers = config.hsm.servers.iter().map(|s| s.name.clone()).collect();
+    tracing::warn!(?servers, "HSM servers and their stored credentials removed (hsm reset)");
+    Ok(ResetReport { servers, sealed_pins })
+}
+
+/// Appends a `[[hsm.server]]`; the resulting file must load, or nothing is written.
+pub fn add_server(config: &Config, server: &NewServer<'_>) -> Result<(), ManageError> {
+    if config.hsm.servers.iter().any(|s| s.name == server.name) {
+        return Err(ManageError::Usage(format!(
+            "{}: [[hsm.server]] {:?} already exists",
+            config.path.display(),
+            server.name
+        )));
+    }
+    let mut doc = read(&config.path)?;
+    let mut table = toml_edit::Table::new();
+    table.insert("name", toml_edit::value(server.name));
+    table.insert("module", toml_edit::value(server.module.display().to_string()));
+    table.insert("token", toml_edit::value(server.token));
+    if let Some(file) = server.pin_file {
+        table.insert("pin_file", toml_edit::value(file.display().to_string()));
+    }
+    if let Some(var) = server.pin_env {
+        table.insert("pin_env", toml_edit::value(var));
+    }
+    if let Some(address) = server.address {
+        table.insert("address", toml_edit::value(address));
+    }
+    let hsm = doc.entry("hsm").or_insert_with(|| {
+        let mut t = toml_edit::Table::new();
+        t.set_implicit(true);
+        toml_edit::Item::Table(t)
+    });
+    let hsm = hsm
+        .as_table_like_mut()
+        .ok_or_else(|| ManageError::Usage(format!("{}: `hsm` is not a table", config.path.display())))?;
+    let servers = hsm.entry("server").or_insert(toml_edit::Item::ArrayOfTables(Default::default()));
+    servers
+        .as_array_of_tables_mut()
+        .ok_or_else(|| {
+            ManageError::Usage(format!("{}: `hsm.server` is not an array of tables", config.path.display()))
+        })?
+        .push(table);
+    Config::from_toml(&doc.to_string(), &config.path).map_err(|e| ManageError::Usage(e.to_string()))?;
+    write(&config.path, &doc)
+}
+
+fn read(path: &Path) -> Result<toml_edit::DocumentMut, ManageError> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| ManageError::Usage(format!("reading {}: {e}", path.display())))?;
+    text.parse().map_err(|e| ManageError::Usage(format!("{}: {e}", path.display())))
+}
+
+/// Atomic, keeping the file private if it was.
+fn write(path: &Path, doc: &toml_edit::DocumentMut) -> Result<(), ManageError> {
+    use std::os::unix::fs::PermissionsExt;
+    let private = std::fs::metadata(path).map(|m| m.permissions().mode() & 0o077 == 0).unwrap_or(true);
+    let mode = if private { crate::state::Mode::Secret } else { crate::state::Mode::Public };
+    crate::state::write_atomic(path, doc.to_string().as_bytes(), mode)
+        .map_err(|source| ManageError::Write { path: path.display().to_string(), source })
+}
