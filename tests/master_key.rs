@@ -320,22 +320,34 @@ fn hsm_reset_removes_only_the_servers_and_their_credentials_and_adding_them_back
     let mk: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(mk["opens"], false, "{mk}");
 
-    // Setup again: everything works, the master key included.
+    // Setup again: everything works, the master key included. The partition password goes in
+    // sealed this time (no pin_file), so a second reset has a stored credential to remove.
     let module = SOFTHSM_MODULE;
     let pin = setup.token.path("user.pin");
-    let out = setup.tollgate(&[
-        "hsm",
-        "add-server",
-        "--name",
-        "hsm-a",
-        "--module",
-        module,
-        "--token",
-        &setup.token.label,
-        "--pin-file",
-        pin.to_str().unwrap(),
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let set_up_again = || {
+        let out = setup.tollgate(&[
+            "hsm",
+            "add-server",
+            "--name",
+            "hsm-a",
+            "--module",
+            module,
+            "--token",
+            &setup.token.label,
+        ]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = setup.tollgate(&["hsm", "login", "--server", "hsm-a", "--pin-file", pin.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    set_up_again();
+    let sealed = setup.token.path("state/hsm/hsm-a.pin.sealed");
+    assert!(sealed.exists(), "hsm login stored the partition password sealed");
+    let out = setup.tollgate(&["hsm", "reset", "--yes", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["sealed_pins"].as_array().map(Vec::len), Some(1), "{report}");
+    assert!(!sealed.exists(), "the stored partition password is removed");
+    assert_eq!(setup.tollgate(&["hsm", "status", "--json"]).status.code(), Some(1));
+    set_up_again();
     let out = setup.tollgate(&["hsm", "add-server", "--name", "hsm-a", "--module", module, "--token", "x"]);
     assert_eq!(out.status.code(), Some(64), "a duplicate name is refused");
     assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
