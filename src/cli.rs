@@ -829,15 +829,16 @@ fn read_pin(file: Option<PathBuf>, var: Option<String>) -> Result<secrecy::Secre
     source.load("partition password").map_err(|e| e.to_string())
 }
 
+/// Hex to bytes. Errors never repeat the input: it may be a master key.
 fn parse_hex(text: &str) -> Result<Vec<u8>, String> {
     let text = text.trim_start_matches("0x");
     if text.is_empty() || !text.len().is_multiple_of(2) {
-        return Err(format!("{text:?} is not an even number of hex digits"));
+        return Err(format!("expected an even number of hex digits, got {}", text.len()));
     }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).map_err(|e| format!("{text:?}: {e}")))
-        .collect()
+    if let Some(at) = text.bytes().position(|b| !b.is_ascii_hexdigit()) {
+        return Err(format!("character {} is not a hex digit", at + 1));
+    }
+    Ok((0..text.len()).step_by(2).filter_map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok()).collect())
 }
 
 fn role_name(role: CaRole) -> &'static str {

@@ -127,6 +127,13 @@ fn the_support_file_holds_the_diagnostics_and_none_of_the_secrets() {
     let token_file = setup.token.path("api.token");
     std::fs::write(&token_file, format!("{api_token}\n")).unwrap();
     let master_hex = "c0ffee".repeat(10) + "beef";
+    // A mistyped master key is refused without being repeated.
+    for typo in [&master_hex[..63], &format!("{}x", &master_hex[..63])] {
+        let out = master_key_from_stdin(&setup, typo);
+        assert_eq!(out.status.code(), Some(64));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("hex digit") && !stderr.contains(&master_hex[..16]), "{stderr}");
+    }
     set_master_key(&setup, &master_hex);
     let out = setup.tollgate(&["master-key", "encrypt-with-hsm", "--lifetime", "90", "--reminder", "10"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -412,6 +419,11 @@ async fn raw_post(addr: std::net::SocketAddr, path: &str) -> String {
 
 /// `tollgate master-key set --stdin` with `hex`.
 fn set_master_key(setup: &Setup, hex: &str) {
+    let out = master_key_from_stdin(setup, hex);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn master_key_from_stdin(setup: &Setup, text: &str) -> std::process::Output {
     use std::io::Write;
     let mut child = setup
         .token
@@ -420,10 +432,11 @@ fn set_master_key(setup: &Setup, hex: &str) {
         .arg(&setup.config)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(format!("{hex}\n").as_bytes()).unwrap();
-    assert!(child.wait_with_output().unwrap().status.success());
+    child.stdin.take().unwrap().write_all(format!("{text}\n").as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
 }
 
 fn time_year() -> i32 {
