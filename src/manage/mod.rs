@@ -123,18 +123,18 @@ pub fn api_request_bytes(config: &Config, method: &str, path: &str) -> Result<(u
     use std::io::{Read, Write};
     let addr = config.management.listen;
     let api_err = |reason: String| ManageError::Api { addr: addr.to_string(), reason };
-    let mut auth = String::new();
+    let mut auth = zeroize::Zeroizing::new(String::new());
     if method != "GET"
         && let Some(source) = &config.management.token
     {
         use secrecy::ExposeSecret;
         let token = source.load("management API token").map_err(|e| api_err(e.to_string()))?;
-        auth = format!("Authorization: Bearer {}\r\n", token.expose_secret());
+        *auth = format!("Authorization: Bearer {}\r\n", token.expose_secret());
     }
     let mut stream = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
         .map_err(|e| api_err(format!("{e} (is `tollgate run` running?)")))?;
     let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(30)));
-    write!(stream, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n")
+    write!(stream, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{}Connection: close\r\n\r\n", auth.as_str())
         .map_err(|e| api_err(e.to_string()))?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response).map_err(|e| api_err(e.to_string()))?;
