@@ -275,11 +275,14 @@ struct RecentTee;
 impl std::io::Write for RecentTee {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         {
+            // Every relayed request logs a line: once the ring is full, the oldest line's
+            // buffer is reused, so keeping lines costs no allocation in steady state.
             let mut recent = RECENT.lock();
-            if recent.len() == RECENT_LINES {
-                recent.pop_front();
-            }
-            recent.push_back(String::from_utf8_lossy(buf).into_owned());
+            let mut line =
+                if recent.len() == RECENT_LINES { recent.pop_front().unwrap_or_default() } else { String::new() };
+            line.clear();
+            line.push_str(&String::from_utf8_lossy(buf));
+            recent.push_back(line);
         }
         std::io::stdout().write_all(buf)?;
         Ok(buf.len())
