@@ -35,10 +35,7 @@ struct Net {
 
 impl Net {
     fn new(kind: Kind, port: u16) -> Self {
-        for tool in ["ip", "nft"] {
-            let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).status().map(|s| s.success());
-            assert!(found.unwrap_or(false), "{tool} missing: run `bash deploy/install-deps`");
-        }
+        require(&["ip", "nft"]);
         let n = (std::process::id() % 10_000) * 10 + kind as u32;
         let (client, gateway, origin) = (format!("tgc{n}"), format!("tgg{n}"), format!("tgo{n}"));
         let net = Self {

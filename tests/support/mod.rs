@@ -27,15 +27,20 @@ pub const SO_PIN: &str = "so-pin-123456";
 pub const USER_PIN: &str = "user-pin-654321";
 pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 
-/// Fails (never skips) when a tool the tests drive is missing.
-pub fn require_tools() {
-    for tool in ["softhsm2-util", "curl", "openssl", "pkcs11-tool"] {
+/// Fails (never skips) when one of `tools` is missing.
+pub fn require(tools: &[&str]) {
+    for tool in tools {
         let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().map(|o| o.status.success());
         assert!(
             found.unwrap_or(false),
             "{tool} is missing: run `bash deploy/install-deps` (the README's test command does)"
         );
     }
+}
+
+/// Fails (never skips) when a tool the tests drive is missing.
+pub fn require_tools() {
+    require(&["softhsm2-util", "curl", "openssl", "pkcs11-tool"]);
     assert!(Path::new(SOFTHSM_MODULE).exists(), "{SOFTHSM_MODULE} missing: run `bash deploy/install-deps`");
 }
 
