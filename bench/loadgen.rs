@@ -244,7 +244,8 @@ fn mint_rate(config: &std::path::Path, threads: usize, duration: Duration) -> se
     let hsm = Arc::new(tollgate::hsm::Hsm::open_strict(&config.hsm).expect("HSM"));
     let state = tollgate::state::StateDir::open(&config.state_dir).expect("state");
     let store = tollgate::pki::CertStore::load(&state).expect("store");
-    let ca = Arc::new(store.ca(tollgate::pki::CaRole::ForwardTrust, &hsm).expect("CA").expect("forward-trust CA"));
+    let keys = tollgate::pki::Keyring::new(&state, Some(&hsm));
+    let ca = Arc::new(store.ca(tollgate::pki::CaRole::ForwardTrust, &keys).expect("CA").expect("forward-trust CA"));
     let mut params = rcgen::CertificateParams::new(vec!["origin.test".into()]).expect("params");
     params.distinguished_name.push(rcgen::DnType::CommonName, "origin.test");
     let up = params.self_signed(&rcgen::KeyPair::generate().expect("key")).expect("cert").der().to_vec();

@@ -51,7 +51,8 @@ fn hsm_bench() -> Option<HsmBench> {
     let hsm = Arc::new(tollgate::hsm::Hsm::open_strict(&config.hsm).expect("HSM"));
     let state = tollgate::state::StateDir::open(&config.state_dir).unwrap();
     let store = tollgate::pki::CertStore::load(&state).unwrap();
-    let ca = store.ca(tollgate::pki::CaRole::ForwardTrust, &hsm).unwrap().expect("forward-trust CA");
+    let keys = tollgate::pki::Keyring::new(&state, Some(&hsm));
+    let ca = store.ca(tollgate::pki::CaRole::ForwardTrust, &keys).unwrap().expect("forward-trust CA");
     let server = &config.hsm.servers[0];
     let pin = {
         use secrecy::ExposeSecret;

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use crate::config::{Config, ConfigError, ListenerMode};
 use crate::hsm::Hsm;
 use crate::manage::api::{self, ApiState};
-use crate::pki::{CaRole, CertStore, PkiError};
+use crate::pki::{CaRole, CertStore, Keyring, PkiError};
 use crate::proxy::{self, Cas, Proxy};
 use crate::state::{StateDir, StateError};
 
@@ -72,21 +72,20 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     })?;
     let management_addr = management.local_addr().unwrap_or(config.management.listen);
     let bypass = Arc::new(crate::proxy::bypass::Bypass::new(Duration::from_secs(config.policy.learn_bypass_secs)));
-    let token = match &config.management.token {
-        Some(source) => Some(source.load("management API token")?),
-        None => None,
-    };
+    if let Some(source) = &config.management.token {
+        source.load("management API token")?; // a configured token that cannot be read is bad input
+    }
     tracing::info!(mode = "management", addr = %management_addr, "listening");
-    let api_state = ApiState {
+    let api_state = Arc::new(ApiState {
         hsm: hsm.clone(),
         state_dir: config.state_dir.clone(),
         bypass: bypass.clone(),
         config_path: config.path.clone(),
-        token,
-    };
+        token: std::sync::RwLock::new(load_api_token(&config, &hsm)),
+    });
     // Published before the management API serves, so the first scrape already sees it.
     watch_master_key_expiry(&config.state_dir);
-    tokio::spawn(api::serve(management, Arc::new(api_state)));
+    tokio::spawn(api::serve(management, api_state.clone()));
 
     let mut listeners = Listeners::default();
     let mut proxy = build_proxy(&config, &hsm, &shutdown_rx)?;
@@ -128,6 +127,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
                     listeners.own_addresses(&mut proxy, &bound, management_addr);
                     let _ = proxies.send(Arc::new(proxy));
                     listeners.start(bound, &proxies);
+                    *api_state.token.write().unwrap_or_else(|e| e.into_inner()) = load_api_token(&next, &hsm);
                     current = next;
                     tracing::info!(config = %current.path.display(), "configuration reloaded");
                 }
@@ -137,6 +137,19 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     }
     drain(listeners, &shutdown_tx, Duration::from_secs(current.limits.shutdown_grace_secs)).await;
     Ok(())
+}
+
+/// The management API token (configured file, or sealed under the master key). A sealed one
+/// that cannot be opened now (HSM down) leaves changes refused until the next SIGHUP; the data
+/// plane does not wait for it.
+fn load_api_token(config: &Config, hsm: &Arc<Hsm>) -> Option<secrecy::SecretString> {
+    match crate::manage::api_token(config, Some(hsm)) {
+        Ok(token) => token,
+        Err(e) => {
+            tracing::error!(error = %e, "management API token unavailable: changing routes are refused until reload");
+            None
+        }
+    }
 }
 
 /// Publishes the master key's remaining lifetime and warns inside its reminder window (at
@@ -179,12 +192,13 @@ fn reload(current: &Config, hsm: &Arc<Hsm>, shutdown: &watch::Receiver<bool>) ->
 fn build_proxy(config: &Config, hsm: &Arc<Hsm>, shutdown: &watch::Receiver<bool>) -> Result<Proxy, AppError> {
     let state = StateDir::open(&config.state_dir)?;
     let store = CertStore::load(&state)?;
+    let keys = Keyring::new(&state, Some(hsm));
     let cas = Cas {
-        trust: load_ca(&store, CaRole::ForwardTrust, hsm),
-        untrust: load_ca(&store, CaRole::ForwardUntrust, hsm),
+        trust: load_ca(&store, CaRole::ForwardTrust, &keys),
+        untrust: load_ca(&store, CaRole::ForwardUntrust, &keys),
     };
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let inbound = crate::proxy::inbound::InboundSites::new(config, &store, hsm, &provider)?;
+    let inbound = crate::proxy::inbound::InboundSites::new(config, &store, &keys, &provider)?;
     let mut proxy = Proxy::new(config, cas, inbound)?;
     proxy.set_shutdown(shutdown.clone());
     Ok(proxy)
@@ -277,12 +291,12 @@ impl Listeners {
     }
 }
 
-fn load_ca(store: &CertStore, role: CaRole, hsm: &Arc<Hsm>) -> Option<Arc<crate::pki::mint::Ca>> {
+fn load_ca(store: &CertStore, role: CaRole, keys: &Keyring<'_>) -> Option<Arc<crate::pki::mint::Ca>> {
     let what = match role {
         CaRole::ForwardTrust => "forward-trust",
         CaRole::ForwardUntrust => "forward-untrust",
     };
-    match store.ca(role, hsm) {
+    match store.ca(role, keys) {
         Ok(Some(ca)) => {
             tracing::info!(role = what, name = %ca.name, "CA loaded");
             Some(Arc::new(ca))

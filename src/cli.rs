@@ -52,6 +52,22 @@ enum Command {
         #[command(subcommand)]
         command: BypassCommand,
     },
+    /// The management API's bearer token, stored sealed under the master key.
+    ApiToken {
+        #[command(subcommand)]
+        command: ApiTokenCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ApiTokenCommand {
+    /// Store the token read from stdin (one line, at least 16 printable characters). The
+    /// CLI's own requests use it; a running service picks it up on SIGHUP. `[management]
+    /// token_file`, when configured, takes precedence.
+    Set {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -238,7 +254,8 @@ enum CertCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Import a certificate whose private key is already on the HSM (every member).
+    /// Import a certificate whose private key is on the HSM (every member) or in a file (then
+    /// stored sealed under the master key).
     Import {
         #[command(flatten)]
         config: ConfigArg,
@@ -247,11 +264,15 @@ enum CertCommand {
         /// PEM file: the certificate, then its chain.
         #[arg(long)]
         cert: PathBuf,
+        /// The private key, PEM or DER (PKCS#8, SEC1 or PKCS#1): kept in software, sealed
+        /// under the master key.
+        #[arg(long, value_name = "FILE", conflicts_with = "key_on_hsm", required_unless_present = "key_on_hsm")]
+        key: Option<PathBuf>,
         /// The private key is on the HSM: found by the certificate's public key, or --key-id.
-        #[arg(long, required = true)]
+        #[arg(long)]
         key_on_hsm: bool,
         /// CKA_ID of the private key, hex.
-        #[arg(long)]
+        #[arg(long, requires = "key_on_hsm")]
         key_id: Option<String>,
         #[arg(long)]
         forward_trust: bool,
@@ -312,6 +333,32 @@ pub fn main() -> i32 {
         Command::Cert { command } => cert(command),
         Command::Bypass { command } => bypass(command),
         Command::MasterKey { command } => master_key(command),
+        Command::ApiToken { command: ApiTokenCommand::Set { config } } => api_token_set(&config.config),
+    }
+}
+
+fn api_token_set(config: &std::path::Path) -> i32 {
+    crate::telemetry::init(false);
+    let config = match load(config) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let mut line = zeroize::Zeroizing::new(String::new());
+    if let Err(e) = std::io::stdin().read_line(&mut line) {
+        eprintln!("error: reading the token from stdin: {e}");
+        return EXIT_USAGE;
+    }
+    let token = secrecy::SecretString::from(line.trim_end_matches(['\r', '\n']).to_string());
+    match manage::set_api_token(&config, &token) {
+        Ok(()) => {
+            println!("API token stored sealed under the master key (a running service picks it up on SIGHUP)");
+            0
+        }
+        Err(manage::ManageError::Usage(e)) => {
+            eprintln!("error: {e}");
+            EXIT_USAGE
+        }
+        Err(e) => fail(e),
     }
 }
 
@@ -722,6 +769,7 @@ fn cert(command: CertCommand) -> i32 {
             config,
             name,
             cert,
+            key,
             key_on_hsm: _,
             key_id,
             forward_trust,
@@ -741,15 +789,24 @@ fn cert(command: CertCommand) -> i32 {
                 }
             };
             let roles = crate::pki::Roles { forward_trust, forward_untrust, inbound };
-            match manage::import_on_hsm(&config, &name, &cert, id.as_deref(), &roles) {
+            let imported = match &key {
+                Some(key) => manage::import_software(&config, &name, &cert, key, &roles),
+                None => manage::import_on_hsm(&config, &name, &cert, id.as_deref(), &roles),
+            };
+            match imported {
                 Ok(entry) => {
-                    let KeyLocation::Hsm { label } = &entry.key;
+                    let (key, label) = match &entry.key {
+                        KeyLocation::Hsm { label } => ("hsm", Some(label.as_str())),
+                        KeyLocation::Software { .. } => ("software", None),
+                    };
                     if json {
                         print_json(
-                            &serde_json::json!({"name": entry.name, "key": "hsm", "label": label, "algorithm": entry.algorithm}),
+                            &serde_json::json!({"name": entry.name, "key": key, "label": label, "algorithm": entry.algorithm}),
                         );
-                    } else {
+                    } else if let Some(label) = label {
                         println!("imported {} ({}), key found on the HSM as {label:?}", entry.name, entry.algorithm);
+                    } else {
+                        println!("imported {} ({}), key sealed under the master key", entry.name, entry.algorithm);
                     }
                     0
                 }
@@ -832,13 +889,10 @@ fn read_pin(file: Option<PathBuf>, var: Option<String>) -> Result<secrecy::Secre
 /// Hex to bytes. Errors never repeat the input: it may be a master key.
 fn parse_hex(text: &str) -> Result<Vec<u8>, String> {
     let text = text.trim_start_matches("0x");
-    if text.is_empty() || !text.len().is_multiple_of(2) {
-        return Err(format!("expected an even number of hex digits, got {}", text.len()));
+    if text.is_empty() {
+        return Err("expected hex digits, got none".into());
     }
-    if let Some(at) = text.bytes().position(|b| !b.is_ascii_hexdigit()) {
-        return Err(format!("character {} is not a hex digit", at + 1));
-    }
-    Ok((0..text.len()).step_by(2).filter_map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok()).collect())
+    crate::vault::master::unhex(text)
 }
 
 fn role_name(role: CaRole) -> &'static str {

@@ -290,7 +290,7 @@ impl SecretSource {
                         file.display()
                     )));
                 }
-                let key = crate::vault::DeviceKey::load(device_key).map_err(|e| err(e.to_string()))?;
+                let key = crate::vault::SealingKey::load(device_key).map_err(|e| err(e.to_string()))?;
                 let bytes = key.open_from(file, purpose).map_err(|e| err(e.to_string()))?;
                 String::from_utf8(bytes.to_vec()).map_err(|_| err("sealed value is not UTF-8".into()))?
             }

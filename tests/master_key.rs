@@ -135,6 +135,26 @@ fn the_support_file_holds_the_diagnostics_and_none_of_the_secrets() {
         assert!(stderr.contains("hex digit") && !stderr.contains(&master_hex[..16]), "{stderr}");
     }
     set_master_key(&setup, &master_hex);
+    // A certificate with a software key, sealed under the master key.
+    let pki = TestPki::new();
+    let (leaf_cert, leaf_key) = pki.leaf_files(&LeafSpec::new(&["www.support.test"]), pki.dir.path());
+    let out = setup.tollgate(&[
+        "cert",
+        "import",
+        "--name",
+        "soft",
+        "--cert",
+        leaf_cert.to_str().unwrap(),
+        "--key",
+        leaf_key.to_str().unwrap(),
+        "--inbound",
+        "www.support.test",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let leaf_key_pem = std::fs::read_to_string(&leaf_key).unwrap();
+    let leaf_key_der = rustls::pki_types::pem::PemObject::from_pem_slice(leaf_key_pem.as_bytes())
+        .map(|k: rustls::pki_types::PrivateKeyDer<'static>| k.secret_der().to_vec())
+        .unwrap();
     let out = setup.tollgate(&["master-key", "encrypt-with-hsm", "--lifetime", "90", "--reminder", "10"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let out = setup.tollgate(&[
@@ -159,6 +179,7 @@ fn the_support_file_holds_the_diagnostics_and_none_of_the_secrets() {
         base64(&master_raw).into(),
         master_raw.clone(),
     ];
+    secrets.extend(key_spellings(&leaf_key_der, &leaf_key_pem));
     for file in ["state/device.key"] {
         if let Ok(bytes) = std::fs::read(setup.token.path(file)) {
             secrets.push(base64(&bytes).into());
@@ -182,7 +203,9 @@ fn the_support_file_holds_the_diagnostics_and_none_of_the_secrets() {
     assert!(text("versions.txt").contains(env!("CARGO_PKG_VERSION")));
     assert!(text("hsm-status.json").contains("hsm-a"));
     assert!(
-        text("certs.json").contains("fwd-trust") && text("certs.json").contains("\"hsm\""),
+        text("certs.json").contains("fwd-trust")
+            && text("certs.json").contains("\"hsm\"")
+            && text("certs.json").contains("\"software\""),
         "{}",
         text("certs.json")
     );
@@ -441,4 +464,339 @@ fn master_key_from_stdin(setup: &Setup, text: &str) -> std::process::Output {
 
 fn time_year() -> i32 {
     time::OffsetDateTime::now_utc().year()
+}
+
+/// Runs `openssl ARGS` in `dir`, asserting success.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl").args(args).current_dir(dir).output().unwrap();
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Every spelling of a private key that must never be found at rest: its DER, the DER in
+/// base64, and each line of its PEM body.
+fn key_spellings(der: &[u8], pem: &str) -> Vec<Vec<u8>> {
+    let mut out = vec![der.to_vec(), base64(der).into_bytes()];
+    out.extend(pem.lines().filter(|l| !l.starts_with("-----") && l.len() >= 32).map(|l| l.as_bytes().to_vec()));
+    out
+}
+
+/// Files under `dir`, recursively, with their bytes.
+fn files_under(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push((path.display().to_string(), std::fs::read(&path).unwrap()));
+        }
+    }
+    out
+}
+
+fn cert_keys(setup: &Setup) -> std::collections::HashMap<String, String> {
+    let out = setup.tollgate(&["cert", "list", "--json"]);
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    rows.iter()
+        .map(|r| {
+            let key = r["key"].as_str().unwrap().to_string();
+            let reason = r["reason"].as_str().map(|e| format!(" ({e})")).unwrap_or_default();
+            (r["name"].as_str().unwrap().to_string(), key + &reason)
+        })
+        .collect()
+}
+
+#[test]
+fn software_keys_are_sealed_serve_and_survive_master_key_changes_a_crash_and_a_ca_swap_on_sighup() {
+    require(&["openssl"]);
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let pki = TestPki::new();
+    let (chain, key) = pki.leaf(&LeafSpec::new(&["www.origin.test"]));
+    let origin = runtime.block_on(Origin::start("origin", chain, key, &["http/1.1"]));
+    let plain = runtime.block_on(Origin::start_plain("plain"));
+    let setup = Setup::new(&ProxyOptions {
+        resolve: vec![("www.origin.test:443".into(), origin.addr)],
+        ca_bundles: vec![pki.bundle()],
+        extra: format!(
+            "\n[[listener]]\nmode = \"inbound\"\nlisten = \"127.0.0.1:0\"\n\n[[inbound]]\nhost = \"www.soft.test\"\nupstream = \"http://{}\"\n",
+            plain.addr
+        ),
+        ..ProxyOptions::default()
+    });
+    let dir = setup.token.path("keys");
+    std::fs::create_dir_all(&dir).unwrap();
+
+    // An inbound server certificate with a PKCS#8 PEM key (rcgen), and a forward-trust CA with a
+    // SEC1 key given as DER (openssl).
+    let (server_cert, server_key) = pki.leaf_files(&LeafSpec::new(&["www.soft.test"]), &dir);
+    let server_key_pem = std::fs::read_to_string(&server_key).unwrap();
+    let server_key_der = rustls::pki_types::pem::PemObject::from_pem_slice(server_key_pem.as_bytes())
+        .map(|k: rustls::pki_types::PrivateKeyDer<'static>| k.secret_der().to_vec())
+        .unwrap();
+    openssl(&dir, &["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "ca2.key"]);
+    openssl(
+        &dir,
+        &[
+            "req",
+            "-new",
+            "-x509",
+            "-key",
+            "ca2.key",
+            "-subj",
+            "/CN=tollgate software trust CA",
+            "-days",
+            "30",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+            "-out",
+            "ca2.pem",
+        ],
+    );
+    openssl(&dir, &["ec", "-in", "ca2.key", "-outform", "DER", "-out", "ca2.der"]);
+    let ca2_pem = std::fs::read_to_string(dir.join("ca2.key")).unwrap();
+    let ca2_der = std::fs::read(dir.join("ca2.der")).unwrap();
+    let mut secrets = key_spellings(&server_key_der, &server_key_pem);
+    secrets.extend(key_spellings(&ca2_der, &ca2_pem));
+
+    // A key that does not match its certificate is refused, naming the problem.
+    let out = setup.tollgate(&[
+        "cert",
+        "import",
+        "--name",
+        "mismatch",
+        "--cert",
+        server_cert.to_str().unwrap(),
+        "--key",
+        dir.join("ca2.der").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not match"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = setup.tollgate(&[
+        "cert",
+        "import",
+        "--name",
+        "soft-inbound",
+        "--cert",
+        server_cert.to_str().unwrap(),
+        "--key",
+        server_key.to_str().unwrap(),
+        "--inbound",
+        "www.soft.test",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let imported: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(imported["key"], "software");
+    assert_eq!(cert_keys(&setup)["soft-inbound"], "software");
+
+    let mut proxy = Proxy::start_with(setup.token.cmd(tollgate_bin()), &setup.config, 4);
+    let (sni, inbound) = (proxy.sni, proxy.listener("inbound"));
+
+    runtime.block_on(async {
+        // Inbound: served with the software key, relayed to the origin.
+        let (client, seen) = capturing_client(&["http/1.1"]);
+        let tls = tls_via_sni(inbound, "www.soft.test", client).await.unwrap();
+        let (status, _, body) = request(tls, false, get("www.soft.test", "/in", false)).await;
+        assert_eq!((status, body.contains("origin=plain")), (200, true), "{body}");
+        let served = seen.lock()[0].clone();
+        assert_eq!(served, pem_cert(&server_cert), "the imported certificate is served");
+    });
+
+    // An established intercepted connection, leaf from the HSM CA.
+    let (mut sender, first_leaf) = runtime.block_on(async {
+        let tls = tls_via_sni(sni, "www.origin.test", trusting_client(&setup.trust_ca, &["http/1.1"])).await.unwrap();
+        let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
+        tokio::spawn(conn);
+        (sender, setup.trust_ca.clone())
+    });
+    let ask = |sender: &mut hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>| {
+        runtime.block_on(async {
+            let response = sender.send_request(get("www.origin.test", "/kept", false)).await.unwrap();
+            response.status().as_u16()
+        })
+    };
+    assert_eq!(ask(&mut sender), 200);
+
+    // A software forward-trust CA takes over on SIGHUP: new connections get leaves from it; the
+    // established one keeps working.
+    let out = setup.tollgate(&[
+        "cert",
+        "import",
+        "--name",
+        "soft-trust",
+        "--cert",
+        dir.join("ca2.pem").to_str().unwrap(),
+        "--key",
+        dir.join("ca2.der").to_str().unwrap(),
+        "--forward-trust",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let keys = cert_keys(&setup);
+    assert_eq!((keys["soft-trust"].as_str(), keys["fwd-trust"].as_str()), ("software", "hsm"));
+    proxy.signal("-HUP");
+    proxy.wait_log("the reload", |v| v["message"] == "configuration reloaded");
+    let ca2 = pem_cert(&dir.join("ca2.pem"));
+    runtime.block_on(async {
+        let tls = tls_via_sni(sni, "www.origin.test", trusting_client(&ca2, &["http/1.1"])).await;
+        let tls = tls.expect("a new connection gets a leaf from the new forward-trust CA");
+        let (status, _, _) = request(tls, false, get("www.origin.test", "/new", false)).await;
+        assert_eq!(status, 200);
+        assert!(
+            tls_via_sni(sni, "www.origin.test", trusting_client(&first_leaf, &["http/1.1"])).await.is_err(),
+            "the old CA no longer signs new leaves"
+        );
+    });
+    assert_eq!(ask(&mut sender), 200, "the connection established before the reload still serves");
+    assert!(proxy.alive());
+    drop(proxy);
+
+    // No spelling of either key is anywhere in the state directory; the vault file is 0600.
+    let state = setup.token.path("state");
+    for (name, bytes) in files_under(&state) {
+        for secret in &secrets {
+            assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_slice()), "a private key is in {name}");
+        }
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let vault = state.join("master-key.json");
+    assert_eq!(std::fs::metadata(&vault).unwrap().permissions().mode() & 0o777, 0o600);
+
+    // A new master key re-encrypts both keys; HSM encryption keeps them readable.
+    set_master_key(&setup, &"5a".repeat(32));
+    let keys = cert_keys(&setup);
+    assert_eq!((keys["soft-inbound"].as_str(), keys["soft-trust"].as_str()), ("software", "software"));
+    let out = setup.tollgate(&["master-key", "encrypt-with-hsm", "--lifetime", "30", "--reminder", "5"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(cert_keys(&setup)["soft-inbound"], "software");
+
+    // Killed just before its write, a master key change loses nothing: the file is untouched
+    // and every secret still opens. Completed, everything opens under the new key.
+    let before = std::fs::read(&vault).unwrap();
+    let out = setup
+        .token
+        .cmd(tollgate_bin())
+        .args(["master-key", "set", "--config"])
+        .arg(&setup.config)
+        .env("TOLLGATE_FAILPOINT", "set:before-write")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the failpoint stops the process");
+    assert_eq!(std::fs::read(&vault).unwrap(), before, "nothing written");
+    assert_eq!(cert_keys(&setup)["soft-trust"], "software");
+    let out = setup.tollgate(&["master-key", "set", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_ne!(std::fs::read(&vault).unwrap(), before);
+    let keys = cert_keys(&setup);
+    assert_eq!((keys["soft-inbound"].as_str(), keys["soft-trust"].as_str()), ("software", "software"));
+    assert_eq!(status(&setup)["hsm_encrypted"], true, "a new master key stays HSM-encrypted");
+
+    // A tampered sealed key is an error with the reason, not a crash.
+    let text = String::from_utf8(std::fs::read(&vault).unwrap()).unwrap();
+    let mut file: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let sealed = file["secrets"]["cert-key:soft-inbound"].as_str().unwrap().to_string();
+    let flipped = format!("{}{}", &sealed[..sealed.len() - 2], if sealed.ends_with("00") { "01" } else { "00" });
+    file["secrets"]["cert-key:soft-inbound"] = flipped.into();
+    std::fs::write(&vault, serde_json::to_vec(&file).unwrap()).unwrap();
+    let keys = cert_keys(&setup);
+    assert!(keys["soft-inbound"].starts_with("error (") && keys["soft-inbound"].contains("tampered"), "{keys:?}");
+    assert_eq!(keys["soft-trust"], "software");
+
+    // Deleting a certificate removes its sealed key too.
+    let out = setup.tollgate(&["cert", "delete", "soft-inbound"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let file: serde_json::Value = serde_json::from_slice(&std::fs::read(&vault).unwrap()).unwrap();
+    assert!(file["secrets"].get("cert-key:soft-inbound").is_none(), "{file}");
+    assert!(file["secrets"].get("cert-key:soft-trust").is_some());
+}
+
+#[test]
+fn the_api_token_is_stored_sealed_used_by_the_cli_and_replaced_on_sighup() {
+    let setup = Setup::new(&ProxyOptions::default());
+    let set_token = |token: &str| {
+        use std::io::Write;
+        let mut child = setup
+            .token
+            .cmd(tollgate_bin())
+            .args(["api-token", "set", "--config"])
+            .arg(&setup.config)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(format!("{token}\n").as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let out = set_token("short");
+    assert_eq!(out.status.code(), Some(64), "a weak token is refused");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("short"), "without repeating it");
+    let first = "first-api-token-0123456789abcdef";
+    let out = set_token(first);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for (name, bytes) in files_under(&setup.token.path("state")) {
+        assert!(!bytes.windows(first.len()).any(|w| w == first.as_bytes()), "the token is in the clear in {name}");
+    }
+
+    let proxy = setup.start();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let post =
+        |token: Option<&str>| runtime.block_on(bearer_post(proxy.management, "/api/v1/hsm/support-bundle", token));
+    assert!(post(Some(first)).starts_with("HTTP/1.1 200"));
+    assert!(post(None).starts_with("HTTP/1.1 401"));
+    assert!(post(Some("first-api-token-0123456789abcdeX")).starts_with("HTTP/1.1 401"));
+
+    // The CLI finds the sealed token itself.
+    let cli_config = setup.token.path("cli.toml");
+    let text = std::fs::read_to_string(&setup.config).unwrap();
+    std::fs::write(
+        &cli_config,
+        text.replace(
+            "[management]\nlisten = \"127.0.0.1:0\"",
+            &format!("[management]\nlisten = \"{}\"", proxy.management),
+        ),
+    )
+    .unwrap();
+    let bundle = setup.token.path("b.tar.gz");
+    let out = setup
+        .token
+        .cmd(tollgate_bin())
+        .args(["hsm", "support-bundle", "--out", bundle.to_str().unwrap(), "--config"])
+        .arg(&cli_config)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("by the running service"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let files = unpack(&bundle);
+    assert_no_secret(&bundle, &files, &[first.as_bytes().to_vec()]);
+
+    // A new token replaces the old one at the next SIGHUP.
+    let second = "second-api-token-fedcba9876543210";
+    assert!(set_token(second).status.success());
+    proxy.signal("-HUP");
+    proxy.wait_log("the reload", |v| v["message"] == "configuration reloaded");
+    assert!(post(Some(second)).starts_with("HTTP/1.1 200"));
+    assert!(post(Some(first)).starts_with("HTTP/1.1 401"));
+}
+
+/// A POST with an optional bearer token; the status line and headers.
+async fn bearer_post(addr: std::net::SocketAddr, path: &str, token: Option<&str>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(format!("POST {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    tcp.read_to_end(&mut response).await.unwrap();
+    String::from_utf8_lossy(&response[..response.len().min(200)]).into_owned()
 }

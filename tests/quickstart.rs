@@ -40,10 +40,14 @@ async fn run_local_sets_up_once_and_reuses() {
         "{stdout}"
     );
     let ca = std::fs::read(&ca_path).unwrap();
+    let vault_path = home.path().join("tollgate/master-key.json");
+    let vault = std::fs::read_to_string(&vault_path).unwrap();
+    assert!(vault.contains("\"api-token\""), "an API token is stored sealed: {vault}");
 
     let second = run_local(home.path());
     assert!(second.status.success(), "{}", String::from_utf8_lossy(&second.stderr));
     assert_eq!(std::fs::read(&ca_path).unwrap(), ca, "the CA is reused");
+    assert_eq!(std::fs::read_to_string(&vault_path).unwrap(), vault, "the API token is reused");
     let softhsm_conf = home.path().join("softhsm/softhsm2.conf");
     let slots = Command::new("softhsm2-util").arg("--show-slots").env("SOFTHSM2_CONF", &softhsm_conf).output().unwrap();
     let labels = String::from_utf8_lossy(&slots.stdout).matches("Label:            tollgate ").count();

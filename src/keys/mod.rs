@@ -45,6 +45,11 @@ pub trait PrivateKey: fmt::Debug + Send + Sync {
     /// Signs `message` (not pre-hashed) with `scheme`. Blocking: rcgen and rustls call it
     /// synchronously.
     fn sign(&self, scheme: SignatureScheme, message: &[u8]) -> Result<Vec<u8>, KeyError>;
+    /// Whether signing may wait on something outside the process (an HSM): such signatures
+    /// run off the async workers and are bounded. In-memory keys answer `false`.
+    fn may_block(&self) -> bool {
+        true
+    }
 }
 
 impl KeyAlgorithm {

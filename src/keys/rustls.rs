@@ -82,6 +82,13 @@ struct KeySigner {
 
 impl Signer for KeySigner {
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
+        let failed = |e: super::KeyError| {
+            tracing::warn!(error = %e, "handshake signature failed");
+            rustls::Error::Other(rustls::OtherError(Arc::new(e)))
+        };
+        if !self.key.may_block() {
+            return self.key.sign(self.scheme, message).map_err(failed);
+        }
         let waiting = self.waiting.now.fetch_add(1, Ordering::AcqRel);
         let _slot = Slot(&self.waiting);
         if waiting >= self.waiting.max {
@@ -92,10 +99,7 @@ impl Signer for KeySigner {
         let multi_thread = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
         let result = if multi_thread { tokio::task::block_in_place(sign) } else { sign() };
-        result.map_err(|e| {
-            tracing::warn!(error = %e, "handshake signature failed");
-            rustls::Error::Other(rustls::OtherError(Arc::new(e)))
-        })
+        result.map_err(failed)
     }
 
     fn scheme(&self) -> SignatureScheme {
@@ -129,9 +133,23 @@ mod tests {
 
     #[test]
     fn signatures_past_the_bound_are_shed() {
+        #[derive(Debug)]
+        struct Remote(SoftwareKey);
+        impl PrivateKey for Remote {
+            fn algorithm(&self) -> KeyAlgorithm {
+                self.0.algorithm()
+            }
+            fn public_key(&self) -> &[u8] {
+                self.0.public_key()
+            }
+            fn sign(&self, scheme: SignatureScheme, message: &[u8]) -> Result<Vec<u8>, super::super::KeyError> {
+                self.0.sign(scheme, message)
+            }
+        }
         let waiting = InFlight::new(1);
         waiting.now.store(1, Ordering::SeqCst); // one signature already waiting
-        let key = RustlsKey::new(Arc::new(SoftwareKey::generate(KeyAlgorithm::EcdsaP256).unwrap()), waiting.clone());
+        let key =
+            RustlsKey::new(Arc::new(Remote(SoftwareKey::generate(KeyAlgorithm::EcdsaP256).unwrap())), waiting.clone());
         let signer = key.choose_scheme(&[SignatureScheme::ECDSA_NISTP256_SHA256]).unwrap();
         assert!(signer.sign(b"m").is_err());
         assert_eq!(waiting.now.load(Ordering::SeqCst), 1, "the slot is released");

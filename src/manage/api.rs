@@ -13,8 +13,6 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use crate::hsm::Hsm;
-use crate::pki::CertStore;
-use crate::state::StateDir;
 use crate::telemetry::METRICS;
 
 /// What the API reads.
@@ -24,8 +22,8 @@ pub struct ApiState {
     pub bypass: Arc<crate::proxy::bypass::Bypass>,
     /// The configuration file, re-read by operations the CLI shares (master key).
     pub config_path: PathBuf,
-    /// Bearer token for changing routes; `None` refuses them.
-    pub token: Option<secrecy::SecretString>,
+    /// Bearer token for changing routes; `None` refuses them. Replaced on SIGHUP.
+    pub token: std::sync::RwLock<Option<secrecy::SecretString>>,
 }
 
 /// Serves the API until the task is dropped.
@@ -121,17 +119,19 @@ async fn route(state: Arc<ApiState>, req: Request<Incoming>) -> Result<Response<
 
 /// The certificate list with key status (test signatures on the HSM: blocking).
 fn cert_rows(state: &ApiState) -> Result<Vec<crate::pki::CertSummary>, String> {
-    let dir = StateDir::open(&state.state_dir).map_err(|e| e.to_string())?;
-    let store = CertStore::load(&dir).map_err(|e| e.to_string())?;
-    Ok(store.summaries(Some(&state.hsm)))
+    super::cert_rows(&state.state_dir, Some(&state.hsm)).map_err(|e| e.to_string())
 }
 
 /// Changing routes need `Authorization: Bearer <token>`; with no token configured they are
 /// refused outright. The refusal to send, if any.
 fn refuse_unauthorized<B>(state: &ApiState, req: &Request<B>) -> Option<Response<Full<Bytes>>> {
     use secrecy::ExposeSecret;
-    let Some(token) = &state.token else {
-        return Some(text(StatusCode::FORBIDDEN, "changes are disabled: set [management] token_file\n".into()));
+    let token = state.token.read().unwrap_or_else(|e| e.into_inner());
+    let Some(token) = token.as_ref() else {
+        return Some(text(
+            StatusCode::FORBIDDEN,
+            "changes are disabled: store a token (tollgate api-token set) or set [management] token_file\n".into(),
+        ));
     };
     let given =
         req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));

@@ -12,8 +12,7 @@ use super::ManageError;
 use crate::config::Config;
 use crate::hsm::Hsm;
 use crate::state::{Mode, StateDir};
-use crate::vault::DeviceKey;
-use crate::vault::master::{self, HsmWrapped, MasterKeyFile, MasterKeyStatus};
+use crate::vault::master::{self, HsmWrapped, MasterKeyFile, MasterKeyStatus, hex, open_key as open};
 
 /// `tollgate master-key status`: what the file says, and whether the key opens now.
 pub fn status(config: &Config) -> Result<MasterKeyStatus, ManageError> {
@@ -50,25 +49,72 @@ pub fn status(config: &Config) -> Result<MasterKeyStatus, ManageError> {
 }
 
 /// `tollgate master-key set`: a new master key (given, or generated), stored the way the
-/// current one is (HSM-encrypted with the current generation, or device-sealed).
+/// current one is (HSM-encrypted with the current generation, or device-sealed), with every
+/// secret re-encrypted under it in the same atomic write (M4). Refused, with nothing changed,
+/// when stored secrets exist and the current master key does not open.
 pub fn set(config: &Config, new: Option<Zeroizing<[u8; 32]>>) -> Result<MasterKeyStatus, ManageError> {
     let state = StateDir::open(&config.state_dir)?;
     {
         let _lock = state.lock()?;
         let key = new.unwrap_or_else(master::generate);
         let mut file = load(&state)?.unwrap_or_else(empty);
-        match file.hsm.as_ref().map(|w| w.generation) {
-            Some(generation) => {
-                let hsm = Hsm::open_strict(&config.hsm)?;
-                file.hsm = Some(wrap(&hsm, generation, &key)?);
+        let hsm = file.hsm.is_some().then(|| Hsm::open_strict(&config.hsm)).transpose()?;
+        if !file.secrets.is_empty() {
+            let old = open(&state, &file, hsm.as_ref()).map_err(|e| {
+                ManageError::MasterKey(format!(
+                    "{} stored secrets cannot be re-encrypted because the current master key does not open ({e}); nothing changed",
+                    file.secrets.len()
+                ))
+            })?;
+            for (name, sealed) in file.secrets.iter_mut() {
+                let secret = master::open_secret(&old, name, sealed).map_err(ManageError::MasterKey)?;
+                *sealed = master::seal_secret(&key, name, &secret);
             }
-            None => file.device_sealed = Some(hex(&device_key(&state)?.seal(master::DEVICE_PURPOSE, key.as_slice()))),
         }
-        // NOTE: secrets sealed under the master key are re-encrypted here, in the same atomic
-        // write, as they are added (software keys and API tokens arrive with them).
+        match (&hsm, file.hsm.as_ref().map(|w| w.generation)) {
+            (Some(hsm), Some(generation)) => file.hsm = Some(wrap(hsm, generation, &key)?),
+            _ => file.device_sealed = Some(hex(&device_key(&state)?.seal(master::DEVICE_PURPOSE, key.as_slice()))),
+        }
+        master::failpoint("set:before-write");
         save(&state, &file)?;
     }
     status(config)
+}
+
+/// Stores `secret` as `name`, sealed under the master key (one is created, device-sealed,
+/// when none exists yet). Under the state lock, one atomic write.
+pub fn store_secret(config: &Config, name: &str, secret: &[u8]) -> Result<(), ManageError> {
+    let state = StateDir::open(&config.state_dir)?;
+    let _lock = state.lock()?;
+    let mut file = load(&state)?.unwrap_or_else(empty);
+    let hsm = file.hsm.is_some().then(|| Hsm::open_strict(&config.hsm)).transpose()?;
+    let key = if file.hsm.is_none() && file.device_sealed.is_none() {
+        let key = master::generate();
+        file.device_sealed = Some(hex(&device_key(&state)?.seal(master::DEVICE_PURPOSE, key.as_slice())));
+        key
+    } else {
+        open(&state, &file, hsm.as_ref()).map_err(ManageError::MasterKey)?
+    };
+    file.secrets.insert(name.to_string(), master::seal_secret(&key, name, secret));
+    save(&state, &file)
+}
+
+/// Removes secret `name`; whether it existed.
+pub fn remove_secret(config: &Config, name: &str) -> Result<bool, ManageError> {
+    let state = StateDir::open(&config.state_dir)?;
+    let _lock = state.lock()?;
+    let Some(mut file) = load(&state)? else { return Ok(false) };
+    if file.secrets.remove(name).is_none() {
+        return Ok(false);
+    }
+    save(&state, &file)?;
+    Ok(true)
+}
+
+/// Opens the vault (the master key and its secrets) for reading; `None` without a master key.
+pub fn vault(config: &Config, hsm: Option<&Hsm>) -> Result<Option<master::Vault>, ManageError> {
+    let state = StateDir::open(&config.state_dir)?;
+    master::Vault::open(&state, hsm).map_err(ManageError::MasterKey)
 }
 
 /// `tollgate master-key encrypt-with-hsm`: the master key encrypted by the newest wrapping key
@@ -125,26 +171,6 @@ pub fn rotate_wrapping_key(config: &Config) -> Result<MasterKeyStatus, ManageErr
     status(config)
 }
 
-/// The master key, opened: unwrapped by the HSM, or unsealed with the device key.
-fn open(state: &StateDir, file: &MasterKeyFile, hsm: Option<&Hsm>) -> Result<Zeroizing<[u8; 32]>, String> {
-    let bytes = match (&file.hsm, &file.device_sealed) {
-        (Some(wrapped), _) => {
-            let hsm = hsm.ok_or("the master key is HSM-encrypted and no HSM is open")?;
-            let iv: [u8; 12] = unhex(&wrapped.iv)?.try_into().map_err(|_| "IV is not 12 bytes")?;
-            let label = format!("{}{}", master::WRAP_PREFIX, wrapped.generation);
-            hsm.unwrap(&label, &iv, &master::aad(wrapped.generation), &unhex(&wrapped.ciphertext)?)
-                .map_err(|e| format!("unwrapping with {label}: {e}"))?
-        }
-        (None, Some(sealed)) => {
-            let key = device_key(state).map_err(|e| e.to_string())?;
-            key.open(master::DEVICE_PURPOSE, &unhex(sealed)?).ok_or("the device key does not open the master key")?
-        }
-        (None, None) => return Err("no master key is stored".into()),
-    };
-    let key: [u8; 32] = bytes.as_slice().try_into().map_err(|_| "the master key is not 32 bytes")?;
-    Ok(Zeroizing::new(key))
-}
-
 fn wrap(hsm: &Hsm, generation: u32, key: &[u8; 32]) -> Result<HsmWrapped, ManageError> {
     let label = format!("{}{generation}", master::WRAP_PREFIX);
     let (iv, ciphertext) = hsm.wrap(&label, &master::aad(generation), key)?;
@@ -168,33 +194,20 @@ fn empty() -> MasterKeyFile {
         lifetime_days: None,
         reminder_days: None,
         expires_at: None,
+        secrets: Default::default(),
     }
 }
 
-fn device_key(state: &StateDir) -> Result<DeviceKey, ManageError> {
-    DeviceKey::load_or_create(&state.path("device.key")).map_err(ManageError::Vault)
+fn device_key(state: &StateDir) -> Result<crate::vault::SealingKey, ManageError> {
+    master::device_key(state).map_err(ManageError::Vault)
 }
 
 fn load(state: &StateDir) -> Result<Option<MasterKeyFile>, ManageError> {
-    let Some(bytes) = state.read(master::FILE)? else { return Ok(None) };
-    serde_json::from_slice(&bytes)
-        .map(Some)
-        .map_err(|e| ManageError::MasterKey(format!("{}: {e}", state.path(master::FILE).display())))
+    master::load(state).map_err(ManageError::MasterKey)
 }
 
 fn save(state: &StateDir, file: &MasterKeyFile) -> Result<(), ManageError> {
     let json = serde_json::to_vec_pretty(file).expect("the master key file serialises");
     state.write_atomic(master::FILE, &json, Mode::Secret)?;
     Ok(())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(text: &str) -> Result<Vec<u8>, String> {
-    if !text.len().is_multiple_of(2) {
-        return Err("odd number of hex digits".into());
-    }
-    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(&text[i..i + 2], 16).map_err(|e| e.to_string())).collect()
 }

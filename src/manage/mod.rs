@@ -51,10 +51,16 @@ pub fn hsm_status(config: &Config) -> Status {
 
 /// `tollgate cert list`.
 pub fn cert_list(config: &Config) -> Result<Vec<CertSummary>, ManageError> {
-    let state = StateDir::open(&config.state_dir)?;
-    let store = CertStore::load(&state)?;
     let hsm = (!config.hsm.servers.is_empty()).then(|| Arc::new(Hsm::open(&config.hsm)));
-    Ok(store.summaries(hsm.as_ref()))
+    cert_rows(&config.state_dir, hsm.as_ref())
+}
+
+/// Every certificate with its key status (test signatures: blocking). Shared by the CLI, the
+/// API, the status page and the support file.
+pub fn cert_rows(state_dir: &std::path::Path, hsm: Option<&Arc<Hsm>>) -> Result<Vec<CertSummary>, ManageError> {
+    let state = StateDir::open(state_dir)?;
+    let store = CertStore::load(&state)?;
+    Ok(store.summaries(&crate::pki::Keyring::new(&state, hsm)))
 }
 
 /// `tollgate cert generate-ca`: the key pair on the HSM, the certificate in the store, and
@@ -97,7 +103,7 @@ pub fn hsm_login(config: &Config, server: &str, pin: &secrecy::SecretString) -> 
     match &server_config.pin {
         Some(SecretSource::Sealed { file, device_key, purpose }) => {
             let _lock = StateDir::open(&config.state_dir)?.lock()?;
-            let key = crate::vault::DeviceKey::load_or_create(device_key).map_err(ManageError::Vault)?;
+            let key = crate::vault::SealingKey::load_or_create(device_key).map_err(ManageError::Vault)?;
             use secrecy::ExposeSecret;
             key.seal_to(file, purpose, pin.expose_secret().as_bytes()).map_err(ManageError::Vault)?;
             Ok(LoginOutcome::Stored(file.clone()))
@@ -125,10 +131,9 @@ pub fn api_request_bytes(config: &Config, method: &str, path: &str) -> Result<(u
     let api_err = |reason: String| ManageError::Api { addr: addr.to_string(), reason };
     let mut auth = zeroize::Zeroizing::new(String::new());
     if method != "GET"
-        && let Some(source) = &config.management.token
+        && let Some(token) = api_token(config, None).map_err(|e| api_err(e.to_string()))?
     {
         use secrecy::ExposeSecret;
-        let token = source.load("management API token").map_err(|e| api_err(e.to_string()))?;
         *auth = format!("Authorization: Bearer {}\r\n", token.expose_secret());
     }
     let mut stream = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
@@ -184,10 +189,98 @@ pub fn import_on_hsm(
     Ok(CertStore::import_on_hsm(&state, &hsm, name, &pem, id, roles)?)
 }
 
-/// `tollgate cert delete`.
+/// `tollgate cert import --key FILE`: the certificate and a software private key (PEM or DER:
+/// PKCS#8, SEC1 or PKCS#1), checked against each other; the key sealed under the master key
+/// (one is created when none exists), never stored in the clear.
+pub fn import_software(
+    config: &Config,
+    name: &str,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    roles: &crate::pki::Roles,
+) -> Result<CertEntry, ManageError> {
+    let create = |reason: String| PkiError::Create { name: name.into(), reason };
+    let pem = std::fs::read_to_string(cert).map_err(|e| create(format!("reading {}: {e}", cert.display())))?;
+    let key_bytes =
+        zeroize::Zeroizing::new(std::fs::read(key).map_err(|e| create(format!("reading {}: {e}", key.display())))?);
+    let der = parse_private_key(&key_bytes).map_err(|reason| create(format!("{}: {reason}", key.display())))?;
+    let secret = crate::vault::master::cert_key_secret(name);
+    let entry = CertStore::software_entry(name, &pem, &der, secret.clone(), roles)?;
+    let state = StateDir::open(&config.state_dir)?;
+    if CertStore::load(&state)?.contains(name) {
+        return Err(PkiError::Exists(name.into()).into());
+    }
+    master_key::store_secret(config, &secret, der.secret_der())?;
+    Ok(CertStore::add(&state, entry)?)
+}
+
+/// A private key from PEM (`PRIVATE KEY`, `EC PRIVATE KEY`, `RSA PRIVATE KEY`) or DER. The
+/// error never quotes the input.
+pub fn parse_private_key(bytes: &[u8]) -> Result<rustls::pki_types::PrivateKeyDer<'_>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs1KeyDer, PrivatePkcs8KeyDer, PrivateSec1KeyDer};
+    if bytes.starts_with(b"-----") || bytes.windows(11).any(|w| w == b"-----BEGIN ") {
+        if bytes.windows(9).any(|w| w == b"ENCRYPTED") {
+            return Err("encrypted private keys are not supported: decrypt it first (openssl pkey)".into());
+        }
+        return PrivateKeyDer::from_pem_slice(bytes)
+            .map_err(|_| "no PRIVATE KEY, EC PRIVATE KEY or RSA PRIVATE KEY block in the PEM".into());
+    }
+    let candidates = [
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(bytes)),
+        PrivateKeyDer::Sec1(PrivateSec1KeyDer::from(bytes)),
+        PrivateKeyDer::Pkcs1(PrivatePkcs1KeyDer::from(bytes)),
+    ];
+    candidates
+        .into_iter()
+        .find(|der| crate::keys::software::SoftwareKey::from_der(der).is_ok())
+        .ok_or_else(|| "neither PEM nor a DER private key (PKCS#8, SEC1 or PKCS#1) tollgate supports".into())
+}
+
+/// `tollgate cert delete`: the entry, and a software key's sealed secret with it.
 pub fn delete_cert(config: &Config, name: &str) -> Result<CertEntry, ManageError> {
     let state = StateDir::open(&config.state_dir)?;
-    Ok(CertStore::delete(&state, name)?)
+    let entry = CertStore::delete(&state, name)?;
+    if let crate::pki::KeyLocation::Software { secret, .. } = &entry.key {
+        master_key::remove_secret(config, secret)?;
+    }
+    Ok(entry)
+}
+
+/// `tollgate api-token set`: the management API's bearer token, sealed under the master key.
+pub fn set_api_token(config: &Config, token: &secrecy::SecretString) -> Result<(), ManageError> {
+    use secrecy::ExposeSecret;
+    let token = token.expose_secret();
+    if token.len() < 16 || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ManageError::Usage("the API token must be at least 16 printable characters, no spaces".into()));
+    }
+    master_key::store_secret(config, crate::vault::master::API_TOKEN_SECRET, token.as_bytes())
+}
+
+/// The management API token: from `[management] token_file` when configured, else the one
+/// sealed under the master key (`hsm` unwraps it when HSM-encrypted); `None` when neither.
+pub fn api_token(config: &Config, hsm: Option<&Hsm>) -> Result<Option<secrecy::SecretString>, ManageError> {
+    if let Some(source) = &config.management.token {
+        return Ok(Some(source.load("management API token").map_err(|e| ManageError::Usage(e.to_string()))?));
+    }
+    let state = StateDir::open(&config.state_dir)?;
+    match crate::vault::master::load(&state).map_err(ManageError::MasterKey)? {
+        Some(file) if file.secrets.contains_key(crate::vault::master::API_TOKEN_SECRET) => {}
+        _ => return Ok(None),
+    }
+    let owned;
+    let hsm = match hsm {
+        Some(hsm) => Some(hsm),
+        None if config.hsm.servers.is_empty() => None,
+        None => {
+            owned = Hsm::open(&config.hsm);
+            Some(&owned)
+        }
+    };
+    let vault = master_key::vault(config, hsm)?.ok_or_else(|| ManageError::MasterKey("no master key".into()))?;
+    let token = vault.secret(crate::vault::master::API_TOKEN_SECRET).map_err(ManageError::MasterKey)?;
+    let token = token.map(|t| String::from_utf8_lossy(&t).into_owned());
+    Ok(token.map(secrecy::SecretString::from))
 }
 
 /// `tollgate cert export`: a certificate as PEM.

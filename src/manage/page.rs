@@ -73,6 +73,7 @@ fn certs_section(html: &mut String, certs: &Result<Vec<CertSummary>, String>) {
     for c in certs {
         let (icon, class, key) = match c.key {
             "error" => ("&#x26A0;", "down", format!("error: {}", c.reason.as_deref().unwrap_or("unknown"))),
+            "software" => ("&#x1F511;", "up", "software (sealed under the master key)".to_string()),
             other => ("&#x1F512;", "up", other.to_string()),
         };
         let mut roles: Vec<String> = Vec::new();

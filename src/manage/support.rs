@@ -55,9 +55,7 @@ pub fn write(out: &Path, bytes: &[u8]) -> Result<(), ManageError> {
 }
 
 fn cert_rows(config: &Config, hsm: &Arc<Hsm>) -> Result<Vec<crate::pki::CertSummary>, ManageError> {
-    let state = crate::state::StateDir::open(&config.state_dir)?;
-    let store = crate::pki::CertStore::load(&state)?;
-    Ok(store.summaries(Some(hsm)))
+    super::cert_rows(&config.state_dir, Some(hsm))
 }
 
 fn versions() -> String {

@@ -3,11 +3,13 @@
 //! and leaf minting with its cache.
 //!
 //! Owns the inventory file `certs.json` in the state directory. Does not own where keys live:
-//! it asks `hsm` for an `HsmKey` by label and uses it through the `keys` seam.
+//! a `Keyring` asks `hsm` for an `HsmKey` by label, or the vault for a software key sealed under
+//! the master key, and both are used through the `keys` seam.
 
 pub mod cache;
 pub mod mint;
 
+use std::cell::OnceCell;
 use std::sync::Arc;
 
 use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyUsagePurpose};
@@ -17,8 +19,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::hsm::{Hsm, HsmError};
 use crate::keys::rcgen::RcgenKey;
+use crate::keys::software::SoftwareKey;
 use crate::keys::{KeyAlgorithm, PrivateKey};
 use crate::state::{Mode, StateDir, StateError};
+use crate::vault::master::Vault;
 use mint::{Ca, MintError};
 
 const STORE_FILE: &str = "certs.json";
@@ -41,6 +45,8 @@ pub enum PkiError {
     BadName(String),
     #[error("creating certificate {name}: {reason}")]
     Create { name: String, reason: String },
+    #[error("key of certificate {name}: {reason}")]
+    Key { name: String, reason: String },
 }
 
 /// The role a CA plays in forward interception.
@@ -74,6 +80,65 @@ pub struct CertEntry {
 pub enum KeyLocation {
     /// On the HSM, found by label.
     Hsm { label: String },
+    /// In software: DER (`pkcs8`, `sec1` or `pkcs1`) sealed under the master key as the
+    /// vault secret `secret`. Never stored in the clear.
+    Software { secret: String, format: String },
+}
+
+/// Where certificate keys are found: on the HSM, or in the vault (software keys), which is
+/// opened on first need — asking the HSM when the master key is HSM-encrypted.
+pub struct Keyring<'a> {
+    state: &'a StateDir,
+    hsm: Option<&'a Arc<Hsm>>,
+    vault: OnceCell<Result<Option<Vault>, String>>,
+}
+
+impl<'a> Keyring<'a> {
+    /// Keys of the store in `state`; `hsm` is `None` when no HSM server is configured.
+    pub fn new(state: &'a StateDir, hsm: Option<&'a Arc<Hsm>>) -> Self {
+        Self { state, hsm, vault: OnceCell::new() }
+    }
+
+    /// The private key behind `entry`.
+    pub fn key(&self, entry: &CertEntry) -> Result<Arc<dyn PrivateKey>, PkiError> {
+        let err = |reason: String| PkiError::Key { name: entry.name.clone(), reason };
+        match &entry.key {
+            KeyLocation::Hsm { label } => {
+                let hsm = self.hsm.ok_or_else(|| err("no HSM server is configured".into()))?;
+                Ok(hsm.key(label)?)
+            }
+            KeyLocation::Software { secret, format } => {
+                let vault = self.vault.get_or_init(|| Vault::open(self.state, self.hsm.map(|h| &**h)));
+                let vault = vault.as_ref().map_err(|e| err(e.clone()))?;
+                let vault = vault.as_ref().ok_or_else(|| err("no master key is stored".into()))?;
+                let der = vault.secret(secret).map_err(err)?.ok_or_else(|| err("its sealed key is missing".into()))?;
+                let der = key_der(format, &der).ok_or_else(|| err(format!("unknown key format {format:?}")))?;
+                Ok(Arc::new(SoftwareKey::from_der(&der).map_err(|e| err(e.to_string()))?))
+            }
+        }
+    }
+}
+
+/// `der` as the `PrivateKeyDer` variant named by `format` (borrowed: the caller's buffer is
+/// the one zeroized).
+fn key_der<'d>(format: &str, der: &'d [u8]) -> Option<rustls::pki_types::PrivateKeyDer<'d>> {
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs1KeyDer, PrivatePkcs8KeyDer, PrivateSec1KeyDer};
+    match format {
+        "pkcs8" => Some(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(der))),
+        "sec1" => Some(PrivateKeyDer::Sec1(PrivateSec1KeyDer::from(der))),
+        "pkcs1" => Some(PrivateKeyDer::Pkcs1(PrivatePkcs1KeyDer::from(der))),
+        _ => None,
+    }
+}
+
+/// The name `key_der` understands for a key's DER format.
+pub fn key_format(key: &rustls::pki_types::PrivateKeyDer<'_>) -> &'static str {
+    use rustls::pki_types::PrivateKeyDer;
+    match key {
+        PrivateKeyDer::Pkcs1(_) => "pkcs1",
+        PrivateKeyDer::Sec1(_) => "sec1",
+        _ => "pkcs8",
+    }
 }
 
 /// What a certificate is used for.
@@ -209,11 +274,6 @@ impl CertStore {
             .map_err(|e| PkiError::Create { name: name.into(), reason: format!("certificate: {e}") })?;
         let label = hsm.find_key(parsed.public_key().raw, id)?;
         let key = hsm.key(&label)?;
-        let _lock = state.lock()?;
-        let mut store = Self::load(state)?;
-        if store.entries.iter().any(|e| e.name == name) {
-            return Err(PkiError::Exists(name.into()));
-        }
         let entry = CertEntry {
             name: name.into(),
             cert_pem: cert_pem.to_string(),
@@ -223,10 +283,57 @@ impl CertStore {
             forward_untrust: roles.forward_untrust,
             inbound: roles.inbound.clone(),
         };
-        entry.check_key(hsm).map_err(|reason| PkiError::Create { name: name.into(), reason })?;
+        check_key(&entry, key.as_ref()).map_err(|reason| PkiError::Create { name: name.into(), reason })?;
+        Self::add(state, entry)
+    }
+
+    /// A store entry for a certificate (PEM, leaf first) and its software private key, checked
+    /// against each other. The key itself is not in the entry: the caller seals it in the vault
+    /// as `key_secret` before adding the entry.
+    pub fn software_entry(
+        name: &str,
+        cert_pem: &str,
+        key: &rustls::pki_types::PrivateKeyDer<'_>,
+        key_secret: String,
+        roles: &Roles,
+    ) -> Result<CertEntry, PkiError> {
+        check_name(name)?;
+        let create = |reason: String| PkiError::Create { name: name.into(), reason };
+        let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| create(format!("certificate PEM: {e}")))?;
+        if chain.is_empty() {
+            return Err(create("no certificate in the PEM".into()));
+        }
+        let software = SoftwareKey::from_der(key).map_err(|e| create(format!("private key: {e}")))?;
+        let entry = CertEntry {
+            name: name.into(),
+            cert_pem: cert_pem.to_string(),
+            key: KeyLocation::Software { secret: key_secret, format: key_format(key).into() },
+            algorithm: software.algorithm().as_str().into(),
+            forward_trust: roles.forward_trust,
+            forward_untrust: roles.forward_untrust,
+            inbound: roles.inbound.clone(),
+        };
+        check_key(&entry, &software).map_err(create)?;
+        Ok(entry)
+    }
+
+    /// Whether a certificate named `name` exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.iter().any(|e| e.name == name)
+    }
+
+    /// Adds a checked entry, taking its roles from any other certificate. Holds the state lock.
+    pub fn add(state: &StateDir, entry: CertEntry) -> Result<CertEntry, PkiError> {
+        let _lock = state.lock()?;
+        let mut store = Self::load(state)?;
+        if store.contains(&entry.name) {
+            return Err(PkiError::Exists(entry.name));
+        }
         for other in &mut store.entries {
-            other.forward_trust &= !roles.forward_trust;
-            other.forward_untrust &= !roles.forward_untrust;
+            other.forward_trust &= !entry.forward_trust;
+            other.forward_untrust &= !entry.forward_untrust;
         }
         store.entries.push(entry.clone());
         store.save()?;
@@ -248,18 +355,19 @@ impl CertStore {
     }
 
     /// Loads the CA holding `role`, its key checked against its certificate.
-    pub fn ca(&self, role: CaRole, hsm: &Arc<Hsm>) -> Result<Option<Ca>, PkiError> {
+    pub fn ca(&self, role: CaRole, keys: &Keyring<'_>) -> Result<Option<Ca>, PkiError> {
         let Some(entry) = self.with_role(role) else { return Ok(None) };
-        let key = entry_key(entry, hsm)?;
+        let key = keys.key(entry)?;
         let signer =
             RcgenKey::new(key).map_err(|e| PkiError::Create { name: entry.name.clone(), reason: e.to_string() })?;
         Ok(Some(Ca::new(&entry.name, entry.cert_der()?, signer)?))
     }
 
     /// Every certificate with its key status: `hsm` only when the key is on the token and a
-    /// test signature verifies under the certificate's public key.
-    pub fn summaries(&self, hsm: Option<&Arc<Hsm>>) -> Vec<CertSummary> {
-        self.entries.iter().map(|e| e.summary(hsm)).collect()
+    /// test signature verifies under the certificate's public key; `software` when the sealed
+    /// key opens and its test signature verifies; otherwise `error` with the reason.
+    pub fn summaries(&self, keys: &Keyring<'_>) -> Vec<CertSummary> {
+        self.entries.iter().map(|e| e.summary(keys)).collect()
     }
 
     fn save(&self) -> Result<(), PkiError> {
@@ -277,7 +385,7 @@ impl CertEntry {
             .map_err(|e| PkiError::Store { path: STORE_FILE.into(), reason: format!("certificate {}: {e}", self.name) })
     }
 
-    fn summary(&self, hsm: Option<&Arc<Hsm>>) -> CertSummary {
+    fn summary(&self, keys: &Keyring<'_>) -> CertSummary {
         let (subject, not_after) = self
             .cert_der()
             .ok()
@@ -288,13 +396,20 @@ impl CertEntry {
                 Some((cert.subject().to_string(), not_after))
             })
             .unwrap_or_default();
-        let status = match hsm {
-            None => Err("no HSM server is configured".to_string()),
-            Some(hsm) => self.check_key(hsm),
+        let status = match keys.key(self) {
+            Ok(key) => check_key(self, key.as_ref()),
+            Err(e) => Err(match e {
+                PkiError::Key { reason, .. } => reason,
+                other => other.to_string(),
+            }),
+        };
+        let location = match self.key {
+            KeyLocation::Hsm { .. } => "hsm",
+            KeyLocation::Software { .. } => "software",
         };
         CertSummary {
             name: self.name.clone(),
-            key: if status.is_ok() { "hsm" } else { "error" },
+            key: if status.is_ok() { location } else { "error" },
             reason: status.err(),
             forward_trust: self.forward_trust,
             forward_untrust: self.forward_untrust,
@@ -304,27 +419,25 @@ impl CertEntry {
             algorithm: self.algorithm.clone(),
         }
     }
-
-    fn check_key(&self, hsm: &Arc<Hsm>) -> Result<(), String> {
-        let key = entry_key(self, hsm).map_err(|e| e.to_string())?;
-        let der = self.cert_der().map_err(|e| e.to_string())?;
-        let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| e.to_string())?;
-        if cert.public_key().raw != key.public_key() {
-            return Err("the key on the HSM does not match the certificate".into());
-        }
-        let message = b"tollgate key check";
-        let sig = key.sign(key.algorithm().certificate_scheme(), message).map_err(|e| e.to_string())?;
-        if verify(key.algorithm(), &cert.public_key().subject_public_key.data, message, &sig) {
-            Ok(())
-        } else {
-            Err("test signature does not verify under the certificate".to_string())
-        }
-    }
 }
 
-fn entry_key(entry: &CertEntry, hsm: &Arc<Hsm>) -> Result<Arc<dyn PrivateKey>, PkiError> {
-    match &entry.key {
-        KeyLocation::Hsm { label } => Ok(hsm.key(label)?),
+/// Whether `key` is the key of `entry`'s certificate: same public key, and a test signature
+/// verifies under the certificate.
+fn check_key(entry: &CertEntry, key: &dyn PrivateKey) -> Result<(), String> {
+    let der = entry.cert_der().map_err(|e| e.to_string())?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| e.to_string())?;
+    if cert.public_key().raw != key.public_key() {
+        return Err(match entry.key {
+            KeyLocation::Hsm { .. } => "the key on the HSM does not match the certificate".into(),
+            KeyLocation::Software { .. } => "the private key does not match the certificate".into(),
+        });
+    }
+    let message = b"tollgate key check";
+    let sig = key.sign(key.algorithm().certificate_scheme(), message).map_err(|e| e.to_string())?;
+    if verify(key.algorithm(), &cert.public_key().subject_public_key.data, message, &sig) {
+        Ok(())
+    } else {
+        Err("test signature does not verify under the certificate".to_string())
     }
 }
 
@@ -472,6 +585,21 @@ mod tests {
         assert!(leaf.not_after < time::OffsetDateTime::now_utc());
         cache.inner_sync().await;
         assert!(cache.get(&key(2)).await.is_none(), "an expired leaf must not be served from the cache");
+    }
+
+    #[test]
+    fn software_keys_must_match_their_certificate() {
+        use rustls::pki_types::PrivateKeyDer;
+        use rustls::pki_types::pem::PemObject;
+        let pair = rcgen::KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["a.test".into()]).unwrap().self_signed(&pair).unwrap();
+        let der = PrivateKeyDer::from_pem_slice(pair.serialize_pem().as_bytes()).unwrap();
+        let entry = CertStore::software_entry("a", &cert.pem(), &der, "cert-key:a".into(), &Roles::default()).unwrap();
+        assert_eq!(entry.key, KeyLocation::Software { secret: "cert-key:a".into(), format: "pkcs8".into() });
+        let other = rcgen::KeyPair::generate().unwrap();
+        let other = PrivateKeyDer::from_pem_slice(other.serialize_pem().as_bytes()).unwrap();
+        let err = CertStore::software_entry("a", &cert.pem(), &other, "x".into(), &Roles::default()).unwrap_err();
+        assert!(err.to_string().contains("does not match"), "{err}");
     }
 
     #[test]

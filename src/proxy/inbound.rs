@@ -21,9 +21,8 @@ use super::tls::{H2, HTTP11};
 use super::upstream::{Route, Upstreams};
 use super::{ConnCtx, Proxy, ProxyError, Side, Target};
 use crate::config::{Config, ConfigError, OriginConfig};
-use crate::hsm::Hsm;
 use crate::keys::rustls::{InFlight, RustlsKey};
-use crate::pki::CertStore;
+use crate::pki::{CertStore, Keyring};
 
 /// The protected servers, by SNI.
 #[derive(Default)]
@@ -48,7 +47,7 @@ impl InboundSites {
     pub fn new(
         config: &Config,
         store: &CertStore,
-        hsm: &Arc<Hsm>,
+        keys: &Keyring<'_>,
         provider: &Arc<CryptoProvider>,
     ) -> Result<Self, ConfigError> {
         let storage = ServerSessionMemoryCache::new(64 * 1024);
@@ -67,7 +66,7 @@ impl InboundSites {
                 tracing::error!(host = %site.host, "inbound host has no certificate in the store (tollgate cert import --inbound HOST); not served");
                 continue;
             };
-            let certified = match certified_key(entry, hsm, &waiting) {
+            let certified = match certified_key(entry, keys, &waiting) {
                 Ok(certified) => certified,
                 Err(reason) => {
                     tracing::error!(host = %site.host, certificate = %entry.name, error = %reason, "inbound certificate unusable; host not served");
@@ -147,20 +146,20 @@ where
     }
 }
 
-/// The chain and an HSM-backed signing key, checked against each other.
+/// The chain and its signing key (on the HSM, or a software key from the vault), checked
+/// against each other.
 fn certified_key(
     entry: &crate::pki::CertEntry,
-    hsm: &Arc<Hsm>,
+    keys: &Keyring<'_>,
     waiting: &Arc<InFlight>,
 ) -> Result<CertifiedKey, String> {
-    let crate::pki::KeyLocation::Hsm { label } = &entry.key;
-    let key = hsm.key(label).map_err(|e| e.to_string())?;
+    let key = keys.key(entry).map_err(|e| e.to_string())?;
     let chain = CertificateDer::pem_slice_iter(entry.cert_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("certificate PEM: {e}"))?;
     let signing = Arc::new(RustlsKey::new(key, waiting.clone()));
     let certified = CertifiedKey::new(chain, signing);
-    certified.keys_match().map_err(|e| format!("certificate and HSM key do not match: {e}"))?;
+    certified.keys_match().map_err(|e| format!("certificate and key do not match: {e}"))?;
     Ok(certified)
 }
 

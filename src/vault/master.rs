@@ -4,10 +4,20 @@
 //! IV and associated data naming the key generation). Rotation creates the next wrapping key
 //! generation on the HSM and re-encrypts the master key with it; older generations are kept.
 //! Every write is one atomic rename, so a crash at any instant leaves a file that opens.
+//!
+//! The secrets sealed under the master key live in the same file, so changing the master key
+//! re-encrypts all of them in the same single rename (M4): there is never a moment when some
+//! secrets are sealed under a key the file does not hold.
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
+
+use super::SealingKey;
+use crate::hsm::Hsm;
+use crate::state::StateDir;
 
 /// The state file.
 pub const FILE: &str = "master-key.json";
@@ -29,6 +39,10 @@ pub struct MasterKeyFile {
     pub reminder_days: Option<u32>,
     /// RFC 3339, when HSM encryption was set up with a lifetime.
     pub expires_at: Option<String>,
+    /// Secrets sealed under the master key, by name: hex of `TGS1 ‖ nonce ‖ ciphertext ‖ tag`
+    /// with the name in the associated data.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secrets: BTreeMap<String, String>,
 }
 
 /// The master key encrypted by wrapping key `generation`.
@@ -91,6 +105,102 @@ pub fn check_lifetime(lifetime: u32, reminder: u32) -> Result<(), String> {
     Ok(())
 }
 
+/// Name of a certificate's software private key among the secrets.
+pub fn cert_key_secret(cert: &str) -> String {
+    format!("cert-key:{cert}")
+}
+
+/// Name of the management API token among the secrets.
+pub const API_TOKEN_SECRET: &str = "api-token";
+
+/// Associated data of a secret sealed under the master key.
+fn secret_purpose(name: &str) -> String {
+    format!("tollgate secret|{name}")
+}
+
+/// Reads `master-key.json`; `None` when there is none yet.
+pub fn load(state: &StateDir) -> Result<Option<MasterKeyFile>, String> {
+    let path = state.path(FILE);
+    let Some(bytes) = state.read(FILE).map_err(|e| e.to_string())? else { return Ok(None) };
+    serde_json::from_slice(&bytes).map(Some).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The master key, opened: unwrapped by the HSM, or unsealed with the device key.
+pub fn open_key(state: &StateDir, file: &MasterKeyFile, hsm: Option<&Hsm>) -> Result<Zeroizing<[u8; 32]>, String> {
+    let bytes = match (&file.hsm, &file.device_sealed) {
+        (Some(wrapped), _) => {
+            let hsm = hsm.ok_or("the master key is HSM-encrypted and no HSM is open")?;
+            let iv: [u8; 12] = unhex(&wrapped.iv)?.try_into().map_err(|_| "IV is not 12 bytes")?;
+            let label = format!("{WRAP_PREFIX}{}", wrapped.generation);
+            hsm.unwrap(&label, &iv, &aad(wrapped.generation), &unhex(&wrapped.ciphertext)?)
+                .map_err(|e| format!("unwrapping with {label}: {e}"))?
+        }
+        (None, Some(sealed)) => {
+            let key = device_key(state).map_err(|e| e.to_string())?;
+            key.open(DEVICE_PURPOSE, &unhex(sealed)?).ok_or("the device key does not open the master key")?
+        }
+        (None, None) => return Err("no master key is stored".into()),
+    };
+    let key: [u8; 32] = bytes.as_slice().try_into().map_err(|_| "the master key is not 32 bytes")?;
+    Ok(Zeroizing::new(key))
+}
+
+/// The per-installation device key (created on first use).
+pub fn device_key(state: &StateDir) -> Result<SealingKey, super::VaultError> {
+    SealingKey::load_or_create(&state.path("device.key"))
+}
+
+/// Seals `secret` under `master` as secret `name` (hex, for the file).
+pub fn seal_secret(master: &[u8; 32], name: &str, secret: &[u8]) -> String {
+    let key = SealingKey::from_bytes(Zeroizing::new(*master));
+    hex(&key.seal(&secret_purpose(name), secret))
+}
+
+/// Opens secret `name` (hex from the file) with `master`.
+pub fn open_secret(master: &[u8; 32], name: &str, sealed: &str) -> Result<Zeroizing<Vec<u8>>, String> {
+    let key = SealingKey::from_bytes(Zeroizing::new(*master));
+    key.open(&secret_purpose(name), &unhex(sealed)?)
+        .ok_or_else(|| format!("secret {name:?} does not open with the master key (corrupt or tampered with)"))
+}
+
+/// The master key, opened, with the secrets it seals: what the service and the CLI read
+/// software keys and the API token from.
+pub struct Vault {
+    key: Zeroizing<[u8; 32]>,
+    secrets: BTreeMap<String, String>,
+}
+
+impl Vault {
+    /// Opens the master key (asking the HSM when it is HSM-encrypted). `Ok(None)` when no
+    /// master key exists yet.
+    pub fn open(state: &StateDir, hsm: Option<&Hsm>) -> Result<Option<Self>, String> {
+        let Some(file) = load(state)? else { return Ok(None) };
+        let key = open_key(state, &file, hsm).map_err(|e| format!("the master key does not open: {e}"))?;
+        Ok(Some(Self { key, secrets: file.secrets }))
+    }
+
+    /// Secret `name`, decrypted; `Ok(None)` when there is no such secret.
+    pub fn secret(&self, name: &str) -> Result<Option<Zeroizing<Vec<u8>>>, String> {
+        self.secrets.get(name).map(|sealed| open_secret(&self.key, name, sealed)).transpose()
+    }
+}
+
+/// Lower-case hex.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Parses hex; the error never repeats the input (it may be secret).
+pub fn unhex(text: &str) -> Result<Vec<u8>, String> {
+    if !text.len().is_multiple_of(2) {
+        return Err(format!("expected an even number of hex digits, got {}", text.len()));
+    }
+    if let Some(at) = text.bytes().position(|b| !b.is_ascii_hexdigit()) {
+        return Err(format!("character {} is not a hex digit", at + 1));
+    }
+    Ok((0..text.len()).step_by(2).filter_map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok()).collect())
+}
+
 /// Stops the process at a named step when `TOLLGATE_FAILPOINT` names it: how the crash-safety
 /// tests kill a rotation at every step.
 pub fn failpoint(name: &str) {
@@ -102,6 +212,16 @@ pub fn failpoint(name: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_are_bound_to_their_name_and_key() {
+        let key = *generate();
+        let sealed = seal_secret(&key, "cert-key:a", b"private");
+        assert_eq!(open_secret(&key, "cert-key:a", &sealed).unwrap().as_slice(), b"private");
+        assert!(open_secret(&key, "cert-key:b", &sealed).is_err(), "sealed for another name");
+        assert!(open_secret(&generate(), "cert-key:a", &sealed).is_err(), "another master key");
+        assert!(!unhex("zz").unwrap_err().contains("zz"), "hex errors never echo the input");
+    }
 
     #[test]
     fn lifetimes_are_checked() {

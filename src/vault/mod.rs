@@ -1,9 +1,12 @@
-//! Secrets at rest. Today: the device key that seals HSM partition passwords (user PINs) in the
-//! state directory. Deliberately not the master key: the HSM must unwrap the master key, so the
-//! PIN that opens the HSM cannot depend on it.
+//! Secrets at rest, sealed with AES-256-GCM under one of two keys:
+//! - the device key (`device.key`, 0600), which seals HSM partition passwords (user PINs) and,
+//!   until it is HSM-encrypted, the master key. Deliberately not the master key for PINs: the
+//!   HSM must unwrap the master key, so the PIN that opens the HSM cannot depend on it.
+//! - the master key (`master.rs`), which seals every other secret: software private keys and
+//!   the management API token.
 //!
-//! Sealed files are `TGS1 ‖ nonce (12) ‖ AES-256-GCM(ciphertext ‖ tag)`, with associated data
-//! naming what the secret is for, so one sealed file cannot be passed off as another.
+//! Sealed blobs are `TGS1 ‖ nonce (12) ‖ AES-256-GCM(ciphertext ‖ tag)`, with associated data
+//! naming what the secret is for, so one sealed secret cannot be passed off as another.
 
 use std::path::Path;
 
@@ -25,12 +28,17 @@ pub enum VaultError {
     Open { path: String },
 }
 
-/// The per-installation key that seals HSM PINs.
-pub struct DeviceKey {
+/// An AES-256-GCM key that seals secrets: the device key or the master key.
+pub struct SealingKey {
     key: Zeroizing<[u8; 32]>,
 }
 
-impl DeviceKey {
+impl SealingKey {
+    /// A key from its 32 bytes.
+    pub fn from_bytes(key: Zeroizing<[u8; 32]>) -> Self {
+        Self { key }
+    }
+
     /// Reads the device key, creating it (random, 0600) when absent.
     pub fn load_or_create(path: &Path) -> Result<Self, VaultError> {
         if !path.exists() {
@@ -77,40 +85,19 @@ impl DeviceKey {
         Some(buf)
     }
 
-    /// Seals `secret` for `purpose` into `path` (0600, atomic).
+    /// Seals `secret` for `purpose` into `path` (0600, atomic; the directory is created 0700).
     pub fn seal_to(&self, path: &Path, purpose: &str, secret: &[u8]) -> Result<(), VaultError> {
         if let Some(dir) = path.parent() {
             use std::os::unix::fs::DirBuilderExt;
             std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| file_err(dir, e))?;
         }
-        let nonce: [u8; NONCE_LEN] = rand::random();
-        let mut buf = Zeroizing::new(secret.to_vec());
-        self.cipher()
-            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(purpose.as_bytes()), &mut *buf)
-            .map_err(|_| file_err(path, "sealing failed"))?;
-        let mut out = Vec::with_capacity(4 + NONCE_LEN + buf.len());
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(&buf);
-        write_atomic(path, &out, Mode::Secret).map_err(|e| file_err(path, e))
+        write_atomic(path, &self.seal(purpose, secret), Mode::Secret).map_err(|e| file_err(path, e))
     }
 
     /// Opens what `seal_to` wrote for `purpose`.
     pub fn open_from(&self, path: &Path, purpose: &str) -> Result<Zeroizing<Vec<u8>>, VaultError> {
         let sealed = std::fs::read(path).map_err(|e| file_err(path, e))?;
-        let open_err = || VaultError::Open { path: path.display().to_string() };
-        if sealed.len() < 4 + NONCE_LEN || &sealed[..4] != MAGIC {
-            return Err(open_err());
-        }
-        let nonce: [u8; NONCE_LEN] = sealed[4..4 + NONCE_LEN].try_into().map_err(|_| open_err())?;
-        let mut buf = Zeroizing::new(sealed[4 + NONCE_LEN..].to_vec());
-        let len = self
-            .cipher()
-            .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(purpose.as_bytes()), &mut buf)
-            .map_err(|_| open_err())?
-            .len();
-        buf.truncate(len);
-        Ok(buf)
+        self.open(purpose, &sealed).ok_or_else(|| VaultError::Open { path: path.display().to_string() })
     }
 
     fn cipher(&self) -> LessSafeKey {
@@ -129,7 +116,7 @@ mod tests {
     #[test]
     fn sealed_secrets_round_trip_and_are_bound_to_their_purpose() {
         let dir = tempfile::tempdir().unwrap();
-        let key = DeviceKey::load_or_create(&dir.path().join("device.key")).unwrap();
+        let key = SealingKey::load_or_create(&dir.path().join("device.key")).unwrap();
         let file = dir.path().join("a.sealed");
         key.seal_to(&file, "pin:a", b"1234-secret").unwrap();
         assert_eq!(key.open_from(&file, "pin:a").unwrap().as_slice(), b"1234-secret");
@@ -141,7 +128,7 @@ mod tests {
             let mode = std::fs::metadata(dir.path().join(f)).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o600, "{f}");
         }
-        let other = DeviceKey::load_or_create(&dir.path().join("other.key")).unwrap();
+        let other = SealingKey::load_or_create(&dir.path().join("other.key")).unwrap();
         assert!(other.open_from(&file, "pin:a").is_err(), "another device key cannot open it");
     }
 }
