@@ -191,7 +191,16 @@ pub struct PolicyConfig {
     /// How long a host whose clients reject our certificate (pinning) is passed through;
     /// 0 disables learning.
     pub learn_bypass_secs: u64,
+    /// Networks clients may not reach through the proxy (checked after DNS resolution, so a
+    /// name resolving to loopback is refused too). `[resolve]` overrides and `[[inbound]]`
+    /// origins are the operator's own choice and exempt.
+    pub deny_destinations: Vec<ipnet::IpNet>,
 }
+
+/// Destinations refused by default: the proxy host itself (loopback, unspecified) and
+/// link-local networks (cloud metadata services at 169.254.169.254).
+pub const DEFAULT_DENY_DESTINATIONS: [&str; 6] =
+    ["127.0.0.0/8", "::1/128", "0.0.0.0/8", "::/128", "169.254.0.0/16", "fe80::/10"];
 
 /// One `[[policy.rule]]`.
 #[derive(Clone, Debug)]
@@ -376,6 +385,22 @@ impl Typer<'_> {
             },
             resolve,
             policy: PolicyConfig {
+                deny_destinations: policy
+                    .deny_destinations
+                    .unwrap_or_else(|| DEFAULT_DENY_DESTINATIONS.iter().map(|s| s.to_string()).collect())
+                    .iter()
+                    .enumerate()
+                    .map(|(i, net)| {
+                        net.parse::<ipnet::IpNet>()
+                            .or_else(|_| net.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                            .map_err(|_| {
+                                self.invalid(
+                                    format!("policy.deny_destinations[{i}]"),
+                                    format!("{net:?} is not a network (CIDR such as 10.0.0.0/8) or an address"),
+                                )
+                            })
+                    })
+                    .collect::<Result<_, _>>()?,
                 learn_bypass_secs: policy.learn_bypass_secs,
                 no_decrypt: policy.no_decrypt,
                 rules: policy.rule.into_iter().enumerate().map(|(i, r)| self.rule(i, r)).collect::<Result<_, _>>()?,
@@ -655,6 +680,7 @@ mod raw {
         pub rule: Vec<Rule>,
         #[serde(default = "default_learn_bypass")]
         pub learn_bypass_secs: u64,
+        pub deny_destinations: Option<Vec<String>>,
     }
 
     #[derive(Deserialize)]
@@ -780,7 +806,12 @@ mod raw {
     }
     impl Default for Policy {
         fn default() -> Self {
-            Self { no_decrypt: Vec::new(), rule: Vec::new(), learn_bypass_secs: default_learn_bypass() }
+            Self {
+                no_decrypt: Vec::new(),
+                rule: Vec::new(),
+                learn_bypass_secs: default_learn_bypass(),
+                deny_destinations: None,
+            }
         }
     }
 
@@ -862,6 +893,23 @@ mod tests {
         assert!(err.contains("wildcard"), "{err}");
         let config = parse("state_dir = \"x\"\n[resolve]\n\"*.mint.test:443\" = \"127.0.0.1:1\"\n").unwrap();
         assert!(config.resolve.contains_key(&("*.mint.test".to_string(), 443)));
+    }
+
+    #[test]
+    fn destination_policy_defaults_to_the_host_and_link_local_and_names_bad_entries() {
+        let config = parse("state_dir = \"x\"\n").unwrap();
+        let denied = |ip: &str| {
+            config.policy.deny_destinations.iter().any(|n| n.contains(&ip.parse::<std::net::IpAddr>().unwrap()))
+        };
+        assert!(denied("127.0.0.1") && denied("::1") && denied("169.254.169.254") && denied("fe80::1"));
+        assert!(!denied("10.0.0.1") && !denied("2001:db8::1"));
+        let open = parse("state_dir = \"x\"\n[policy]\ndeny_destinations = []\n").unwrap();
+        assert!(open.policy.deny_destinations.is_empty());
+        let one = parse("state_dir = \"x\"\n[policy]\ndeny_destinations = [\"10.1.2.3\"]\n").unwrap();
+        assert_eq!(one.policy.deny_destinations[0].to_string(), "10.1.2.3/32");
+        let err =
+            parse("state_dir = \"x\"\n[policy]\ndeny_destinations = [\"10.0.0.0/33\"]\n").unwrap_err().to_string();
+        assert!(err.contains("policy.deny_destinations[0]") && err.contains("CIDR"), "{err}");
     }
 
     #[test]

@@ -432,8 +432,10 @@ async fn plain_http_absolute_form_is_relayed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_and_the_proxy_keeps_serving() {
-    let (_pki, _origin, setup, mut proxy) = basic().await;
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let extra = format!("\"closed.test:443\" = \"{closed}\"\n");
+    let (_pki, _origin, setup, mut proxy) =
+        one_origin("a", &["origin.test", "127.0.0.1"], &["h2", "http/1.1"], &extra).await;
 
     // Non-TLS bytes on a TLS port: closed.
     let mut tcp = tokio::net::TcpStream::connect(proxy.sni).await.unwrap();
@@ -454,43 +456,54 @@ async fn bad_input_is_refused_and_the_proxy_keeps_serving() {
     proxy.wait_log("no SNI", |v| v["error"].as_str().is_some_and(|e| e.contains("no SNI")));
 
     // An unreachable upstream through CONNECT: a TLS alert; plain HTTP: 502 with the header.
-    let tunnel = connect_tunnel(proxy.explicit, &format!("127.0.0.1:{}", closed.port())).await;
+    let tunnel = connect_tunnel(proxy.explicit, "closed.test:443").await;
+    let name = rustls::pki_types::ServerName::try_from("closed.test").unwrap();
     assert!(
-        tokio_rustls::TlsConnector::from(trusting_client(&setup.trust_ca, &[]))
-            .connect(ip.clone(), tunnel)
-            .await
-            .is_err()
+        tokio_rustls::TlsConnector::from(trusting_client(&setup.trust_ca, &[])).connect(name, tunnel).await.is_err()
     );
-    let out = run(
-        "curl",
-        &[
-            s("-sS"),
-            s("-i"),
-            s("--proxy"),
-            format!("http://{}", proxy.explicit),
-            format!("http://127.0.0.1:{}/", closed.port()),
-        ],
-        &[],
-    )
-    .await;
-    let text = String::from_utf8_lossy(&out.stdout);
+    let curl = |url: String| async move {
+        let out = run("curl", &[s("-sS"), s("-i"), s("--proxy"), format!("http://{}", proxy.explicit), url], &[]).await;
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let text = curl("http://closed.test:443/".into()).await;
     assert!(text.starts_with("HTTP/1.1 502") && text.contains("tollgate-error: upstream-unreachable"), "{text}");
 
-    // The management listener is never a destination.
-    let tunnel = connect_tunnel(proxy.explicit, &proxy.management.to_string()).await;
+    // Destinations the policy denies by default (the proxy host, link-local metadata services)
+    // and the management listener: 403 before any byte reaches them.
+    for authority in [format!("127.0.0.1:{}", closed.port()), "169.254.169.254:80".into(), "[::1]:22".into()] {
+        let head = connect_head(proxy.explicit, &authority).await;
+        assert!(head.starts_with("HTTP/1.1 403") && head.contains("destination-denied"), "{authority}: {head}");
+    }
+    let head = connect_head(proxy.explicit, &proxy.management.to_string()).await;
+    assert!(head.starts_with("HTTP/1.1 403"), "management: {head}");
+    proxy.wait_log("management refused", |v| v["error"].as_str().is_some_and(|e| e.contains("own listener")));
+    let text = curl(format!("http://127.0.0.1:{}/", closed.port())).await;
+    assert!(text.starts_with("HTTP/1.1 403") && text.contains("deny_destinations"), "{text}");
+    // A name resolving into a denied network is refused once resolved.
+    let tunnel = connect_tunnel(proxy.explicit, &format!("localhost:{}", closed.port())).await;
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     assert!(
-        tokio_rustls::TlsConnector::from(trusting_client(&setup.trust_ca, &[]))
-            .connect(ip.clone(), tunnel)
-            .await
-            .is_err()
+        tokio_rustls::TlsConnector::from(trusting_client(&setup.trust_ca, &[])).connect(name, tunnel).await.is_err()
     );
-    proxy.wait_log("management refused", |v| v["error"].as_str().is_some_and(|e| e.contains("not allowed")));
+    proxy.wait_log("localhost denied", |v| {
+        v["error"].as_str().is_some_and(|e| e.contains("localhost") && e.contains("deny_destinations"))
+    });
 
     // Still serving.
     let tls = tls_via_sni(proxy.sni, "origin.test", trusting_client(&setup.trust_ca, &["http/1.1"])).await.unwrap();
     let (status, _, _) = request(tls, false, get("origin.test", "/", false)).await;
     assert_eq!(status, 200);
     assert!(proxy.alive());
+}
+
+/// `CONNECT authority` on the explicit listener: the response head.
+async fn connect_head(proxy: std::net::SocketAddr, authority: &str) -> String {
+    let mut tcp = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let request = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut head)).await;
+    String::from_utf8_lossy(&head).into_owned()
 }
 
 /// The `conn=` the origin reports: which upstream connection served the request.

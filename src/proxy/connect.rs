@@ -53,6 +53,9 @@ fn connect(proxy: Arc<Proxy>, mut req: Request<Incoming>, ctx: ConnCtx) -> Respo
     let Some(target) = req.uri().authority().and_then(|a| Target::parse(a.as_str(), 443)) else {
         return Refusal::new(StatusCode::BAD_REQUEST, "bad-connect", "CONNECT needs host:port".into()).into_response();
     };
+    if let Err(e) = proxy.check_literal(&target) {
+        return Refusal::upstream(e).into_response();
+    }
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         match on_upgrade.await {

@@ -428,13 +428,16 @@ impl Refusal {
 
     /// The upstream could not be reached.
     pub fn upstream(e: ProxyError) -> Self {
-        let status = match e {
-            ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
-            _ => StatusCode::BAD_GATEWAY,
+        let (status, code) = match e {
+            ProxyError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream-unreachable"),
+            ProxyError::Forbidden(_) | ProxyError::Denied { .. } => {
+                tracing::info!(error = %e, "destination refused");
+                return Self::new(StatusCode::FORBIDDEN, "destination-denied", e.to_string());
+            }
+            _ => (StatusCode::BAD_GATEWAY, "upstream-unreachable"),
         };
         tracing::warn!(side = ?e.side(), error = %e, "upstream request failed");
-        Self::new(status, "upstream-unreachable", e.to_string())
+        Self::new(status, code, e.to_string())
     }
 
     fn upstream_http(target: &Target, e: hyper::Error) -> Self {

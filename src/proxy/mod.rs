@@ -50,6 +50,8 @@ pub enum ProxyError {
     NameMismatch { sni: String, host: String },
     #[error("destination {0} is not allowed (tollgate's own listener)")]
     Forbidden(SocketAddr),
+    #[error("destination {target} ({addr}) is not allowed: {net} is in [policy] deny_destinations")]
+    Denied { target: String, addr: SocketAddr, net: ipnet::IpNet },
     #[error("{phase} timed out after {secs} s")]
     Timeout { phase: &'static str, secs: u64, side: Side },
     #[error("connecting to {target}: {source}")]
@@ -89,6 +91,7 @@ impl ProxyError {
             | Self::NoSite(_)
             | Self::NameMismatch { .. }
             | Self::Forbidden(_)
+            | Self::Denied { .. }
             | Self::ClientTls(_) => Side::Client,
             Self::Timeout { side, .. } => *side,
             Self::Connect { .. }
@@ -156,6 +159,8 @@ pub struct Proxy {
     resolve: BTreeMap<(String, u16), SocketAddr>,
     /// Our own sockets: never a destination (no loops, no reaching management via the proxy).
     own: Vec<SocketAddr>,
+    /// Networks clients may not reach (`[policy] deny_destinations`).
+    deny: Vec<ipnet::IpNet>,
     limit: Arc<Semaphore>,
     pub handshake_timeout: Duration,
     pub connect_timeout: Duration,
@@ -192,6 +197,7 @@ impl Proxy {
             ),
             resolve: config.resolve.clone(),
             own,
+            deny: config.policy.deny_destinations.clone(),
             limit: Arc::new(Semaphore::new(config.limits.max_connections)),
             handshake_timeout: Duration::from_secs(config.limits.handshake_timeout_secs),
             connect_timeout: Duration::from_secs(config.limits.connect_timeout_secs),
@@ -252,17 +258,30 @@ impl Proxy {
         self.own.push(addr);
     }
 
-    /// Opens a TCP connection to `target`, honouring `[resolve]` and refusing our own sockets.
+    /// Opens a TCP connection to a destination a client asked for, honouring `[resolve]` and
+    /// refusing our own sockets and `[policy] deny_destinations` (after resolution: a name that
+    /// resolves into a denied network is refused too; `[resolve]` overrides are exempt).
     pub async fn dial(&self, target: &Target) -> Result<TcpStream, ProxyError> {
+        self.dial_checked(target, true).await
+    }
+
+    /// Opens a TCP connection to an origin the operator configured (`[[inbound]]`): only our
+    /// own sockets are refused.
+    pub async fn dial_origin(&self, target: &Target) -> Result<TcpStream, ProxyError> {
+        self.dial_checked(target, false).await
+    }
+
+    async fn dial_checked(&self, target: &Target, client_chosen: bool) -> Result<TcpStream, ProxyError> {
         let connect_err = |source| ProxyError::Connect { target: target.to_string(), source };
-        let addrs: Vec<SocketAddr> = match target.addr.or_else(|| self.resolve_override(target)) {
+        let overridden = self.resolve_override(target);
+        let addrs: Vec<SocketAddr> = match target.addr.or(overridden) {
             Some(addr) => vec![addr],
             None => tokio::net::lookup_host((target.host.as_str(), target.port)).await.map_err(connect_err)?.collect(),
         };
         let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
         for addr in addrs {
-            if self.is_own(addr) {
-                return Err(ProxyError::Forbidden(addr));
+            if let Some(refused) = self.refused(target, addr, client_chosen && overridden.is_none()) {
+                return Err(refused);
             }
             let attempt = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await;
             match attempt {
@@ -281,6 +300,25 @@ impl Proxy {
             }
         }
         Err(connect_err(last))
+    }
+
+    /// Refuses, before CONNECT is answered, a destination given as an address that `dial`
+    /// would refuse; names are checked once resolved, in `dial`.
+    pub fn check_literal(&self, target: &Target) -> Result<(), ProxyError> {
+        let Ok(ip) = target.host.parse::<std::net::IpAddr>() else { return Ok(()) };
+        let policy = self.resolve_override(target).is_none();
+        match self.refused(target, SocketAddr::new(ip, target.port), policy) {
+            Some(refused) => Err(refused),
+            None => Ok(()),
+        }
+    }
+
+    fn refused(&self, target: &Target, addr: SocketAddr, policy: bool) -> Option<ProxyError> {
+        if self.is_own(addr) {
+            return Some(ProxyError::Forbidden(addr));
+        }
+        let net = self.deny.iter().find(|net| policy && net.contains(&addr.ip().to_canonical()))?;
+        Some(ProxyError::Denied { target: target.to_string(), addr, net: *net })
     }
 
     /// The `[resolve]` override for a target: exact host first, then `*.parent`.

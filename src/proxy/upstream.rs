@@ -317,7 +317,7 @@ async fn dial_forward(proxy: &Proxy, target: &Target, client_alpn: &[Vec<u8>]) -
 /// an error, never a verdict), or plain HTTP.
 async fn dial_inbound(proxy: &Proxy, site: &super::inbound::InboundSite) -> Result<Lease, ProxyError> {
     let target = Target { host: site.origin.host.clone(), port: site.origin.port, addr: None };
-    let tcp = proxy.dial(&target).await?;
+    let tcp = proxy.dial_origin(&target).await?;
     let trusted = || Mutex::new((Verdict::Trusted, Instant::now()));
     let Some(config) = &site.origin_tls else {
         let peer =
