@@ -243,6 +243,9 @@ pub struct LimitsConfig {
     pub upstream_pool_max: usize,
     /// A pooled upstream connection unused this long is closed.
     pub upstream_idle_timeout_secs: u64,
+    /// An upstream that sends nothing this long while we wait on it (handshake, response
+    /// headers, body) is cut: 502 before headers, an aborted response after.
+    pub upstream_read_timeout_secs: u64,
     /// Inbound handshakes that may wait for an HSM signature at once; more are shed.
     pub hsm_handshakes_max: usize,
     /// A client must send a request's headers within this (HTTP/1.1; slowloris guard).
@@ -360,6 +363,9 @@ impl Typer<'_> {
         if !(8192..=16 * 1024 * 1024).contains(&limits.max_header_bytes) {
             return Err(self.invalid("limits.max_header_bytes", "must be between 8192 and 16777216"));
         }
+        if limits.upstream_read_timeout_secs == 0 {
+            return Err(self.invalid("limits.upstream_read_timeout_secs", "must be at least 1"));
+        }
         if limits.header_timeout_secs == 0 {
             return Err(self.invalid("limits.header_timeout_secs", "must be at least 1"));
         }
@@ -416,6 +422,7 @@ impl Typer<'_> {
                 mint_timeout_secs: limits.mint_timeout_secs,
                 upstream_pool_max: limits.upstream_pool_max,
                 upstream_idle_timeout_secs: limits.upstream_idle_timeout_secs,
+                upstream_read_timeout_secs: limits.upstream_read_timeout_secs,
                 hsm_handshakes_max: limits.hsm_handshakes_max,
                 header_timeout_secs: limits.header_timeout_secs,
                 max_header_bytes: limits.max_header_bytes,
@@ -725,6 +732,8 @@ mod raw {
         pub upstream_pool_max: usize,
         #[serde(default = "default_upstream_idle_timeout")]
         pub upstream_idle_timeout_secs: u64,
+        #[serde(default = "default_upstream_read_timeout")]
+        pub upstream_read_timeout_secs: u64,
         #[serde(default = "default_hsm_handshakes_max")]
         pub hsm_handshakes_max: usize,
         #[serde(default = "default_header_timeout")]
@@ -763,6 +772,7 @@ mod raw {
                 mint_timeout_secs: default_mint_timeout(),
                 upstream_pool_max: default_upstream_pool_max(),
                 upstream_idle_timeout_secs: default_upstream_idle_timeout(),
+                upstream_read_timeout_secs: default_upstream_read_timeout(),
                 hsm_handshakes_max: default_hsm_handshakes_max(),
                 header_timeout_secs: default_header_timeout(),
                 max_header_bytes: default_max_header_bytes(),
@@ -803,6 +813,9 @@ mod raw {
     }
     fn default_upstream_idle_timeout() -> u64 {
         30
+    }
+    fn default_upstream_read_timeout() -> u64 {
+        60
     }
     impl Default for Policy {
         fn default() -> Self {

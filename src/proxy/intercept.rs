@@ -118,7 +118,11 @@ where
         Ok(Ok(client)) => client,
         Ok(Err(e)) => {
             proxy.upstreams.give_back(&key, lease);
-            if let Some(reason) = proxy.bypass.learn(&target.host, &e) {
+            // A client refusing a forward-untrust leaf does exactly what that leaf is for: it
+            // must never teach a bypass, or the bad upstream would be passed through.
+            if verdict.is_trusted()
+                && let Some(reason) = proxy.bypass.learn(&target.host, &e)
+            {
                 tracing::warn!(host = %target.host, reason, client = %ctx.client, "client rejected our certificate (pinning?): host excluded from decryption");
             }
             return Err(ProxyError::ClientTls(e));

@@ -5,6 +5,7 @@
 pub mod bypass;
 pub mod connect;
 pub mod http;
+pub mod idle;
 pub mod inbound;
 pub mod intercept;
 pub mod tls;
@@ -164,6 +165,8 @@ pub struct Proxy {
     limit: Arc<Semaphore>,
     pub handshake_timeout: Duration,
     pub connect_timeout: Duration,
+    /// An upstream silent this long while we wait on it fails (`proxy::idle`).
+    pub read_timeout: Duration,
     pub mint_timeout: Duration,
     header_timeout: Duration,
     max_header_bytes: usize,
@@ -201,6 +204,7 @@ impl Proxy {
             limit: Arc::new(Semaphore::new(config.limits.max_connections)),
             handshake_timeout: Duration::from_secs(config.limits.handshake_timeout_secs),
             connect_timeout: Duration::from_secs(config.limits.connect_timeout_secs),
+            read_timeout: Duration::from_secs(config.limits.upstream_read_timeout_secs),
             mint_timeout: Duration::from_secs(config.limits.mint_timeout_secs),
             header_timeout: Duration::from_secs(config.limits.header_timeout_secs),
             max_header_bytes: config.limits.max_header_bytes,

@@ -1,0 +1,374 @@
+//! Hostile servers: upstream certificates that must never be trusted, and upstreams that stall.
+//! Each bad certificate comes out as a forward-untrust leaf (or a refused connection), never a
+//! leaf a client trusting the forward-trust CA accepts; with `untrusted = "block"` no leaf at
+//! all. Stalls are cut by the connect and read deadlines.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use support::*;
+
+/// A root the proxy trusts (its PEM in `bundle`), able to issue chains of any shape.
+struct Root {
+    issuer: Issuer<'static, KeyPair>,
+    cert_pem: String,
+    key_pem: String,
+}
+
+impl Root {
+    fn new() -> Self {
+        let key = KeyPair::generate().unwrap();
+        let params = ca_params("hostile test root");
+        let cert_pem = params.self_signed(&key).unwrap().pem();
+        let key_pem = key.serialize_pem();
+        Self { issuer: Issuer::new(params, key), cert_pem, key_pem }
+    }
+
+    /// A leaf for `sans` issued through `depth` intermediates: (chain leaf first, key).
+    fn chain(&self, sans: Vec<SanType>, depth: usize) -> (Vec<CertificateDer<'static>>, KeyPair) {
+        let mut issuers: Vec<Issuer<'static, KeyPair>> = Vec::new();
+        let mut certs = Vec::new();
+        for i in 0..depth {
+            let key = KeyPair::generate().unwrap();
+            let params = ca_params(&format!("intermediate {i}"));
+            let cert = params.signed_by(&key, issuers.last().unwrap_or(&self.issuer)).unwrap();
+            certs.push(cert.der().clone());
+            issuers.push(Issuer::new(params, key));
+        }
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, "hostile leaf");
+        params.subject_alt_names = sans;
+        let key = KeyPair::generate().unwrap();
+        let leaf = params.signed_by(&key, issuers.last().unwrap_or(&self.issuer)).unwrap();
+        certs.insert(0, leaf.der().clone());
+        certs[1..].reverse();
+        (certs, key)
+    }
+}
+
+fn ca_params(cn: &str) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, cn);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params
+}
+
+fn dns(name: &str) -> Vec<SanType> {
+    vec![SanType::DnsName(name.try_into().unwrap())]
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl").args(args).current_dir(dir).output().unwrap();
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A leaf made by openssl and signed by the root: `key_args` make the key, `digest` signs.
+fn openssl_leaf(root: &Root, dir: &Path, name: &str, key_args: &[&str], digest: &str) -> (String, String) {
+    std::fs::write(dir.join("root.pem"), &root.cert_pem).unwrap();
+    std::fs::write(dir.join("root.key"), &root.key_pem).unwrap();
+    let key = format!("{name}.key");
+    let mut args = key_args.to_vec();
+    args.extend(["-out", &key]);
+    openssl(dir, &args);
+    let csr = format!("{name}.csr");
+    let subj = format!("/CN={name}");
+    openssl(dir, &["req", "-new", "-key", &key, "-subj", &subj, "-out", &csr]);
+    std::fs::write(dir.join(format!("{name}.ext")), format!("subjectAltName=DNS:{name}\n")).unwrap();
+    let cert = format!("{name}.pem");
+    let ext = format!("{name}.ext");
+    let sign = [
+        "x509", "-req", "-in", &csr, "-CA", "root.pem", "-CAkey", "root.key", "-days", "30", digest, "-extfile", &ext,
+        "-out", &cert,
+    ];
+    openssl(dir, &sign);
+    (dir.join(cert).display().to_string(), dir.join(key).display().to_string())
+}
+
+/// `openssl s_server` serving `cert`/`key` (for keys rustls refuses to serve, like RSA-1024).
+struct SServer {
+    child: std::process::Child,
+    addr: SocketAddr,
+}
+
+impl SServer {
+    fn start(cert: &str, key: &str) -> Self {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let child = std::process::Command::new("openssl")
+            .args(["s_server", "-quiet", "-www", "-accept", &addr.to_string(), "-cert", cert, "-key", key])
+            .args(["-cipher", "DEFAULT@SECLEVEL=0"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(Instant::now() < deadline, "s_server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { child, addr }
+    }
+}
+
+impl Drop for SServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// How a stalling upstream misbehaves.
+#[derive(Clone, Copy)]
+enum Stall {
+    /// Accepts TCP and never answers the ClientHello.
+    Handshake,
+    /// Completes TLS, reads the request, never answers.
+    Headers,
+    /// Sends headers promising 1000 bytes, 10 of them, then nothing.
+    Body,
+}
+
+/// A stalling upstream; `tls` serves the TLS leaf for the other two kinds.
+async fn stalling(kind: Stall, tls: tokio_rustls::TlsAcceptor) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { continue };
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                if let Stall::Handshake = kind {
+                    tokio::time::sleep(Duration::from_secs(120)).await;
+                    drop(tcp);
+                    return;
+                }
+                let Ok(mut stream) = tls.accept(tcp).await else { return };
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                if let Stall::Body = kind {
+                    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789").await;
+                    let _ = stream.flush().await;
+                }
+                tokio::time::sleep(Duration::from_secs(120)).await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+fn acceptor(chain: Vec<CertificateDer<'static>>, key: &KeyPair) -> tokio_rustls::TlsAcceptor {
+    let key = PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap();
+    let config =
+        rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+    tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config))
+}
+
+/// Every bad upstream, by host name, and what keeps them running.
+struct BadUpstreams {
+    hosts: Vec<(&'static str, SocketAddr)>,
+    bundle: std::path::PathBuf,
+    _origins: Vec<Origin>,
+    _sserver: SServer,
+    _dir: tempfile::TempDir,
+}
+
+async fn bad_upstreams() -> BadUpstreams {
+    require(&["openssl"]);
+    let dir = tempfile::tempdir().unwrap();
+    let root = Root::new();
+    let bundle = dir.path().join("bundle.pem");
+    std::fs::write(&bundle, &root.cert_pem).unwrap();
+    let mut hosts = Vec::new();
+    let mut origins = Vec::new();
+    let rustls_origin = |chain: Vec<CertificateDer<'static>>, key: KeyPair| async move {
+        let key = PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap();
+        Origin::start("bad", chain, key, &["http/1.1"]).await
+    };
+
+    // Not yet valid.
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = dns("notyet.test");
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now + time::Duration::days(1);
+    params.not_after = now + time::Duration::days(30);
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &root.issuer).unwrap();
+    origins.push(rustls_origin(vec![cert.der().clone()], key).await);
+    hosts.push(("notyet.test", origins.last().unwrap().addr));
+
+    // Incomplete chain: issued by an intermediate the server does not send.
+    let (chain, key) = root.chain(dns("incomplete.test"), 1);
+    origins.push(rustls_origin(vec![chain[0].clone()], key).await);
+    hosts.push(("incomplete.test", origins.last().unwrap().addr));
+
+    // An overlong chain: eight intermediates, all sent.
+    let (chain, key) = root.chain(dns("deep.test"), 8);
+    origins.push(rustls_origin(chain, key).await);
+    hosts.push(("deep.test", origins.last().unwrap().addr));
+
+    // Only an IP SAN: not a certificate for the name asked for.
+    let (chain, key) = root.chain(vec![SanType::IpAddress("127.0.0.1".parse().unwrap())], 0);
+    origins.push(rustls_origin(chain, key).await);
+    hosts.push(("ipsan.test", origins.last().unwrap().addr));
+
+    // Signed with SHA-1 (ECDSA key, so rustls can still serve it).
+    let (cert, key) =
+        openssl_leaf(&root, dir.path(), "sha1.test", &["ecparam", "-name", "prime256v1", "-genkey", "-noout"], "-sha1");
+    let chain = vec![pem_cert(Path::new(&cert))];
+    let key = PrivateKeyDer::from_pem_file(&key).unwrap();
+    origins.push(Origin::start("sha1", chain, key, &["http/1.1"]).await);
+    hosts.push(("sha1.test", origins.last().unwrap().addr));
+
+    // RSA-1024: served by openssl, since rustls will not sign with such a key.
+    let (cert, key) = openssl_leaf(&root, dir.path(), "weakkey.test", &["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:1024"], "-sha256");
+    let sserver = SServer::start(&cert, &key);
+    hosts.push(("weakkey.test", sserver.addr));
+
+    BadUpstreams { hosts, bundle, _origins: origins, _sserver: sserver, _dir: dir }
+}
+
+/// A proxy with policy `untrusted` in front of `bad`, with short deadlines.
+fn proxy_for(bad: &BadUpstreams, untrusted: &'static str, more: &[(&str, SocketAddr)]) -> (Setup, Proxy) {
+    let mut resolve: Vec<_> = bad.hosts.iter().map(|(h, a)| (format!("{h}:443"), *a)).collect();
+    resolve.extend(more.iter().map(|(h, a)| (format!("{h}:443"), *a)));
+    let setup = Setup::new(&ProxyOptions {
+        untrusted,
+        ca_bundles: vec![bad.bundle.clone()],
+        resolve,
+        extra: "\n[limits]\nconnect_timeout_secs = 2\nupstream_read_timeout_secs = 2\n".into(),
+        ..Default::default()
+    });
+    let proxy = setup.start();
+    (setup, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_upstream_certificates_are_never_trusted() {
+    let bad = bad_upstreams().await;
+    let (setup, proxy) = proxy_for(&bad, "forward-untrust", &[]);
+    let untrust = parse(&setup.untrust_ca);
+    let mut outcomes = Vec::new();
+    for (host, _) in &bad.hosts {
+        let strict = trusting_client(&setup.trust_ca, &["http/1.1"]);
+        assert!(tls_via_sni(proxy.sni, host, strict).await.is_err(), "{host}: a client trusting the CA must refuse it");
+        let (config, seen) = capturing_client(&["http/1.1"]);
+        match tls_via_sni(proxy.sni, host, config).await {
+            Ok(_) => {
+                let leaf = seen.lock()[0].clone();
+                assert_eq!(parse(&leaf).issuer(), untrust.subject(), "{host}: only ever the forward-untrust CA");
+                outcomes.push(format!("{host}: forward-untrust"));
+            }
+            Err(e) => {
+                assert!(seen.lock().is_empty(), "{host}: refused before any certificate");
+                outcomes.push(format!("{host}: refused ({e})"));
+            }
+        }
+    }
+    // Clients refusing forward-untrust leaves is the point of them: no bypass is learned, or
+    // the next connection would get the bad upstream's own certificate passed through.
+    let learned = http_get(proxy.management, "/api/v1/bypass").await;
+    assert_eq!(learned.trim(), "[]", "no host excluded from decryption: {learned}");
+    // The certificate problems rustls can see and still finish the handshake: untrust leaves.
+    for host in ["notyet.test", "incomplete.test", "deep.test", "ipsan.test", "sha1.test"] {
+        assert!(outcomes.contains(&format!("{host}: forward-untrust")), "{outcomes:#?}");
+    }
+    assert!(outcomes.iter().any(|o| o.starts_with("weakkey.test: refused")), "{outcomes:#?}");
+    assert!(proxy.log_json().iter().any(|v| v["error"].as_str().is_some_and(|e| e.contains("weakkey.test"))));
+
+    // With the block policy, none of them gets a certificate at all.
+    let (_setup, proxy) = proxy_for(&bad, "block", &[]);
+    for (host, _) in &bad.hosts {
+        let (config, seen) = capturing_client(&["http/1.1"]);
+        assert!(tls_via_sni(proxy.sni, host, config).await.is_err(), "{host}: blocked");
+        assert!(seen.lock().is_empty(), "{host}: no certificate presented");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalling_upstreams_are_timed_out_and_the_proxy_keeps_serving() {
+    let bad = bad_upstreams().await;
+    // Stalling upstreams need certificates the proxy trusts, so only the stall is at fault.
+    let root = Root::new();
+    let bundle = bad._dir.path().join("bundle.pem");
+    let mut pem = std::fs::read_to_string(&bundle).unwrap();
+    pem.push_str(&root.cert_pem);
+    std::fs::write(&bundle, pem).unwrap();
+    let mut stalls = Vec::new();
+    let mut more = Vec::new();
+    for (host, kind) in [
+        ("stall-handshake.test", Stall::Handshake),
+        ("stall-headers.test", Stall::Headers),
+        ("stall-body.test", Stall::Body),
+    ] {
+        let (chain, key) = root.chain(dns(host), 0);
+        let (addr, task) = stalling(kind, acceptor(chain, &key)).await;
+        stalls.push(task);
+        more.push((host, addr));
+    }
+    let (good_chain, good_key) = root.chain(dns("good.test"), 0);
+    let good = Origin::start(
+        "good",
+        good_chain,
+        PrivateKeyDer::from_pem_slice(good_key.serialize_pem().as_bytes()).unwrap(),
+        &["http/1.1"],
+    )
+    .await;
+    more.push(("good.test", good.addr));
+    let (setup, proxy) = proxy_for(&bad, "forward-untrust", &more);
+    let client = || trusting_client(&setup.trust_ca, &["http/1.1"]);
+
+    // Mid-handshake: the connect deadline (2 s) answers the client with an alert.
+    let started = Instant::now();
+    assert!(tls_via_sni(proxy.sni, "stall-handshake.test", client()).await.is_err());
+    let took = started.elapsed();
+    assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(6), "handshake stall cut after {took:?}");
+
+    // Before the response headers: 502 once the read deadline (2 s) passes.
+    let started = Instant::now();
+    let tls = tls_via_sni(proxy.sni, "stall-headers.test", client()).await.unwrap();
+    let (status, headers, _) = request(tls, false, get("stall-headers.test", "/", false)).await;
+    let took = started.elapsed();
+    assert_eq!(status, 502);
+    assert!(headers.get("tollgate-error").is_some());
+    assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(6), "header stall cut after {took:?}");
+
+    // Mid-body: the response is aborted, never completed with made-up bytes.
+    let started = Instant::now();
+    let mut tls = tls_via_sni(proxy.sni, "stall-body.test", client()).await.unwrap();
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: stall-body.test\r\n\r\n").await.unwrap();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut got)).await;
+    let took = started.elapsed();
+    assert!(read.is_ok(), "the client is not left hanging");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200") && text.ends_with("0123456789"), "{text}");
+    assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(6), "body stall cut after {took:?}");
+    proxy.wait_log("read deadline", |v| v.to_string().contains("sent nothing for 2 s"));
+
+    // And the proxy still serves.
+    let tls = tls_via_sni(proxy.sni, "good.test", client()).await.unwrap();
+    let (status, _, _) = request(tls, false, get("good.test", "/", false)).await;
+    assert_eq!(status, 200);
+    for task in stalls {
+        task.abort();
+    }
+}
