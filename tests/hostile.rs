@@ -239,7 +239,13 @@ async fn bad_upstreams() -> BadUpstreams {
     hosts.push(("sha1.test", origins.last().unwrap().addr));
 
     // RSA-1024: served by openssl, since rustls will not sign with such a key.
-    let (cert, key) = openssl_leaf(&root, dir.path(), "weakkey.test", &["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:1024"], "-sha256");
+    let (cert, key) = openssl_leaf(
+        &root,
+        dir.path(),
+        "weakkey.test",
+        &["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:1024"],
+        "-sha256",
+    );
     let sserver = SServer::start(&cert, &key);
     hosts.push(("weakkey.test", sserver.addr));
 

@@ -409,6 +409,8 @@ impl TestPki {
         let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
         params.distinguished_name.push(DnType::CommonName, names[0]);
         params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let now = time::OffsetDateTime::now_utc();
+        (params.not_before, params.not_after) = (now - time::Duration::days(1), now + time::Duration::days(365));
         params.signed_by(key, &self.issuer).unwrap().pem()
     }
 
