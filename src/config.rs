@@ -246,6 +246,8 @@ pub struct LimitsConfig {
     /// An upstream that sends nothing this long while we wait on it (handshake, response
     /// headers, body) is cut: 502 before headers, an aborted response after.
     pub upstream_read_timeout_secs: u64,
+    /// A client that accepts none of our bytes this long (slow read) is cut.
+    pub client_send_timeout_secs: u64,
     /// Inbound handshakes that may wait for an HSM signature at once; more are shed.
     pub hsm_handshakes_max: usize,
     /// A client must send a request's headers within this (HTTP/1.1; slowloris guard).
@@ -366,6 +368,9 @@ impl Typer<'_> {
         if limits.upstream_read_timeout_secs == 0 {
             return Err(self.invalid("limits.upstream_read_timeout_secs", "must be at least 1"));
         }
+        if limits.client_send_timeout_secs == 0 {
+            return Err(self.invalid("limits.client_send_timeout_secs", "must be at least 1"));
+        }
         if limits.header_timeout_secs == 0 {
             return Err(self.invalid("limits.header_timeout_secs", "must be at least 1"));
         }
@@ -423,6 +428,7 @@ impl Typer<'_> {
                 upstream_pool_max: limits.upstream_pool_max,
                 upstream_idle_timeout_secs: limits.upstream_idle_timeout_secs,
                 upstream_read_timeout_secs: limits.upstream_read_timeout_secs,
+                client_send_timeout_secs: limits.client_send_timeout_secs,
                 hsm_handshakes_max: limits.hsm_handshakes_max,
                 header_timeout_secs: limits.header_timeout_secs,
                 max_header_bytes: limits.max_header_bytes,
@@ -734,6 +740,8 @@ mod raw {
         pub upstream_idle_timeout_secs: u64,
         #[serde(default = "default_upstream_read_timeout")]
         pub upstream_read_timeout_secs: u64,
+        #[serde(default = "default_upstream_read_timeout")]
+        pub client_send_timeout_secs: u64,
         #[serde(default = "default_hsm_handshakes_max")]
         pub hsm_handshakes_max: usize,
         #[serde(default = "default_header_timeout")]
@@ -773,6 +781,7 @@ mod raw {
                 upstream_pool_max: default_upstream_pool_max(),
                 upstream_idle_timeout_secs: default_upstream_idle_timeout(),
                 upstream_read_timeout_secs: default_upstream_read_timeout(),
+                client_send_timeout_secs: default_upstream_read_timeout(),
                 hsm_handshakes_max: default_hsm_handshakes_max(),
                 header_timeout_secs: default_header_timeout(),
                 max_header_bytes: default_max_header_bytes(),

@@ -378,3 +378,268 @@ async fn stalling_upstreams_are_timed_out_and_the_proxy_keeps_serving() {
         task.abort();
     }
 }
+
+/// A malformed h2 request: POST?, extra headers, body.
+type Attempt<'a> = (bool, Vec<(&'a str, &'a str)>, Option<&'a [u8]>);
+
+// ---- Hostile clients -------------------------------------------------------------------------
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const GOAWAY: u8 = 0x7;
+const CONTINUATION: u8 = 0x9;
+const END_STREAM: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len();
+    let mut out = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// An HPACK block: `:method` (static GET or POST), `:scheme https`, `:path /`, `:authority
+/// host`, then literal headers, none indexed. Lengths under 127.
+fn request_block(post: bool, host: &str, extra: &[(&str, &str)]) -> Vec<u8> {
+    let mut block = vec![if post { 0x83 } else { 0x82 }, 0x87, 0x84, 0x01, host.len() as u8];
+    block.extend_from_slice(host.as_bytes());
+    for (name, value) in extra {
+        block.extend([0x00, name.len() as u8]);
+        block.extend_from_slice(name.as_bytes());
+        block.push(value.len() as u8);
+        block.extend_from_slice(value.as_bytes());
+    }
+    block
+}
+
+/// Frames the server sent: (type, flags, stream, payload).
+type Seen = std::sync::Arc<parking_lot::Mutex<Vec<(u8, u8, u32, Vec<u8>)>>>;
+
+/// An h2 connection through the sni listener, spoken frame by frame; a task records what the
+/// server sends until it closes.
+async fn raw_h2(
+    proxy: SocketAddr,
+    host: &str,
+    ca: &CertificateDer<'static>,
+) -> (tokio::io::WriteHalf<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>, Seen, tokio::task::JoinHandle<()>) {
+    let tls = tls_via_sni(proxy, host, trusting_client(ca, &["h2"])).await.unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    wr.write_all(PREFACE).await.unwrap();
+    wr.write_all(&frame(SETTINGS, 0, 0, &[])).await.unwrap();
+    wr.write_all(&frame(SETTINGS, 1, 0, &[])).await.unwrap();
+    let seen: Seen = Default::default();
+    let sink = seen.clone();
+    let reader = tokio::spawn(async move {
+        loop {
+            let mut head = [0u8; 9];
+            if rd.read_exact(&mut head).await.is_err() {
+                return;
+            }
+            let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+            let mut payload = vec![0u8; len];
+            if rd.read_exact(&mut payload).await.is_err() {
+                return;
+            }
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            sink.lock().push((head[3], head[4], stream, payload));
+        }
+    });
+    (wr, seen, reader)
+}
+
+/// A proxy with short client and upstream deadlines in front of a good origin.
+async fn client_setup() -> (Origin, Setup, Proxy) {
+    let root = Root::new();
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("bundle.pem");
+    std::fs::write(&bundle, &root.cert_pem).unwrap();
+    let (chain, key) = root.chain(dns("good.test"), 0);
+    let key = PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap();
+    let origin = Origin::start("good", chain, key, &["h2", "http/1.1"]).await;
+    let setup = Setup::new(&ProxyOptions {
+        ca_bundles: vec![bundle],
+        resolve: vec![("good.test:443".into(), origin.addr)],
+        extra: "\n[limits]\nclient_send_timeout_secs = 2\nupstream_read_timeout_secs = 5\n".into(),
+        ..Default::default()
+    });
+    // The bundle is read at start; the directory may go.
+    let proxy = setup.start();
+    drop(dir);
+    (origin, setup, proxy)
+}
+
+async fn still_serves(proxy: &Proxy, setup: &Setup) {
+    for h2 in [false, true] {
+        let alpn: &[&str] = if h2 { &["h2"] } else { &["http/1.1"] };
+        let tls = tls_via_sni(proxy.sni, "good.test", trusting_client(&setup.trust_ca, alpn)).await.unwrap();
+        let (status, _, body) = request(tls, h2, get("good.test", "/after", h2)).await;
+        assert_eq!(status, 200, "{body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_rapid_reset_and_continuation_floods_are_cut_with_memory_bounded() {
+    let (origin, setup, proxy) = client_setup().await;
+    still_serves(&proxy, &setup).await;
+    let baseline = proxy.rss_kib();
+
+    // Rapid reset (CVE-2023-44487): open a stream and cancel it at once, 20,000 times.
+    let (mut wr, seen, reader) = raw_h2(proxy.sni, "good.test", &setup.trust_ca).await;
+    let started = Instant::now();
+    let mut sent = 0u32;
+    'flood: for batch in 0..200u32 {
+        let mut bytes = Vec::new();
+        for i in 0..100u32 {
+            let stream = 2 * (batch * 100 + i) + 1;
+            bytes.extend(frame(HEADERS, END_HEADERS | END_STREAM, stream, &request_block(false, "good.test", &[])));
+            bytes.extend(frame(RST_STREAM, 0, stream, &8u32.to_be_bytes()));
+        }
+        if wr.write_all(&bytes).await.is_err() {
+            break 'flood;
+        }
+        sent += 100;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(10), reader).await;
+    let goaway = seen.lock().iter().any(|f| f.0 == GOAWAY);
+    let reset_rss = proxy.rss_kib();
+    let upstream_requests = origin.requests.load(std::sync::atomic::Ordering::SeqCst);
+    eprintln!(
+        "rapid reset: {sent} streams opened and cancelled in {:?}; GOAWAY: {goaway}; origin saw {upstream_requests} requests; RSS {baseline} -> {reset_rss} KiB",
+        started.elapsed()
+    );
+    assert!(goaway, "the flooding connection is told to go away");
+    assert!(upstream_requests < 2_000, "cancelled streams do not all become upstream requests: {upstream_requests}");
+    assert!(reset_rss < baseline + 32 * 1024, "RSS {baseline} -> {reset_rss} KiB");
+
+    // CONTINUATION flood (2024): a header block that never ends, 16 KiB at a time.
+    let (mut wr, seen, reader) = raw_h2(proxy.sni, "good.test", &setup.trust_ca).await;
+    let mut pad = Vec::new();
+    while pad.len() + 128 <= 16 * 1024 {
+        pad.extend([0x00, 0x05]);
+        pad.extend_from_slice(b"x-pad");
+        pad.push(120);
+        pad.extend(std::iter::repeat_n(b'a', 120));
+    }
+    wr.write_all(&frame(HEADERS, END_STREAM, 1, &request_block(false, "good.test", &[]))).await.unwrap();
+    let mut continuation_bytes = 0usize;
+    for _ in 0..4096 {
+        if wr.write_all(&frame(CONTINUATION, 0, 1, &pad)).await.is_err() {
+            break;
+        }
+        continuation_bytes += pad.len();
+    }
+    let _ = wr.shutdown().await;
+    let closed = tokio::time::timeout(Duration::from_secs(10), reader).await.is_ok();
+    let flood_rss = proxy.rss_kib();
+    eprintln!(
+        "CONTINUATION flood: {} KiB written before the proxy stopped reading; closed: {closed}; frames back: {:?}; RSS {baseline} -> {flood_rss} KiB",
+        continuation_bytes / 1024,
+        seen.lock().iter().map(|f| f.0).collect::<Vec<_>>()
+    );
+    assert!(closed, "the connection is closed");
+    assert!(continuation_bytes < 64 << 20, "the proxy stops reading long before 64 MiB of headers");
+    assert!(flood_rss < baseline + 32 * 1024, "RSS {baseline} -> {flood_rss} KiB");
+    still_serves(&proxy, &setup).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smuggling_attempts_across_h2_to_h1_translation_are_refused() {
+    let (origin, setup, proxy) = client_setup().await;
+    let requests = || origin.requests.load(std::sync::atomic::Ordering::SeqCst);
+    // Each attempt on its own connection: the stream reset or the connection refused
+    // (GOAWAY, PROTOCOL_ERROR), never a response, never an upstream request.
+    let attempts: [Attempt; 5] = [
+        (true, vec![("content-length", "5")], Some(b"0123456789")), // body longer than declared
+        (true, vec![("transfer-encoding", "chunked")], Some(b"0\r\n\r\n")), // h1 framing in h2
+        (false, vec![("x-a", "b\r\nx-injected: 1")], None),         // CRLF in a value
+        (false, vec![("X-Upper", "1")], None),                      // upper-case name
+        (false, vec![("connection", "keep-alive")], None),          // connection-specific
+    ];
+    for (post, headers, body) in &attempts {
+        let before = requests();
+        let (mut wr, seen, reader) = raw_h2(proxy.sni, "good.test", &setup.trust_ca).await;
+        let flags = if body.is_some() { END_HEADERS } else { END_HEADERS | END_STREAM };
+        wr.write_all(&frame(HEADERS, flags, 1, &request_block(*post, "good.test", headers))).await.unwrap();
+        if let Some(body) = body {
+            wr.write_all(&frame(0x0, END_STREAM, 1, body)).await.unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let refused = |f: &(u8, u8, u32, Vec<u8>)| (f.0 == RST_STREAM && f.2 == 1) || f.0 == GOAWAY;
+        while !seen.lock().iter().any(refused) {
+            assert!(Instant::now() < deadline, "{headers:?}: neither reset nor refused: {:?}", seen.lock());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let frames = seen.lock().clone();
+        assert!(!frames.iter().any(|f| f.0 == HEADERS && f.2 == 1), "{headers:?}: answered: {frames:?}");
+        assert_eq!(requests(), before, "{headers:?}: a whole request reached the origin");
+        drop(wr);
+        reader.abort();
+    }
+
+    // HTTP/1.1 framing tricks on an intercepted connection: refused, or — for Content-Length
+    // with Transfer-Encoding — read as chunked (RFC 9112 §6.1), re-framed by tollgate for the
+    // origin, and the connection closed, so the bytes after the chunked body never become a
+    // request. Never a smuggled request at the origin.
+    let cases: [(&str, &str); 4] = [
+        (
+            "POST / HTTP/1.1\r\nHost: good.test\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: good.test\r\n\r\n",
+            "Content-Length with Transfer-Encoding",
+        ),
+        (
+            "POST / HTTP/1.1\r\nHost: good.test\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+            "two Content-Lengths",
+        ),
+        ("GET / HTTP/1.1\r\nHost: good.test\r\nX-A: b\r\n x-injected: 1\r\n\r\n", "obs-fold"),
+        ("GET http://other.test/ HTTP/1.1\r\nHost: good.test\r\n\r\n", "absolute-form naming another host"),
+    ];
+    for (raw, what) in cases {
+        let before = requests();
+        let mut tls =
+            tls_via_sni(proxy.sni, "good.test", trusting_client(&setup.trust_ca, &["http/1.1"])).await.unwrap();
+        tls.write_all(raw.as_bytes()).await.unwrap();
+        let mut response = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut response)).await;
+        let response = String::from_utf8_lossy(&response);
+        let status: u16 = response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let reached = requests() - before;
+        assert!(!response.contains("path=/smuggled"), "{what}: a smuggled request reached the origin: {response}");
+        let refused = (400..500).contains(&status) && reached == 0;
+        let te_wins = what.starts_with("Content-Length with")
+            && status == 200
+            && reached == 1
+            && response.contains("body=0")
+            && response.to_ascii_lowercase().contains("connection: close")
+            && read.is_ok();
+        assert!(refused || te_wins, "{what}: got {status} with {reached} upstream requests: {response}");
+    }
+    still_serves(&proxy, &setup).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_readers_are_cut_and_do_not_make_the_proxy_buffer() {
+    let (_origin, setup, proxy) = client_setup().await;
+    still_serves(&proxy, &setup).await;
+    let baseline = proxy.rss_kib();
+    // Ask for 64 MiB, then read nothing.
+    let mut tls = tls_via_sni(proxy.sni, "good.test", trusting_client(&setup.trust_ca, &["http/1.1"])).await.unwrap();
+    tls.write_all(b"GET /big HTTP/1.1\r\nHost: good.test\r\n\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let stalled_rss = proxy.rss_kib();
+    // What the proxy had sent before giving up is all there is: the connection is closed.
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut got)).await;
+    eprintln!(
+        "slow read: {} KiB of 65536 delivered before the cut; RSS {baseline} -> {stalled_rss} KiB while stalled",
+        got.len() / 1024
+    );
+    assert!(read.is_ok(), "the proxy closed the stalled connection");
+    assert!(got.len() < 32 << 20, "the response was cut, not delivered");
+    assert!(stalled_rss < baseline + 16 * 1024, "RSS {baseline} -> {stalled_rss} KiB: the proxy buffered the response");
+    proxy.wait_log("send deadline", |v| v.to_string().contains("accepted no bytes"));
+    still_serves(&proxy, &setup).await;
+}

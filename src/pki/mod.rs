@@ -187,16 +187,18 @@ impl CertStore {
         let path = state.path(STORE_FILE).display().to_string();
         let entries = match state.read(STORE_FILE)? {
             None => Vec::new(),
-            Some(bytes) => {
-                let file: StoreFile = serde_json::from_slice(&bytes)
-                    .map_err(|e| PkiError::Store { path: path.clone(), reason: e.to_string() })?;
-                if file.version != STORE_VERSION {
-                    return Err(PkiError::Store { path, reason: format!("unsupported version {}", file.version) });
-                }
-                file.certs
-            }
+            Some(bytes) => Self::parse(&bytes).map_err(|reason| PkiError::Store { path, reason })?,
         };
         Ok(Self { state: state.clone(), entries })
+    }
+
+    /// Parses the inventory file's bytes.
+    pub fn parse(bytes: &[u8]) -> Result<Vec<CertEntry>, String> {
+        let file: StoreFile = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if file.version != STORE_VERSION {
+            return Err(format!("unsupported version {}", file.version));
+        }
+        Ok(file.certs)
     }
 
     /// Every entry.
@@ -264,13 +266,8 @@ impl CertStore {
         roles: &Roles,
     ) -> Result<CertEntry, PkiError> {
         check_name(name)?;
-        let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| PkiError::Create { name: name.into(), reason: format!("certificate PEM: {e}") })?;
-        let leaf = chain
-            .first()
-            .ok_or_else(|| PkiError::Create { name: name.into(), reason: "no certificate in the PEM".into() })?;
-        let (_, parsed) = x509_parser::parse_x509_certificate(leaf)
+        let chain = parse_chain(name, cert_pem)?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(&chain[0])
             .map_err(|e| PkiError::Create { name: name.into(), reason: format!("certificate: {e}") })?;
         let label = hsm.find_key(parsed.public_key().raw, id)?;
         let key = hsm.key(&label)?;
@@ -299,12 +296,7 @@ impl CertStore {
     ) -> Result<CertEntry, PkiError> {
         check_name(name)?;
         let create = |reason: String| PkiError::Create { name: name.into(), reason };
-        let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| create(format!("certificate PEM: {e}")))?;
-        if chain.is_empty() {
-            return Err(create("no certificate in the PEM".into()));
-        }
+        parse_chain(name, cert_pem)?;
         let software = SoftwareKey::from_der(key).map_err(|e| create(format!("private key: {e}")))?;
         let entry = CertEntry {
             name: name.into(),
@@ -419,6 +411,23 @@ impl CertEntry {
             algorithm: self.algorithm.clone(),
         }
     }
+}
+
+/// A PEM chain (leaf first) for certificate `name`: at least one certificate, each one valid
+/// X.509 DER. Errors name the certificate and the position in the chain.
+pub fn parse_chain(name: &str, pem: &str) -> Result<Vec<CertificateDer<'static>>, PkiError> {
+    let create = |reason: String| PkiError::Create { name: name.into(), reason };
+    let chain = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| create(format!("certificate PEM: {e}")))?;
+    if chain.is_empty() {
+        return Err(create("no certificate in the PEM".into()));
+    }
+    for (i, cert) in chain.iter().enumerate() {
+        x509_parser::parse_x509_certificate(cert)
+            .map_err(|e| create(format!("certificate {} of the chain: {e}", i + 1)))?;
+    }
+    Ok(chain)
 }
 
 /// Whether `key` is the key of `entry`'s certificate: same public key, and a test signature

@@ -9,13 +9,12 @@ use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 
 use super::http::{AccessLog, Body, Refusal, prepare_request, strip_hop_by_hop};
 use super::{ConnCtx, Proxy, ProxyError, Target};
 
 /// Serves one client connection of the explicit listener.
-pub async fn serve(proxy: Arc<Proxy>, stream: TcpStream, ctx: ConnCtx) {
+pub async fn serve(proxy: Arc<Proxy>, stream: super::Client, ctx: ConnCtx) {
     let server = proxy.http1_server();
     let draining = proxy.clone();
     let service = hyper::service::service_fn(move |req| handle(proxy.clone(), req, ctx));

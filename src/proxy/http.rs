@@ -87,9 +87,26 @@ where
         }
     };
     if let Err(e) = result {
-        tracing::debug!(client = %ctx.client, error = %e, "client connection ended with an error");
+        match timed_out(&e) {
+            Some(stall) => tracing::info!(client = %ctx.client, error = %stall, "client connection cut"),
+            None => tracing::debug!(client = %ctx.client, error = %e, "client connection ended with an error"),
+        }
     }
     Ok(())
+}
+
+/// The stall deadline (`proxy::idle`) behind a connection error, if that is what ended it.
+fn timed_out<'e>(e: &'e (dyn std::error::Error + 'static)) -> Option<&'e std::io::Error> {
+    let mut source = Some(e);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::TimedOut
+        {
+            return Some(io);
+        }
+        source = e.source();
+    }
+    None
 }
 
 /// Where a client connection's requests go.

@@ -1,11 +1,13 @@
-//! A read deadline for upstream connections: an upstream that sends nothing for
-//! `upstream_read_timeout_secs` while tollgate waits on it — mid-handshake, before its response
-//! headers, or mid-body — fails with `TimedOut`, which hyper turns into a 502 before headers or
-//! an aborted response after them. Like nginx's `proxy_read_timeout`, it also closes idle
-//! upgraded (WebSocket) connections and idle pooled connections.
+//! Stall deadlines on a connection, like nginx's `proxy_read_timeout` and `send_timeout`:
+//! - read: a peer that sends nothing for this long while we wait on it fails with `TimedOut`.
+//!   Upstreams get it (mid-handshake, before response headers, mid-body: hyper turns it into a
+//!   502 before headers or an aborted response after); it also closes idle pooled and upgraded
+//!   (WebSocket) connections.
+//! - write: a peer that accepts none of our bytes for this long fails the write. Clients get
+//!   it: a slow reader cannot pin a response (and its upstream) for ever.
 //!
-//! Reads only record the time of progress; the timer is re-armed lazily when it fires, so the
-//! hot path never touches the timer wheel.
+//! Progress only records a timestamp; a timer is re-armed lazily when it fires, so the hot path
+//! never touches the timer wheel.
 
 use std::io;
 use std::pin::Pin;
@@ -15,19 +17,65 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-/// An IO stream whose reads fail after `timeout` without progress.
-pub struct ReadDeadline<T> {
+/// An IO stream with optional read and write stall deadlines.
+pub struct Deadlines<T> {
     inner: T,
+    read: Option<Clock>,
+    write: Option<Clock>,
+}
+
+/// One deadline: `timeout` after `since` (the last progress, or when the wait began).
+struct Clock {
     timeout: Duration,
-    /// Last read or write progress.
-    last: Instant,
+    since: Instant,
+    /// Whether a wait is under way (writes only count while blocked).
+    waiting: bool,
     sleep: Pin<Box<Sleep>>,
 }
 
-impl<T> ReadDeadline<T> {
-    pub fn new(inner: T, timeout: Duration) -> Self {
+impl Clock {
+    fn new(timeout: Duration) -> Self {
         let now = Instant::now();
-        Self { inner, timeout, last: now, sleep: Box::pin(tokio::time::sleep_until(now + timeout)) }
+        Self { timeout, since: now, waiting: false, sleep: Box::pin(tokio::time::sleep_until(now + timeout)) }
+    }
+
+    /// Whether the deadline has passed; otherwise the timer wakes `cx` when it might have.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        loop {
+            let deadline = self.since + self.timeout;
+            if self.sleep.deadline() != deadline {
+                self.sleep.as_mut().reset(deadline);
+            }
+            if self.sleep.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            if Instant::now() >= self.since + self.timeout {
+                return true;
+            }
+        }
+    }
+
+    fn error(&self, what: &str) -> io::Error {
+        io::Error::new(io::ErrorKind::TimedOut, format!("{what} for {} s", self.timeout.as_secs()))
+    }
+}
+
+impl<T> Deadlines<T> {
+    /// No deadlines yet.
+    pub fn new(inner: T) -> Self {
+        Self { inner, read: None, write: None }
+    }
+
+    /// Reads fail after `timeout` without progress.
+    pub fn read_deadline(mut self, timeout: Duration) -> Self {
+        self.read = Some(Clock::new(timeout));
+        self
+    }
+
+    /// Writes fail after being blocked `timeout` without progress.
+    pub fn write_deadline(mut self, timeout: Duration) -> Self {
+        self.write = Some(Clock::new(timeout));
+        self
     }
 
     /// The wrapped stream.
@@ -35,49 +83,61 @@ impl<T> ReadDeadline<T> {
         &self.inner
     }
 
-    /// Pending read: fails once `timeout` has passed since the last progress.
-    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
-        loop {
-            let deadline = self.last + self.timeout;
-            if self.sleep.deadline() != deadline {
-                self.sleep.as_mut().reset(deadline);
-            }
-            if self.sleep.as_mut().poll(cx).is_pending() {
-                return false;
-            }
-            if Instant::now() >= self.last + self.timeout {
-                return true;
-            }
+    /// Bytes went out: a new exchange starts the wait for its answer afresh, and a blocked
+    /// writer made progress.
+    fn wrote(&mut self) {
+        let now = Instant::now();
+        if let Some(read) = &mut self.read {
+            read.since = now;
         }
+        if let Some(write) = &mut self.write {
+            write.waiting = false;
+        }
+    }
+
+    fn write_blocked(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        let write = self.write.as_mut()?;
+        if !write.waiting {
+            write.waiting = true;
+            write.since = Instant::now();
+        }
+        write.expired(cx).then(|| write.error("peer accepted no bytes"))
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for ReadDeadline<T> {
+impl<T: AsyncRead + Unpin> AsyncRead for Deadlines<T> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match Pin::new(&mut self.inner).poll_read(cx, buf) {
             Poll::Ready(result) => {
-                self.last = Instant::now();
+                if let Some(read) = &mut self.read {
+                    read.since = Instant::now();
+                }
                 Poll::Ready(result)
             }
-            Poll::Pending if self.expired(cx) => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("upstream sent nothing for {} s", self.timeout.as_secs()),
-            ))),
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => match &mut self.read {
+                Some(read) => match read.expired(cx) {
+                    true => Poll::Ready(Err(read.error("peer sent nothing"))),
+                    false => Poll::Pending,
+                },
+                None => Poll::Pending,
+            },
         }
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for ReadDeadline<T> {
+impl<T: AsyncWrite + Unpin> AsyncWrite for Deadlines<T> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write(cx, data);
-        if let Poll::Ready(Ok(n)) = polled
-            && n > 0
-        {
-            // A new request starts the wait for its answer afresh.
-            self.last = Instant::now();
+        match Pin::new(&mut self.inner).poll_write(cx, data) {
+            Poll::Ready(Ok(n)) => {
+                self.wrote();
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => match self.write_blocked(cx) {
+                Some(e) => Poll::Ready(Err(e)),
+                None => Poll::Pending,
+            },
         }
-        polled
     }
 
     fn poll_write_vectored(
@@ -85,13 +145,17 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ReadDeadline<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = polled
-            && n > 0
-        {
-            self.last = Instant::now();
+        match Pin::new(&mut self.inner).poll_write_vectored(cx, bufs) {
+            Poll::Ready(Ok(n)) => {
+                self.wrote();
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => match self.write_blocked(cx) {
+                Some(e) => Poll::Ready(Err(e)),
+                None => Poll::Pending,
+            },
         }
-        polled
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -99,7 +163,13 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ReadDeadline<T> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        match Pin::new(&mut self.inner).poll_flush(cx) {
+            Poll::Pending => match self.write_blocked(cx) {
+                Some(e) => Poll::Ready(Err(e)),
+                None => Poll::Pending,
+            },
+            ready => ready,
+        }
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -115,7 +185,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_silent_peer_times_out_and_a_talking_one_does_not() {
         let (ours, mut theirs) = tokio::io::duplex(64);
-        let mut ours = ReadDeadline::new(ours, Duration::from_secs(10));
+        let mut ours = Deadlines::new(ours).read_deadline(Duration::from_secs(10));
         let mut buf = [0u8; 8];
         // Bytes every 6 s keep it alive past the 10 s deadline.
         for _ in 0..3 {
@@ -127,5 +197,24 @@ mod tests {
         let err = ours.read(&mut buf).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert_eq!(started.elapsed(), Duration::from_secs(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_stops_reading_fails_our_writes() {
+        let (ours, mut theirs) = tokio::io::duplex(16);
+        let mut ours = Deadlines::new(ours).write_deadline(Duration::from_secs(5));
+        // A reader draining slowly but steadily is fine.
+        for _ in 0..4 {
+            ours.write_all(&[0; 16]).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            let mut buf = [0u8; 16];
+            theirs.read_exact(&mut buf).await.unwrap();
+        }
+        // One that stops reading: the blocked write fails 5 s after it blocked.
+        ours.write_all(&[0; 16]).await.unwrap();
+        let started = Instant::now();
+        let err = ours.write_all(&[0; 16]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
     }
 }

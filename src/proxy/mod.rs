@@ -120,14 +120,36 @@ pub struct Target {
 }
 
 impl Target {
-    /// Parses `host:port` / `[v6]:port` (CONNECT authority); `default_port` when none.
+    /// Parses `host:port` / `[v6]:port` (CONNECT authority); `default_port` when none. The
+    /// host must be a DNS name or an IP literal (IPv6 bracketed) and the port a number 1–65535:
+    /// `http`'s authority parser alone lets through hosts such as `1[:1` (found by fuzzing).
     pub fn parse(authority: &str, default_port: u16) -> Option<Self> {
         let authority: ::http::uri::Authority = authority.parse().ok()?;
-        let host = authority.host().trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() {
+        if authority.as_str().contains('@') {
             return None;
         }
-        Some(Self { host: host.to_ascii_lowercase(), port: authority.port_u16().unwrap_or(default_port), addr: None })
+        let raw = authority.host();
+        let host = match raw.strip_prefix('[') {
+            Some(v6) => {
+                let v6 = v6.strip_suffix(']')?;
+                v6.parse::<std::net::Ipv6Addr>().ok()?;
+                v6
+            }
+            None => {
+                if raw.contains([':', '[', ']']) {
+                    return None;
+                }
+                rustls::pki_types::ServerName::try_from(raw).ok()?;
+                raw
+            }
+        };
+        // `port()` is `None` for a port that does not parse: read what follows the host.
+        let port = match authority.as_str()[raw.len()..].strip_prefix(':') {
+            Some(port) => port.parse::<u16>().ok().filter(|p| *p != 0)?,
+            None if authority.as_str().len() == raw.len() => default_port,
+            None => return None,
+        };
+        Some(Self { host: host.to_ascii_lowercase(), port, addr: None })
     }
 }
 
@@ -167,6 +189,8 @@ pub struct Proxy {
     pub connect_timeout: Duration,
     /// An upstream silent this long while we wait on it fails (`proxy::idle`).
     pub read_timeout: Duration,
+    /// A client accepting none of our bytes this long is cut (`proxy::idle`).
+    pub send_timeout: Duration,
     pub mint_timeout: Duration,
     header_timeout: Duration,
     max_header_bytes: usize,
@@ -205,6 +229,7 @@ impl Proxy {
             handshake_timeout: Duration::from_secs(config.limits.handshake_timeout_secs),
             connect_timeout: Duration::from_secs(config.limits.connect_timeout_secs),
             read_timeout: Duration::from_secs(config.limits.upstream_read_timeout_secs),
+            send_timeout: Duration::from_secs(config.limits.client_send_timeout_secs),
             mint_timeout: Duration::from_secs(config.limits.mint_timeout_secs),
             header_timeout: Duration::from_secs(config.limits.header_timeout_secs),
             max_header_bytes: config.limits.max_header_bytes,
@@ -365,6 +390,7 @@ pub async fn serve_listener(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        let stream = idle::Deadlines::new(stream).write_deadline(proxy.send_timeout);
         let proxy = proxy.clone();
         let config = config.clone();
         tokio::spawn(async move {
@@ -380,6 +406,10 @@ pub async fn serve_listener(
         });
     }
 }
+
+/// A client connection: its writes fail when the client accepts nothing for
+/// `client_send_timeout_secs` (slow readers cannot pin a response for ever).
+pub type Client = idle::Deadlines<TcpStream>;
 
 /// Per-connection facts for logs and decisions.
 #[derive(Clone, Copy, Debug)]
@@ -415,5 +445,12 @@ mod tests {
         assert_eq!(Target::parse("[::1]:443", 443).unwrap().to_string(), "[::1]:443");
         assert_eq!(Target::parse("host", 443).unwrap().port, 443);
         assert_eq!(Target::parse("", 443), None);
+        assert_eq!(Target::parse("10.0.0.1", 80).unwrap().port, 80);
+        // Found by fuzzing: accepted by `http`'s authority parser, not hosts at all.
+        for bad in
+            ["1[:1]:C", "a[b]:1", "host:0", "host:99999", "host:x", "user@host:443", "[::1", "[not-v6]:1", "a b:1"]
+        {
+            assert_eq!(Target::parse(bad, 443), None, "{bad}");
+        }
     }
 }

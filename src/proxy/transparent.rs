@@ -15,8 +15,8 @@ use super::{ConnCtx, Proxy, Target};
 use crate::config::{ListenerConfig, ListenerMode};
 
 /// Serves one redirected connection.
-pub async fn serve(proxy: Arc<Proxy>, stream: TcpStream, ctx: ConnCtx, tproxy: bool) {
-    let dst = match original_destination(&stream, tproxy) {
+pub async fn serve(proxy: Arc<Proxy>, stream: super::Client, ctx: ConnCtx, tproxy: bool) {
+    let dst = match original_destination(stream.get_ref(), tproxy) {
         Ok(dst) => dst,
         Err(e) => {
             tracing::warn!(client = %ctx.client, error = %e, "transparent connection without an original destination (not redirected by the kernel?)");

@@ -17,7 +17,7 @@ use parking_lot::Mutex;
 use rustls::pki_types::{CertificateDer, ServerName};
 
 use super::http::Body;
-use super::idle::ReadDeadline;
+use super::idle::Deadlines;
 use super::tls::{H2, UpstreamTls, Verdict};
 use super::{Proxy, ProxyError, Side, Target};
 use crate::telemetry::METRICS;
@@ -295,12 +295,12 @@ impl Peer {
 }
 
 /// An upstream TCP connection, with its read deadline.
-type Tcp = ReadDeadline<tokio::net::TcpStream>;
+type Tcp = Deadlines<tokio::net::TcpStream>;
 
 /// Connects and handshakes upstream for forward interception: TLS with the client's SNI and
 /// ALPN offer, the verdict from the verifier, then HTTP.
 async fn dial_forward(proxy: &Proxy, target: &Target, client_alpn: &[Vec<u8>]) -> Result<Lease, ProxyError> {
-    let tcp = ReadDeadline::new(proxy.dial(target).await?, proxy.read_timeout);
+    let tcp = Deadlines::new(proxy.dial(target).await?).read_deadline(proxy.read_timeout);
     let name = server_name(target)?;
     let config = proxy.upstream_tls.config_for(client_alpn);
     let stream = tls_connect(proxy, target, config, name.clone(), tcp).await?;
@@ -321,7 +321,7 @@ async fn dial_forward(proxy: &Proxy, target: &Target, client_alpn: &[Vec<u8>]) -
 /// an error, never a verdict), or plain HTTP.
 async fn dial_inbound(proxy: &Proxy, site: &super::inbound::InboundSite) -> Result<Lease, ProxyError> {
     let target = Target { host: site.origin.host.clone(), port: site.origin.port, addr: None };
-    let tcp = ReadDeadline::new(proxy.dial_origin(&target).await?, proxy.read_timeout);
+    let tcp = Deadlines::new(proxy.dial_origin(&target).await?).read_deadline(proxy.read_timeout);
     let trusted = || Mutex::new((Verdict::Trusted, Instant::now()));
     let Some(config) = &site.origin_tls else {
         let peer =

@@ -343,6 +343,16 @@ impl Proxy {
         }
     }
 
+    /// The process's resident memory, KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+
     /// Whether the process is still running.
     pub fn alive(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
@@ -472,6 +482,8 @@ pub struct Origin {
     pub addr: SocketAddr,
     /// Connections the origin accepted.
     pub accepted: Arc<std::sync::atomic::AtomicUsize>,
+    /// Requests the origin received.
+    pub requests: Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -511,31 +523,37 @@ impl Origin {
         let addr = listener.local_addr().unwrap();
         let name = name.to_string();
         let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counter = accepted.clone();
+        let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (counter, seen) = (accepted.clone(), requests.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, peer)) = listener.accept().await else { continue };
                 counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let (tls, name) = (tls.clone(), name.clone());
+                let (tls, name, seen) = (tls.clone(), name.clone(), seen.clone());
                 tokio::spawn(async move {
                     let Some(acceptor) = tls else {
-                        return serve_origin(TokioIo::new(stream), false, name, peer.port()).await;
+                        return serve_origin(TokioIo::new(stream), false, name, peer.port(), seen).await;
                     };
                     let Ok(tls) = acceptor.accept(stream).await else { return };
                     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-                    serve_origin(TokioIo::new(tls), h2, name, peer.port()).await;
+                    serve_origin(TokioIo::new(tls), h2, name, peer.port(), seen).await;
                 });
             }
         });
-        Self { addr, accepted, task }
+        Self { addr, accepted, requests, task }
     }
 }
 
-async fn serve_origin<IO>(io: TokioIo<IO>, h2: bool, name: String, conn: u16)
-where
+async fn serve_origin<IO>(
+    io: TokioIo<IO>,
+    h2: bool,
+    name: String,
+    conn: u16,
+    requests: Arc<std::sync::atomic::AtomicUsize>,
+) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let service = hyper::service::service_fn(move |req| origin_response(req, name.clone(), conn));
+    let service = hyper::service::service_fn(move |req| origin_response(req, name.clone(), conn, requests.clone()));
     if h2 {
         let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(io, service).await;
     } else {
@@ -543,12 +561,15 @@ where
     }
 }
 
+/// Answers a request; `requests` counts those that arrived whole (head and complete body).
 async fn origin_response(
     mut req: hyper::Request<Incoming>,
     name: String,
     conn: u16,
+    requests: Arc<std::sync::atomic::AtomicUsize>,
 ) -> Result<hyper::Response<Full<Bytes>>, std::convert::Infallible> {
     if req.headers().get("upgrade").is_some_and(|v| v == "websocket") {
+        requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let on_upgrade = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {
             if let Ok(upgraded) = on_upgrade.await {
@@ -576,10 +597,19 @@ async fn origin_response(
         .or_else(|| req.headers().get("host").map(|h| h.to_str().unwrap_or("").to_string()));
     let version = req.version();
     let path = req.uri().path().to_string();
+    if path == "/big" {
+        requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        // 64 MiB: more than any buffer between origin and client may hold.
+        return Ok(hyper::Response::new(Full::new(Bytes::from(vec![b'x'; 64 << 20]))));
+    }
     if path == "/slow" {
         tokio::time::sleep(Duration::from_millis(1500)).await;
     }
-    let body = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
+    let body = match req.into_body().collect().await {
+        Ok(body) => body.to_bytes().len(),
+        Err(_) => return Ok(hyper::Response::new(Full::new(Bytes::from_static(b"incomplete body\n")))),
+    };
+    requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let text = format!(
         "origin={name} path={path} host={} version={version:?} body={body} conn={conn}\n",
         host.unwrap_or_default()
