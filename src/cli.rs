@@ -319,6 +319,7 @@ struct ConfigArg {
 
 /// Runs the command line; returns the process exit code.
 pub fn main() -> i32 {
+    harden_process();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -335,6 +336,13 @@ pub fn main() -> i32 {
         Command::MasterKey { command } => master_key(command),
         Command::ApiToken { command: ApiTokenCommand::Set { config } } => api_token_set(&config.config),
     }
+}
+
+/// Keeps the secrets this process holds (PINs, the master key, software keys) out of core
+/// dumps, and away from debuggers and /proc readers running as the same user.
+fn harden_process() {
+    let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0);
+    let _ = nix::sys::prctl::set_dumpable(false);
 }
 
 fn api_token_set(config: &std::path::Path) -> i32 {

@@ -66,11 +66,6 @@ fn dns(name: &str) -> Vec<SanType> {
     vec![SanType::DnsName(name.try_into().unwrap())]
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = std::process::Command::new("openssl").args(args).current_dir(dir).output().unwrap();
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
 /// A leaf made by openssl and signed by the root: `key_args` make the key, `digest` signs.
 fn openssl_leaf(root: &Root, dir: &Path, name: &str, key_args: &[&str], digest: &str) -> (String, String) {
     std::fs::write(dir.join("root.pem"), &root.cert_pem).unwrap();

@@ -138,18 +138,13 @@ fn the_support_file_holds_the_diagnostics_and_none_of_the_secrets() {
     // A certificate with a software key, sealed under the master key.
     let pki = TestPki::new();
     let (leaf_cert, leaf_key) = pki.leaf_files(&LeafSpec::new(&["www.support.test"]), pki.dir.path());
-    let out = setup.tollgate(&[
-        "cert",
-        "import",
-        "--name",
+    let out = import_soft(
+        &setup,
         "soft",
-        "--cert",
         leaf_cert.to_str().unwrap(),
-        "--key",
         leaf_key.to_str().unwrap(),
-        "--inbound",
-        "www.support.test",
-    ]);
+        &["--inbound", "www.support.test"],
+    );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let leaf_key_pem = std::fs::read_to_string(&leaf_key).unwrap();
     let leaf_key_der = rustls::pki_types::pem::PemObject::from_pem_slice(leaf_key_pem.as_bytes())
@@ -392,44 +387,6 @@ fn hsm_reset_removes_only_the_servers_and_their_credentials_and_adding_them_back
     assert!(runtime.block_on(http_get(proxy.management, "/api/v1/hsm/status")).contains("authenticated"));
 }
 
-/// The files of a support file, by name.
-fn unpack(archive: &std::path::Path) -> Vec<(String, Vec<u8>)> {
-    use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(archive).unwrap().permissions().mode() & 0o777, 0o600);
-    let dir = tempfile::tempdir().unwrap();
-    let status = std::process::Command::new("tar").arg("-xzf").arg(archive).arg("-C").arg(dir.path()).status().unwrap();
-    assert!(status.success());
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir.path().join("tollgate-support")).unwrap() {
-        let entry = entry.unwrap();
-        files.push((entry.file_name().to_string_lossy().into_owned(), std::fs::read(entry.path()).unwrap()));
-    }
-    files
-}
-
-fn assert_no_secret(archive: &std::path::Path, files: &[(String, Vec<u8>)], secrets: &[Vec<u8>]) {
-    let raw = std::fs::read(archive).unwrap();
-    for secret in secrets {
-        let found = |hay: &[u8]| hay.windows(secret.len()).any(|w| w == secret.as_slice());
-        assert!(!found(&raw), "a secret is in the compressed support file");
-        for (name, bytes) in files {
-            assert!(!found(bytes), "a secret ({} bytes) is in {name}", secret.len());
-        }
-    }
-}
-
-fn base64(bytes: &[u8]) -> String {
-    use std::io::Write;
-    let mut child = std::process::Command::new("base64")
-        .arg("-w0")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(bytes).unwrap();
-    String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap()
-}
-
 /// A POST without credentials; the raw response.
 async fn raw_post(addr: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -466,32 +423,11 @@ fn time_year() -> i32 {
     time::OffsetDateTime::now_utc().year()
 }
 
-/// Runs `openssl ARGS` in `dir`, asserting success.
-fn openssl(dir: &std::path::Path, args: &[&str]) {
-    let out = std::process::Command::new("openssl").args(args).current_dir(dir).output().unwrap();
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// Every spelling of a private key that must never be found at rest: its DER, the DER in
-/// base64, and each line of its PEM body.
-fn key_spellings(der: &[u8], pem: &str) -> Vec<Vec<u8>> {
-    let mut out = vec![der.to_vec(), base64(der).into_bytes()];
-    out.extend(pem.lines().filter(|l| !l.starts_with("-----") && l.len() >= 32).map(|l| l.as_bytes().to_vec()));
-    out
-}
-
-/// Files under `dir`, recursively, with their bytes.
-fn files_under(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            out.extend(files_under(&path));
-        } else {
-            out.push((path.display().to_string(), std::fs::read(&path).unwrap()));
-        }
-    }
-    out
+/// `tollgate cert import --name NAME --cert CERT --key KEY EXTRA…`.
+fn import_soft(setup: &Setup, name: &str, cert: &str, key: &str, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["cert", "import", "--name", name, "--cert", cert, "--key", key];
+    args.extend_from_slice(extra);
+    setup.tollgate(&args)
 }
 
 fn cert_keys(setup: &Setup) -> std::collections::HashMap<String, String> {
@@ -561,16 +497,8 @@ fn software_keys_are_sealed_serve_and_survive_master_key_changes_a_crash_and_a_c
     secrets.extend(key_spellings(&ca2_der, &ca2_pem));
 
     // A key that does not match its certificate is refused, naming the problem.
-    let out = setup.tollgate(&[
-        "cert",
-        "import",
-        "--name",
-        "mismatch",
-        "--cert",
-        server_cert.to_str().unwrap(),
-        "--key",
-        dir.join("ca2.der").to_str().unwrap(),
-    ]);
+    let out =
+        import_soft(&setup, "mismatch", server_cert.to_str().unwrap(), dir.join("ca2.der").to_str().unwrap(), &[]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("does not match"),
@@ -578,19 +506,13 @@ fn software_keys_are_sealed_serve_and_survive_master_key_changes_a_crash_and_a_c
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let out = setup.tollgate(&[
-        "cert",
-        "import",
-        "--name",
+    let out = import_soft(
+        &setup,
         "soft-inbound",
-        "--cert",
         server_cert.to_str().unwrap(),
-        "--key",
         server_key.to_str().unwrap(),
-        "--inbound",
-        "www.soft.test",
-        "--json",
-    ]);
+        &["--inbound", "www.soft.test", "--json"],
+    );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let imported: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(imported["key"], "software");
@@ -626,17 +548,13 @@ fn software_keys_are_sealed_serve_and_survive_master_key_changes_a_crash_and_a_c
 
     // A software forward-trust CA takes over on SIGHUP: new connections get leaves from it; the
     // established one keeps working.
-    let out = setup.tollgate(&[
-        "cert",
-        "import",
-        "--name",
+    let out = import_soft(
+        &setup,
         "soft-trust",
-        "--cert",
         dir.join("ca2.pem").to_str().unwrap(),
-        "--key",
         dir.join("ca2.der").to_str().unwrap(),
-        "--forward-trust",
-    ]);
+        &["--forward-trust"],
+    );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let keys = cert_keys(&setup);
     assert_eq!((keys["soft-trust"].as_str(), keys["fwd-trust"].as_str()), ("software", "hsm"));
@@ -786,17 +704,4 @@ fn the_api_token_is_stored_sealed_used_by_the_cli_and_replaced_on_sighup() {
     proxy.wait_log("the reload", |v| v["message"] == "configuration reloaded");
     assert!(post(Some(second)).starts_with("HTTP/1.1 200"));
     assert!(post(Some(first)).starts_with("HTTP/1.1 401"));
-}
-
-/// A POST with an optional bearer token; the status line and headers.
-async fn bearer_post(addr: std::net::SocketAddr, path: &str, token: Option<&str>) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(format!("POST {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut response = Vec::new();
-    tcp.read_to_end(&mut response).await.unwrap();
-    String::from_utf8_lossy(&response[..response.len().min(200)]).into_owned()
 }

@@ -343,6 +343,11 @@ impl Proxy {
         }
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The process's resident memory, KiB.
     pub fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
@@ -751,4 +756,85 @@ pub fn get(host: &str, path: &str, h2: bool) -> hyper::Request<Full<Bytes>> {
 /// Parses a DER certificate.
 pub fn parse(der: &[u8]) -> x509_parser::certificate::X509Certificate<'_> {
     x509_parser::parse_x509_certificate(der).unwrap().1
+}
+
+// ---- Searching for secrets ----
+
+/// The files of a support file, by name.
+pub fn unpack(archive: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(archive).unwrap().permissions().mode() & 0o777, 0o600);
+    let dir = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new("tar").arg("-xzf").arg(archive).arg("-C").arg(dir.path()).status().unwrap();
+    assert!(status.success());
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir.path().join("tollgate-support")).unwrap() {
+        let entry = entry.unwrap();
+        files.push((entry.file_name().to_string_lossy().into_owned(), std::fs::read(entry.path()).unwrap()));
+    }
+    files
+}
+
+pub fn assert_no_secret(archive: &std::path::Path, files: &[(String, Vec<u8>)], secrets: &[Vec<u8>]) {
+    let raw = std::fs::read(archive).unwrap();
+    for secret in secrets {
+        let found = |hay: &[u8]| hay.windows(secret.len()).any(|w| w == secret.as_slice());
+        assert!(!found(&raw), "a secret is in the compressed support file");
+        for (name, bytes) in files {
+            assert!(!found(bytes), "a secret ({} bytes) is in {name}", secret.len());
+        }
+    }
+}
+
+pub fn base64(bytes: &[u8]) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new("base64")
+        .arg("-w0")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(bytes).unwrap();
+    String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap()
+}
+
+/// Every spelling of a private key that must never be found at rest: its DER, the DER in
+/// base64, and each line of its PEM body.
+pub fn key_spellings(der: &[u8], pem: &str) -> Vec<Vec<u8>> {
+    let mut out = vec![der.to_vec(), base64(der).into_bytes()];
+    out.extend(pem.lines().filter(|l| !l.starts_with("-----") && l.len() >= 32).map(|l| l.as_bytes().to_vec()));
+    out
+}
+
+/// Files under `dir`, recursively, with their bytes.
+pub fn files_under(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push((path.display().to_string(), std::fs::read(&path).unwrap()));
+        }
+    }
+    out
+}
+
+/// Runs `openssl ARGS` in `dir`, asserting success.
+pub fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl").args(args).current_dir(dir).output().unwrap();
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A POST with an optional bearer token; the status line and headers.
+pub async fn bearer_post(addr: std::net::SocketAddr, path: &str, token: Option<&str>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(format!("POST {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    tcp.read_to_end(&mut response).await.unwrap();
+    String::from_utf8_lossy(&response[..response.len().min(200)]).into_owned()
 }
