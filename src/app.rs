@@ -87,10 +87,11 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     watch_master_key_expiry(&config.state_dir);
     tokio::spawn(api::serve(management, api_state.clone()));
 
+    let io = IoThreads::start(config.limits.io_threads)?;
     let mut listeners = Listeners::default();
     let mut proxy = build_proxy(&config, &hsm, &shutdown_rx)?;
     proxy.set_bypass(bypass.clone());
-    let bound = listeners.bind(&config).await.map_err(|(_, e)| e)?;
+    let bound = listeners.bind(&config, io.handles.len()).await.map_err(|(_, e)| e)?;
     listeners.own_addresses(&mut proxy, &bound, management_addr);
     let (proxies, _) = watch::channel(Arc::new(proxy));
     let state_dir = config.state_dir.clone();
@@ -100,7 +101,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             watch_master_key_expiry(&state_dir);
         }
     });
-    listeners.start(bound, &proxies);
+    listeners.start(bound, &proxies, &io);
     let mut current = config;
     let mut term = signal(SignalKind::terminate()).map_err(AppError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(AppError::Signal)?;
@@ -117,7 +118,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
                     // New connections get the new state; established ones keep theirs.
                     let mut proxy = proxy;
                     proxy.set_bypass(bypass.clone());
-                    let bound = match listeners.bind(&next).await {
+                    let bound = match listeners.bind(&next, io.handles.len()).await {
                         Ok(bound) => bound,
                         Err((bound, e)) => {
                             tracing::error!(error = %e, "reload: a listener could not be bound; the others run");
@@ -126,7 +127,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
                     };
                     listeners.own_addresses(&mut proxy, &bound, management_addr);
                     let _ = proxies.send(Arc::new(proxy));
-                    listeners.start(bound, &proxies);
+                    listeners.start(bound, &proxies, &io);
                     *api_state.token.write().unwrap_or_else(|e| e.into_inner()) = load_api_token(&next, &hsm);
                     current = next;
                     tracing::info!(config = %current.path.display(), "configuration reloaded");
@@ -221,26 +222,72 @@ async fn drain(listeners: Listeners, shutdown: &watch::Sender<bool>, grace: Dura
     }
 }
 
-/// The running listeners, by what defines them.
-#[derive(Default)]
-struct Listeners {
-    running: HashMap<(ListenerMode, SocketAddr, u16), (SocketAddr, tokio::task::JoinHandle<()>)>,
+/// The data-plane threads: one single-threaded runtime each. Every forward listener (explicit,
+/// sni, transparent) is bound once per thread with SO_REUSEPORT, so the kernel spreads
+/// connections over the threads and a connection lives on one thread from accept to close —
+/// no work stealing, no cross-thread wake-ups on the hot path (like nginx's worker processes).
+/// Inbound listeners stay on the multi-threaded runtime: their HSM signatures run under
+/// `block_in_place`, which needs it.
+struct IoThreads {
+    handles: Vec<tokio::runtime::Handle>,
 }
 
-/// A listener socket bound and not yet accepting.
-type Bound = Vec<((ListenerMode, SocketAddr, u16), TcpListener, crate::config::ListenerConfig, SocketAddr)>;
+impl IoThreads {
+    /// Starts `count` threads (0: one per CPU).
+    fn start(count: usize) -> Result<Self, AppError> {
+        let count = match count {
+            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            n => n,
+        };
+        let mut handles = Vec::with_capacity(count);
+        for i in 0..count {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::Builder::new()
+                .name(format!("tollgate-io-{i}"))
+                .spawn(move || {
+                    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                        Ok(runtime) => runtime,
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let _ = tx.send(Ok(runtime.handle().clone()));
+                    runtime.block_on(std::future::pending::<()>());
+                })
+                .map_err(AppError::Signal)?;
+            let handle = rx.recv().map_err(|e| AppError::Signal(std::io::Error::other(e)))?;
+            handles.push(handle.map_err(AppError::Signal)?);
+        }
+        Ok(Self { handles })
+    }
+}
+
+/// The running listeners, by what defines them: the bound address and one accept task per
+/// socket.
+#[derive(Default)]
+struct Listeners {
+    running: HashMap<ListenerKey, (SocketAddr, Vec<tokio::task::JoinHandle<()>>)>,
+}
+
+/// What defines a listener: mode, configured address, upstream port.
+type ListenerKey = (ListenerMode, SocketAddr, u16);
+
+/// A listener's sockets, bound and not yet accepting: one per data-plane thread (one for
+/// inbound).
+type Bound = Vec<(ListenerKey, Vec<std::net::TcpListener>, crate::config::ListenerConfig, SocketAddr)>;
 
 impl Listeners {
-    /// Stops the listeners `config` no longer has and binds those it adds. On a bind error the
-    /// others are still returned, with the first error.
-    async fn bind(&mut self, config: &Config) -> Result<Bound, (Bound, AppError)> {
+    /// Stops the listeners `config` no longer has and binds those it adds (`threads` sockets
+    /// each). On a bind error the others are still returned, with the first error.
+    async fn bind(&mut self, config: &Config, threads: usize) -> Result<Bound, (Bound, AppError)> {
         let wanted: Vec<_> =
             config.listeners.iter().map(|l| ((l.mode, l.listen, l.upstream_port), l.clone())).collect();
-        self.running.retain(|key, (addr, task)| {
+        self.running.retain(|key, (addr, tasks)| {
             let keep = wanted.iter().any(|(k, _)| k == key);
             if !keep {
                 tracing::info!(mode = key.0.as_str(), addr = %addr, "listener stopped");
-                task.abort();
+                tasks.iter().for_each(tokio::task::JoinHandle::abort);
             }
             keep
         });
@@ -250,11 +297,9 @@ impl Listeners {
             if self.running.contains_key(&key) {
                 continue;
             }
-            match crate::proxy::transparent::bind(&l) {
-                Ok(listener) => {
-                    let local = listener.local_addr().unwrap_or(l.listen);
-                    bound.push((key, listener, l, local));
-                }
+            let sockets = if l.mode == ListenerMode::Inbound { 1 } else { threads };
+            match bind_sockets(&l, sockets) {
+                Ok((listeners, local)) => bound.push((key, listeners, l, local)),
                 Err(source) => {
                     let what = format!("{} listener", l.mode.as_str());
                     first_error.get_or_insert(AppError::Bind { what, addr: l.listen, source });
@@ -275,20 +320,45 @@ impl Listeners {
         }
     }
 
-    /// Starts accepting on newly bound sockets.
-    fn start(&mut self, bound: Bound, proxies: &watch::Sender<Arc<Proxy>>) {
-        for (key, listener, l, local) in bound {
-            tracing::info!(mode = l.mode.as_str(), addr = %local, "listening");
-            let task = tokio::spawn(proxy::serve_listener(proxies.subscribe(), listener, l));
-            self.running.insert(key, (local, task));
+    /// Starts accepting on newly bound sockets: forward listeners on the data-plane threads,
+    /// inbound ones on this runtime.
+    fn start(&mut self, bound: Bound, proxies: &watch::Sender<Arc<Proxy>>, io: &IoThreads) {
+        for (key, sockets, l, local) in bound {
+            tracing::info!(mode = l.mode.as_str(), addr = %local, sockets = sockets.len(), "listening");
+            let tasks = sockets
+                .into_iter()
+                .zip(io.handles.iter().cycle())
+                .map(|(socket, handle)| {
+                    let serve = proxy::serve_listener(proxies.subscribe(), socket, l.clone());
+                    match l.mode {
+                        ListenerMode::Inbound => tokio::spawn(serve),
+                        _ => handle.spawn(serve),
+                    }
+                })
+                .collect();
+            self.running.insert(key, (local, tasks));
         }
     }
 
     fn stop(self) {
-        for (_, (_, task)) in self.running {
-            task.abort();
+        for (_, (_, tasks)) in self.running {
+            tasks.iter().for_each(tokio::task::JoinHandle::abort);
         }
     }
+}
+
+/// `count` sockets on the listener's address (the first fixes the port when it asks for 0).
+fn bind_sockets(
+    l: &crate::config::ListenerConfig,
+    count: usize,
+) -> std::io::Result<(Vec<std::net::TcpListener>, SocketAddr)> {
+    let first = crate::proxy::transparent::bind(l, l.listen)?;
+    let local = first.local_addr()?;
+    let mut sockets = vec![first];
+    for _ in 1..count {
+        sockets.push(crate::proxy::transparent::bind(l, local)?);
+    }
+    Ok((sockets, local))
 }
 
 fn load_ca(store: &CertStore, role: CaRole, keys: &Keyring<'_>) -> Option<Arc<crate::pki::mint::Ca>> {

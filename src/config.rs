@@ -248,6 +248,8 @@ pub struct LimitsConfig {
     pub upstream_read_timeout_secs: u64,
     /// A client that accepts none of our bytes this long (slow read) is cut.
     pub client_send_timeout_secs: u64,
+    /// Data-plane threads, each serving its own share of connections (0: one per CPU).
+    pub io_threads: usize,
     /// Inbound handshakes that may wait for an HSM signature at once; more are shed.
     pub hsm_handshakes_max: usize,
     /// A client must send a request's headers within this (HTTP/1.1; slowloris guard).
@@ -429,6 +431,7 @@ impl Typer<'_> {
                 upstream_idle_timeout_secs: limits.upstream_idle_timeout_secs,
                 upstream_read_timeout_secs: limits.upstream_read_timeout_secs,
                 client_send_timeout_secs: limits.client_send_timeout_secs,
+                io_threads: limits.io_threads,
                 hsm_handshakes_max: limits.hsm_handshakes_max,
                 header_timeout_secs: limits.header_timeout_secs,
                 max_header_bytes: limits.max_header_bytes,
@@ -742,6 +745,8 @@ mod raw {
         pub upstream_read_timeout_secs: u64,
         #[serde(default = "default_upstream_read_timeout")]
         pub client_send_timeout_secs: u64,
+        #[serde(default)]
+        pub io_threads: usize,
         #[serde(default = "default_hsm_handshakes_max")]
         pub hsm_handshakes_max: usize,
         #[serde(default = "default_header_timeout")]
@@ -782,6 +787,7 @@ mod raw {
                 upstream_idle_timeout_secs: default_upstream_idle_timeout(),
                 upstream_read_timeout_secs: default_upstream_read_timeout(),
                 client_send_timeout_secs: default_upstream_read_timeout(),
+                io_threads: 0,
                 hsm_handshakes_max: default_hsm_handshakes_max(),
                 header_timeout_secs: default_header_timeout(),
                 max_header_bytes: default_max_header_bytes(),

@@ -372,9 +372,16 @@ impl Proxy {
 /// proxy state current when it was accepted, for as long as it lives (a reload never drops it).
 pub async fn serve_listener(
     proxies: tokio::sync::watch::Receiver<Arc<Proxy>>,
-    listener: TcpListener,
+    listener: std::net::TcpListener,
     config: ListenerConfig,
 ) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(e) => {
+            tracing::error!(mode = config.mode.as_str(), error = %e, "listener could not be registered");
+            return;
+        }
+    };
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,

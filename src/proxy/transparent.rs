@@ -9,7 +9,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 use nix::sys::socket::{getsockopt, setsockopt, sockopt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpSocket, TcpStream};
 
 use super::{ConnCtx, Proxy, Target};
 use crate::config::{ListenerConfig, ListenerMode};
@@ -27,15 +27,19 @@ pub async fn serve(proxy: Arc<Proxy>, stream: super::Client, ctx: ConnCtx, tprox
     super::intercept::serve(proxy, stream, Some(target), ctx).await;
 }
 
-/// Binds a listener; a TPROXY listener gets IP_TRANSPARENT before binding.
-pub fn bind(config: &ListenerConfig) -> io::Result<TcpListener> {
-    let socket = if config.listen.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+/// Binds a listener socket on `addr` (SO_REUSEPORT, so every data-plane thread can bind its
+/// own on the same address and the kernel spreads connections over them); a TPROXY listener
+/// gets IP_TRANSPARENT before binding. Returned as a std socket: the thread that serves it
+/// registers it with its own runtime.
+pub fn bind(config: &ListenerConfig, addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
     if config.mode == ListenerMode::Transparent && config.tproxy {
         setsockopt(&socket, sockopt::IpTransparent, &true).map_err(io::Error::from)?;
     }
-    socket.bind(config.listen)?;
-    socket.listen(1024)
+    socket.bind(addr)?;
+    socket.listen(1024)?.into_std()
 }
 
 /// The destination the client dialled before the kernel sent the connection to us.
