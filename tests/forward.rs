@@ -538,7 +538,10 @@ async fn send(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_connections_are_reused_across_client_connections() {
-    let (_pki, origin, setup, proxy) = one_origin("reuse", &["reuse.test"], &["http/1.1"], "").await;
+    // One data-plane thread: each thread keeps its own upstream connections (their tasks run
+    // on its runtime), so with one thread every successive client must reuse the same one.
+    let extra = "\n[limits]\nio_threads = 1\n";
+    let (_pki, origin, setup, proxy) = one_origin("reuse", &["reuse.test"], &["http/1.1"], extra).await;
     let mut conns = Vec::new();
     for i in 0..5 {
         let mut client = h1_client(&proxy, &setup, "reuse.test").await;

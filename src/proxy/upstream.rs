@@ -56,6 +56,10 @@ pub struct PoolKey {
     offer: usize,
     /// Inbound: the site's index (its own origin TLS settings).
     site: Option<usize>,
+    /// Forward: the data-plane thread asking. Each thread keeps its own upstream connections
+    /// (their tasks run on its runtime), so a request never wakes another thread. Inbound
+    /// runs on the multi-threaded runtime, where tasks move between workers: `None`.
+    home: Option<std::thread::ThreadId>,
 }
 
 /// How to reach an upstream.
@@ -122,12 +126,14 @@ impl Upstreams {
     /// The pool key for a target and a client's ALPN offer.
     pub fn key(target: &Target, client_alpn: &[Vec<u8>]) -> PoolKey {
         let offer = UpstreamTls::offer_class(client_alpn);
-        PoolKey { host: target.host.clone(), port: target.port, addr: target.addr, offer, site: None }
+        let home = Some(std::thread::current().id());
+        PoolKey { host: target.host.clone(), port: target.port, addr: target.addr, offer, site: None, home }
     }
 
     /// The pool key of an inbound site's origin.
     pub fn inbound_key(site: &super::inbound::InboundSite) -> PoolKey {
-        PoolKey { host: site.origin.host.clone(), port: site.origin.port, addr: None, offer: 0, site: Some(site.index) }
+        let (host, port) = (site.origin.host.clone(), site.origin.port);
+        PoolKey { host, port, addr: None, offer: 0, site: Some(site.index), home: None }
     }
 
     /// A sender to `key`'s upstream: a pooled one when available (matching `fingerprint` when
