@@ -404,19 +404,7 @@ fn set_master_key(setup: &Setup, hex: &str) {
 }
 
 fn master_key_from_stdin(setup: &Setup, text: &str) -> std::process::Output {
-    use std::io::Write;
-    let mut child = setup
-        .token
-        .cmd(tollgate_bin())
-        .args(["master-key", "set", "--stdin", "--json", "--config"])
-        .arg(&setup.config)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(format!("{text}\n").as_bytes()).unwrap();
-    child.wait_with_output().unwrap()
+    setup.tollgate_stdin(&["master-key", "set", "--stdin", "--json"], text)
 }
 
 fn time_year() -> i32 {
@@ -637,21 +625,7 @@ fn software_keys_are_sealed_serve_and_survive_master_key_changes_a_crash_and_a_c
 #[test]
 fn the_api_token_is_stored_sealed_used_by_the_cli_and_replaced_on_sighup() {
     let setup = Setup::new(&ProxyOptions::default());
-    let set_token = |token: &str| {
-        use std::io::Write;
-        let mut child = setup
-            .token
-            .cmd(tollgate_bin())
-            .args(["api-token", "set", "--config"])
-            .arg(&setup.config)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(format!("{token}\n").as_bytes()).unwrap();
-        child.wait_with_output().unwrap()
-    };
+    let set_token = |token: &str| setup.tollgate_stdin(&["api-token", "set"], token);
     let out = set_token("short");
     assert_eq!(out.status.code(), Some(64), "a weak token is refused");
     assert!(!String::from_utf8_lossy(&out.stderr).contains("short"), "without repeating it");

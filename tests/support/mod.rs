@@ -197,6 +197,24 @@ impl Setup {
     pub fn tollgate(&self, args: &[&str]) -> std::process::Output {
         self.token.cmd(tollgate_bin()).args(args).arg("--config").arg(&self.config).output().unwrap()
     }
+
+    /// Runs `tollgate ARGS --config CONFIG` with `line` and a newline on stdin.
+    pub fn tollgate_stdin(&self, args: &[&str], line: &str) -> std::process::Output {
+        use std::io::Write;
+        let mut child = self
+            .token
+            .cmd(tollgate_bin())
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(format!("{line}\n").as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    }
 }
 
 pub fn write_config(token: &Token, path: &Path, options: &ProxyOptions) {
