@@ -36,6 +36,8 @@ pub enum AppError {
     },
     #[error("installing signal handlers: {0}")]
     Signal(#[source] std::io::Error),
+    #[error("starting the data-plane threads: {0}")]
+    Threads(#[source] std::io::Error),
 }
 
 impl AppError {
@@ -91,7 +93,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let mut listeners = Listeners::default();
     let mut proxy = build_proxy(&config, &hsm, &shutdown_rx)?;
     proxy.set_bypass(bypass.clone());
-    let bound = listeners.bind(&config, io.handles.len()).await.map_err(|(_, e)| e)?;
+    let bound = listeners.bind(&config, io.handles.len()).map_err(|(_, e)| e)?;
     listeners.own_addresses(&mut proxy, &bound, management_addr);
     let (proxies, _) = watch::channel(Arc::new(proxy));
     let state_dir = config.state_dir.clone();
@@ -118,7 +120,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
                     // New connections get the new state; established ones keep theirs.
                     let mut proxy = proxy;
                     proxy.set_bypass(bypass.clone());
-                    let bound = match listeners.bind(&next, io.handles.len()).await {
+                    let bound = match listeners.bind(&next, io.handles.len()) {
                         Ok(bound) => bound,
                         Err((bound, e)) => {
                             tracing::error!(error = %e, "reload: a listener could not be bound; the others run");
@@ -255,9 +257,9 @@ impl IoThreads {
                     let _ = tx.send(Ok(runtime.handle().clone()));
                     runtime.block_on(std::future::pending::<()>());
                 })
-                .map_err(AppError::Signal)?;
-            let handle = rx.recv().map_err(|e| AppError::Signal(std::io::Error::other(e)))?;
-            handles.push(handle.map_err(AppError::Signal)?);
+                .map_err(AppError::Threads)?;
+            let handle = rx.recv().map_err(|e| AppError::Threads(std::io::Error::other(e)))?;
+            handles.push(handle.map_err(AppError::Threads)?);
         }
         Ok(Self { handles })
     }
@@ -280,7 +282,7 @@ type Bound = Vec<(ListenerKey, Vec<std::net::TcpListener>, crate::config::Listen
 impl Listeners {
     /// Stops the listeners `config` no longer has and binds those it adds (`threads` sockets
     /// each). On a bind error the others are still returned, with the first error.
-    async fn bind(&mut self, config: &Config, threads: usize) -> Result<Bound, (Bound, AppError)> {
+    fn bind(&mut self, config: &Config, threads: usize) -> Result<Bound, (Bound, AppError)> {
         let wanted: Vec<_> =
             config.listeners.iter().map(|l| ((l.mode, l.listen, l.upstream_port), l.clone())).collect();
         self.running.retain(|key, (addr, tasks)| {

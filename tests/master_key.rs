@@ -217,12 +217,7 @@ fn the_support_file_holds_the_diagnostics_and_none_of_the_secrets() {
     std::fs::write(&setup.config, &config).unwrap();
     let proxy = setup.start();
     let cli_config = setup.token.path("cli.toml");
-    std::fs::write(
-        &cli_config,
-        config
-            .replace("listen = \"127.0.0.1:0\"\ntoken_file", &format!("listen = \"{}\"\ntoken_file", proxy.management)),
-    )
-    .unwrap();
+    config_for_cli(&setup.config, proxy.management, &cli_config);
     let served = setup.token.path("served.tar.gz");
     let out = setup
         .token
@@ -441,10 +436,7 @@ fn software_keys_are_sealed_serve_and_survive_master_key_changes_a_crash_and_a_c
     let setup = Setup::new(&ProxyOptions {
         resolve: vec![("www.origin.test:443".into(), origin.addr)],
         ca_bundles: vec![pki.bundle()],
-        extra: format!(
-            "\n[[listener]]\nmode = \"inbound\"\nlisten = \"127.0.0.1:0\"\n\n[[inbound]]\nhost = \"www.soft.test\"\nupstream = \"http://{}\"\n",
-            plain.addr
-        ),
+        extra: inbound_site("www.soft.test", plain.addr),
         ..ProxyOptions::default()
     });
     let dir = setup.token.path("keys");
@@ -646,15 +638,7 @@ fn the_api_token_is_stored_sealed_used_by_the_cli_and_replaced_on_sighup() {
 
     // The CLI finds the sealed token itself.
     let cli_config = setup.token.path("cli.toml");
-    let text = std::fs::read_to_string(&setup.config).unwrap();
-    std::fs::write(
-        &cli_config,
-        text.replace(
-            "[management]\nlisten = \"127.0.0.1:0\"",
-            &format!("[management]\nlisten = \"{}\"", proxy.management),
-        ),
-    )
-    .unwrap();
+    config_for_cli(&setup.config, proxy.management, &cli_config);
     let bundle = setup.token.path("b.tar.gz");
     let out = setup
         .token

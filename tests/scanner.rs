@@ -110,10 +110,7 @@ async fn testssl_finds_nothing_on_the_sni_and_inbound_listeners() {
     let setup = Setup::new(&ProxyOptions {
         resolve: vec![("origin.test:443".into(), origin.addr)],
         ca_bundles: vec![pki.bundle()],
-        extra: format!(
-            "\n[[listener]]\nmode = \"inbound\"\nlisten = \"127.0.0.1:0\"\n\n[[inbound]]\nhost = \"www.inbound.test\"\nupstream = \"http://{}\"\n",
-            plain.addr
-        ),
+        extra: inbound_site("www.inbound.test", plain.addr),
         ..Default::default()
     });
     // The inbound server key on the HSM, its certificate from the test PKI.

@@ -132,14 +132,7 @@ async fn no_secret_is_logged_printed_stored_in_the_clear_or_passed_as_an_argumen
     let rotated = bearer_post(proxy.management, "/api/v1/hsm/rotate-wrapping-key", Some(api_token)).await;
     assert!(rotated.starts_with("HTTP/1.1 200"), "{rotated}");
     let cli_config = token.path("cli.toml");
-    std::fs::write(
-        &cli_config,
-        config_text.replace(
-            "[management]\nlisten = \"127.0.0.1:0\"",
-            &format!("[management]\nlisten = \"{}\"", proxy.management),
-        ),
-    )
-    .unwrap();
+    config_for_cli(&config, proxy.management, &cli_config);
     let bundle = token.path("support.tar.gz");
     let built = out.run(&token, &cli_config, &["hsm", "support-bundle", "--out", bundle.to_str().unwrap()], "", true);
     assert!(String::from_utf8_lossy(&built.stdout).contains("by the running service"));

@@ -214,9 +214,11 @@ pub fn import_software(
     Ok(CertStore::add(&state, entry)?)
 }
 
-/// A private key from PEM (`PRIVATE KEY`, `EC PRIVATE KEY`, `RSA PRIVATE KEY`) or DER. The
-/// error never quotes the input.
-pub fn parse_private_key(bytes: &[u8]) -> Result<rustls::pki_types::PrivateKeyDer<'_>, String> {
+/// A private key from PEM (`PRIVATE KEY`, `EC PRIVATE KEY`, `RSA PRIVATE KEY`) or DER, in a
+/// buffer zeroized on drop. The error never quotes the input.
+pub fn parse_private_key(
+    bytes: &[u8],
+) -> Result<zeroize::Zeroizing<rustls::pki_types::PrivateKeyDer<'static>>, String> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{PrivateKeyDer, PrivatePkcs1KeyDer, PrivatePkcs8KeyDer, PrivateSec1KeyDer};
     if bytes.starts_with(b"-----") || bytes.windows(11).any(|w| w == b"-----BEGIN ") {
@@ -224,6 +226,7 @@ pub fn parse_private_key(bytes: &[u8]) -> Result<rustls::pki_types::PrivateKeyDe
             return Err("encrypted private keys are not supported: decrypt it first (openssl pkey)".into());
         }
         return PrivateKeyDer::from_pem_slice(bytes)
+            .map(zeroize::Zeroizing::new)
             .map_err(|_| "no PRIVATE KEY, EC PRIVATE KEY or RSA PRIVATE KEY block in the PEM".into());
     }
     let candidates = [
@@ -234,6 +237,7 @@ pub fn parse_private_key(bytes: &[u8]) -> Result<rustls::pki_types::PrivateKeyDe
     candidates
         .into_iter()
         .find(|der| crate::keys::software::SoftwareKey::from_der(der).is_ok())
+        .map(|der| zeroize::Zeroizing::new(der.clone_key()))
         .ok_or_else(|| "neither PEM nor a DER private key (PKCS#8, SEC1 or PKCS#1) tollgate supports".into())
 }
 

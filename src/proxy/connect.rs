@@ -18,18 +18,7 @@ pub async fn serve(proxy: Arc<Proxy>, stream: super::Client, ctx: ConnCtx) {
     let server = proxy.http1_server();
     let draining = proxy.clone();
     let service = hyper::service::service_fn(move |req| handle(proxy.clone(), req, ctx));
-    let conn = server.serve_connection(TokioIo::new(stream), service).with_upgrades();
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        result = &mut conn => result,
-        () = draining.shutting_down() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
-    if let Err(e) = result {
-        tracing::debug!(client = %ctx.client, error = %e, "proxy connection ended with an error");
-    }
+    super::serve_client!(draining, server.serve_connection(TokioIo::new(stream), service).with_upgrades(), ctx.client);
 }
 
 async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>, ctx: ConnCtx) -> Result<Response<Body>, Infallible> {

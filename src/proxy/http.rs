@@ -65,48 +65,12 @@ where
     let proxy = relay.proxy.clone();
     let service = hyper::service::service_fn(move |req| relay.clone().handle(req));
     let io = TokioIo::new(client);
-    let result = if client_h2 {
-        let conn = proxy.http2_server().serve_connection(io, service);
-        tokio::pin!(conn);
-        tokio::select! {
-            result = &mut conn => result,
-            () = proxy.shutting_down() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-        }
+    if client_h2 {
+        super::serve_client!(proxy, proxy.http2_server().serve_connection(io, service), ctx.client);
     } else {
-        let conn = proxy.http1_server().serve_connection(io, service).with_upgrades();
-        tokio::pin!(conn);
-        tokio::select! {
-            result = &mut conn => result,
-            () = proxy.shutting_down() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-        }
-    };
-    if let Err(e) = result {
-        match timed_out(&e) {
-            Some(stall) => tracing::info!(client = %ctx.client, error = %stall, "client connection cut"),
-            None => tracing::debug!(client = %ctx.client, error = %e, "client connection ended with an error"),
-        }
+        super::serve_client!(proxy, proxy.http1_server().serve_connection(io, service).with_upgrades(), ctx.client);
     }
     Ok(())
-}
-
-/// The stall deadline (`proxy::idle`) behind a connection error, if that is what ended it.
-fn timed_out<'e>(e: &'e (dyn std::error::Error + 'static)) -> Option<&'e std::io::Error> {
-    let mut source = Some(e);
-    while let Some(e) = source {
-        if let Some(io) = e.downcast_ref::<std::io::Error>()
-            && io.kind() == std::io::ErrorKind::TimedOut
-        {
-            return Some(io);
-        }
-        source = e.source();
-    }
-    None
 }
 
 /// Where a client connection's requests go.
@@ -447,13 +411,14 @@ impl Refusal {
     pub fn upstream(e: ProxyError) -> Self {
         let (status, code) = match e {
             ProxyError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream-unreachable"),
-            ProxyError::Forbidden(_) | ProxyError::Denied { .. } => {
-                tracing::info!(error = %e, "destination refused");
-                return Self::new(StatusCode::FORBIDDEN, "destination-denied", e.to_string());
-            }
+            ProxyError::Forbidden(_) | ProxyError::Denied { .. } => (StatusCode::FORBIDDEN, "destination-denied"),
             _ => (StatusCode::BAD_GATEWAY, "upstream-unreachable"),
         };
-        tracing::warn!(side = ?e.side(), error = %e, "upstream request failed");
+        match status {
+            // The client asked for something policy forbids: its doing, not an upstream failure.
+            StatusCode::FORBIDDEN => tracing::info!(error = %e, "destination refused"),
+            _ => tracing::warn!(side = ?e.side(), error = %e, "upstream request failed"),
+        }
         Self::new(status, code, e.to_string())
     }
 

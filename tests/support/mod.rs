@@ -217,6 +217,23 @@ impl Setup {
     }
 }
 
+/// Config text adding an inbound listener and one `[[inbound]]` site served from `origin`
+/// (plain HTTP), for `ProxyOptions::extra`.
+pub fn inbound_site(host: &str, origin: SocketAddr) -> String {
+    format!(
+        "\n[[listener]]\nmode = \"inbound\"\nlisten = \"127.0.0.1:0\"\n\n[[inbound]]\nhost = \"{host}\"\nupstream = \"http://{origin}\"\n"
+    )
+}
+
+/// A copy of `config` at `out` whose management address is the running service's, for CLI
+/// commands that call its API.
+pub fn config_for_cli(config: &Path, management: SocketAddr, out: &Path) {
+    let text = std::fs::read_to_string(config).unwrap();
+    let listen = "[management]\nlisten = \"127.0.0.1:0\"";
+    assert!(text.contains(listen), "{}: no [management] listen on port 0", config.display());
+    std::fs::write(out, text.replace(listen, &format!("[management]\nlisten = \"{management}\""))).unwrap();
+}
+
 pub fn write_config(token: &Token, path: &Path, options: &ProxyOptions) {
     let pin = options.pin_file.clone().unwrap_or_else(|| token.path("user.pin"));
     let mut text = format!(
