@@ -42,6 +42,13 @@ impl RustlsKey {
         Self { key, waiting }
     }
 
+    /// Wraps an in-memory key (a minted leaf's): it signs on the caller's thread and is never
+    /// shed, so it needs no bound of its own.
+    pub fn in_memory(key: Arc<dyn PrivateKey>) -> Self {
+        debug_assert!(!key.may_block(), "an HSM key must share its listener's bound");
+        Self { key, waiting: InFlight::new(1) }
+    }
+
     /// The schemes this key can sign, best first: PSS before PKCS#1 v1.5 for RSA (TLS 1.3
     /// allows only PSS).
     fn schemes(&self) -> &'static [SignatureScheme] {

@@ -12,14 +12,16 @@ use rcgen::{
     CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyUsagePurpose, SanType,
     SerialNumber,
 };
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::pki_types::CertificateDer;
 use rustls::server::ServerConfig;
 use rustls::sign::CertifiedKey;
 use time::OffsetDateTime;
 use x509_parser::extensions::GeneralName;
 
-use crate::keys::KeyError;
 use crate::keys::rcgen::RcgenKey;
+use crate::keys::rustls::RustlsKey;
+use crate::keys::software::SoftwareKey;
+use crate::keys::{KeyAlgorithm, KeyError, PrivateKey};
 
 /// Errors while minting.
 #[derive(Debug, thiserror::Error)]
@@ -106,15 +108,13 @@ impl Ca {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.use_authority_key_identifier_extension = true;
 
-        // A fresh software key per leaf: never the CA key.
-        let leaf_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-            .map_err(|e| KeyError::Invalid(e.to_string()))?;
-        let cert = params.signed_by(&leaf_key, &self.issuer).map_err(sign_error)?;
-
-        let provider = rustls::crypto::aws_lc_rs::default_provider();
-        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
-        let signing_key =
-            provider.key_provider.load_private_key(key_der).map_err(|e| KeyError::Invalid(e.to_string()))?;
+        // A fresh software key per leaf: never the CA key. Generated once and handed to rcgen
+        // (public half) and rustls (signing) as is: a PKCS#8 round trip through rustls' key
+        // loader costs two more point multiplications per mint (it tries RSA first, and each
+        // parse re-derives and checks the public key).
+        let leaf_key: Arc<dyn PrivateKey> = Arc::new(SoftwareKey::generate(KeyAlgorithm::EcdsaP256)?);
+        let cert = params.signed_by(&RcgenKey::new(leaf_key.clone())?, &self.issuer).map_err(sign_error)?;
+        let signing_key = Arc::new(RustlsKey::in_memory(leaf_key));
         let chain = vec![cert.der().clone(), self.cert.clone()];
         Ok(Minted {
             certified: Arc::new(CertifiedKey::new(chain, signing_key)),
