@@ -39,6 +39,11 @@ enum Mode {
         /// Resume TLS sessions (abbreviated handshakes) instead of a full handshake each time.
         #[arg(long)]
         resume: bool,
+        /// Client threads, each with its own runtime and a share of the connections. A full
+        /// handshake costs the client about as much as the server: one client thread saturates
+        /// a core before a fast server does, and the row would measure the client.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
     },
     /// Opens N h2 connections, one request each, holds them until stdin closes.
     Idle {
@@ -90,12 +95,23 @@ struct TargetArgs {
 
 fn main() {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let report = match cli.mode {
-        Mode::Newconn { target, sni_pattern, concurrency, duration_secs, max_requests, resume } => runtime.block_on(
-            newconn(target, sni_pattern, concurrency, Duration::from_secs(duration_secs), max_requests, resume),
-        ),
-        Mode::Idle { target, n } => runtime.block_on(idle(target, n)),
+        Mode::Newconn { target, sni_pattern, concurrency, duration_secs, max_requests, resume, threads } => {
+            let load = Newconn {
+                connector: tokio_rustls::TlsConnector::from(client_config(&target.ca, &[b"http/1.1"], resume)),
+                target,
+                sni_pattern,
+                deadline: Instant::now() + Duration::from_secs(duration_secs),
+                max_requests,
+                counter: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            };
+            newconn(Arc::new(load), concurrency, threads)
+        }
+        Mode::Idle { target, n } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(idle(target, n)),
         Mode::MintRate { config, threads, duration_secs } => {
             mint_rate(&config, threads, Duration::from_secs(duration_secs))
         }
@@ -145,45 +161,42 @@ async fn one_request(
     }
 }
 
-async fn newconn(
+/// What every client thread of the new-connection workload shares.
+struct Newconn {
+    connector: tokio_rustls::TlsConnector,
     target: TargetArgs,
     sni_pattern: Option<String>,
-    concurrency: usize,
-    duration: Duration,
+    deadline: Instant,
     max_requests: u64,
-    resume: bool,
-) -> serde_json::Value {
-    let connector = tokio_rustls::TlsConnector::from(client_config(&target.ca, &[b"http/1.1"], resume));
-    let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    counter: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Per-connection-loop results: latencies (ms), errors, the first error.
+type Outcome = (Vec<f64>, u64, Option<String>);
+
+fn newconn(load: Arc<Newconn>, concurrency: usize, threads: usize) -> serde_json::Value {
     let started = Instant::now();
-    let deadline = started + duration;
-    let mut tasks = Vec::new();
-    for _ in 0..concurrency {
-        let (connector, target, counter, pattern) =
-            (connector.clone(), target.clone(), counter.clone(), sni_pattern.clone());
-        tasks.push(tokio::spawn(async move {
-            let (mut latencies, mut errors, mut first_error) = (Vec::new(), 0u64, None);
-            while Instant::now() < deadline {
-                let i = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if i >= max_requests {
-                    break;
-                }
-                let host = pattern.as_ref().map(|p| p.replace("{}", &i.to_string())).unwrap_or(target.host.clone());
-                let t = Instant::now();
-                match one_request(&connector, target.addr, &host, &target.path).await {
-                    Ok(()) => latencies.push(t.elapsed().as_secs_f64() * 1000.0),
-                    Err(e) => {
-                        errors += 1;
-                        first_error.get_or_insert(e);
+    let threads = threads.clamp(1, concurrency.max(1));
+    let workers: Vec<_> = (0..threads)
+        .map(|t| {
+            // Connections split as evenly as the numbers allow.
+            let share = concurrency / threads + usize::from(t < concurrency % threads);
+            let load = load.clone();
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+                runtime.block_on(async move {
+                    let loops: Vec<_> = (0..share).map(|_| tokio::spawn(connection_loop(load.clone()))).collect();
+                    let mut outcomes = Vec::new();
+                    for l in loops {
+                        outcomes.push(l.await.expect("connection loop"));
                     }
-                }
-            }
-            (latencies, errors, first_error)
-        }));
-    }
+                    outcomes
+                })
+            })
+        })
+        .collect();
     let (mut latencies, mut errors, mut first_error) = (Vec::new(), 0, None);
-    for task in tasks {
-        let (l, e, f) = task.await.expect("worker");
+    for (l, e, f) in workers.into_iter().flat_map(|w| w.join().expect("client thread")) {
         latencies.extend(l);
         errors += e;
         first_error = first_error.or(f);
@@ -194,8 +207,30 @@ async fn newconn(
         |p: f64| latencies.get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1))).copied();
     serde_json::json!({
         "requests": latencies.len(), "errors": errors, "first_error": first_error, "seconds": elapsed,
-        "rps": latencies.len() as f64 / elapsed, "p50_ms": pct(0.50), "p99_ms": pct(0.99),
+        "rps": latencies.len() as f64 / elapsed, "p50_ms": pct(0.50), "p99_ms": pct(0.99), "client_threads": threads,
     })
+}
+
+/// One connection at a time, back to back, until the deadline or the request budget.
+async fn connection_loop(load: Arc<Newconn>) -> Outcome {
+    let (mut latencies, mut errors, mut first_error) = (Vec::new(), 0u64, None);
+    while Instant::now() < load.deadline {
+        let i = load.counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if i >= load.max_requests {
+            break;
+        }
+        let host = load.sni_pattern.as_ref().map(|p| p.replace("{}", &i.to_string()));
+        let host = host.as_deref().unwrap_or(&load.target.host);
+        let t = Instant::now();
+        match one_request(&load.connector, load.target.addr, host, &load.target.path).await {
+            Ok(()) => latencies.push(t.elapsed().as_secs_f64() * 1000.0),
+            Err(e) => {
+                errors += 1;
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    (latencies, errors, first_error)
 }
 
 async fn idle(target: TargetArgs, n: usize) -> serde_json::Value {
