@@ -40,18 +40,20 @@ impl Clock {
     }
 
     /// Whether the deadline has passed; otherwise the timer wakes `cx` when it might have.
+    ///
+    /// The timer is never later than the deadline (`since` only moves forward), so it is left
+    /// alone while progress pushes the deadline out, and re-armed only when it fires early:
+    /// at most once per `timeout`, not once per read.
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
         loop {
-            let deadline = self.since + self.timeout;
-            if self.sleep.deadline() != deadline {
-                self.sleep.as_mut().reset(deadline);
-            }
             if self.sleep.as_mut().poll(cx).is_pending() {
                 return false;
             }
-            if Instant::now() >= self.since + self.timeout {
+            let deadline = self.since + self.timeout;
+            if Instant::now() >= deadline {
                 return true;
             }
+            self.sleep.as_mut().reset(deadline);
         }
     }
 
