@@ -373,14 +373,21 @@ cache_capacity = 1000000
             ("HTTP/1.1 keep-alive 1 KiB (-c50)", lambda port, ca: self.h2load(port, "/1k", h1=True)),
             ("new TLS connection per request", lambda port, ca: self.loadgen(port, ca)),
         ]
-        for name, port, ca, svc in self.systems():
+        systems = self.systems()
+        for name, port, ca, svc in systems:
             if name == "tollgate":  # warm the leaf cache for localhost
                 self.measure(svc, *self.loadgen_bounded(port, ca))
-            for workload, make in workloads:
-                if self.args.workloads and self.args.workloads not in workload:
-                    continue
-                runs = [self.measure(svc, *make(port, ca)) for _ in range(self.args.repeat)]
-                row = self.median(runs)
+        for workload, make in workloads:
+            if self.args.workloads and self.args.workloads not in workload:
+                continue
+            # Rounds take the systems in turn, so slow drift on the shared machine lands on all
+            # of them alike rather than on whichever was measured last.
+            runs = {name: [] for name, *_ in systems}
+            for _ in range(self.args.repeat):
+                for name, port, ca, svc in systems:
+                    runs[name].append(self.measure(svc, *make(port, ca)))
+            for name, port, ca, svc in systems:
+                row = self.median(runs[name])
                 row.update({"system": name, "workload": workload, "peak_rss_mib": round(memory_kb(svc.pids(), "VmHWM") / 1024, 1)})
                 rows.append(row)
                 print(f"  {name:13} {workload:36} {row['rps']:>10} req/s", file=sys.stderr)
@@ -395,24 +402,24 @@ cache_capacity = 1000000
         nginx terminating TLS with a software key (the origin) on the same client."""
         rows = []
         w, p = self.work, self.ports
-        cases = [
-            ("tollgate-inbound", p["inbound"], self.tollgate, False, "inbound: full handshake per request (HSM signs)"),
-            ("nginx-origin", p["origin"], self.origin, False, "inbound: full handshake per request (HSM signs)"),
-            ("tollgate-inbound", p["inbound"], self.tollgate, True, "inbound: resumed handshake per request"),
-            ("nginx-origin", p["origin"], self.origin, True, "inbound: resumed handshake per request"),
-        ]
-        for name, port, svc, resume, workload in cases:
-            if self.args.systems and name.split("-")[0] not in self.args.systems and name not in self.args.systems:
-                continue
-            runs = [self.measure(svc, *self.loadgen(port, w / "root.pem", resume=resume)) for _ in range(self.args.repeat)]
-            row = self.median(runs)
-            row.update({"system": name, "workload": workload, "peak_rss_mib": round(memory_kb(svc.pids(), "VmHWM") / 1024, 1)})
-            raw = (getattr(self, "mint_micro", None) or {}).get("raw_sign_rate")
-            if name == "tollgate-inbound" and not resume and raw:
-                row["raw_sign_rate"] = raw
-                row["ratio_to_raw_sign"] = round(row["rps"] / raw, 3)
-            rows.append(row)
-            print(f"  {name:16} {workload:46} {row['rps']:>10} req/s", file=sys.stderr)
+        systems = [("tollgate-inbound", p["inbound"], self.tollgate), ("nginx-origin", p["origin"], self.origin)]
+        if self.args.systems:
+            systems = [s for s in systems if s[0].split("-")[0] in self.args.systems or s[0] in self.args.systems]
+        for resume, workload in [(False, "inbound: full handshake per request (HSM signs)"),
+                                 (True, "inbound: resumed handshake per request")]:
+            runs = {name: [] for name, *_ in systems}
+            for _ in range(self.args.repeat):  # the systems in turn, as in run_workloads
+                for name, port, svc in systems:
+                    runs[name].append(self.measure(svc, *self.loadgen(port, w / "root.pem", resume=resume)))
+            for name, port, svc in systems:
+                row = self.median(runs[name])
+                row.update({"system": name, "workload": workload, "peak_rss_mib": round(memory_kb(svc.pids(), "VmHWM") / 1024, 1)})
+                raw = (getattr(self, "mint_micro", None) or {}).get("raw_sign_rate")
+                if name == "tollgate-inbound" and not resume and raw:
+                    row["raw_sign_rate"] = raw
+                    row["ratio_to_raw_sign"] = round(row["rps"] / raw, 3)
+                rows.append(row)
+                print(f"  {name:16} {workload:46} {row['rps']:>10} req/s", file=sys.stderr)
         return rows
 
     def loadgen_bounded(self, port, ca):
