@@ -554,6 +554,16 @@ mod tests {
             );
         }
         assert_ne!(leaf.public_key().raw, cac.public_key().raw, "leaf key must never be the CA key");
+        // The key rustls signs handshakes with is the one the leaf certifies, and it signs.
+        minted.certified.keys_match().expect("served key matches the leaf");
+        let signer = minted.certified.key.choose_scheme(&[rustls::SignatureScheme::ECDSA_NISTP256_SHA256]).unwrap();
+        let signature = signer.sign(b"handshake transcript").unwrap();
+        assert!(verify(
+            KeyAlgorithm::EcdsaP256,
+            &leaf.public_key().subject_public_key.data,
+            b"handshake transcript",
+            &signature
+        ));
         assert_eq!(leaf.issuer(), cac.subject());
         let raw = &cac.public_key().subject_public_key.data;
         assert!(verify(KeyAlgorithm::EcdsaP256, raw, leaf.tbs_certificate.as_ref(), &leaf.signature_value.data));
