@@ -286,6 +286,12 @@ impl Pool {
 }
 
 impl Peer {
+    /// An inbound origin reached over plain HTTP: no certificate, trusted by the site's config.
+    fn plain() -> Arc<Self> {
+        let verdict = Mutex::new((Verdict::Trusted, Instant::now()));
+        Arc::new(Peer { name: None, chain: Vec::new(), fingerprint: [0; 32], alpn: None, verdict })
+    }
+
     /// The verdict, recomputed from the chain when older than a minute (a pooled connection's
     /// certificate may have expired, or the roots changed).
     pub fn verdict(&self, tls: &UpstreamTls) -> Verdict {
@@ -334,10 +340,8 @@ async fn dial_inbound(proxy: &Proxy, site: &super::inbound::InboundSite) -> Resu
     let tcp = Deadlines::new(proxy.dial_origin(&target).await?).read_deadline(proxy.read_timeout);
     let trusted = || Mutex::new((Verdict::Trusted, Instant::now()));
     let Some(config) = &site.origin_tls else {
-        let peer =
-            Arc::new(Peer { name: None, chain: Vec::new(), fingerprint: [0; 32], alpn: None, verdict: trusted() });
         let sender = http_handshake(&target, TokioIo::new(tcp), false).await?;
-        return Ok(Lease { sender, peer });
+        return Ok(Lease { sender, peer: Peer::plain() });
     };
     let stream = tls_connect(proxy, &target, config.clone(), server_name(&target)?, tcp).await?;
     let conn = stream.get_ref().1;
@@ -396,16 +400,6 @@ mod tests {
         PoolKey { host: format!("site{i}.test"), port: 443, addr: None, offer: 1, site: None, home: None }
     }
 
-    fn peer() -> Arc<Peer> {
-        Arc::new(Peer {
-            name: None,
-            chain: Vec::new(),
-            fingerprint: [0; 32],
-            alpn: None,
-            verdict: Mutex::new((Verdict::Trusted, Instant::now())),
-        })
-    }
-
     #[tokio::test]
     async fn a_full_pool_evicts_the_longest_unused_an_eighth_at_a_time() {
         let upstreams = Upstreams::new(16, Duration::from_secs(60));
@@ -416,7 +410,7 @@ mod tests {
             let (sender, connection) =
                 http1::handshake::<_, Body>(hyper_util::rt::TokioIo::new(io)).await.expect("handshake");
             connections.push((connection, server_end));
-            upstreams.checkin(&key(i), sender, peer());
+            upstreams.checkin(&key(i), sender, Peer::plain());
             counts.push(upstreams.pooled_count());
         }
         // Fills to the bound, then each pass evicts three (the slot needed plus 16 / 8) and the
