@@ -628,3 +628,24 @@ async fn inspection_rules_block_with_a_clear_page() {
     let line = proxy.wait_log("blocked access log", |v| v["message"] == "request" && v["status"] == 403);
     assert_eq!(line["host"], "origin.test");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_legs_prefer_aes128_unless_the_client_puts_chacha_first() {
+    let (_pki, _origin, _setup, proxy) = basic().await;
+    let chacha_first = "TLS_CHACHA20_POLY1305_SHA256:TLS_AES_256_GCM_SHA384:TLS_AES_128_GCM_SHA256";
+    let cases: [(&[&str], &str); 5] = [
+        // openssl lists AES-256 first out of habit; tollgate's order decides.
+        (&[], "TLS_AES_128_GCM_SHA256"),
+        // ChaCha20 first: a client without AES hardware; its order decides.
+        (&["-ciphersuites", chacha_first], "TLS_CHACHA20_POLY1305_SHA256"),
+        (&["-ciphersuites", "TLS_AES_256_GCM_SHA384"], "TLS_AES_256_GCM_SHA384"),
+        (&["-tls1_2"], "ECDHE-ECDSA-AES128-GCM-SHA256"),
+        (
+            &["-tls1_2", "-cipher", "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-ECDSA-AES256-GCM-SHA384"],
+            "ECDHE-ECDSA-CHACHA20-POLY1305",
+        ),
+    ];
+    for (extra, want) in cases {
+        assert_eq!(negotiated_cipher(proxy.sni, "origin.test", extra).await, want, "{extra:?}");
+    }
+}

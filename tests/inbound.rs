@@ -187,6 +187,11 @@ async fn full_handshakes_sign_on_the_hsm_and_resumed_ones_do_not() {
     );
     assert_eq!(proxy.metric("tollgate_hsm_sign_total").await, 1, "one full handshake, one HSM signature");
 
+    // The client leg's suite: tollgate's order (AES-128 first) unless the client puts ChaCha20 first.
+    assert_eq!(negotiated_cipher(addr, "www.inbound.test", &[]).await, "TLS_AES_128_GCM_SHA256");
+    let chacha_first = ["-ciphersuites", "TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256"];
+    assert_eq!(negotiated_cipher(addr, "www.inbound.test", &chacha_first).await, "TLS_CHACHA20_POLY1305_SHA256");
+
     // TLS 1.2, openssl -reconnect: one full handshake, five resumed, with tickets and with
     // session IDs alone (-no_ticket).
     for extra in [None, Some("-no_ticket")] {

@@ -58,8 +58,9 @@ pub struct Minted {
     pub not_after: OffsetDateTime,
     /// Which CA signed it.
     pub ca: String,
-    /// Server configs built for this leaf, one per ALPN choice (none, http/1.1, h2).
-    pub(crate) configs: [OnceLock<Arc<ServerConfig>>; 3],
+    /// Server configs built for this leaf, one per ALPN choice (none, http/1.1, h2) in
+    /// tollgate's suite order, then the same three in the client's.
+    pub(crate) configs: [OnceLock<Arc<ServerConfig>>; 6],
 }
 
 impl Ca {

@@ -11,13 +11,13 @@ use rustls::ServerConfig;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use rustls::server::ServerSessionMemoryCache;
+use rustls::server::{ResolvesServerCert, ServerSessionMemoryCache};
 use rustls::sign::CertifiedKey;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::StartHandshake;
 
 use super::http::Upstream;
-use super::tls::{H2, HTTP11};
+use super::tls::{H2, HTTP11, SuiteOrder, server_config};
 use super::upstream::{Route, Upstreams};
 use super::{ConnCtx, Proxy, ProxyError, Side, Target};
 use crate::config::{Config, ConfigError, OriginConfig};
@@ -38,7 +38,14 @@ pub struct InboundSite {
     pub origin: OriginConfig,
     /// TLS to the origin (validated with its roots); `None` for plain HTTP.
     pub origin_tls: Option<Arc<rustls::ClientConfig>>,
-    server: Arc<ServerConfig>,
+    /// Client-facing configs: tollgate's suite order, then the client's (see `SuiteOrder`).
+    servers: [Arc<ServerConfig>; 2],
+}
+
+impl InboundSite {
+    fn server(&self, order: SuiteOrder) -> Arc<ServerConfig> {
+        self.servers[usize::from(order == SuiteOrder::Client)].clone()
+    }
 }
 
 impl InboundSites {
@@ -54,6 +61,7 @@ impl InboundSites {
         let ticketer =
             rustls::crypto::aws_lc_rs::Ticketer::new().map_err(|e| invalid(config, "inbound", e.to_string()))?;
         let waiting = InFlight::new(config.limits.hsm_handshakes_max);
+        let server_provider = super::tls::server_provider(provider);
         let mut by_host = HashMap::new();
         for (index, site) in config.inbound.iter().enumerate() {
             let origin_tls = match site.origin.tls {
@@ -73,21 +81,22 @@ impl InboundSites {
                     continue;
                 }
             };
-            let mut server = ServerConfig::builder_with_provider(provider.clone())
-                .with_safe_default_protocol_versions()
-                .map_err(|e| invalid(config, "inbound", e.to_string()))?
-                .with_no_client_auth()
-                .with_cert_resolver(Arc::new(super::tls::Fixed(Arc::new(certified))));
-            server.alpn_protocols = vec![H2.to_vec(), HTTP11.to_vec()];
-            server.session_storage = storage.clone();
-            server.ticketer = ticketer.clone();
+            let certified: Arc<dyn ResolvesServerCert> = Arc::new(super::tls::Fixed(Arc::new(certified)));
+            let server = |order| -> Result<Arc<ServerConfig>, ConfigError> {
+                let mut server = server_config(&server_provider, certified.clone(), order)
+                    .map_err(|e| invalid(config, "inbound", e.to_string()))?;
+                server.alpn_protocols = vec![H2.to_vec(), HTTP11.to_vec()];
+                server.session_storage = storage.clone();
+                server.ticketer = ticketer.clone();
+                Ok(Arc::new(server))
+            };
             tracing::info!(host = %site.host, certificate = %entry.name, origin = %format!("{}:{}", site.origin.host, site.origin.port), "inbound host served");
             let site = InboundSite {
                 host: site.host.clone(),
                 index,
                 origin: site.origin.clone(),
                 origin_tls,
-                server: Arc::new(server),
+                servers: [server(SuiteOrder::Server)?, server(SuiteOrder::Client)?],
             };
             by_host.insert(site.host.clone(), Arc::new(site));
         }
@@ -119,7 +128,7 @@ where
         };
         let client = tokio::time::timeout(
             proxy.handshake_timeout,
-            StartHandshake::from_parts(accepted, io).into_stream(site.server.clone()),
+            StartHandshake::from_parts(accepted, io).into_stream(site.server(hello.suite_order)),
         )
         .await
         .map_err(|_| ProxyError::Timeout { phase: "client TLS handshake", secs, side: Side::Client })?

@@ -110,7 +110,7 @@ where
         }
     };
     let alpn = super::tls::client_alpn(&hello.alpn, lease.peer.alpn.as_deref());
-    let config = proxy.server_tls.config(&minted, verdict.is_trusted(), alpn);
+    let config = proxy.server_tls.config(&minted, verdict.is_trusted(), alpn, hello.suite_order);
     let secs = proxy.handshake_timeout.as_secs();
     let handshake =
         tokio::time::timeout(proxy.handshake_timeout, StartHandshake::from_parts(accepted, io).into_stream(config));
@@ -190,7 +190,11 @@ mod tests {
     }
 
     fn hello(sni: Option<&str>) -> ClientHelloInfo {
-        ClientHelloInfo { sni: sni.map(str::to_string), alpn: vec![] }
+        ClientHelloInfo {
+            sni: sni.map(str::to_string),
+            alpn: vec![],
+            suite_order: crate::proxy::tls::SuiteOrder::Server,
+        }
     }
 
     #[test]

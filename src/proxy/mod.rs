@@ -204,7 +204,7 @@ impl Proxy {
     /// Builds the shared state from the configuration, the loaded CAs and the inbound sites.
     pub fn new(config: &Config, cas: Cas, inbound: inbound::InboundSites) -> Result<Self, crate::config::ConfigError> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let server_tls = ServerTls::new(provider.clone()).map_err(|e| crate::config::ConfigError::Invalid {
+        let server_tls = ServerTls::new(&provider).map_err(|e| crate::config::ConfigError::Invalid {
             path: config.path.clone(),
             field: "tls".into(),
             reason: e.to_string(),

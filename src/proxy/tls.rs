@@ -13,7 +13,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::{Accepted, Acceptor, ClientHello, ResolvesServerCert, ServerSessionMemoryCache};
 use rustls::sign::CertifiedKey;
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use rustls::{CipherSuite, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::intercept::sha256;
@@ -34,6 +34,71 @@ pub struct ClientHelloInfo {
     pub sni: Option<String>,
     /// The client's ALPN offer, in its order.
     pub alpn: Vec<Vec<u8>>,
+    /// Whose cipher-suite order the handshake follows.
+    pub suite_order: SuiteOrder,
+}
+
+/// Whose cipher-suite order picks the suite on a client-facing handshake.
+///
+/// tollgate's order is AES-128-GCM, AES-256-GCM, ChaCha20-Poly1305: every one is an AEAD at or
+/// above 128-bit security, and AES-128 with its SHA-256 key schedule is the cheapest for both
+/// ends of a handshake on hardware with AES and SHA instructions (clients prefer AES-256 by
+/// habit, not need). A client that lists ChaCha20-Poly1305 before any AES-GCM suite is saying
+/// it lacks AES hardware, and gets its own order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SuiteOrder {
+    Server,
+    Client,
+}
+
+impl SuiteOrder {
+    /// Decides from the client's offer: the first AEAD family it names wins.
+    pub fn of(offered: &[CipherSuite]) -> Self {
+        use CipherSuite::*;
+        for suite in offered {
+            match suite {
+                TLS13_CHACHA20_POLY1305_SHA256
+                | TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256
+                | TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256 => return Self::Client,
+                TLS13_AES_128_GCM_SHA256
+                | TLS13_AES_256_GCM_SHA384
+                | TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+                | TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384
+                | TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256
+                | TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384 => return Self::Server,
+                _ => {}
+            }
+        }
+        Self::Server
+    }
+}
+
+/// `provider` with tollgate's server-side suite order (see `SuiteOrder`): AES-128-GCM first,
+/// the rest as the provider lists them.
+pub fn server_provider(provider: &CryptoProvider) -> Arc<CryptoProvider> {
+    use CipherSuite::*;
+    let mut ordered = provider.clone();
+    ordered.cipher_suites.sort_by_key(|s| {
+        !matches!(
+            s.suite(),
+            TLS13_AES_128_GCM_SHA256 | TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 | TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256
+        )
+    });
+    Arc::new(ordered)
+}
+
+/// A client-facing server config presenting `certs`; `provider` comes from `server_provider`.
+pub fn server_config(
+    provider: &Arc<CryptoProvider>,
+    certs: Arc<dyn ResolvesServerCert>,
+    order: SuiteOrder,
+) -> Result<ServerConfig, rustls::Error> {
+    let mut config = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(certs);
+    config.ignore_client_order = order == SuiteOrder::Server;
+    Ok(config)
 }
 
 /// Why a ClientHello could not be read.
@@ -56,6 +121,7 @@ impl ClientHelloInfo {
         Self {
             sni: hello.server_name().map(|s| s.to_ascii_lowercase()),
             alpn: hello.alpn().map(|protos| protos.map(<[u8]>::to_vec).collect()).unwrap_or_default(),
+            suite_order: SuiteOrder::of(hello.cipher_suites()),
         }
     }
 }
@@ -335,7 +401,8 @@ struct SessionState {
 
 impl ServerTls {
     /// Fresh session caches and ticket keys.
-    pub fn new(provider: Arc<CryptoProvider>) -> Result<Self, rustls::Error> {
+    pub fn new(provider: &CryptoProvider) -> Result<Self, rustls::Error> {
+        let provider = server_provider(provider);
         let state = || -> Result<SessionState, rustls::Error> {
             Ok(SessionState {
                 storage: ServerSessionMemoryCache::new(16 * 1024),
@@ -351,21 +418,18 @@ impl ServerTls {
         Ok(Self { trusted: state()?, untrusted: state()?, refuse, provider })
     }
 
-    /// The config presenting `minted` with the ALPN the upstream chose (built once per leaf
-    /// and protocol).
-    pub fn config(&self, minted: &Minted, trusted: bool, alpn: Option<&[u8]>) -> Arc<ServerConfig> {
+    /// The config presenting `minted` with the ALPN the upstream chose (built once per leaf,
+    /// protocol and suite order).
+    pub fn config(&self, minted: &Minted, trusted: bool, alpn: Option<&[u8]>, order: SuiteOrder) -> Arc<ServerConfig> {
         let index = match alpn {
             Some(p) if p == H2 => 2,
             Some(p) if p == HTTP11 => 1,
             _ => 0,
-        };
+        } + if order == SuiteOrder::Client { 3 } else { 0 };
         minted.configs[index]
             .get_or_init(|| {
-                let mut config = ServerConfig::builder_with_provider(self.provider.clone())
-                    .with_safe_default_protocol_versions()
-                    .expect("the aws-lc-rs provider supports the default versions")
-                    .with_no_client_auth()
-                    .with_cert_resolver(Arc::new(Fixed(minted.certified.clone())));
+                let mut config = server_config(&self.provider, Arc::new(Fixed(minted.certified.clone())), order)
+                    .expect("the aws-lc-rs provider supports the default versions");
                 config.alpn_protocols = alpn.map(|p| vec![p.to_vec()]).unwrap_or_default();
                 let state = if trusted { &self.trusted } else { &self.untrusted };
                 config.session_storage = state.storage.clone();
@@ -415,5 +479,41 @@ mod tests {
         assert_eq!(client_alpn(&h2_only, Some(HTTP11)), Some(H2));
         assert_eq!(client_alpn(&h1_only, Some(HTTP11)), Some(HTTP11));
         assert_eq!(client_alpn(&both, None), None);
+    }
+
+    #[test]
+    fn the_first_aead_family_a_client_names_decides_whose_order_wins() {
+        use CipherSuite::*;
+        let of = SuiteOrder::of;
+        assert_eq!(of(&[TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256]), SuiteOrder::Server);
+        assert_eq!(of(&[TLS13_CHACHA20_POLY1305_SHA256, TLS13_AES_128_GCM_SHA256]), SuiteOrder::Client);
+        // Signalling values and suites tollgate does not offer do not count.
+        let scsv = TLS_EMPTY_RENEGOTIATION_INFO_SCSV;
+        assert_eq!(
+            of(&[scsv, TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256, TLS13_AES_128_GCM_SHA256]),
+            SuiteOrder::Client
+        );
+        assert_eq!(of(&[scsv]), SuiteOrder::Server);
+    }
+
+    #[test]
+    fn the_server_order_puts_aes128_first_and_keeps_the_rest() {
+        let base = rustls::crypto::aws_lc_rs::default_provider();
+        let ordered: Vec<_> = server_provider(&base).cipher_suites.iter().map(|s| s.suite()).collect();
+        assert_eq!(ordered[0], CipherSuite::TLS13_AES_128_GCM_SHA256);
+        let tls13: Vec<_> = ordered.iter().filter(|s| format!("{s:?}").starts_with("TLS13_")).copied().collect();
+        assert_eq!(
+            tls13,
+            [
+                CipherSuite::TLS13_AES_128_GCM_SHA256,
+                CipherSuite::TLS13_AES_256_GCM_SHA384,
+                CipherSuite::TLS13_CHACHA20_POLY1305_SHA256
+            ]
+        );
+        let mut same = ordered.clone();
+        let mut all: Vec<_> = base.cipher_suites.iter().map(|s| s.suite()).collect();
+        same.sort_by_key(|s| u16::from(*s));
+        all.sort_by_key(|s| u16::from(*s));
+        assert_eq!(same, all, "only the order changes");
     }
 }

@@ -873,3 +873,21 @@ pub async fn bearer_post(addr: std::net::SocketAddr, path: &str, token: Option<&
     tcp.read_to_end(&mut response).await.unwrap();
     String::from_utf8_lossy(&response[..response.len().min(200)]).into_owned()
 }
+
+/// The cipher suite `openssl s_client` negotiates with `addr` for `sni`, given extra options
+/// (`-tls1_2`, `-ciphersuites ...`); openssl's own name for it.
+pub async fn negotiated_cipher(addr: SocketAddr, sni: &str, extra: &[&str]) -> String {
+    let out = tokio::process::Command::new("openssl")
+        .args(["s_client", "-connect", &addr.to_string(), "-servername", sni])
+        .args(extra)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output();
+    let out = tokio::time::timeout(std::time::Duration::from_secs(10), out).await.expect("s_client timed out").unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("New, "))
+        .unwrap_or_else(|| panic!("{sni} {extra:?}: no handshake\n{text}"));
+    line.rsplit(' ').next().unwrap().to_string()
+}
