@@ -63,7 +63,8 @@ enum Mode {
         #[arg(short, long, default_value_t = 5)]
         duration_secs: u64,
     },
-    /// Raw single-thread C_Sign loop (CKM_ECDSA over a SHA-256 digest) on a token key.
+    /// Raw C_Sign loop (CKM_ECDSA over a SHA-256 digest) on a token key: one session per thread
+    /// in one process (default one thread).
     Sign {
         #[arg(long)]
         module: PathBuf,
@@ -73,6 +74,8 @@ enum Mode {
         pin_file: PathBuf,
         #[arg(long)]
         label: String,
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
         #[arg(short, long, default_value_t = 5)]
         duration_secs: u64,
     },
@@ -115,8 +118,8 @@ fn main() {
         Mode::MintRate { config, threads, duration_secs } => {
             mint_rate(&config, threads, Duration::from_secs(duration_secs))
         }
-        Mode::Sign { module, token, pin_file, label, duration_secs } => {
-            sign(module, &token, &pin_file, &label, Duration::from_secs(duration_secs))
+        Mode::Sign { module, token, pin_file, label, threads, duration_secs } => {
+            sign(module, &token, &pin_file, &label, threads, Duration::from_secs(duration_secs))
         }
     };
     println!("{report}");
@@ -303,7 +306,14 @@ fn mint_rate(config: &std::path::Path, threads: usize, duration: Duration) -> se
     serde_json::json!({"mints": mints, "threads": threads, "seconds": seconds, "rate": mints as f64 / seconds})
 }
 
-fn sign(module: PathBuf, token: &str, pin_file: &PathBuf, label: &str, duration: Duration) -> serde_json::Value {
+fn sign(
+    module: PathBuf,
+    token: &str,
+    pin_file: &PathBuf,
+    label: &str,
+    threads: usize,
+    duration: Duration,
+) -> serde_json::Value {
     use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
     use cryptoki::mechanism::Mechanism;
     use cryptoki::object::{Attribute, ObjectClass};
@@ -316,19 +326,31 @@ fn sign(module: PathBuf, token: &str, pin_file: &PathBuf, label: &str, duration:
         .into_iter()
         .find(|s| pkcs11.get_token_info(*s).is_ok_and(|i| i.label().trim_end() == token))
         .expect("token");
-    let session = pkcs11.open_rw_session(slot).expect("session");
     let pin = std::fs::read_to_string(pin_file).expect("pin file");
-    session.login(UserType::User, Some(&secrecy::SecretString::from(pin.trim_end().to_string()))).expect("login");
-    let key = session
+    let pin = secrecy::SecretString::from(pin.trim_end().to_string());
+    let login = pkcs11.open_rw_session(slot).expect("session");
+    login.login(UserType::User, Some(&pin)).expect("login");
+    let key = login
         .find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY), Attribute::Label(label.as_bytes().to_vec())])
         .expect("find")[0];
     let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, b"tollgate bench");
     let started = Instant::now();
-    let mut signs = 0u64;
-    while started.elapsed() < duration {
-        session.sign(&Mechanism::Ecdsa, key, digest.as_ref()).expect("sign");
-        signs += 1;
-    }
+    let signs: u64 = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads.max(1))
+            .map(|_| {
+                let session = pkcs11.open_rw_session(slot).expect("session");
+                scope.spawn(move || {
+                    let mut signs = 0u64;
+                    while started.elapsed() < duration {
+                        session.sign(&Mechanism::Ecdsa, key, digest.as_ref()).expect("sign");
+                        signs += 1;
+                    }
+                    signs
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().expect("signer")).sum()
+    });
     let seconds = started.elapsed().as_secs_f64();
     serde_json::json!({"signs": signs, "seconds": seconds, "rate": signs as f64 / seconds})
 }
