@@ -409,12 +409,7 @@ impl ServerTls {
                 ticketer: rustls::crypto::aws_lc_rs::Ticketer::new()?,
             })
         };
-        let refuse = Arc::new(
-            ServerConfig::builder_with_provider(provider.clone())
-                .with_safe_default_protocol_versions()?
-                .with_no_client_auth()
-                .with_cert_resolver(Arc::new(Refuse)),
-        );
+        let refuse = Arc::new(server_config(&provider, Arc::new(Refuse), SuiteOrder::Server)?);
         Ok(Self { trusted: state()?, untrusted: state()?, refuse, provider })
     }
 

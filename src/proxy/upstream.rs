@@ -286,10 +286,17 @@ impl Pool {
 }
 
 impl Peer {
-    /// An inbound origin reached over plain HTTP: no certificate, trusted by the site's config.
-    fn plain() -> Arc<Self> {
+    /// An inbound origin, trusted by the site's own config (its TLS validated by the site's
+    /// roots, or plain HTTP): never a verdict of its own.
+    fn inbound(chain: Vec<CertificateDer<'static>>, alpn: Option<Vec<u8>>) -> Arc<Self> {
+        let fingerprint = super::intercept::sha256(chain.first().map(|c| c.as_ref()).unwrap_or_default());
         let verdict = Mutex::new((Verdict::Trusted, Instant::now()));
-        Arc::new(Peer { name: None, chain: Vec::new(), fingerprint: [0; 32], alpn: None, verdict })
+        Arc::new(Peer { name: None, chain, fingerprint, alpn, verdict })
+    }
+
+    /// An inbound origin reached over plain HTTP.
+    fn plain() -> Arc<Self> {
+        Self::inbound(Vec::new(), None)
     }
 
     /// The verdict, recomputed from the chain when older than a minute (a pooled connection's
@@ -338,7 +345,6 @@ async fn dial_forward(proxy: &Proxy, target: &Target, client_alpn: &[Vec<u8>]) -
 async fn dial_inbound(proxy: &Proxy, site: &super::inbound::InboundSite) -> Result<Lease, ProxyError> {
     let target = Target { host: site.origin.host.clone(), port: site.origin.port, addr: None };
     let tcp = Deadlines::new(proxy.dial_origin(&target).await?).read_deadline(proxy.read_timeout);
-    let trusted = || Mutex::new((Verdict::Trusted, Instant::now()));
     let Some(config) = &site.origin_tls else {
         let sender = http_handshake(&target, TokioIo::new(tcp), false).await?;
         return Ok(Lease { sender, peer: Peer::plain() });
@@ -347,9 +353,7 @@ async fn dial_inbound(proxy: &Proxy, site: &super::inbound::InboundSite) -> Resu
     let conn = stream.get_ref().1;
     let chain: Vec<CertificateDer<'static>> =
         conn.peer_certificates().unwrap_or_default().iter().map(|c| c.clone().into_owned()).collect();
-    let fingerprint = super::intercept::sha256(chain.first().map(|c| c.as_ref()).unwrap_or_default());
-    let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
-    let peer = Arc::new(Peer { name: None, chain, fingerprint, alpn, verdict: trusted() });
+    let peer = Peer::inbound(chain, conn.alpn_protocol().map(<[u8]>::to_vec));
     let sender = http_handshake(&target, TokioIo::new(stream), peer.alpn.as_deref() == Some(H2)).await?;
     Ok(Lease { sender, peer })
 }
