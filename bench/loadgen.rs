@@ -106,6 +106,7 @@ fn main() {
                 sni_pattern,
                 deadline: Instant::now() + Duration::from_secs(duration_secs),
                 max_requests,
+                resume,
                 counter: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             };
             newconn(Arc::new(load), concurrency, threads)
@@ -148,17 +149,18 @@ async fn one_request(
     addr: SocketAddr,
     host: &str,
     path: &str,
-) -> Result<(), String> {
+) -> Result<bool, String> {
     let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let _ = tcp.set_nodelay(true);
     let name = ServerName::try_from(host.to_string()).map_err(|e| e.to_string())?;
     let mut tls = connector.connect(name, tcp).await.map_err(|e| e.to_string())?;
+    let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
     let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
     tls.write_all(request.as_bytes()).await.map_err(|e| e.to_string())?;
     let mut response = Vec::with_capacity(2048);
     let _ = tls.read_to_end(&mut response).await;
     if response.starts_with(b"HTTP/1.1 200") {
-        Ok(())
+        Ok(resumed)
     } else {
         Err(String::from_utf8_lossy(&response[..response.len().min(80)]).into())
     }
@@ -171,11 +173,12 @@ struct Newconn {
     sni_pattern: Option<String>,
     deadline: Instant,
     max_requests: u64,
+    resume: bool,
     counter: Arc<std::sync::atomic::AtomicU64>,
 }
 
-/// Per-connection-loop results: latencies (ms), errors, the first error.
-type Outcome = (Vec<f64>, u64, Option<String>);
+/// Per-connection-loop results: latencies (ms), resumed handshakes, errors, the first error.
+type Outcome = (Vec<f64>, u64, u64, Option<String>);
 
 fn newconn(load: Arc<Newconn>, concurrency: usize, threads: usize) -> serde_json::Value {
     let started = Instant::now();
@@ -198,9 +201,10 @@ fn newconn(load: Arc<Newconn>, concurrency: usize, threads: usize) -> serde_json
             })
         })
         .collect();
-    let (mut latencies, mut errors, mut first_error) = (Vec::new(), 0, None);
-    for (l, e, f) in workers.into_iter().flat_map(|w| w.join().expect("client thread")) {
+    let (mut latencies, mut resumed, mut errors, mut first_error) = (Vec::new(), 0, 0, None);
+    for (l, r, e, f) in workers.into_iter().flat_map(|w| w.join().expect("client thread")) {
         latencies.extend(l);
+        resumed += r;
         errors += e;
         first_error = first_error.or(f);
     }
@@ -209,14 +213,25 @@ fn newconn(load: Arc<Newconn>, concurrency: usize, threads: usize) -> serde_json
     let pct =
         |p: f64| latencies.get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1))).copied();
     serde_json::json!({
-        "requests": latencies.len(), "errors": errors, "first_error": first_error, "seconds": elapsed,
+        "requests": latencies.len(), "resumed": resumed, "errors": errors, "first_error": first_error, "seconds": elapsed,
         "rps": latencies.len() as f64 / elapsed, "p50_ms": pct(0.50), "p99_ms": pct(0.99), "client_threads": threads,
     })
 }
 
 /// One connection at a time, back to back, until the deadline or the request budget.
 async fn connection_loop(load: Arc<Newconn>) -> Outcome {
-    let (mut latencies, mut errors, mut first_error) = (Vec::new(), 0u64, None);
+    // Resuming loops are separate clients, each with its own session store, as real clients
+    // are: one store shared by all loops holds 8 tickets per server, and bursts of new
+    // connections would empty it.
+    let connector = match load.resume {
+        true => {
+            let mut config = rustls::ClientConfig::clone(load.connector.config());
+            config.resumption = rustls::client::Resumption::in_memory_sessions(8);
+            tokio_rustls::TlsConnector::from(Arc::new(config))
+        }
+        false => load.connector.clone(),
+    };
+    let (mut latencies, mut resumed, mut errors, mut first_error) = (Vec::new(), 0u64, 0u64, None);
     while Instant::now() < load.deadline {
         let i = load.counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if i >= load.max_requests {
@@ -225,15 +240,18 @@ async fn connection_loop(load: Arc<Newconn>) -> Outcome {
         let host = load.sni_pattern.as_ref().map(|p| p.replace("{}", &i.to_string()));
         let host = host.as_deref().unwrap_or(&load.target.host);
         let t = Instant::now();
-        match one_request(&load.connector, load.target.addr, host, &load.target.path).await {
-            Ok(()) => latencies.push(t.elapsed().as_secs_f64() * 1000.0),
+        match one_request(&connector, load.target.addr, host, &load.target.path).await {
+            Ok(was_resumed) => {
+                latencies.push(t.elapsed().as_secs_f64() * 1000.0);
+                resumed += u64::from(was_resumed);
+            }
             Err(e) => {
                 errors += 1;
                 first_error.get_or_insert(e);
             }
         }
     }
-    (latencies, errors, first_error)
+    (latencies, resumed, errors, first_error)
 }
 
 async fn idle(target: TargetArgs, n: usize) -> serde_json::Value {
