@@ -82,7 +82,7 @@ struct Group {
     b: Token,
     config: PathBuf,
     ca: rustls::pki_types::CertificateDer<'static>,
-    _pki: TestPki,
+    pki: TestPki,
     _origin: Origin,
 }
 
@@ -133,7 +133,7 @@ impl Group {
             ),
         )
         .unwrap();
-        let group = Self { a, b, config, ca: pem_cert(&ca_pem), _pki: pki, _origin: origin };
+        let group = Self { a, b, config, ca: pem_cert(&ca_pem), pki, _origin: origin };
         let out = group.tollgate(&[
             "cert",
             "import",
@@ -161,6 +161,44 @@ impl Group {
 
     fn start(&self) -> Proxy {
         Proxy::start_with(self.cmd(), &self.config, 2)
+    }
+
+    /// Adds an inbound listener serving `host` with a server key on both members, forwarding
+    /// to the test origin; `start_inbound` starts the proxy with it.
+    fn add_inbound_site(&self, host: &str) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let private_der = self.b.path("site.key.der");
+        let public_der = self.b.path("site.pub.der");
+        std::fs::write(&private_der, key.serialize_der()).unwrap();
+        std::fs::write(&public_der, rcgen::PublicKeyData::subject_public_key_info(&key)).unwrap();
+        import_key(&self.a.token, &private_der, &public_der, "site", "02");
+        import_key(&self.b, &private_der, &public_der, "site", "02");
+        std::fs::remove_file(&private_der).unwrap();
+        let cert = self.b.path("site.pem");
+        std::fs::write(&cert, self.pki.certify(&key, &[host])).unwrap();
+        let mut config = std::fs::read_to_string(&self.config).unwrap();
+        config.push_str(&format!(
+            "\n[[listener]]\nmode = \"inbound\"\nlisten = \"127.0.0.1:0\"\n\n\
+             [[inbound]]\nhost = \"{host}\"\nupstream = \"https://{host}\"\nca_bundle = \"{}\"\n",
+            self.pki.bundle().display()
+        ));
+        std::fs::write(&self.config, config).unwrap();
+        let out = self.tollgate(&[
+            "cert",
+            "import",
+            "--name",
+            "site",
+            "--cert",
+            cert.to_str().unwrap(),
+            "--key-on-hsm",
+            "--inbound",
+            host,
+        ]);
+        assert!(out.status.success(), "import: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    fn start_inbound(&self) -> Proxy {
+        Proxy::start_with(self.cmd(), &self.config, 3)
     }
 
     /// Cuts member B off: its token directory disappears (the library keeps running).
@@ -383,4 +421,42 @@ async fn a_hung_hsm_fails_at_the_deadline_and_fails_over() {
     let info: serde_json::Value = serde_json::from_str(&http_get(proxy.management, "/api/v1/hsm/info").await).unwrap();
     assert!(info["servers"][1]["mechanisms"].as_array().is_some_and(|m| !m.is_empty()), "{info}");
     group.a.signal("-CONT");
+}
+
+/// Handshakes waiting on a frozen HSM hold no runtime thread: inbound full handshakes (HA off,
+/// so no failover) wait out the deadline off the two threads the inbound listener runs on, and
+/// a resumed handshake (no HSM operation) with its request is served meanwhile as if nothing
+/// were wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_waiting_on_a_frozen_hsm_hold_no_runtime_thread() {
+    let group = Group::new("enabled = false").await;
+    group.add_inbound_site("app.ha.test");
+    let proxy = group.start_inbound();
+    let inbound = proxy.listener("inbound");
+    let resuming = trusting_client(group.pki.root.der(), &["http/1.1"]);
+    let mut full = (*resuming).clone();
+    full.resumption = rustls::client::Resumption::disabled();
+    let full = Arc::new(full);
+    let visit_inbound = |client: Arc<rustls::ClientConfig>| async move {
+        let tls = tls_via_sni(inbound, "app.ha.test", client).await?;
+        let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        let (status, _, _) = request(tls, false, get("app.ha.test", "/", false)).await;
+        Ok::<_, std::io::Error>((status, resumed))
+    };
+    assert_eq!(visit_inbound(resuming.clone()).await.unwrap(), (200, false), "signed by hsm-a");
+
+    group.a.signal("-STOP");
+    let waiting: Vec<_> = (0..6).map(|_| tokio::spawn(tls_via_sni(inbound, "app.ha.test", full.clone()))).collect();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let started = Instant::now();
+    let resumed = visit_inbound(resuming).await.expect("a resumed handshake needs no HSM");
+    let took = started.elapsed();
+    for handshake in waiting {
+        let result = tokio::time::timeout(Duration::from_secs(5), handshake).await.expect("no handshake hangs");
+        assert!(result.unwrap().is_err(), "HA off: a frozen primary fails the handshake");
+    }
+    group.a.signal("-CONT");
+    assert_eq!(resumed, (200, true));
+    // The call deadline is 1 s: a connection stuck behind the waiting handshakes takes most of it.
+    assert!(took < Duration::from_millis(400), "served while handshakes wait on the HSM: {took:?}");
 }

@@ -18,10 +18,18 @@ use rustls::SignatureScheme;
 
 use super::HsmError;
 use super::member::{Connection, OwnedSession};
-use crate::keys::KeyAlgorithm;
+use crate::keys::{KeyAlgorithm, Offload};
 
 /// The most workers a library may have, replacements of stuck ones included.
 const MAX_WORKERS_FACTOR: usize = 4;
+
+/// How long a caller waits for its job in place before spending the rest of the wait under its
+/// offload (on a tokio worker: a hand-off of the worker's other tasks to another thread, which
+/// costs more than a local token's signature). Longer than a local token's answer under load
+/// (SoftHSM2: ~45 µs in the library, ~100-250 µs with queueing), shorter than a network HSM's
+/// round trip; and only while the library has recently answered well within it, so a slow HSM
+/// is offloaded at once and never holds a worker.
+const INLINE_WAIT: Duration = Duration::from_micros(500);
 
 /// One library's worker pool.
 pub(super) struct Executor {
@@ -34,6 +42,30 @@ pub(super) struct Executor {
     spawned: AtomicUsize,
     epoch: Instant,
     gauge: Arc<crate::telemetry::QueueGauge>,
+    service: Arc<Latency>,
+}
+
+/// Recent time spent inside the library per call (an exponentially weighted mean, µs): whether
+/// callers wait in place. The library's own time, not the caller's: a caller's wait also holds
+/// queueing and its own wake-up on a busy machine, which say nothing about the HSM.
+#[derive(Default)]
+struct Latency(AtomicU64);
+
+impl Latency {
+    fn observe(&self, took: Duration) {
+        let sample = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        let mean = self.0.load(Relaxed);
+        self.0.store(mean - mean / 8 + sample / 8, Relaxed);
+    }
+
+    /// How long the next caller waits in place: `INLINE_WAIT` while the library answers well
+    /// within it, nothing once it does not.
+    fn inline_budget(&self) -> Duration {
+        match Duration::from_micros(self.0.load(Relaxed)) <= INLINE_WAIT / 2 {
+            true => INLINE_WAIT,
+            false => Duration::ZERO,
+        }
+    }
 }
 
 /// What a worker does.
@@ -74,6 +106,15 @@ impl Reply {
         }
         result.take()
     }
+
+    /// Waits in place until `inline`, then under `offload` until `deadline`.
+    fn wait(&self, inline: Instant, deadline: Instant, offload: Offload) -> Option<Result<Vec<u8>, HsmError>> {
+        let mut result = self.wait_until(inline.min(deadline));
+        if result.is_none() && Instant::now() < deadline {
+            offload(&mut || result = self.wait_until(deadline));
+        }
+        result
+    }
 }
 
 impl Executor {
@@ -89,6 +130,7 @@ impl Executor {
             spawned: AtomicUsize::new(0),
             epoch: Instant::now(),
             gauge: crate::telemetry::QueueGauge::register(library),
+            service: Arc::default(),
         });
         for _ in 0..executor.workers {
             executor.spawn_worker();
@@ -104,23 +146,27 @@ impl Executor {
         executor
     }
 
-    /// Runs `op` on `conn` and waits for it, at most `timeout`.
+    /// Runs `op` on `conn` and waits for it, at most `timeout`; a wait longer than the inline
+    /// budget is spent under `offload`.
     pub(super) fn call(
         &self,
         conn: &Arc<Connection>,
         server: &str,
         op: Op,
         timeout: Duration,
+        offload: Offload,
     ) -> Result<Vec<u8>, HsmError> {
         let reply = Arc::new(Reply::default());
-        let deadline = Instant::now() + timeout;
+        let started = Instant::now();
+        let deadline = started + timeout;
         let job = Job { conn: conn.clone(), server: server.to_string(), op, deadline, reply: reply.clone() };
         match self.queue.try_send(job) {
             Ok(()) => self.gauge.set(self.queue.len()),
             Err(TrySendError::Full(_)) => return Err(HsmError::QueueFull { library: self.library.clone() }),
             Err(TrySendError::Disconnected(_)) => return Err(HsmError::Unavailable("executor stopped".into())),
         }
-        reply.wait_until(deadline).unwrap_or_else(|| {
+        let result = reply.wait(started + self.service.inline_budget(), deadline, offload);
+        result.unwrap_or_else(|| {
             Err(HsmError::Timeout { server: server.to_string(), millis: timeout.as_millis() as u64 })
         })
     }
@@ -136,8 +182,9 @@ impl Executor {
         let jobs = self.jobs.clone();
         let epoch = self.epoch;
         let gauge = self.gauge.clone();
+        let service = self.service.clone();
         let name = format!("hsm-{}", self.spawned.load(Relaxed));
-        let spawned = std::thread::Builder::new().name(name).spawn(move || worker(jobs, busy, epoch, gauge));
+        let spawned = std::thread::Builder::new().name(name).spawn(move || worker(jobs, busy, epoch, gauge, service));
         if let Err(e) = spawned {
             tracing::error!(library = %self.library, error = %e, "cannot start an HSM worker");
         }
@@ -164,7 +211,13 @@ impl Executor {
     }
 }
 
-fn worker(jobs: Receiver<Job>, busy: Arc<AtomicU64>, epoch: Instant, gauge: Arc<crate::telemetry::QueueGauge>) {
+fn worker(
+    jobs: Receiver<Job>,
+    busy: Arc<AtomicU64>,
+    epoch: Instant,
+    gauge: Arc<crate::telemetry::QueueGauge>,
+    service: Arc<Latency>,
+) {
     // Sessions this worker opened, by connection id. A session of a library generation that was
     // re-initialised away is dropped without closing (its handle may now name someone else's
     // session); see `OwnedSession`.
@@ -178,9 +231,11 @@ fn worker(jobs: Receiver<Job>, busy: Arc<AtomicU64>, epoch: Instant, gauge: Arc<
             reply.send(Err(HsmError::Timeout { server, millis: 0 }));
             continue;
         }
-        busy.store(epoch.elapsed().as_millis().max(1) as u64, Relaxed);
+        let began = Instant::now();
+        busy.store(began.duration_since(epoch).as_millis().max(1) as u64, Relaxed);
         let result = run(&job, &mut sessions);
         busy.store(0, Relaxed);
+        service.observe(began.elapsed());
         // Let go of the connection before answering: once answered, the caller may drop the
         // `Hsm` and exit, and the last reference must not be this thread's (dropping a
         // `Connection` closes its anchor session, which must not race the library's teardown).
@@ -211,4 +266,70 @@ fn run(job: &Job, sessions: &mut HashMap<u64, OwnedSession>) -> Result<Vec<u8>, 
         sessions.remove(&id);
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use super::*;
+
+    /// Waits on a reply sent `after` from now by another thread; how many times the offload ran.
+    fn wait_for(after: Option<Duration>, inline: Duration, timeout: Duration) -> (bool, usize) {
+        let reply = Arc::new(Reply::default());
+        let sender = after.map(|after| {
+            let reply = reply.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(after);
+                reply.send(Ok(b"sig".to_vec()));
+            })
+        });
+        let offloads = Cell::new(0);
+        let offload = |wait: &mut dyn FnMut()| {
+            offloads.set(offloads.get() + 1);
+            wait()
+        };
+        let now = Instant::now();
+        let result = reply.wait(now + inline, now + timeout, &offload);
+        if let Some(sender) = sender {
+            sender.join().unwrap();
+        }
+        (matches!(result, Some(Ok(ref s)) if s == b"sig"), offloads.get())
+    }
+
+    #[test]
+    fn a_prompt_answer_is_waited_for_in_place_and_a_late_one_under_the_offload() {
+        assert_eq!(wait_for(Some(Duration::ZERO), Duration::from_secs(5), Duration::from_secs(10)), (true, 0));
+        assert_eq!(wait_for(Some(Duration::from_millis(50)), Duration::ZERO, Duration::from_secs(10)), (true, 1));
+        assert_eq!(
+            wait_for(Some(Duration::from_millis(50)), Duration::from_millis(1), Duration::from_secs(10)),
+            (true, 1)
+        );
+        // No answer: the offloaded wait ends at the deadline, empty-handed.
+        assert_eq!(wait_for(None, Duration::from_millis(1), Duration::from_millis(30)), (false, 1));
+    }
+
+    #[test]
+    fn only_a_library_answering_within_the_budget_is_waited_for_in_place() {
+        let service = Latency::default();
+        assert_eq!(service.inline_budget(), INLINE_WAIT);
+        for _ in 0..50 {
+            service.observe(Duration::from_micros(45));
+        }
+        assert_eq!(service.inline_budget(), INLINE_WAIT, "a local token's signature");
+        // A network HSM's round trips: offloaded after a few calls.
+        for _ in 0..8 {
+            service.observe(Duration::from_millis(2));
+        }
+        assert_eq!(service.inline_budget(), Duration::ZERO);
+        // One stuck call keeps callers offloaded until fast answers have outweighed it.
+        for _ in 0..10 {
+            service.observe(Duration::from_micros(45));
+        }
+        assert_eq!(service.inline_budget(), Duration::ZERO);
+        for _ in 0..60 {
+            service.observe(Duration::from_micros(45));
+        }
+        assert_eq!(service.inline_budget(), INLINE_WAIT);
+    }
 }

@@ -21,7 +21,7 @@ use rustls::SignatureScheme;
 use serde::Serialize;
 
 use crate::config::{HsmConfig, HsmServerConfig};
-use crate::keys::{KeyAlgorithm, KeyError, PrivateKey};
+use crate::keys::{KeyAlgorithm, KeyError, Offload, PrivateKey};
 use crate::telemetry::{METRICS, MemberMetrics};
 use executor::{Executor, Op};
 use member::Connection;
@@ -391,6 +391,7 @@ impl Hsm {
         algorithm: KeyAlgorithm,
         scheme: SignatureScheme,
         message: &[u8],
+        offload: Offload,
     ) -> Result<Vec<u8>, HsmError> {
         let mut tried = Vec::with_capacity(2);
         let mut last = None;
@@ -402,7 +403,7 @@ impl Hsm {
             let op = Op::Sign { label: label.to_string(), algorithm, scheme, message: message.to_vec() };
             member.in_flight.fetch_add(1, Relaxed);
             let started = Instant::now();
-            let result = executor.call(&conn, &member.config.name, op, self.call_timeout);
+            let result = executor.call(&conn, &member.config.name, op, self.call_timeout, offload);
             member.in_flight.fetch_sub(1, Relaxed);
             match result {
                 Ok(signature) => {
@@ -558,8 +559,12 @@ impl PrivateKey for HsmKey {
     }
 
     fn sign(&self, scheme: SignatureScheme, message: &[u8]) -> Result<Vec<u8>, KeyError> {
+        self.sign_on_worker(scheme, message, &|wait| wait())
+    }
+
+    fn sign_on_worker(&self, scheme: SignatureScheme, message: &[u8], offload: Offload) -> Result<Vec<u8>, KeyError> {
         self.hsm
-            .sign(&self.label, self.algorithm, scheme, message)
+            .sign(&self.label, self.algorithm, scheme, message, offload)
             .map_err(|e| KeyError::Backend { key: format!("hsm:{}", self.label), source: Box::new(e) })
     }
 }

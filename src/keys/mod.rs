@@ -36,6 +36,11 @@ pub enum KeyError {
     Invalid(String),
 }
 
+/// How a caller on an async worker spends a long wait: it runs the wait it is given, e.g. under
+/// `tokio::task::block_in_place`, which hands the worker's other tasks to another thread. A
+/// caller that may block freely passes `&|wait| wait()`.
+pub type Offload<'a> = &'a dyn Fn(&mut dyn FnMut());
+
 /// A private key that can sign but never reveals its material.
 pub trait PrivateKey: fmt::Debug + Send + Sync {
     /// The key's type.
@@ -45,6 +50,14 @@ pub trait PrivateKey: fmt::Debug + Send + Sync {
     /// Signs `message` (not pre-hashed) with `scheme`. Blocking: rcgen and rustls call it
     /// synchronously.
     fn sign(&self, scheme: SignatureScheme, message: &[u8]) -> Result<Vec<u8>, KeyError>;
+    /// Signs from an async worker: a key whose answer is slow spends the wait under `offload`.
+    /// By default the whole signature runs under it; an HSM key first waits briefly in place,
+    /// since handing a worker off costs more than a fast token's signature.
+    fn sign_on_worker(&self, scheme: SignatureScheme, message: &[u8], offload: Offload) -> Result<Vec<u8>, KeyError> {
+        let mut result = None;
+        offload(&mut || result = Some(self.sign(scheme, message)));
+        result.unwrap_or_else(|| Err(KeyError::Invalid("the offloaded signature never ran".into())))
+    }
     /// Whether signing may wait on something outside the process (an HSM): such signatures
     /// run off the async workers and are bounded. In-memory keys answer `false`.
     fn may_block(&self) -> bool {

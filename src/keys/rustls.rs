@@ -2,10 +2,11 @@
 //! inbound inspection). The only file that changes when rustls 0.24 reshapes its signing traits.
 //!
 //! rustls signs synchronously inside the handshake, on a tokio worker. An HSM signature can
-//! take milliseconds (seconds for a network HSM), so the wait runs under `block_in_place`,
-//! which moves the worker's other tasks elsewhere, and the number of handshakes waiting on the
-//! HSM at once is bounded: past the bound a handshake fails at once with a clear log instead of
-//! queueing without limit.
+//! take milliseconds (seconds for a network HSM), so a wait past the HSM layer's short inline
+//! budget runs under `block_in_place`, which moves the worker's other tasks elsewhere (a local
+//! token answering in tens of microseconds is waited for in place: the hand-off costs more).
+//! The number of handshakes waiting on the HSM at once is bounded: past the bound a handshake
+//! fails at once with a clear log instead of queueing without limit.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -102,11 +103,13 @@ impl Signer for KeySigner {
             tracing::warn!(waiting, max = self.waiting.max, "handshake shed: too many handshakes waiting for the HSM");
             return Err(rustls::Error::General("HSM busy: handshake shed".into()));
         }
-        let sign = || self.key.sign(self.scheme, message);
         let multi_thread = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-        let result = if multi_thread { tokio::task::block_in_place(sign) } else { sign() };
-        result.map_err(failed)
+        let offload = |wait: &mut dyn FnMut()| match multi_thread {
+            true => tokio::task::block_in_place(wait),
+            false => wait(),
+        };
+        self.key.sign_on_worker(self.scheme, message, &offload).map_err(failed)
     }
 
     fn scheme(&self) -> SignatureScheme {
