@@ -25,11 +25,19 @@ const MAX_WORKERS_FACTOR: usize = 4;
 
 /// How long a caller waits for its job in place before spending the rest of the wait under its
 /// offload (on a tokio worker: a hand-off of the worker's other tasks to another thread, which
-/// costs more than a local token's signature). Longer than a local token's answer under load
-/// (SoftHSM2: ~45 µs in the library, ~100-250 µs with queueing), shorter than a network HSM's
-/// round trip; and only while the library has recently answered well within it, so a slow HSM
-/// is offloaded at once and never holds a worker.
-const INLINE_WAIT: Duration = Duration::from_micros(500);
+/// costs more than a local token's signature). Only while the library answers fast and is not
+/// stalled (see `Pace`), so a slow or hung HSM is offloaded at once. Not shorter: on a virtual
+/// machine a timed wait that arms the earliest timer costs a hypervisor exit to arm and one to
+/// disarm (measured per SoftHSM2 signature: 81 µs with a 200-500 µs wait, 64 µs with 5 ms).
+const INLINE_WAIT: Duration = Duration::from_millis(5);
+
+/// A library answering slower than this per call (mean time inside it) is waited for under
+/// the offload: a network HSM's round trip. SoftHSM2 signs in ~45 µs.
+const FAST_SERVICE: Duration = Duration::from_micros(250);
+
+/// Calls pending and no answer for this long: the library is stalled (a hung network HSM
+/// whose calls have not come back yet, so their times are not in the mean).
+const STALLED_AFTER: Duration = Duration::from_millis(2);
 
 /// One library's worker pool.
 pub(super) struct Executor {
@@ -42,26 +50,38 @@ pub(super) struct Executor {
     spawned: AtomicUsize,
     epoch: Instant,
     gauge: Arc<crate::telemetry::QueueGauge>,
-    service: Arc<Latency>,
+    pace: Arc<Pace>,
 }
 
-/// Recent time spent inside the library per call (an exponentially weighted mean, µs): whether
-/// callers wait in place. The library's own time, not the caller's: a caller's wait also holds
-/// queueing and its own wake-up on a busy machine, which say nothing about the HSM.
+/// How the library has been answering: whether callers wait in place.
 #[derive(Default)]
-struct Latency(AtomicU64);
+struct Pace {
+    /// Time inside the library per call, µs (an exponentially weighted mean). The library's own
+    /// time, measured by the worker: a caller's wait also holds queueing and its own wake-up on
+    /// a busy machine, which say nothing about the HSM.
+    service_us: AtomicU64,
+    /// When a worker last finished a call, µs since the executor's epoch.
+    answered_at_us: AtomicU64,
+    /// Calls queued or running.
+    pending: AtomicUsize,
+}
 
-impl Latency {
-    fn observe(&self, took: Duration) {
+impl Pace {
+    fn answered(&self, took: Duration, now: Duration) {
         let sample = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
-        let mean = self.0.load(Relaxed);
-        self.0.store(mean - mean / 8 + sample / 8, Relaxed);
+        let mean = self.service_us.load(Relaxed);
+        self.service_us.store(mean - mean / 8 + sample / 8, Relaxed);
+        self.answered_at_us.store(u64::try_from(now.as_micros()).unwrap_or(u64::MAX), Relaxed);
+        self.pending.fetch_sub(1, Relaxed);
     }
 
-    /// How long the next caller waits in place: `INLINE_WAIT` while the library answers well
-    /// within it, nothing once it does not.
-    fn inline_budget(&self) -> Duration {
-        match Duration::from_micros(self.0.load(Relaxed)) <= INLINE_WAIT / 2 {
+    /// How long the next caller waits in place (`now`: since the executor's epoch):
+    /// `INLINE_WAIT` while the library answers fast and is not stalled, nothing otherwise.
+    fn inline_budget(&self, now: Duration) -> Duration {
+        let fast = Duration::from_micros(self.service_us.load(Relaxed)) <= FAST_SERVICE;
+        let silent = now.saturating_sub(Duration::from_micros(self.answered_at_us.load(Relaxed)));
+        let stalled = self.pending.load(Relaxed) > 0 && silent > STALLED_AFTER;
+        match fast && !stalled {
             true => INLINE_WAIT,
             false => Duration::ZERO,
         }
@@ -130,7 +150,7 @@ impl Executor {
             spawned: AtomicUsize::new(0),
             epoch: Instant::now(),
             gauge: crate::telemetry::QueueGauge::register(library),
-            service: Arc::default(),
+            pace: Arc::default(),
         });
         for _ in 0..executor.workers {
             executor.spawn_worker();
@@ -160,12 +180,19 @@ impl Executor {
         let started = Instant::now();
         let deadline = started + timeout;
         let job = Job { conn: conn.clone(), server: server.to_string(), op, deadline, reply: reply.clone() };
+        let inline = self.pace.inline_budget(started.duration_since(self.epoch));
+        self.pace.pending.fetch_add(1, Relaxed);
         match self.queue.try_send(job) {
             Ok(()) => self.gauge.set(self.queue.len()),
-            Err(TrySendError::Full(_)) => return Err(HsmError::QueueFull { library: self.library.clone() }),
-            Err(TrySendError::Disconnected(_)) => return Err(HsmError::Unavailable("executor stopped".into())),
+            Err(e) => {
+                self.pace.pending.fetch_sub(1, Relaxed);
+                return Err(match e {
+                    TrySendError::Full(_) => HsmError::QueueFull { library: self.library.clone() },
+                    TrySendError::Disconnected(_) => HsmError::Unavailable("executor stopped".into()),
+                });
+            }
         }
-        let result = reply.wait(started + self.service.inline_budget(), deadline, offload);
+        let result = reply.wait(started + inline, deadline, offload);
         result.unwrap_or_else(|| {
             Err(HsmError::Timeout { server: server.to_string(), millis: timeout.as_millis() as u64 })
         })
@@ -182,9 +209,9 @@ impl Executor {
         let jobs = self.jobs.clone();
         let epoch = self.epoch;
         let gauge = self.gauge.clone();
-        let service = self.service.clone();
+        let pace = self.pace.clone();
         let name = format!("hsm-{}", self.spawned.load(Relaxed));
-        let spawned = std::thread::Builder::new().name(name).spawn(move || worker(jobs, busy, epoch, gauge, service));
+        let spawned = std::thread::Builder::new().name(name).spawn(move || worker(jobs, busy, epoch, gauge, pace));
         if let Err(e) = spawned {
             tracing::error!(library = %self.library, error = %e, "cannot start an HSM worker");
         }
@@ -216,7 +243,7 @@ fn worker(
     busy: Arc<AtomicU64>,
     epoch: Instant,
     gauge: Arc<crate::telemetry::QueueGauge>,
-    service: Arc<Latency>,
+    pace: Arc<Pace>,
 ) {
     // Sessions this worker opened, by connection id. A session of a library generation that was
     // re-initialised away is dropped without closing (its handle may now name someone else's
@@ -228,6 +255,7 @@ fn worker(
         if Instant::now() >= job.deadline {
             let Job { conn, server, reply, .. } = job;
             drop(conn);
+            pace.pending.fetch_sub(1, Relaxed);
             reply.send(Err(HsmError::Timeout { server, millis: 0 }));
             continue;
         }
@@ -235,7 +263,7 @@ fn worker(
         busy.store(began.duration_since(epoch).as_millis().max(1) as u64, Relaxed);
         let result = run(&job, &mut sessions);
         busy.store(0, Relaxed);
-        service.observe(began.elapsed());
+        pace.answered(began.elapsed(), epoch.elapsed());
         // Let go of the connection before answering: once answered, the caller may drop the
         // `Hsm` and exit, and the last reference must not be this thread's (dropping a
         // `Connection` closes its anchor session, which must not race the library's teardown).
@@ -310,26 +338,38 @@ mod tests {
     }
 
     #[test]
-    fn only_a_library_answering_within_the_budget_is_waited_for_in_place() {
-        let service = Latency::default();
-        assert_eq!(service.inline_budget(), INLINE_WAIT);
-        for _ in 0..50 {
-            service.observe(Duration::from_micros(45));
+    fn only_a_fast_library_that_is_answering_is_waited_for_in_place() {
+        let pace = Pace::default();
+        let ms = Duration::from_millis;
+        assert_eq!(pace.inline_budget(ms(0)), INLINE_WAIT);
+        let call = |took: Duration, at: Duration| {
+            pace.pending.fetch_add(1, Relaxed);
+            pace.answered(took, at);
+        };
+        for i in 0..50 {
+            call(Duration::from_micros(45), ms(i));
         }
-        assert_eq!(service.inline_budget(), INLINE_WAIT, "a local token's signature");
-        // A network HSM's round trips: offloaded after a few calls.
-        for _ in 0..8 {
-            service.observe(Duration::from_millis(2));
+        assert_eq!(pace.inline_budget(ms(50)), INLINE_WAIT, "a local token's signatures");
+        // A network HSM's round trips: offloaded after a few calls, and until fast answers
+        // have outweighed the slow ones.
+        for i in 0..8 {
+            call(ms(2), ms(60 + i));
         }
-        assert_eq!(service.inline_budget(), Duration::ZERO);
-        // One stuck call keeps callers offloaded until fast answers have outweighed it.
-        for _ in 0..10 {
-            service.observe(Duration::from_micros(45));
+        assert_eq!(pace.inline_budget(ms(70)), Duration::ZERO);
+        for i in 0..10 {
+            call(Duration::from_micros(45), ms(70 + i));
         }
-        assert_eq!(service.inline_budget(), Duration::ZERO);
-        for _ in 0..60 {
-            service.observe(Duration::from_micros(45));
+        assert_eq!(pace.inline_budget(ms(80)), Duration::ZERO);
+        for i in 0..60 {
+            call(Duration::from_micros(45), ms(80 + i));
         }
-        assert_eq!(service.inline_budget(), INLINE_WAIT);
+        assert_eq!(pace.inline_budget(ms(140)), INLINE_WAIT);
+        // A call hangs: once nothing has come back for a while, callers are offloaded at once,
+        // however fast the library used to be; an idle library is not stalled.
+        pace.pending.fetch_add(1, Relaxed);
+        assert_eq!(pace.inline_budget(ms(141)), INLINE_WAIT);
+        assert_eq!(pace.inline_budget(ms(150)), Duration::ZERO);
+        pace.answered(Duration::from_micros(45), ms(151));
+        assert_eq!(pace.inline_budget(ms(1000)), INLINE_WAIT);
     }
 }
