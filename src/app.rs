@@ -228,7 +228,7 @@ async fn drain(listeners: Listeners, shutdown: &watch::Sender<bool>, grace: Dura
 /// sni, transparent) is bound once per thread with SO_REUSEPORT, so the kernel spreads
 /// connections over the threads and a connection lives on one thread from accept to close —
 /// no work stealing, no cross-thread wake-ups on the hot path (like nginx's worker processes).
-/// Inbound listeners stay on the multi-threaded runtime: their HSM signatures run under
+/// Inbound listeners stay on the multi-threaded runtime: a slow HSM's signature waits under
 /// `block_in_place`, which needs it.
 struct IoThreads {
     handles: Vec<tokio::runtime::Handle>,
