@@ -87,7 +87,8 @@ async fn curl_through_both_listeners_mints_once_and_logs() {
 
     assert_eq!(proxy.metric("tollgate_hsm_sign_total").await, 1, "later connections make no HSM call");
     assert!(proxy.metric("tollgate_cert_cache_hits_total").await >= 2);
-    assert_eq!(proxy.metric("tollgate_connections_active").await, 0);
+    let active = proxy.wait_metric("tollgate_connections_active", 0, Duration::from_secs(5)).await;
+    assert_eq!(active, 0, "every connection closed once its client exited");
 
     let line = proxy.wait_log("access log of /hello", |v| v["message"] == "request" && v["path"] == "/hello");
     assert_eq!(line["host"], "origin.test");

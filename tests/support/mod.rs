@@ -350,6 +350,20 @@ impl Proxy {
             .unwrap()
     }
 
+    /// Polls a metric until it reads `want` or `within` has passed; the last value read. For
+    /// gauges that follow a client's close: the proxy sees the close a moment after the client
+    /// process has exited.
+    pub async fn wait_metric(&self, name: &str, want: u64, within: Duration) -> u64 {
+        let deadline = Instant::now() + within;
+        loop {
+            let value = self.metric(name).await;
+            if value == want || Instant::now() >= deadline {
+                return value;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// A labelled metric value (`name{server="label",…}`), summed over its lines.
     pub async fn metric_labeled(&self, name: &str, server: &str) -> u64 {
         let text = http_get(self.management, "/metrics").await;
