@@ -75,13 +75,8 @@ impl Inbound {
             rcgen::KeyPair::generate().unwrap()
         };
         let token = &self.setup_token;
-        let private_der = token.path(&format!("{}.key.der", site.label));
-        let public_der = token.path(&format!("{}.pub.der", site.label));
-        std::fs::write(&private_der, key.serialize_der()).unwrap();
-        std::fs::write(&public_der, rcgen::PublicKeyData::subject_public_key_info(&key)).unwrap();
         let id = format!("{:02x}", site.label.len() + if site.rsa { 0x40 } else { 0x10 });
-        import_key(token, &private_der, &public_der, site.label, &id);
-        std::fs::remove_file(&private_der).unwrap();
+        import_key(&[token], &key, site.label, &id);
         let pem = self.pki.certify(&key, &[site.host]);
         let cert = token.path(&format!("{}.pem", site.label));
         std::fs::write(&cert, pem).unwrap();

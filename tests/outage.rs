@@ -95,21 +95,15 @@ impl Group {
 
         // One CA key pair, imported into both tokens: an HA group holds the same keys.
         let key = rcgen::KeyPair::generate().unwrap();
-        let private_der = b.path("ca.key.der");
-        std::fs::write(&private_der, key.serialize_der()).unwrap();
-        let public_der = b.path("ca.pub.der");
-        std::fs::write(&public_der, rcgen::PublicKeyData::subject_public_key_info(&key)).unwrap();
         let mut params = rcgen::CertificateParams::default();
         params.distinguished_name.push(rcgen::DnType::CommonName, "tollgate HA test CA");
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
         params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::DigitalSignature];
         let ca_cert = params.self_signed(&key).unwrap();
+        import_key(&[&a.token, &b], &key, "ha-ca", "01");
         drop(key);
         let ca_pem = b.path("ha-ca.pem");
         std::fs::write(&ca_pem, ca_cert.pem()).unwrap();
-        import_key(&a.token, &private_der, &public_der, "ha-ca", "01");
-        import_key(&b, &private_der, &public_der, "ha-ca", "01");
-        std::fs::remove_file(&private_der).unwrap();
 
         let pki = TestPki::new();
         let (chain, leaf_key) = pki.leaf(&LeafSpec::new(&["*.ha.test"]));
@@ -167,13 +161,7 @@ impl Group {
     /// to the test origin; `start_inbound` starts the proxy with it.
     fn add_inbound_site(&self, host: &str) {
         let key = rcgen::KeyPair::generate().unwrap();
-        let private_der = self.b.path("site.key.der");
-        let public_der = self.b.path("site.pub.der");
-        std::fs::write(&private_der, key.serialize_der()).unwrap();
-        std::fs::write(&public_der, rcgen::PublicKeyData::subject_public_key_info(&key)).unwrap();
-        import_key(&self.a.token, &private_der, &public_der, "site", "02");
-        import_key(&self.b, &private_der, &public_der, "site", "02");
-        std::fs::remove_file(&private_der).unwrap();
+        import_key(&[&self.a.token, &self.b], &key, "site", "02");
         let cert = self.b.path("site.pem");
         std::fs::write(&cert, self.pki.certify(&key, &[host])).unwrap();
         let mut config = std::fs::read_to_string(&self.config).unwrap();

@@ -115,12 +115,7 @@ async fn testssl_finds_nothing_on_the_sni_and_inbound_listeners() {
     });
     // The inbound server key on the HSM, its certificate from the test PKI.
     let key = rcgen::KeyPair::generate().unwrap();
-    let private_der = setup.token.path("inbound.key.der");
-    let public_der = setup.token.path("inbound.pub.der");
-    std::fs::write(&private_der, key.serialize_der()).unwrap();
-    std::fs::write(&public_der, rcgen::PublicKeyData::subject_public_key_info(&key)).unwrap();
-    import_key(&setup.token, &private_der, &public_der, "inbound-key", "a1");
-    std::fs::remove_file(&private_der).unwrap();
+    import_key(&[&setup.token], &key, "inbound-key", "a1");
     let cert = setup.token.path("inbound.pem");
     std::fs::write(&cert, pki.certify(&key, &["www.inbound.test"])).unwrap();
     let out = setup.tollgate(&[

@@ -289,7 +289,7 @@ impl Peer {
     /// An inbound origin, trusted by the site's own config (its TLS validated by the site's
     /// roots, or plain HTTP): never a verdict of its own.
     fn inbound(chain: Vec<CertificateDer<'static>>, alpn: Option<Vec<u8>>) -> Arc<Self> {
-        let fingerprint = super::intercept::sha256(chain.first().map(|c| c.as_ref()).unwrap_or_default());
+        let fingerprint = chain.first().map_or([0; 32], |leaf| super::intercept::sha256(leaf));
         let verdict = Mutex::new((Verdict::Trusted, Instant::now()));
         Arc::new(Peer { name: None, chain, fingerprint, alpn, verdict })
     }

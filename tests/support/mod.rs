@@ -100,21 +100,29 @@ impl Token {
     }
 }
 
-/// Imports a key pair (PKCS#8 private key and SubjectPublicKeyInfo, DER) into a token as an
-/// operator's vendor tool would: private and public objects with the same label and CKA_ID.
-pub fn import_key(token: &Token, private_der: &Path, public_der: &Path, label: &str, id: &str) {
-    for (file, kind) in [(private_der, "privkey"), (public_der, "pubkey")] {
-        let out = token.pkcs11_tool(&[
-            "--write-object",
-            file.to_str().unwrap(),
-            "--type",
-            kind,
-            "--id",
-            id,
-            "--label",
-            label,
-        ]);
-        assert!(out.status.success(), "import {kind}: {}", String::from_utf8_lossy(&out.stderr));
+/// Imports `key` into each of `tokens` as an operator's vendor tool would: private and public
+/// objects with the same label and CKA_ID. The DER files it goes through live in a private
+/// temporary directory, removed on return.
+pub fn import_key(tokens: &[&Token], key: &KeyPair, label: &str, id: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let private_der = dir.path().join("key.der");
+    let public_der = dir.path().join("pub.der");
+    std::fs::write(&private_der, key.serialize_der()).unwrap();
+    std::fs::write(&public_der, rcgen::PublicKeyData::subject_public_key_info(key)).unwrap();
+    for token in tokens {
+        for (file, kind) in [(&private_der, "privkey"), (&public_der, "pubkey")] {
+            let out = token.pkcs11_tool(&[
+                "--write-object",
+                file.to_str().unwrap(),
+                "--type",
+                kind,
+                "--id",
+                id,
+                "--label",
+                label,
+            ]);
+            assert!(out.status.success(), "import {kind}: {}", String::from_utf8_lossy(&out.stderr));
+        }
     }
 }
 
