@@ -91,7 +91,7 @@ struct TargetArgs {
     host: String,
     #[arg(long, default_value = "/1k")]
     path: String,
-    /// PEM bundle the client trusts (verification stays on).
+    /// PEM bundle the client trusts (verification stays on; see `CachingVerifier`).
     #[arg(long)]
     ca: PathBuf,
 }
@@ -131,17 +131,84 @@ fn client_config(ca: &PathBuf, alpn: &[&[u8]], resume: bool) -> Arc<rustls::Clie
     for cert in CertificateDer::pem_file_iter(ca).expect("CA bundle") {
         roots.add(cert.expect("CA certificate")).expect("CA certificate");
     }
-    let mut config =
-        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .expect("verifier");
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(CachingVerifier { webpki, verified: Default::default() }))
+        .with_no_client_auth();
     if !resume {
         config.resumption = rustls::client::Resumption::disabled();
     }
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Arc::new(config)
+}
+
+/// Verifies as a browser does: the chain and the name once per distinct (chain, name), with the
+/// verdict cached (Chromium's `CachingCertVerifier`, Firefox's verification cache), and the
+/// handshake signature — the HSM's, on tollgate's inbound listener — on every connection. A
+/// load generator that re-verified the same chain on every handshake would spend an ECDSA
+/// verification per request that real clients do not, on the cores the proxy under test shares.
+#[derive(Debug)]
+struct CachingVerifier {
+    webpki: Arc<rustls::client::WebPkiServerVerifier>,
+    verified: parking_lot::Mutex<std::collections::HashSet<(Vec<u8>, String)>>,
+}
+
+impl CachingVerifier {
+    /// Distinct chains kept; the new-host mint workload sees a new leaf per connection.
+    const CAPACITY: usize = 4096;
+}
+
+impl rustls::client::danger::ServerCertVerifier for CachingVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let mut chain = end_entity.to_vec();
+        intermediates.iter().for_each(|c| chain.extend_from_slice(c));
+        let key = (chain, server_name.to_str().into_owned());
+        if self.verified.lock().contains(&key) {
+            return Ok(rustls::client::danger::ServerCertVerified::assertion());
+        }
+        let verdict = self.webpki.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
+        let mut verified = self.verified.lock();
+        if verified.len() >= Self::CAPACITY {
+            verified.clear();
+        }
+        verified.insert(key);
+        Ok(verdict)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
 }
 
 async fn one_request(
