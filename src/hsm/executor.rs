@@ -39,6 +39,12 @@ const FAST_SERVICE: Duration = Duration::from_micros(250);
 /// whose calls have not come back yet, so their times are not in the mean).
 const STALLED_AFTER: Duration = Duration::from_millis(2);
 
+/// A worker busy this long is stuck in the library: it is written off and replaced.
+const STUCK_MS: u64 = 5_000;
+
+/// A worker's `busy` stamp once the watchdog has written its call off.
+const WRITTEN_OFF: u64 = u64::MAX;
+
 /// One library's worker pool.
 pub(super) struct Executor {
     library: String,
@@ -62,7 +68,7 @@ struct Pace {
     service_us: AtomicU64,
     /// When a worker last finished a call, µs since the executor's epoch.
     answered_at_us: AtomicU64,
-    /// Calls queued or running.
+    /// Calls queued or running, less those written off as stuck.
     pending: AtomicUsize,
 }
 
@@ -72,6 +78,13 @@ impl Pace {
         let mean = self.service_us.load(Relaxed);
         self.service_us.store(mean - mean / 8 + sample / 8, Relaxed);
         self.answered_at_us.store(u64::try_from(now.as_micros()).unwrap_or(u64::MAX), Relaxed);
+        self.pending.fetch_sub(1, Relaxed);
+    }
+
+    /// A call stuck in the library was written off (its worker replaced): it stops counting as
+    /// pending, or the library would look stalled whenever it idles for `STALLED_AFTER`, for
+    /// good, and every caller would be offloaded.
+    fn written_off(&self) {
         self.pending.fetch_sub(1, Relaxed);
     }
 
@@ -220,14 +233,10 @@ impl Executor {
     /// A worker busy far past any deadline is stuck in the library: start a replacement so
     /// the queue keeps moving (the stuck thread is forgotten, it cannot be cancelled).
     fn replace_stuck_workers(self: &Arc<Self>) {
-        const STUCK_MS: u64 = 5_000;
         let now = self.epoch.elapsed().as_millis() as u64;
         let stuck: Vec<Arc<AtomicU64>> = {
             let mut busy = self.busy.lock();
-            let (stuck, alive): (Vec<_>, Vec<_>) = busy.drain(..).partition(|b| {
-                let since = b.load(Relaxed);
-                since != 0 && now.saturating_sub(since) > STUCK_MS
-            });
+            let (stuck, alive): (Vec<_>, Vec<_>) = busy.drain(..).partition(|b| write_off_if_stuck(b, now, &self.pace));
             *busy = alive;
             stuck
         };
@@ -262,8 +271,7 @@ fn worker(
         let began = Instant::now();
         busy.store(began.duration_since(epoch).as_millis().max(1) as u64, Relaxed);
         let result = run(&job, &mut sessions);
-        busy.store(0, Relaxed);
-        pace.answered(began.elapsed(), epoch.elapsed());
+        finished(&busy, &pace, began.elapsed(), epoch.elapsed());
         // Let go of the connection before answering: once answered, the caller may drop the
         // `Hsm` and exit, and the last reference must not be this thread's (dropping a
         // `Connection` closes its anchor session, which must not race the library's teardown).
@@ -275,6 +283,28 @@ fn worker(
     // would race the library's own teardown at process exit (SoftHSM corrupts its heap).
     for (_, session) in sessions.drain() {
         session.abandon();
+    }
+}
+
+/// The watchdog's side of a worker's `busy` stamp: a call running for over `STUCK_MS` (`now`
+/// in ms since the epoch) is written off, unless the worker finishes it at that very moment.
+fn write_off_if_stuck(busy: &AtomicU64, now: u64, pace: &Pace) -> bool {
+    let since = busy.load(Relaxed);
+    let stuck = since != 0
+        && since != WRITTEN_OFF
+        && now.saturating_sub(since) > STUCK_MS
+        && busy.compare_exchange(since, WRITTEN_OFF, Relaxed, Relaxed).is_ok();
+    if stuck {
+        pace.written_off();
+    }
+    stuck
+}
+
+/// The worker's side: a call that came back is an answer, unless it was written off (already
+/// no longer pending; its time, the length of an outage, says nothing of the library's pace).
+fn finished(busy: &AtomicU64, pace: &Pace, took: Duration, now: Duration) {
+    if busy.swap(0, Relaxed) != WRITTEN_OFF {
+        pace.answered(took, now);
     }
 }
 
@@ -371,5 +401,32 @@ mod tests {
         assert_eq!(pace.inline_budget(ms(150)), Duration::ZERO);
         pace.answered(Duration::from_micros(45), ms(151));
         assert_eq!(pace.inline_budget(ms(1000)), INLINE_WAIT);
+    }
+
+    #[test]
+    fn a_call_written_off_as_stuck_no_longer_holds_the_library_stalled() {
+        let pace = Pace::default();
+        let ms = Duration::from_millis;
+        let busy = AtomicU64::new(0);
+        // A call starts at 100 ms and hangs.
+        pace.pending.fetch_add(1, Relaxed);
+        busy.store(100, Relaxed);
+        assert!(!write_off_if_stuck(&busy, 100 + STUCK_MS, &pace), "not stuck yet");
+        assert_eq!(pace.inline_budget(ms(200)), Duration::ZERO, "stalled while it hangs");
+        assert!(write_off_if_stuck(&busy, 101 + STUCK_MS, &pace));
+        assert!(!write_off_if_stuck(&busy, 200 + STUCK_MS, &pace), "written off once");
+        assert_eq!(pace.pending.load(Relaxed), 0);
+        assert_eq!(pace.inline_budget(ms(10_000)), INLINE_WAIT, "idle afterwards, not stalled");
+        // The hung call comes back after all: not counted a second time.
+        finished(&busy, &pace, ms(60_000), ms(60_100));
+        assert_eq!(pace.pending.load(Relaxed), 0);
+        assert_eq!(pace.inline_budget(ms(60_200)), INLINE_WAIT);
+        // The same worker's next call is an ordinary one.
+        pace.pending.fetch_add(1, Relaxed);
+        busy.store(60_300, Relaxed);
+        finished(&busy, &pace, Duration::from_micros(45), ms(60_300));
+        assert_eq!(pace.pending.load(Relaxed), 0);
+        // A worker that finishes as the watchdog looks is not written off.
+        assert!(!write_off_if_stuck(&busy, 70_000, &pace));
     }
 }
