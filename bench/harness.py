@@ -4,10 +4,12 @@ machine's shared cores; results are ratios against the references measured in th
 
 Systems: nginx origin alone (ceiling), nginx TLS reverse proxy (proxy_pass https, upstream
 keepalive), tollgate in sni forward mode (leaf cache warm, CA key on SoftHSM2), mitmdump in
-reverse mode. Workloads: (a) h2 keep-alive, 50 connections x 10 streams; (b) HTTP/1.1
-keep-alive, 50 connections; (c) a new full TLS handshake per request (no resumption); (d)
-tollgate only: a distinct SNI per connection (every connection a cache-miss mint), against the
-raw single-thread sign rate of the same token; plus idle h2 memory per connection.
+reverse mode (minting its leaves for the forward rows; presenting the site's own certificate,
+as nginx and tollgate do, for the inbound rows). Workloads: (a) h2 keep-alive, 50 connections
+x 10 streams; (b) HTTP/1.1 keep-alive, 50 connections; (c) a new full TLS handshake per
+request (no resumption); (d) tollgate only: a distinct SNI per connection (every connection a
+cache-miss mint), against the raw single-thread sign rate of the same token; (e) inbound full
+and resumed handshakes; plus idle h2 memory per connection.
 Every load is bounded in time and count and targets loopback only.
 """
 
@@ -187,7 +189,8 @@ http {{
 
     def start(self):
         w = self.work
-        self.ports = {k: free_port() for k in ("origin", "nginx-proxy", "tollgate", "mgmt", "mitmdump", "inbound")}
+        self.ports = {k: free_port() for k in ("origin", "nginx-proxy", "tollgate", "mgmt", "mitmdump",
+                                                         "mitmdump-inbound", "inbound")}
         p = self.ports
         self.origin = self.nginx("origin", f"""
   server {{
@@ -275,7 +278,12 @@ cache_capacity = 1000000
         wait_port(p["inbound"], "tollgate inbound listener")
 
     def start_mitmdump(self):
-        self.mitm = None
+        """Two mitmdump instances in reverse mode. The forward rows' one mints its leaves as its
+        users get it (one RSA-2048 key for every leaf, by default); the inbound rows' one is
+        mitmproxy's inbound deployment, presenting the site's own certificate (`--certs`, the
+        origin's ECDSA P-256 key, as nginx and tollgate present theirs): with its minted RSA leaf
+        every handshake would cost it an RSA signature the others do not make."""
+        self.mitm = self.mitm_inbound = None
         if self.args.no_mitmproxy:
             return
         venv = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tollgate-bench" / f"mitmproxy-{MITM_VERSION}"
@@ -285,13 +293,20 @@ cache_capacity = 1000000
             sh(sys.executable, "-m", "venv", venv)
             sh(venv / "bin" / "pip", "install", "-q", f"mitmproxy=={MITM_VERSION}")
         w, p = self.work, self.ports
-        confdir = w / "mitm"
-        self.mitm = Service("mitmdump", [
-            mitmdump, "-q", "--listen-host", "127.0.0.1", "--listen-port", p["mitmdump"],
-            "--mode", f"reverse:https://localhost:{p['origin']}", "--set", f"confdir={confdir}",
-            "--set", f"ssl_verify_upstream_trusted_ca={w}/root.pem"], log=w / "mitmdump.log")
-        self.services.append(self.mitm)
+        site = w / "mitm-site.pem"  # key and certificate in one file, as --certs wants
+        site.touch(mode=0o600)
+        site.write_bytes((w / "origin.key").read_bytes() + (w / "origin.pem").read_bytes())
+
+        def start(port, confdir, extra):
+            return Service("mitmdump", [
+                mitmdump, "-q", "--listen-host", "127.0.0.1", "--listen-port", port,
+                "--mode", f"reverse:https://localhost:{p['origin']}", "--set", f"confdir={confdir}",
+                "--set", f"ssl_verify_upstream_trusted_ca={w}/root.pem", *extra], log=confdir.with_suffix(".log"))
+        self.mitm = start(p["mitmdump"], w / "mitm", [])
+        self.mitm_inbound = start(p["mitmdump-inbound"], w / "mitm-inbound", ["--certs", f"localhost={site}"])
+        self.services += [self.mitm, self.mitm_inbound]
         wait_port(p["mitmdump"], "mitmdump", timeout=60)
+        wait_port(p["mitmdump-inbound"], "mitmdump (inbound)", timeout=60)
 
     def systems(self):
         w, p = self.work, self.ports
@@ -418,14 +433,15 @@ cache_capacity = 1000000
 
     def inbound(self):
         """Inbound inspection: full handshakes (each signed by the HSM) and resumed ones, next to
-        nginx terminating TLS with a software key (the origin) and mitmdump in reverse mode (its
-        inbound deployment, software key) on the same client."""
+        nginx terminating TLS with a software key (the origin) and mitmdump in reverse mode
+        presenting the same certificate (its inbound deployment, software key) on the same
+        client."""
         rows = []
         w, p = self.work, self.ports
         systems = [("tollgate-inbound", p["inbound"], w / "root.pem", self.tollgate),
                    ("nginx-origin", p["origin"], w / "root.pem", self.origin)]
-        if self.mitm:
-            systems.append(("mitmdump", p["mitmdump"], w / "mitm" / "mitmproxy-ca-cert.pem", self.mitm))
+        if self.mitm_inbound:
+            systems.append(("mitmdump", p["mitmdump-inbound"], w / "root.pem", self.mitm_inbound))
         if self.args.systems:
             systems = [s for s in systems if s[0].split("-")[0] in self.args.systems or s[0] in self.args.systems]
         for resume, workload in [(False, "inbound: full handshake per request (HSM signs)"),
