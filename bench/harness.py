@@ -189,8 +189,8 @@ http {{
 
     def start(self):
         w = self.work
-        self.ports = {k: free_port() for k in ("origin", "nginx-proxy", "tollgate", "mgmt", "mitmdump",
-                                                         "mitmdump-inbound", "inbound")}
+        names = ("origin", "nginx-proxy", "tollgate", "mgmt", "mitmdump", "mitmdump-inbound", "inbound")
+        self.ports = {k: free_port() for k in names}
         p = self.ports
         self.origin = self.nginx("origin", f"""
   server {{
