@@ -101,7 +101,7 @@ fn main() {
     let report = match cli.mode {
         Mode::Newconn { target, sni_pattern, concurrency, duration_secs, max_requests, resume, threads } => {
             let load = Newconn {
-                connector: tokio_rustls::TlsConnector::from(client_config(&target.ca, &[b"http/1.1"], resume)),
+                connector: tokio_rustls::TlsConnector::from(client_config(&target.ca, &[b"http/1.1"])),
                 target,
                 sni_pattern,
                 deadline: Instant::now() + Duration::from_secs(duration_secs),
@@ -120,13 +120,15 @@ fn main() {
             mint_rate(&config, threads, Duration::from_secs(duration_secs))
         }
         Mode::Sign { module, token, pin_file, label, threads, duration_secs } => {
-            sign(module, &token, &pin_file, &label, threads, Duration::from_secs(duration_secs))
+            sign(module, &token, pin_file, &label, threads, Duration::from_secs(duration_secs))
         }
     };
     println!("{report}");
 }
 
-fn client_config(ca: &PathBuf, alpn: &[&[u8]], resume: bool) -> Arc<rustls::ClientConfig> {
+/// A client trusting `ca`, without resumption: loops that resume give themselves a session
+/// store of their own (see `connection_loop`).
+fn client_config(ca: &PathBuf, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(ca).expect("CA bundle") {
         roots.add(cert.expect("CA certificate")).expect("CA certificate");
@@ -141,9 +143,7 @@ fn client_config(ca: &PathBuf, alpn: &[&[u8]], resume: bool) -> Arc<rustls::Clie
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(CachingVerifier { webpki, verified: Default::default() }))
         .with_no_client_auth();
-    if !resume {
-        config.resumption = rustls::client::Resumption::disabled();
-    }
+    config.resumption = rustls::client::Resumption::disabled();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Arc::new(config)
 }
@@ -322,7 +322,7 @@ async fn connection_loop(load: Arc<Newconn>) -> Outcome {
 }
 
 async fn idle(target: TargetArgs, n: usize) -> serde_json::Value {
-    let connector = tokio_rustls::TlsConnector::from(client_config(&target.ca, &[b"h2"], false));
+    let connector = tokio_rustls::TlsConnector::from(client_config(&target.ca, &[b"h2"]));
     let mut held = Vec::with_capacity(n);
     let mut errors = 0;
     for _ in 0..n {
@@ -394,7 +394,7 @@ fn mint_rate(config: &std::path::Path, threads: usize, duration: Duration) -> se
 fn sign(
     module: PathBuf,
     token: &str,
-    pin_file: &PathBuf,
+    pin_file: PathBuf,
     label: &str,
     threads: usize,
     duration: Duration,
@@ -411,8 +411,7 @@ fn sign(
         .into_iter()
         .find(|s| pkcs11.get_token_info(*s).is_ok_and(|i| i.label().trim_end() == token))
         .expect("token");
-    let pin = std::fs::read_to_string(pin_file).expect("pin file");
-    let pin = secrecy::SecretString::from(pin.trim_end().to_string());
+    let pin = tollgate::config::SecretSource::File(pin_file).load("bench token PIN").expect("PIN");
     let login = pkcs11.open_rw_session(slot).expect("session");
     login.login(UserType::User, Some(&pin)).expect("login");
     let key = login

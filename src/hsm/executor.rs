@@ -81,10 +81,11 @@ impl Pace {
         self.pending.fetch_sub(1, Relaxed);
     }
 
-    /// A call stuck in the library was written off (its worker replaced): it stops counting as
-    /// pending, or the library would look stalled whenever it idles for `STALLED_AFTER`, for
-    /// good, and every caller would be offloaded.
-    fn written_off(&self) {
+    /// A call that will not be answered from the library (refused by the full queue, expired
+    /// before a worker took it, or written off as stuck) stops counting as pending: a stuck one
+    /// left counted would make the library look stalled whenever it idles for `STALLED_AFTER`,
+    /// for good, and every caller would be offloaded.
+    fn dropped(&self) {
         self.pending.fetch_sub(1, Relaxed);
     }
 
@@ -198,7 +199,7 @@ impl Executor {
         match self.queue.try_send(job) {
             Ok(()) => self.gauge.set(self.queue.len()),
             Err(e) => {
-                self.pace.pending.fetch_sub(1, Relaxed);
+                self.pace.dropped();
                 return Err(match e {
                     TrySendError::Full(_) => HsmError::QueueFull { library: self.library.clone() },
                     TrySendError::Disconnected(_) => HsmError::Unavailable("executor stopped".into()),
@@ -264,7 +265,7 @@ fn worker(
         if Instant::now() >= job.deadline {
             let Job { conn, server, reply, .. } = job;
             drop(conn);
-            pace.pending.fetch_sub(1, Relaxed);
+            pace.dropped();
             reply.send(Err(HsmError::Timeout { server, millis: 0 }));
             continue;
         }
@@ -288,14 +289,14 @@ fn worker(
 
 /// The watchdog's side of a worker's `busy` stamp: a call running for over `STUCK_MS` (`now`
 /// in ms since the epoch) is written off, unless the worker finishes it at that very moment.
+/// A stamp already written off (`WRITTEN_OFF`, in the future) never reads as stuck.
 fn write_off_if_stuck(busy: &AtomicU64, now: u64, pace: &Pace) -> bool {
     let since = busy.load(Relaxed);
     let stuck = since != 0
-        && since != WRITTEN_OFF
         && now.saturating_sub(since) > STUCK_MS
         && busy.compare_exchange(since, WRITTEN_OFF, Relaxed, Relaxed).is_ok();
     if stuck {
-        pace.written_off();
+        pace.dropped();
     }
     stuck
 }
