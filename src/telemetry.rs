@@ -17,6 +17,7 @@ pub mod names {
     pub const CACHE_HITS_TOTAL: &str = "tollgate_cert_cache_hits_total";
     pub const CACHE_MISSES_TOTAL: &str = "tollgate_cert_cache_misses_total";
     pub const MINT_ERRORS_TOTAL: &str = "tollgate_mint_errors_total";
+    pub const MINT_FALLBACKS_TOTAL: &str = "tollgate_mint_fallbacks_total";
     pub const CONNECTIONS_ACTIVE: &str = "tollgate_connections_active";
     pub const CONNECTIONS_TOTAL: &str = "tollgate_connections_total";
     pub const REQUESTS_TOTAL: &str = "tollgate_requests_total";
@@ -34,6 +35,8 @@ pub struct Metrics {
     pub cache_hits_total: AtomicU64,
     pub cache_misses_total: AtomicU64,
     pub mint_errors_total: AtomicU64,
+    /// Mints with the CA key on the HSM that no HSM worker made (see `Ca::mint_off_runtime`).
+    pub mint_fallbacks_total: AtomicU64,
     pub connections_active: AtomicI64,
     pub connections_total: AtomicU64,
     pub requests_total: AtomicU64,
@@ -148,6 +151,7 @@ pub static METRICS: Metrics = Metrics {
     cache_hits_total: AtomicU64::new(0),
     cache_misses_total: AtomicU64::new(0),
     mint_errors_total: AtomicU64::new(0),
+    mint_fallbacks_total: AtomicU64::new(0),
     connections_active: AtomicI64::new(0),
     connections_total: AtomicU64::new(0),
     requests_total: AtomicU64::new(0),
@@ -169,6 +173,7 @@ impl Metrics {
             cache_hits_total,
             cache_misses_total,
             mint_errors_total,
+            mint_fallbacks_total,
             connections_active,
             connections_total,
             requests_total,
@@ -186,6 +191,12 @@ impl Metrics {
             (CACHE_HITS_TOTAL, "Minted leaves served from the cache.", cache_hits_total),
             (CACHE_MISSES_TOTAL, "Leaf lookups that had to mint.", cache_misses_total),
             (MINT_ERRORS_TOTAL, "Mints that failed.", mint_errors_total),
+            (
+                MINT_FALLBACKS_TOTAL,
+                "Mints with the CA key on the HSM made on the blocking pool: no HSM worker took them in time (queue full, \
+                 no server up) or their signature was overdue.",
+                mint_fallbacks_total,
+            ),
             (CONNECTIONS_TOTAL, "Client connections accepted.", connections_total),
             (REQUESTS_TOTAL, "HTTP requests relayed.", requests_total),
             (TUNNELS_TOTAL, "Connections passed through without decryption.", tunnels_total),

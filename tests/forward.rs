@@ -203,8 +203,21 @@ async fn hundred_concurrent_first_connections_cost_one_signature() {
         task.await.unwrap().expect("every concurrent handshake succeeds");
     }
     assert_eq!(proxy.metric("tollgate_hsm_sign_total").await, 1, "single-flight: one HSM signature");
+    assert_eq!(proxy.metric("tollgate_mint_fallbacks_total").await, 0, "minted on an HSM worker");
     assert_eq!(proxy.metric("tollgate_cert_cache_misses_total").await, 1);
     assert_eq!(proxy.metric("tollgate_cert_cache_hits_total").await, 99);
+}
+
+/// A mint is handed to an HSM worker and its CA signature made on that worker: with a single
+/// worker there is no other to queue it for, and the mint does not fall back to the blocking pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mint_signs_on_the_hsm_worker_it_was_handed_to() {
+    let extra = "\n[hsm]\nworkers = 1\n";
+    let (_pki, _origin, setup, proxy) = one_origin("a", &["origin.test"], &["http/1.1"], extra).await;
+    let config = trusting_client(&setup.trust_ca, &["http/1.1"]);
+    tls_via_sni(proxy.sni, "origin.test", config).await.expect("handshake with a minted leaf");
+    assert_eq!(proxy.metric("tollgate_hsm_sign_total").await, 1);
+    assert_eq!(proxy.metric("tollgate_mint_fallbacks_total").await, 0, "minted on the HSM worker");
 }
 
 /// Upstreams whose certificates fail validation, each behind its own name.

@@ -401,6 +401,8 @@ async fn a_hung_hsm_fails_at_the_deadline_and_fails_over() {
     }
     let took = started.elapsed();
     assert!(took < Duration::from_secs(8), "at most one deadline (1 s) is paid: {took:?}");
+    // The mint stuck behind the hung member on its HSM worker was made again off that worker.
+    assert!(proxy.metric("tollgate_mint_fallbacks_total").await >= 1);
     let status: serde_json::Value =
         serde_json::from_str(&http_get(proxy.management, "/api/v1/hsm/status").await).unwrap();
     let a = &status["servers"][0];

@@ -7,7 +7,15 @@
 //! misses its deadline gets `Timeout` (and marks the member down); a worker stuck inside a call
 //! is replaced so the other members keep being served, and leaked (an FFI call cannot be
 //! cancelled).
+//!
+//! Work can also be handed over whole (`hand_over`): a cache-miss mint runs on a worker, and its
+//! CA signature, a call on this executor from its own worker, is made right there in that
+//! worker's session instead of being queued for another thread. A handed-over call has no
+//! deadline of its own to wait out; the watchdog reports it to the HSM layer once past its
+//! deadline (`Overdue`), which takes the member out, and the caller that handed the work over
+//! stops waiting for it at the same deadline.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -18,7 +26,7 @@ use rustls::SignatureScheme;
 
 use super::HsmError;
 use super::member::{Connection, OwnedSession};
-use crate::keys::{KeyAlgorithm, Offload};
+use crate::keys::{KeyAlgorithm, Offload, Work};
 
 /// The most workers a library may have, replacements of stuck ones included.
 const MAX_WORKERS_FACTOR: usize = 4;
@@ -45,19 +53,56 @@ const STUCK_MS: u64 = 5_000;
 /// A worker's `busy` stamp once the watchdog has written its call off.
 const WRITTEN_OFF: u64 = u64::MAX;
 
+/// Told of a call a worker made for handed-over work that is past its deadline: the
+/// connection, its server's name, the deadline in ms.
+pub(super) type Overdue = Arc<dyn Fn(&Arc<Connection>, &str, u64) + Send + Sync>;
+
 /// One library's worker pool.
 pub(super) struct Executor {
+    /// Tells this executor's workers from every other executor's.
+    id: usize,
     library: String,
     queue: Sender<Job>,
     jobs: Receiver<Job>,
     workers: usize,
-    /// Per worker: milliseconds since `epoch` when its current job started, 0 when idle.
-    busy: parking_lot::Mutex<Vec<Arc<AtomicU64>>>,
+    slots: parking_lot::Mutex<Vec<Arc<Slot>>>,
     spawned: AtomicUsize,
     epoch: Instant,
     gauge: Arc<crate::telemetry::QueueGauge>,
     pace: Arc<Pace>,
+    overdue: Overdue,
 }
+
+/// What the watchdog sees of a worker.
+#[derive(Default)]
+struct Slot {
+    /// Milliseconds since `epoch` when its current library call started, 0 when none.
+    busy: AtomicU64,
+    /// The call it is making for handed-over work, until reported overdue.
+    handed: parking_lot::Mutex<Option<Handed>>,
+}
+
+/// A call a worker makes for handed-over work: no caller waits out its deadline.
+struct Handed {
+    conn: Arc<Connection>,
+    server: String,
+    /// Milliseconds since `epoch`.
+    deadline: u64,
+    timeout_ms: u64,
+}
+
+/// Set on a worker thread: which executor it serves, the sessions it owns and its slot.
+struct Here {
+    executor: usize,
+    sessions: HashMap<u64, OwnedSession>,
+    slot: Arc<Slot>,
+}
+
+thread_local! {
+    static HERE: RefCell<Option<Here>> = const { RefCell::new(None) };
+}
+
+static EXECUTOR_IDS: AtomicUsize = AtomicUsize::new(1);
 
 /// How the library has been answering: whether callers wait in place.
 #[derive(Default)]
@@ -107,7 +152,12 @@ pub(super) enum Op {
     Sign { label: String, algorithm: KeyAlgorithm, scheme: SignatureScheme, message: Vec<u8> },
 }
 
-struct Job {
+enum Job {
+    Call(Call),
+    Work { work: Work, deadline: Instant },
+}
+
+struct Call {
     conn: Arc<Connection>,
     server: String,
     op: Op,
@@ -152,19 +202,22 @@ impl Reply {
 }
 
 impl Executor {
-    /// Starts `workers` threads serving a queue of `depth` jobs.
-    pub(super) fn start(library: &str, workers: usize, depth: usize) -> Arc<Self> {
+    /// Starts `workers` threads serving a queue of `depth` jobs; `overdue` hears of calls made
+    /// for handed-over work that outlive their deadline.
+    pub(super) fn start(library: &str, workers: usize, depth: usize, overdue: Overdue) -> Arc<Self> {
         let (queue, jobs) = crossbeam_channel::bounded(depth.max(1));
         let executor = Arc::new(Self {
+            id: EXECUTOR_IDS.fetch_add(1, Relaxed),
             library: library.to_string(),
             queue,
             jobs,
             workers: workers.max(1),
-            busy: parking_lot::Mutex::new(Vec::new()),
+            slots: parking_lot::Mutex::new(Vec::new()),
             spawned: AtomicUsize::new(0),
             epoch: Instant::now(),
             gauge: crate::telemetry::QueueGauge::register(library),
             pace: Arc::default(),
+            overdue,
         });
         for _ in 0..executor.workers {
             executor.spawn_worker();
@@ -172,6 +225,7 @@ impl Executor {
         let watchdog = Arc::downgrade(&executor);
         let _ = std::thread::Builder::new().name("hsm-watchdog".into()).spawn(move || {
             while let Some(executor) = watchdog.upgrade() {
+                executor.report_overdue();
                 executor.replace_stuck_workers();
                 drop(executor);
                 std::thread::sleep(Duration::from_millis(250));
@@ -190,10 +244,15 @@ impl Executor {
         timeout: Duration,
         offload: Offload,
     ) -> Result<Vec<u8>, HsmError> {
+        let op = match self.call_here(conn, server, op, timeout) {
+            Ok(result) => return result,
+            Err(op) => op,
+        };
         let reply = Arc::new(Reply::default());
         let started = Instant::now();
         let deadline = started + timeout;
-        let job = Job { conn: conn.clone(), server: server.to_string(), op, deadline, reply: reply.clone() };
+        let job =
+            Job::Call(Call { conn: conn.clone(), server: server.to_string(), op, deadline, reply: reply.clone() });
         let inline = self.pace.inline_budget(started.duration_since(self.epoch));
         self.pace.pending.fetch_add(1, Relaxed);
         match self.queue.try_send(job) {
@@ -212,20 +271,78 @@ impl Executor {
         })
     }
 
+    /// A call from one of this executor's own workers (running handed-over work) is made right
+    /// there, in that worker's sessions: queueing it would only add a hand-off, and with every
+    /// worker running handed-over work nobody would take it. Gives `op` back on any other thread.
+    fn call_here(
+        &self,
+        conn: &Arc<Connection>,
+        server: &str,
+        op: Op,
+        timeout: Duration,
+    ) -> Result<Result<Vec<u8>, HsmError>, Op> {
+        HERE.with(|here| {
+            let Ok(mut here) = here.try_borrow_mut() else { return Err(op) };
+            let Some(here) = here.as_mut().filter(|h| h.executor == self.id) else { return Err(op) };
+            self.pace.pending.fetch_add(1, Relaxed);
+            let began = Instant::now();
+            let stamp = stamp(self.epoch, began);
+            let timeout_ms = timeout.as_millis() as u64;
+            let deadline = stamp + timeout_ms;
+            *here.slot.handed.lock() =
+                Some(Handed { conn: conn.clone(), server: server.to_string(), deadline, timeout_ms });
+            here.slot.busy.store(stamp, Relaxed);
+            let result = run(conn, server, &op, &mut here.sessions);
+            finished(&here.slot.busy, &self.pace, began.elapsed(), self.epoch.elapsed());
+            here.slot.handed.lock().take();
+            Ok(result)
+        })
+    }
+
+    /// Queues `work` for a worker; it is dropped unrun if no worker takes it by `deadline`.
+    /// Gives it back when the queue is full.
+    pub(super) fn hand_over(&self, work: Work, deadline: Instant) -> Result<(), Work> {
+        match self.queue.try_send(Job::Work { work, deadline }) {
+            Ok(()) => {
+                self.gauge.set(self.queue.len());
+                Ok(())
+            }
+            Err(TrySendError::Full(Job::Work { work, .. }) | TrySendError::Disconnected(Job::Work { work, .. })) => {
+                Err(work)
+            }
+            Err(_) => unreachable!("a work job was sent"),
+        }
+    }
+
+    /// Reports each call made for handed-over work that is past its deadline, once: from the
+    /// watchdog, and before the HSM layer picks a member (a caller that stopped waiting for such
+    /// work at the deadline goes on at once, and must not pick the hung member again).
+    pub(super) fn report_overdue(&self) {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let overdue: Vec<Handed> = {
+            let slots = self.slots.lock();
+            slots.iter().filter_map(|slot| slot.handed.lock().take_if(|h| now > h.deadline)).collect()
+        };
+        for handed in overdue {
+            (self.overdue)(&handed.conn, &handed.server, handed.timeout_ms);
+        }
+    }
+
     fn spawn_worker(self: &Arc<Self>) {
         if self.spawned.fetch_add(1, Relaxed) >= self.workers * MAX_WORKERS_FACTOR {
             self.spawned.fetch_sub(1, Relaxed);
             tracing::error!(library = %self.library, "HSM workers exhausted by stuck calls; not starting more");
             return;
         }
-        let busy = Arc::new(AtomicU64::new(0));
-        self.busy.lock().push(busy.clone());
+        let slot = Arc::new(Slot::default());
+        self.slots.lock().push(slot.clone());
         let jobs = self.jobs.clone();
+        let here = Here { executor: self.id, sessions: HashMap::new(), slot };
         let epoch = self.epoch;
         let gauge = self.gauge.clone();
         let pace = self.pace.clone();
         let name = format!("hsm-{}", self.spawned.load(Relaxed));
-        let spawned = std::thread::Builder::new().name(name).spawn(move || worker(jobs, busy, epoch, gauge, pace));
+        let spawned = std::thread::Builder::new().name(name).spawn(move || worker(jobs, here, epoch, gauge, pace));
         if let Err(e) = spawned {
             tracing::error!(library = %self.library, error = %e, "cannot start an HSM worker");
         }
@@ -235,10 +352,11 @@ impl Executor {
     /// the queue keeps moving (the stuck thread is forgotten, it cannot be cancelled).
     fn replace_stuck_workers(self: &Arc<Self>) {
         let now = self.epoch.elapsed().as_millis() as u64;
-        let stuck: Vec<Arc<AtomicU64>> = {
-            let mut busy = self.busy.lock();
-            let (stuck, alive): (Vec<_>, Vec<_>) = busy.drain(..).partition(|b| write_off_if_stuck(b, now, &self.pace));
-            *busy = alive;
+        let stuck: Vec<Arc<Slot>> = {
+            let mut slots = self.slots.lock();
+            let (stuck, alive): (Vec<_>, Vec<_>) =
+                slots.drain(..).partition(|slot| write_off_if_stuck(&slot.busy, now, &self.pace));
+            *slots = alive;
             stuck
         };
         for _ in &stuck {
@@ -248,43 +366,61 @@ impl Executor {
     }
 }
 
-fn worker(
-    jobs: Receiver<Job>,
-    busy: Arc<AtomicU64>,
-    epoch: Instant,
-    gauge: Arc<crate::telemetry::QueueGauge>,
-    pace: Arc<Pace>,
-) {
-    // Sessions this worker opened, by connection id. A session of a library generation that was
-    // re-initialised away is dropped without closing (its handle may now name someone else's
-    // session); see `OwnedSession`.
-    let mut sessions: HashMap<u64, OwnedSession> = HashMap::new();
+fn worker(jobs: Receiver<Job>, here: Here, epoch: Instant, gauge: Arc<crate::telemetry::QueueGauge>, pace: Arc<Pace>) {
+    // The sessions this worker opened, by connection id, live in `HERE` so that handed-over
+    // work's calls find them. A session of a library generation that was re-initialised away is
+    // dropped without closing (its handle may now name someone else's session); see
+    // `OwnedSession`.
+    let slot = here.slot.clone();
+    HERE.with(|h| *h.borrow_mut() = Some(here));
+    let with_sessions = |f: &mut dyn FnMut(&mut HashMap<u64, OwnedSession>)| {
+        HERE.with(|h| f(&mut h.borrow_mut().as_mut().expect("set above").sessions))
+    };
     while let Ok(job) = jobs.recv() {
         gauge.set(jobs.len());
-        sessions.retain(|_, session| session.is_live());
-        if Instant::now() >= job.deadline {
-            let Job { conn, server, reply, .. } = job;
+        with_sessions(&mut |sessions| sessions.retain(|_, session| session.is_live()));
+        let call = match job {
+            Job::Call(call) => call,
+            Job::Work { work, deadline } => {
+                // Past its deadline the caller has stopped waiting: dropping the work unrun
+                // tells it so (whatever it would answer through is dropped with it).
+                if Instant::now() < deadline && std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).is_err() {
+                    tracing::error!("work handed over to an HSM worker panicked");
+                }
+                continue;
+            }
+        };
+        if Instant::now() >= call.deadline {
+            let Call { conn, server, reply, .. } = call;
             drop(conn);
             pace.dropped();
             reply.send(Err(HsmError::Timeout { server, millis: 0 }));
             continue;
         }
         let began = Instant::now();
-        busy.store(began.duration_since(epoch).as_millis().max(1) as u64, Relaxed);
-        let result = run(&job, &mut sessions);
-        finished(&busy, &pace, began.elapsed(), epoch.elapsed());
+        slot.busy.store(stamp(epoch, began), Relaxed);
+        let mut result = None;
+        with_sessions(&mut |sessions| result = Some(run(&call.conn, &call.server, &call.op, sessions)));
+        finished(&slot.busy, &pace, began.elapsed(), epoch.elapsed());
         // Let go of the connection before answering: once answered, the caller may drop the
         // `Hsm` and exit, and the last reference must not be this thread's (dropping a
         // `Connection` closes its anchor session, which must not race the library's teardown).
-        let Job { conn, reply, .. } = job;
+        let Call { conn, reply, .. } = call;
         drop(conn);
-        reply.send(result);
+        reply.send(result.expect("ran above"));
     }
     // The executor is gone, which happens as a short-lived command ends: closing sessions now
     // would race the library's own teardown at process exit (SoftHSM corrupts its heap).
-    for (_, session) in sessions.drain() {
-        session.abandon();
+    if let Some(mut here) = HERE.with(|h| h.borrow_mut().take()) {
+        for (_, session) in here.sessions.drain() {
+            session.abandon();
+        }
     }
+}
+
+/// `at` in milliseconds since `epoch`, never 0 (a `busy` stamp of 0 marks an idle worker).
+fn stamp(epoch: Instant, at: Instant) -> u64 {
+    at.duration_since(epoch).as_millis().max(1) as u64
 }
 
 /// The watchdog's side of a worker's `busy` stamp: a call running for over `STUCK_MS` (`now`
@@ -309,15 +445,20 @@ fn finished(busy: &AtomicU64, pace: &Pace, took: Duration, now: Duration) {
     }
 }
 
-fn run(job: &Job, sessions: &mut HashMap<u64, OwnedSession>) -> Result<Vec<u8>, HsmError> {
-    let id = job.conn.id();
+fn run(
+    conn: &Arc<Connection>,
+    server: &str,
+    op: &Op,
+    sessions: &mut HashMap<u64, OwnedSession>,
+) -> Result<Vec<u8>, HsmError> {
+    let id = conn.id();
     let session = match sessions.entry(id) {
         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-        std::collections::hash_map::Entry::Vacant(e) => e.insert(job.conn.open_session(&job.server)?),
+        std::collections::hash_map::Entry::Vacant(e) => e.insert(conn.open_session(server)?),
     };
-    let result = match &job.op {
+    let result = match op {
         Op::Sign { label, algorithm, scheme, message } => {
-            job.conn.sign(session, &job.server, label, *algorithm, *scheme, message)
+            conn.sign(session, server, label, *algorithm, *scheme, message)
         }
     };
     if result.is_err() {

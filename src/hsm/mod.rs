@@ -21,7 +21,7 @@ use rustls::SignatureScheme;
 use serde::Serialize;
 
 use crate::config::{HsmConfig, HsmServerConfig};
-use crate::keys::{KeyAlgorithm, KeyError, Offload, PrivateKey};
+use crate::keys::{KeyAlgorithm, KeyError, Offload, PrivateKey, Work};
 use crate::telemetry::{METRICS, MemberMetrics};
 use executor::{Executor, Op};
 use member::Connection;
@@ -119,7 +119,7 @@ impl HsmError {
 
 /// The configured HSM servers as one signer: the HA group.
 pub struct Hsm {
-    members: Vec<Member>,
+    members: Arc<[Member]>,
     ha: HaSettings,
     executors: HashMap<PathBuf, Arc<Executor>>,
     call_timeout: Duration,
@@ -188,7 +188,7 @@ impl Hsm {
     /// Connects to and logs in to every configured server. A server that fails is kept, marked
     /// down (or locked) with the reason, logged once, so status can show it.
     pub fn open(config: &HsmConfig) -> Self {
-        let members: Vec<Member> = config
+        let members: Arc<[Member]> = config
             .servers
             .iter()
             .map(|server| {
@@ -210,10 +210,24 @@ impl Hsm {
                 }
             })
             .collect();
+        // A call made for handed-over work that outlives its deadline takes its member out, as
+        // a caller's own deadline does for a queued call (see `Hsm::sign`).
+        let overdue: executor::Overdue = {
+            let members = members.clone();
+            Arc::new(move |conn, server, millis| {
+                let e = HsmError::Timeout { server: server.to_string(), millis };
+                tracing::error!(server, error = %e, "hsm server failed; taking it out");
+                for member in members.iter().filter(|m| m.config.name == server) {
+                    member.metrics.observe_error(&e.reason());
+                    member.take_out(conn, MemberState::Down(e.to_string()));
+                }
+            })
+        };
         let mut executors = HashMap::new();
         for server in &config.servers {
             executors.entry(server.module.clone()).or_insert_with(|| {
-                Executor::start(&server.module.display().to_string(), config.workers, config.queue_depth)
+                let library = server.module.display().to_string();
+                Executor::start(&library, config.workers, config.queue_depth, overdue.clone())
             });
         }
         let ha = HaSettings {
@@ -254,6 +268,9 @@ impl Hsm {
 
     /// Per-server status.
     pub fn status(&self) -> Status {
+        for executor in self.executors.values() {
+            executor.report_overdue();
+        }
         let servers = self
             .members
             .iter()
@@ -338,7 +355,7 @@ impl Hsm {
     /// an error names the member where it is missing or differs.
     pub fn find_key(&self, spki: &[u8], id: Option<&[u8]>) -> Result<String, HsmError> {
         let mut label: Option<String> = None;
-        for m in &self.members {
+        for m in self.members.iter() {
             let conn = match &*m.state.read() {
                 MemberState::Up(conn) => conn.clone(),
                 _ => continue,
@@ -430,9 +447,20 @@ impl Hsm {
         Err(last.unwrap_or_else(|| HsmError::Unavailable(self.down_reasons())))
     }
 
+    /// Hands `work` (which signs with this HSM's keys) to a worker of the library of the member
+    /// that would sign now; it is dropped unrun if no worker takes it within the call deadline.
+    fn hand_over(&self, work: Work) -> Result<Duration, Work> {
+        let Some((_, conn)) = self.pick(&[]) else { return Err(work) };
+        self.executors[conn.module()].hand_over(work, Instant::now() + self.call_timeout)?;
+        Ok(self.call_timeout)
+    }
+
     /// The up member with the fewest operations in flight, not in `exclude`; with HA off,
     /// only the primary (the first configured server).
     fn pick(&self, exclude: &[usize]) -> Option<(usize, Arc<Connection>)> {
+        for executor in self.executors.values() {
+            executor.report_overdue();
+        }
         let candidates = if self.ha.enabled { self.members.len() } else { 1.min(self.members.len()) };
         (0..candidates)
             .filter(|i| !exclude.contains(i))
@@ -470,7 +498,7 @@ impl Hsm {
     /// down member again (at most `auto_recovery_retry` times; 0 = forever).
     fn recover(&self) {
         let mut libraries: HashMap<&PathBuf, bool> = HashMap::new();
-        for m in &self.members {
+        for m in self.members.iter() {
             let up = matches!(*m.state.read(), MemberState::Up(_));
             *libraries.entry(&m.config.module).or_insert(false) |= up;
         }
@@ -566,6 +594,10 @@ impl PrivateKey for HsmKey {
         self.hsm
             .sign(&self.label, self.algorithm, scheme, message, offload)
             .map_err(|e| KeyError::Backend { key: format!("hsm:{}", self.label), source: Box::new(e) })
+    }
+
+    fn hand_over(&self, work: Work) -> Result<Duration, Work> {
+        self.hsm.hand_over(work)
     }
 }
 

@@ -41,6 +41,10 @@ pub enum KeyError {
 /// caller that may block freely passes `&|wait| wait()`.
 pub type Offload<'a> = &'a dyn Fn(&mut dyn FnMut());
 
+/// Work that signs with a key, handed whole to where the key's signatures are made (see
+/// `PrivateKey::hand_over`).
+pub type Work = Box<dyn FnOnce() + Send>;
+
 /// A private key that can sign but never reveals its material.
 pub trait PrivateKey: fmt::Debug + Send + Sync {
     /// The key's type.
@@ -62,6 +66,15 @@ pub trait PrivateKey: fmt::Debug + Send + Sync {
     /// run off the async workers and are bounded. In-memory keys answer `false`.
     fn may_block(&self) -> bool {
         true
+    }
+    /// Runs `work`, which signs with this key, where this key's signatures are made, so they
+    /// need no hand-off of their own: an HSM key hands it to a worker of the member that would
+    /// sign now. Returns how long to wait for it: work not done by then is stuck behind a hung
+    /// HSM (its member is taken out, and the caller stops waiting). Gives the work back when
+    /// the key has no such place (an in-memory key) or cannot take it now (no member up, queue
+    /// full): the caller runs it itself.
+    fn hand_over(&self, work: Work) -> Result<std::time::Duration, Work> {
+        Err(work)
     }
 }
 

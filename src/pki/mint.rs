@@ -6,6 +6,7 @@
 //! could not honour — never reach the client.
 
 use std::net::IpAddr;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, OnceLock};
 
 use rcgen::{
@@ -22,6 +23,7 @@ use crate::keys::rcgen::RcgenKey;
 use crate::keys::rustls::RustlsKey;
 use crate::keys::software::SoftwareKey;
 use crate::keys::{KeyAlgorithm, KeyError, PrivateKey};
+use crate::telemetry::METRICS;
 
 /// Errors while minting.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +50,8 @@ pub struct Ca {
     not_before: OffsetDateTime,
     not_after: OffsetDateTime,
     issuer: Issuer<'static, RcgenKey>,
+    /// The issuer's key, where mints are handed over to.
+    key: Arc<dyn PrivateKey>,
 }
 
 /// A minted leaf, ready to serve.
@@ -73,13 +77,53 @@ impl Ca {
         }
         let not_before = parsed.validity().not_before.to_datetime();
         let not_after = parsed.validity().not_after.to_datetime();
+        let ca_key = key.key().clone();
         let issuer = Issuer::from_ca_cert_der(&cert, key).map_err(|e| MintError::Sign(e.to_string()))?;
-        Ok(Self { name: name.into(), cert, not_before, not_after, issuer })
+        Ok(Self { name: name.into(), cert, not_before, not_after, issuer, key: ca_key })
     }
 
     /// The CA certificate.
     pub fn cert(&self) -> &CertificateDer<'static> {
         &self.cert
+    }
+
+    /// `mint` off the async runtime. It is handed over to where the CA key signs (an HSM
+    /// worker, where the signature needs no further hand-off), else run on the blocking pool.
+    /// Handed-over work not back in time is stuck behind a hung member (which the HSM layer
+    /// takes out): the mint is made again on the blocking pool, whose signature has its own
+    /// deadline and fails over to another member, or fails with the HSM's reason.
+    pub async fn mint_off_runtime(self: &Arc<Self>, host: &str, upstream: &[u8]) -> Result<Minted, MintError> {
+        let mint = || {
+            let (ca, host, upstream) = (self.clone(), host.to_string(), upstream.to_vec());
+            move || ca.mint(&host, &upstream)
+        };
+        let fallback = || METRICS.mint_fallbacks_total.fetch_add(1, Relaxed);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let first = mint();
+        match self.key.hand_over(Box::new(move || drop(tx.send(first())))) {
+            Ok(patience) => match tokio::time::timeout(patience, rx).await {
+                Ok(Ok(minted)) => minted,
+                Ok(Err(_)) => {
+                    fallback();
+                    tracing::warn!(host, "no HSM worker took the mint in time; minting on the blocking pool");
+                    on_blocking_pool(mint()).await?
+                }
+                Err(_) => {
+                    fallback();
+                    tracing::warn!(host, "mint overdue on its HSM worker; minting again on the blocking pool");
+                    on_blocking_pool(mint()).await?
+                }
+            },
+            Err(work) => {
+                // A software CA key signs wherever it runs; an HSM key's workers were full or
+                // none of its servers is up (the mint then fails with the HSM's reason).
+                if self.key.may_block() {
+                    fallback();
+                }
+                on_blocking_pool(work).await?;
+                rx.await.map_err(|_| MintError::Task("the mint was dropped unrun".into()))?
+            }
+        }
     }
 
     /// Mints a leaf for `host` mirroring `upstream` (the upstream's end-entity certificate).
@@ -130,6 +174,10 @@ impl std::fmt::Debug for Ca {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ca").field("name", &self.name).finish_non_exhaustive()
     }
+}
+
+async fn on_blocking_pool<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, MintError> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| MintError::Task(e.to_string()))
 }
 
 /// The signature error, with the key's own reason when rcgen only says "remote key error".

@@ -148,10 +148,8 @@ async fn mint(proxy: &Proxy, target: &Target, peer: &Peer, trusted: bool) -> Res
         .cache
         .get_or_mint(key, async move {
             let ca = ca.ok_or(MintError::NoCa(if trusted { "forward-trust" } else { "forward-untrust" }))?;
-            let task = tokio::task::spawn_blocking(move || ca.mint(&host, &leaf));
-            match tokio::time::timeout(timeout, task).await {
-                Ok(Ok(minted)) => minted.map(Arc::new),
-                Ok(Err(join)) => Err(MintError::Task(join.to_string())),
+            match tokio::time::timeout(timeout, ca.mint_off_runtime(&host, &leaf)).await {
+                Ok(minted) => minted.map(Arc::new),
                 Err(_) => Err(MintError::Timeout(timeout.as_secs())),
             }
         })
