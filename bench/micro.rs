@@ -36,7 +36,7 @@ fn software_ca() -> Ca {
 /// The HSM-backed pieces, when bench/run set up a token.
 struct HsmBench {
     hsm: Arc<tollgate::hsm::Hsm>,
-    ca: Ca,
+    ca: Arc<Ca>,
     module: PathBuf,
     token: String,
     pin: String,
@@ -52,7 +52,7 @@ fn hsm_bench() -> Option<HsmBench> {
     let state = tollgate::state::StateDir::open(&config.state_dir).unwrap();
     let store = tollgate::pki::CertStore::load(&state).unwrap();
     let keys = tollgate::pki::Keyring::new(&state, Some(&hsm));
-    let ca = store.ca(tollgate::pki::CaRole::ForwardTrust, &keys).unwrap().expect("forward-trust CA");
+    let ca = Arc::new(store.ca(tollgate::pki::CaRole::ForwardTrust, &keys).unwrap().expect("forward-trust CA"));
     let server = &config.hsm.servers[0];
     let pin = {
         use secrecy::ExposeSecret;
@@ -68,6 +68,11 @@ fn mint(c: &mut Criterion) {
     group.bench_function("cache_miss_software_ca", |b| b.iter(|| black_box(soft.mint("origin.test", &up).unwrap())));
     if let Some(h) = hsm_bench() {
         group.bench_function("cache_miss_hsm_ca", |b| b.iter(|| black_box(h.ca.mint("origin.test", &up).unwrap())));
+        // As the proxy mints: handed to an HSM worker and awaited.
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        group.bench_function("cache_miss_hsm_ca_handed_over", |b| {
+            b.iter(|| black_box(runtime.block_on(h.ca.mint_off_runtime("origin.test", &up)).unwrap()))
+        });
         group.finish();
         sign(c, &h);
     } else {
