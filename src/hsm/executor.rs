@@ -373,12 +373,9 @@ fn worker(jobs: Receiver<Job>, here: Here, epoch: Instant, gauge: Arc<crate::tel
     // `OwnedSession`.
     let slot = here.slot.clone();
     HERE.with(|h| *h.borrow_mut() = Some(here));
-    let with_sessions = |f: &mut dyn FnMut(&mut HashMap<u64, OwnedSession>)| {
-        HERE.with(|h| f(&mut h.borrow_mut().as_mut().expect("set above").sessions))
-    };
     while let Ok(job) = jobs.recv() {
         gauge.set(jobs.len());
-        with_sessions(&mut |sessions| sessions.retain(|_, session| session.is_live()));
+        with_sessions(|sessions| sessions.retain(|_, session| session.is_live()));
         let call = match job {
             Job::Call(call) => call,
             Job::Work { work, deadline } => {
@@ -399,15 +396,15 @@ fn worker(jobs: Receiver<Job>, here: Here, epoch: Instant, gauge: Arc<crate::tel
         }
         let began = Instant::now();
         slot.busy.store(stamp(epoch, began), Relaxed);
-        let mut result = None;
-        with_sessions(&mut |sessions| result = Some(run(&call.conn, &call.server, &call.op, sessions)));
+        let result = with_sessions(|sessions| run(&call.conn, &call.server, &call.op, sessions))
+            .unwrap_or_else(|| Err(HsmError::Unavailable("HSM worker without its sessions".into())));
         finished(&slot.busy, &pace, began.elapsed(), epoch.elapsed());
         // Let go of the connection before answering: once answered, the caller may drop the
         // `Hsm` and exit, and the last reference must not be this thread's (dropping a
         // `Connection` closes its anchor session, which must not race the library's teardown).
         let Call { conn, reply, .. } = call;
         drop(conn);
-        reply.send(result.expect("ran above"));
+        reply.send(result);
     }
     // The executor is gone, which happens as a short-lived command ends: closing sessions now
     // would race the library's own teardown at process exit (SoftHSM corrupts its heap).
@@ -416,6 +413,11 @@ fn worker(jobs: Receiver<Job>, here: Here, epoch: Instant, gauge: Arc<crate::tel
             session.abandon();
         }
     }
+}
+
+/// Runs `f` on this worker thread's sessions (`None` off a worker).
+fn with_sessions<R>(f: impl FnOnce(&mut HashMap<u64, OwnedSession>) -> R) -> Option<R> {
+    HERE.with(|here| here.borrow_mut().as_mut().map(|here| f(&mut here.sessions)))
 }
 
 /// `at` in milliseconds since `epoch`, never 0 (a `busy` stamp of 0 marks an idle worker).
