@@ -39,7 +39,7 @@ struct HsmBench {
     ca: Arc<Ca>,
     module: PathBuf,
     token: String,
-    pin: String,
+    pin: secrecy::SecretString,
 }
 
 fn hsm_bench() -> Option<HsmBench> {
@@ -54,10 +54,7 @@ fn hsm_bench() -> Option<HsmBench> {
     let keys = tollgate::pki::Keyring::new(&state, Some(&hsm));
     let ca = Arc::new(store.ca(tollgate::pki::CaRole::ForwardTrust, &keys).unwrap().expect("forward-trust CA"));
     let server = &config.hsm.servers[0];
-    let pin = {
-        use secrecy::ExposeSecret;
-        server.pin.as_ref().expect("pin source").load("bench").expect("pin").expose_secret().to_string()
-    };
+    let pin = server.pin.as_ref().expect("pin source").load("bench").expect("pin");
     Some(HsmBench { hsm, ca, module: server.module.clone(), token: server.token.clone(), pin })
 }
 
@@ -103,7 +100,7 @@ fn sign(c: &mut Criterion, h: &HsmBench) {
         .find(|s| pkcs11.get_token_info(*s).is_ok_and(|i| i.label().trim_end() == h.token))
         .unwrap();
     let session = pkcs11.open_ro_session(slot).unwrap();
-    let _ = session.login(cryptoki::session::UserType::User, Some(&secrecy::SecretString::from(h.pin.clone())));
+    let _ = session.login(cryptoki::session::UserType::User, Some(&h.pin));
     let find = |label: &str| {
         session
             .find_objects(&[
