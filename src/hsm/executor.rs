@@ -66,6 +66,9 @@ pub(super) struct Executor {
     jobs: Receiver<Job>,
     workers: usize,
     slots: parking_lot::Mutex<Vec<Arc<Slot>>>,
+    /// Calls being made for handed-over work now: with none, `report_overdue` (run before every
+    /// member pick, an inbound handshake's included) takes no lock.
+    handed_calls: AtomicUsize,
     spawned: AtomicUsize,
     epoch: Instant,
     gauge: Arc<crate::telemetry::QueueGauge>,
@@ -213,6 +216,7 @@ impl Executor {
             jobs,
             workers: workers.max(1),
             slots: parking_lot::Mutex::new(Vec::new()),
+            handed_calls: AtomicUsize::new(0),
             spawned: AtomicUsize::new(0),
             epoch: Instant::now(),
             gauge: crate::telemetry::QueueGauge::register(library),
@@ -292,9 +296,11 @@ impl Executor {
             *here.slot.handed.lock() =
                 Some(Handed { conn: conn.clone(), server: server.to_string(), deadline, timeout_ms });
             here.slot.busy.store(stamp, Relaxed);
+            self.handed_calls.fetch_add(1, Relaxed);
             let result = run(conn, server, &op, &mut here.sessions);
             finished(&here.slot.busy, &self.pace, began.elapsed(), self.epoch.elapsed());
             here.slot.handed.lock().take();
+            self.handed_calls.fetch_sub(1, Relaxed);
             Ok(result)
         })
     }
@@ -318,6 +324,9 @@ impl Executor {
     /// watchdog, and before the HSM layer picks a member (a caller that stopped waiting for such
     /// work at the deadline goes on at once, and must not pick the hung member again).
     pub(super) fn report_overdue(&self) {
+        if self.handed_calls.load(Relaxed) == 0 {
+            return;
+        }
         let now = self.epoch.elapsed().as_millis() as u64;
         let overdue: Vec<Handed> = {
             let slots = self.slots.lock();
