@@ -51,6 +51,11 @@ def sh(*args, env=None, check=True, capture=True):
     return result
 
 
+def loadgen_report(result):
+    """The JSON object `bench/loadgen.rs` prints last."""
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def descendants(pid):
     """pid and every descendant (nginx master + workers)."""
     children = {}
@@ -389,7 +394,7 @@ cache_capacity = 1000000
         def parse(result):
             if result.returncode != 0:
                 return {"requests": 0, "errors": -1, "rps": 0, "p50_ms": None, "p99_ms": None, "failure": result.stderr[-300:]}
-            data = json.loads(result.stdout.strip().splitlines()[-1])
+            data = loadgen_report(result)
             return {"requests": data["requests"], "errors": data["errors"], "rps": round(data["rps"], 1),
                     "resumed_pct": round(100 * data.get("resumed", 0) / max(data["requests"], 1), 1),
                     "p50_ms": data["p50_ms"] and round(data["p50_ms"], 3), "p99_ms": data["p99_ms"] and round(data["p99_ms"], 3),
@@ -490,14 +495,14 @@ cache_capacity = 1000000
         def sign_rate(threads):
             out = sh(LOADGEN, "sign", "--module", SOFTHSM, "--token", "bench", "--pin-file", self.work / "user.pin",
                      "--label", "bench-trust", "--threads", str(threads), "-d", seconds, env=self.env)
-            return json.loads(out.stdout.strip().splitlines()[-1])["rate"]
+            return loadgen_report(out)["rate"]
 
         signs, rates, pair = [], [], []
         for _ in range(self.args.repeat):
             signs.append(sign_rate(1))
             out = sh(LOADGEN, "mint-rate", "--config", self.config, "--concurrent", str(CONNECTIONS), "-d", seconds,
                      env=self.env)
-            rates.append(json.loads(out.stdout.strip().splitlines()[-1])["rate"])
+            rates.append(loadgen_report(out)["rate"])
             pair.append(sign_rate(2))
         raw = statistics.median(signs)
         mint["raw_sign_rate"] = round(raw, 1)
