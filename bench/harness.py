@@ -484,10 +484,13 @@ cache_capacity = 1000000
         if self.mitm and (not self.args.systems or "mitmdump" in self.args.systems.split(",")):
             systems.append(("mitmdump", p["mitmdump"], w / "mitm" / "mitmproxy-ca-cert.pem", self.mitm))
         runs = {name: [] for name, *_ in systems}
+        rss = []  # tollgate's RSS after each of its runs: what the cached leaves hold
         for i in range(self.args.repeat):
             for name, port, ca, svc in systems:
                 pattern = f"h{{}}-{name}-r{i}-{int(time.time())}.mint.test"
                 runs[name].append(self.measure(svc, *self.loadgen(port, ca, sni_pattern=pattern)))
+                if svc is self.tollgate:
+                    rss.append(memory_kb(svc.pids(), "VmRSS"))
         for name, port, ca, svc in systems[1:]:
             row = self.median(runs[name])
             row.update({"system": name, "workload": NEW_HOST,
@@ -497,6 +500,11 @@ cache_capacity = 1000000
         mint = self.median(runs["tollgate"])
         mint.update({"system": "tollgate", "workload": NEW_HOST,
                      "peak_rss_mib": round(memory_kb(self.tollgate.pids(), "VmHWM") / 1024, 1)})
+        # Every connection left a leaf in the cache. The first run also fills what is bounded
+        # (upstream pool, session caches), so the growth is counted from its end.
+        later = sum(r["requests"] for r in runs["tollgate"][1:])
+        if later:
+            mint["rss_kib_per_cached_leaf"] = round((rss[-1] - rss[0]) / later, 2)
         # The raw sign rate (one session, one thread), the mint path alone in process (leaf key +
         # certificate + HSM signature, handed to the HSM workers as on a cache miss, as many at
         # a time as the end-to-end row has connections) and SoftHSM's own in-process scaling (two
@@ -669,6 +677,9 @@ def table(rows, memory, mint_micro, micro, goals):
     lines.append("")
     for name, m in memory.items():
         lines.append(f"Idle intercepted h2 connections, {name}: {m['kib_per_connection']} KiB each ({m['connections']} open)")
+    leaf = next((r["rss_kib_per_cached_leaf"] for r in rows if "rss_kib_per_cached_leaf" in r), None)
+    if leaf is not None:
+        lines.append(f"Cached leaves (new-host row, growth after its first run): {leaf} KiB of tollgate's RSS each")
     if mint_micro:
         # Runs before 2026-11-28 11:00 minted on two plain threads, without the hand-off.
         how = (f"{mint_micro['mints_in_flight']} at a time on the HSM workers" if "mint_rate" in mint_micro

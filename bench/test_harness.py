@@ -78,11 +78,13 @@ class Targets(unittest.TestCase):
 
 
 class Table(unittest.TestCase):
-    def test_every_proxy_row_shows_its_ratio_to_mitmdump(self):
+    def test_every_proxy_row_shows_its_ratio_to_mitmdump_and_leaf_memory_is_reported(self):
         rows = [row("nginx-proxy", NEW, 3_000), row("tollgate", NEW, 6_000), row("mitmdump", NEW, 250),
-                row("tollgate", harness.NEW_HOST, 2_000, raw_sign_rate=20_000, ratio_to_raw_sign=0.1),
+                row("tollgate", harness.NEW_HOST, 2_000, raw_sign_rate=20_000, ratio_to_raw_sign=0.1,
+                    rss_kib_per_cached_leaf=3.21),
                 row("mitmdump", harness.NEW_HOST, 200)]
         lines = harness.table(rows, {}, None, {}, []).splitlines()
+        self.assertIn("Cached leaves (new-host row, growth after its first run): 3.21 KiB of tollgate's RSS each", lines)
         tollgate = {line.split(" | ")[1]: line for line in lines if line.startswith("| tollgate |")}
         self.assertIn("| 2.00x | 24x |", tollgate[NEW])
         self.assertIn("| 0.10x raw sign | 10x |", tollgate[harness.NEW_HOST])
