@@ -94,6 +94,24 @@ struct Handed {
     timeout_ms: u64,
 }
 
+/// Ends a call made for handed-over work however it ends, a panic included (the worker
+/// survives those): left in its slot, it would be reported overdue and take a healthy member
+/// out, and the worker would be written off as stuck.
+struct HandedCall<'a> {
+    executor: &'a Executor,
+    slot: &'a Slot,
+    began: Instant,
+}
+
+impl Drop for HandedCall<'_> {
+    fn drop(&mut self) {
+        let executor = self.executor;
+        finished(&self.slot.busy, &executor.pace, self.began.elapsed(), executor.epoch.elapsed());
+        self.slot.handed.lock().take();
+        executor.handed_calls.fetch_sub(1, Relaxed);
+    }
+}
+
 /// Set on a worker thread: which executor it serves, the sessions it owns and its slot.
 struct Here {
     executor: usize,
@@ -297,11 +315,8 @@ impl Executor {
                 Some(Handed { conn: conn.clone(), server: server.to_string(), deadline, timeout_ms });
             here.slot.busy.store(stamp, Relaxed);
             self.handed_calls.fetch_add(1, Relaxed);
-            let result = run(conn, server, &op, &mut here.sessions);
-            finished(&here.slot.busy, &self.pace, began.elapsed(), self.epoch.elapsed());
-            here.slot.handed.lock().take();
-            self.handed_calls.fetch_sub(1, Relaxed);
-            Ok(result)
+            let _call = HandedCall { executor: self, slot: &here.slot, began };
+            Ok(run(conn, server, &op, &mut here.sessions))
         })
     }
 
@@ -506,6 +521,24 @@ mod tests {
             sender.join().unwrap();
         }
         (matches!(result, Some(Ok(ref s)) if s == b"sig"), offloads.get())
+    }
+
+    #[test]
+    fn a_handed_over_call_that_panics_leaves_its_slot_idle() {
+        let executor = Executor::start("test-library", 1, 4, Arc::new(|_, _, _| {}));
+        let slot = Slot::default();
+        let began = Instant::now();
+        slot.busy.store(stamp(executor.epoch, began), Relaxed);
+        executor.handed_calls.fetch_add(1, Relaxed);
+        executor.pace.pending.fetch_add(1, Relaxed);
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _call = HandedCall { executor: &executor, slot: &slot, began };
+            panic!("inside the library call");
+        }));
+        assert!(panicked.is_err());
+        assert_eq!(slot.busy.load(Relaxed), 0, "the watchdog must not write the worker off");
+        assert_eq!(executor.handed_calls.load(Relaxed), 0, "no call is left to report overdue");
+        assert_eq!(executor.pace.pending.load(Relaxed), 0, "the call stops counting as pending");
     }
 
     #[test]
