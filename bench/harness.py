@@ -272,9 +272,12 @@ cache_capacity = 1000000
            "--forward-untrust", "--algorithm", "rsa-2048", env=self.env)
         # The inbound server key: generated on the token (as a vendor tool would), certified by
         # the bench root for localhost, imported --key-on-hsm --inbound.
-        tool = ["pkcs11-tool", "--module", SOFTHSM, "--token-label", "bench", "--login", "--pin", (w / "user.pin").read_text()]
-        sh(*tool, "--keypairgen", "--key-type", "EC:prime256v1", "--label", "bench-inbound", "--id", "42", env=self.env)
-        sh(*tool, "--read-object", "--type", "pubkey", "--label", "bench-inbound", "-o", w / "inbound.pub.der", env=self.env)
+        # The PIN goes through the environment: on the command line it would show in `ps`, and in
+        # `sh`'s message if the tool failed.
+        tool = ["pkcs11-tool", "--module", SOFTHSM, "--token-label", "bench", "--login", "--pin", "env:TOLLGATE_BENCH_PIN"]
+        env = {**self.env, "TOLLGATE_BENCH_PIN": (w / "user.pin").read_text()}
+        sh(*tool, "--keypairgen", "--key-type", "EC:prime256v1", "--label", "bench-inbound", "--id", "42", env=env)
+        sh(*tool, "--read-object", "--type", "pubkey", "--label", "bench-inbound", "-o", w / "inbound.pub.der", env=env)
         sh("openssl", "pkey", "-pubin", "-inform", "DER", "-in", w / "inbound.pub.der", "-out", w / "inbound.pub.pem")
         sh("openssl", "x509", "-new", "-force_pubkey", w / "inbound.pub.pem", "-subj", "/CN=localhost", "-CA", w / "root.pem",
            "-CAkey", w / "root.key", "-days", "10", "-extfile", w / "ext.cnf", "-out", w / "inbound.pem")
@@ -408,6 +411,12 @@ cache_capacity = 1000000
         row["rps_runs"] = [r["rps"] for r in runs]
         return row
 
+    def summary(self, runs, name, workload, svc):
+        """The row of `name` on `workload`: its median run, with the system's peak RSS."""
+        row = self.median(runs)
+        row.update({"system": name, "workload": workload, "peak_rss_mib": round(memory_kb(svc.pids(), "VmHWM") / 1024, 1)})
+        return row
+
     def run_workloads(self):
         rows = []
         workloads = [
@@ -430,8 +439,7 @@ cache_capacity = 1000000
                 for name, port, ca, svc in systems:
                     runs[name].append(self.measure(svc, *make(port, ca)))
             for name, port, ca, svc in systems:
-                row = self.median(runs[name])
-                row.update({"system": name, "workload": workload, "peak_rss_mib": round(memory_kb(svc.pids(), "VmHWM") / 1024, 1)})
+                row = self.summary(runs[name], name, workload, svc)
                 rows.append(row)
                 print(f"  {name:13} {workload:36} {row['rps']:>10} req/s", file=sys.stderr)
         if not self.args.workloads or self.args.workloads in "new-host mint":
@@ -460,8 +468,7 @@ cache_capacity = 1000000
                 for name, port, ca, svc in systems:
                     runs[name].append(self.measure(svc, *self.loadgen(port, ca, resume=resume)))
             for name, port, ca, svc in systems:
-                row = self.median(runs[name])
-                row.update({"system": name, "workload": workload, "peak_rss_mib": round(memory_kb(svc.pids(), "VmHWM") / 1024, 1)})
+                row = self.summary(runs[name], name, workload, svc)
                 raw = (getattr(self, "mint_micro", None) or {}).get("raw_sign_rate")
                 if name == "tollgate-inbound" and not resume and raw:
                     row["raw_sign_rate"] = raw
@@ -478,7 +485,6 @@ cache_capacity = 1000000
     def mints(self):
         """A distinct SNI per connection: every connection makes the proxy mint a leaf. mitmdump
         (its minting instance) is measured on the same loop, the two in turn."""
-        rows = []
         w, p = self.work, self.ports
         systems = [("tollgate", p["tollgate"], w / "tollgate-ca.pem", self.tollgate)]
         if self.mitm and (not self.args.systems or "mitmdump" in self.args.systems.split(",")):
@@ -491,15 +497,10 @@ cache_capacity = 1000000
                 runs[name].append(self.measure(svc, *self.loadgen(port, ca, sni_pattern=pattern)))
                 if svc is self.tollgate:
                     rss.append(memory_kb(svc.pids(), "VmRSS"))
-        for name, port, ca, svc in systems[1:]:
-            row = self.median(runs[name])
-            row.update({"system": name, "workload": NEW_HOST,
-                        "peak_rss_mib": round(memory_kb(svc.pids(), "VmHWM") / 1024, 1)})
-            rows.append(row)
-            print(f"  {name:13} mints {row['rps']} /s end to end", file=sys.stderr)
-        mint = self.median(runs["tollgate"])
-        mint.update({"system": "tollgate", "workload": NEW_HOST,
-                     "peak_rss_mib": round(memory_kb(self.tollgate.pids(), "VmHWM") / 1024, 1)})
+        rows = [self.summary(runs[name], name, NEW_HOST, svc) for name, port, ca, svc in systems]
+        mint = rows[0]
+        for row in rows[1:]:
+            print(f"  {row['system']:13} mints {row['rps']} /s end to end", file=sys.stderr)
         # Every connection left a leaf in the cache. The first run also fills what is bounded
         # (upstream pool, session caches), so the growth is counted from its end.
         later = sum(r["requests"] for r in runs["tollgate"][1:])
@@ -529,7 +530,6 @@ cache_capacity = 1000000
         raw = statistics.median(signs)
         mint["raw_sign_rate"] = round(raw, 1)
         mint["ratio_to_raw_sign"] = round(mint["rps"] / raw, 3)
-        rows.insert(0, mint)
         micro = statistics.median(rates)
         self.mint_micro = {"mint_rate": round(micro, 1), "mints_in_flight": CONNECTIONS, "raw_sign_rate": round(raw, 1),
                            "ratio": round(micro / raw, 3), "raw_sign_rate_2_sessions": round(statistics.median(pair), 1),
@@ -681,11 +681,8 @@ def table(rows, memory, mint_micro, micro, goals):
     if leaf is not None:
         lines.append(f"Cached leaves (new-host row, growth after its first run): {leaf} KiB of tollgate's RSS each")
     if mint_micro:
-        # Runs before 2026-11-28 11:00 minted on two plain threads, without the hand-off.
-        how = (f"{mint_micro['mints_in_flight']} at a time on the HSM workers" if "mint_rate" in mint_micro
-               else "2 threads")
-        rate = mint_micro.get("mint_rate", mint_micro.get("mint_rate_2_threads"))
-        lines.append(f"Mint in process (leaf key + certificate + SoftHSM signature, {how}): {rate:,.0f}/s"
+        lines.append(f"Mint in process (leaf key + certificate + SoftHSM signature, {mint_micro['mints_in_flight']} at a "
+                     f"time on the HSM workers): {mint_micro['mint_rate']:,.0f}/s"
                      f" = {mint_micro['ratio']:.2f}x the raw single-thread SoftHSM ECDSA P-256 sign rate ({mint_micro['raw_sign_rate']:,.0f}/s)"
                      + (f"; runs {', '.join(f'{r:,}' for r in mint_micro['mint_rate_runs'])}" if mint_micro.get("mint_rate_runs") else "")
                      + (f"; each run over the raw run next to it: {', '.join(f'{r:.2f}x' for r in mint_micro['paired_ratios'])}"
