@@ -3,7 +3,8 @@
 //! hang for minutes, and it must not starve anything else.
 //!
 //! Each worker owns its sessions (cryptoki sessions are `Send` but not `Sync`), one per
-//! connection it has served. A session that errored is closed, never reused. A caller whose job
+//! connection it has served. A queued job wakes a sleeping worker only when the workers awake
+//! would leave it waiting (`Idle`). A session that errored is closed, never reused. A caller whose job
 //! misses its deadline gets `Timeout` (and marks the member down); a worker stuck inside a call
 //! is replaced so the other members keep being served, and leaked (an FFI call cannot be
 //! cancelled).
@@ -18,7 +19,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst, fence};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
@@ -47,6 +48,11 @@ const FAST_SERVICE: Duration = Duration::from_micros(250);
 /// whose calls have not come back yet, so their times are not in the mean).
 const STALLED_AFTER: Duration = Duration::from_millis(2);
 
+/// How many times a worker that found the queue empty yields its CPU, looking again each time,
+/// before it sleeps: on a busy machine each yield lets the callers run, and a job they queue
+/// meanwhile is taken without a wake-up (crossbeam's own receiver does the same before it parks).
+const YIELDS: usize = 4;
+
 /// A worker busy this long is stuck in the library: it is written off and replaced.
 const STUCK_MS: u64 = 5_000;
 
@@ -73,6 +79,7 @@ pub(super) struct Executor {
     epoch: Instant,
     gauge: Arc<crate::telemetry::QueueGauge>,
     pace: Arc<Pace>,
+    idle: Arc<Idle>,
     overdue: Overdue,
 }
 
@@ -158,13 +165,135 @@ impl Pace {
     /// How long the next caller waits in place (`now`: since the executor's epoch):
     /// `INLINE_WAIT` while the library answers fast and is not stalled, nothing otherwise.
     fn inline_budget(&self, now: Duration) -> Duration {
-        let fast = Duration::from_micros(self.service_us.load(Relaxed)) <= FAST_SERVICE;
-        let silent = now.saturating_sub(Duration::from_micros(self.answered_at_us.load(Relaxed)));
-        let stalled = self.pending.load(Relaxed) > 0 && silent > STALLED_AFTER;
-        match fast && !stalled {
+        match self.answering_fast(now) {
             true => INLINE_WAIT,
             false => Duration::ZERO,
         }
+    }
+
+    /// Whether the library answers fast and is not stalled (`now`: since the executor's epoch).
+    fn answering_fast(&self, now: Duration) -> bool {
+        let fast = Duration::from_micros(self.service_us.load(Relaxed)) <= FAST_SERVICE;
+        let silent = now.saturating_sub(Duration::from_micros(self.answered_at_us.load(Relaxed)));
+        let stalled = self.pending.load(Relaxed) > 0 && silent > STALLED_AFTER;
+        fast && !stalled
+    }
+}
+
+/// Workers asleep for want of work, and when a queued job wakes one: only when the workers
+/// awake would leave it waiting. That is when none is awake, when more jobs are queued than
+/// workers are awake, or when the library is slow or stalled (a network HSM's round trip, a
+/// hang: every job wakes a worker, as many as there are). Otherwise the busy worker takes the
+/// job as it finishes its call: on a local token, waking a second worker for every job costs
+/// context switches on both sides to save a wait of tens of microseconds (README, Performance).
+///
+/// Awake means able to take the next job soon. A worker running handed-over work is not: the
+/// work may wait on another library's workers (a CA signature on another member), which may
+/// be waiting on this one's (handed-over work signs on its own library first, so that is only
+/// on a retry). A worker inside a library call that hangs is not either, which nobody can know
+/// yet: a caller whose job no worker has taken when its wait in place ends wakes one.
+#[derive(Default)]
+struct Idle {
+    /// Workers not asleep (running a job, or about to look at the queue): each looks at the
+    /// queue again before it sleeps.
+    awake: AtomicUsize,
+    sleepers: parking_lot::Mutex<Sleepers>,
+    wake: parking_lot::Condvar,
+}
+
+#[derive(Default)]
+struct Sleepers {
+    asleep: usize,
+    /// Wake-ups sent and not yet taken; the woken count as awake from the moment they are sent,
+    /// so one job never wakes two workers.
+    woken: usize,
+    /// The executor is gone: sleepers exit.
+    closed: bool,
+}
+
+impl Idle {
+    /// A worker that found the queue empty: yields a few times, then sleeps until a job wakes
+    /// it. False once the executor is gone.
+    fn rest(&self, jobs: &Receiver<Job>) -> bool {
+        for _ in 0..YIELDS {
+            std::thread::yield_now();
+            if !jobs.is_empty() {
+                return true;
+            }
+        }
+        self.sleep(jobs)
+    }
+
+    /// Sleeps until a job wakes this worker, unless one was queued meanwhile. False once the
+    /// executor is gone.
+    fn sleep(&self, jobs: &Receiver<Job>) -> bool {
+        let mut sleepers = self.sleepers.lock();
+        self.awake.fetch_sub(1, SeqCst);
+        // Pairs with the fence in `queued`: either this worker sees the job just queued, or
+        // the job's sender sees this worker no longer awake.
+        fence(SeqCst);
+        if !jobs.is_empty() || sleepers.closed {
+            self.awake.fetch_add(1, SeqCst);
+            return !sleepers.closed;
+        }
+        sleepers.asleep += 1;
+        while sleepers.woken == 0 && !sleepers.closed {
+            self.wake.wait(&mut sleepers);
+        }
+        sleepers.asleep -= 1;
+        match sleepers.woken {
+            0 => self.awake.fetch_add(1, SeqCst),
+            _ => {
+                sleepers.woken -= 1;
+                0
+            }
+        };
+        !sleepers.closed
+    }
+
+    /// After a job was queued (`backlog` jobs in the queue now): wakes a sleeping worker if the
+    /// workers awake would leave it waiting (`fast`: the library answers fast and is not
+    /// stalled). Whether it woke one.
+    fn queued(&self, backlog: usize, fast: bool) -> bool {
+        fence(SeqCst);
+        let awake = self.awake.load(SeqCst);
+        if awake > 0 && fast && backlog <= awake {
+            return false;
+        }
+        self.wake_one()
+    }
+
+    /// A worker starts handed-over work: it stops counting as awake until `back`, and jobs
+    /// already queued get a worker that is.
+    fn away(&self, jobs: &Receiver<Job>, fast: bool) {
+        self.awake.fetch_sub(1, SeqCst);
+        // Pairs with the fence in `queued`, as in `sleep`.
+        fence(SeqCst);
+        let backlog = jobs.len();
+        if backlog > 0 {
+            self.queued(backlog, fast);
+        }
+    }
+
+    fn back(&self) {
+        self.awake.fetch_add(1, SeqCst);
+    }
+
+    /// Wakes a sleeping worker, if one is asleep and not already woken.
+    fn wake_one(&self) -> bool {
+        let mut sleepers = self.sleepers.lock();
+        let wake = sleepers.asleep > sleepers.woken;
+        if wake {
+            sleepers.woken += 1;
+            self.awake.fetch_add(1, SeqCst);
+            self.wake.notify_one();
+        }
+        wake
+    }
+
+    fn close(&self) {
+        self.sleepers.lock().closed = true;
+        self.wake.notify_all();
     }
 }
 
@@ -192,6 +321,8 @@ struct Call {
 /// for (measured on the 2-core bench machine: 6 % of all cycles in a mint loop).
 #[derive(Default)]
 struct Reply {
+    /// A worker has taken the job.
+    taken: std::sync::atomic::AtomicBool,
     result: parking_lot::Mutex<Option<Result<Vec<u8>, HsmError>>>,
     ready: parking_lot::Condvar,
 }
@@ -212,10 +343,18 @@ impl Reply {
         result.take()
     }
 
-    /// Waits in place until `inline`, then under `offload` until `deadline`.
-    fn wait(&self, inline: Instant, deadline: Instant, offload: Offload) -> Option<Result<Vec<u8>, HsmError>> {
+    /// Waits in place until `inline`, then under `offload` until `deadline`; `late` runs between
+    /// the two.
+    fn wait(
+        &self,
+        inline: Instant,
+        deadline: Instant,
+        offload: Offload,
+        late: &dyn Fn(),
+    ) -> Option<Result<Vec<u8>, HsmError>> {
         let mut result = self.wait_until(inline.min(deadline));
         if result.is_none() && Instant::now() < deadline {
+            late();
             offload(&mut || result = self.wait_until(deadline));
         }
         result
@@ -239,6 +378,7 @@ impl Executor {
             epoch: Instant::now(),
             gauge: crate::telemetry::QueueGauge::register(library),
             pace: Arc::default(),
+            idle: Arc::default(),
             overdue,
         });
         for _ in 0..executor.workers {
@@ -276,9 +416,10 @@ impl Executor {
         let job =
             Job::Call(Call { conn: conn.clone(), server: server.to_string(), op, deadline, reply: reply.clone() });
         let inline = self.pace.inline_budget(started.duration_since(self.epoch));
+        let fast = !inline.is_zero();
         self.pace.pending.fetch_add(1, Relaxed);
         match self.queue.try_send(job) {
-            Ok(()) => self.gauge.set(self.queue.len()),
+            Ok(()) => self.queued(fast),
             Err(e) => {
                 self.pace.dropped();
                 return Err(match e {
@@ -287,10 +428,22 @@ impl Executor {
                 });
             }
         }
-        let result = reply.wait(started + inline, deadline, offload);
+        // A job left to a busy worker (`Idle`), which may be stuck in the library, and still not
+        // taken when the wait in place ends wakes another.
+        let untaken = || {
+            if fast && !reply.taken.load(SeqCst) {
+                self.idle.wake_one();
+            }
+        };
+        let result = reply.wait(started + inline, deadline, offload, &untaken);
         result.unwrap_or_else(|| {
             Err(HsmError::Timeout { server: server.to_string(), millis: timeout.as_millis() as u64 })
         })
+    }
+
+    /// Whether this thread is one of this executor's workers.
+    pub(super) fn runs_this_thread(&self) -> bool {
+        HERE.with(|here| here.try_borrow().is_ok_and(|here| here.as_ref().is_some_and(|h| h.executor == self.id)))
     }
 
     /// A call from one of this executor's own workers (running handed-over work) is made right
@@ -325,7 +478,7 @@ impl Executor {
     pub(super) fn hand_over(&self, work: Work, deadline: Instant) -> Result<(), Work> {
         match self.queue.try_send(Job::Work { work, deadline }) {
             Ok(()) => {
-                self.gauge.set(self.queue.len());
+                self.queued(self.pace.answering_fast(self.epoch.elapsed()));
                 Ok(())
             }
             Err(TrySendError::Full(Job::Work { work, .. }) | TrySendError::Disconnected(Job::Work { work, .. })) => {
@@ -333,6 +486,14 @@ impl Executor {
             }
             Err(_) => unreachable!("a work job was sent"),
         }
+    }
+
+    /// A job was queued: the gauge, and a sleeping worker woken if the awake ones would leave
+    /// it waiting (`fast`: the library answers fast and is not stalled).
+    fn queued(&self, fast: bool) {
+        let backlog = self.queue.len();
+        self.gauge.set(backlog);
+        self.idle.queued(backlog, fast);
     }
 
     /// Reports each call made for handed-over work that is past its deadline, once: from the
@@ -365,9 +526,14 @@ impl Executor {
         let epoch = self.epoch;
         let gauge = self.gauge.clone();
         let pace = self.pace.clone();
+        let idle = self.idle.clone();
         let name = format!("hsm-{}", self.spawned.load(Relaxed));
-        let spawned = std::thread::Builder::new().name(name).spawn(move || worker(jobs, here, epoch, gauge, pace));
+        // Awake from the start: it looks at the queue before it first sleeps.
+        self.idle.awake.fetch_add(1, SeqCst);
+        let spawned =
+            std::thread::Builder::new().name(name).spawn(move || worker(jobs, here, epoch, gauge, pace, idle));
         if let Err(e) = spawned {
+            self.idle.awake.fetch_sub(1, SeqCst);
             tracing::error!(library = %self.library, error = %e, "cannot start an HSM worker");
         }
     }
@@ -390,14 +556,33 @@ impl Executor {
     }
 }
 
-fn worker(jobs: Receiver<Job>, here: Here, epoch: Instant, gauge: Arc<crate::telemetry::QueueGauge>, pace: Arc<Pace>) {
+impl Drop for Executor {
+    /// Sleeping workers exit (the queue's sender is still alive until the fields drop).
+    fn drop(&mut self) {
+        self.idle.close();
+    }
+}
+
+fn worker(
+    jobs: Receiver<Job>,
+    here: Here,
+    epoch: Instant,
+    gauge: Arc<crate::telemetry::QueueGauge>,
+    pace: Arc<Pace>,
+    idle: Arc<Idle>,
+) {
     // The sessions this worker opened, by connection id, live in `HERE` so that handed-over
     // work's calls find them. A session of a library generation that was re-initialised away is
     // dropped without closing (its handle may now name someone else's session); see
     // `OwnedSession`.
     let slot = here.slot.clone();
     HERE.with(|h| *h.borrow_mut() = Some(here));
-    while let Ok(job) = jobs.recv() {
+    loop {
+        let job = match jobs.try_recv() {
+            Ok(job) => job,
+            Err(crossbeam_channel::TryRecvError::Empty) if idle.rest(&jobs) => continue,
+            Err(_) => break,
+        };
         gauge.set(jobs.len());
         with_sessions(|sessions| sessions.retain(|_, session| session.is_live()));
         let call = match job {
@@ -405,12 +590,17 @@ fn worker(jobs: Receiver<Job>, here: Here, epoch: Instant, gauge: Arc<crate::tel
             Job::Work { work, deadline } => {
                 // Past its deadline the caller has stopped waiting: dropping the work unrun
                 // tells it so (whatever it would answer through is dropped with it).
-                if Instant::now() < deadline && std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).is_err() {
-                    tracing::error!("work handed over to an HSM worker panicked");
+                if Instant::now() < deadline {
+                    idle.away(&jobs, pace.answering_fast(epoch.elapsed()));
+                    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).is_err() {
+                        tracing::error!("work handed over to an HSM worker panicked");
+                    }
+                    idle.back();
                 }
                 continue;
             }
         };
+        call.reply.taken.store(true, SeqCst);
         if Instant::now() >= call.deadline {
             let Call { conn, server, reply, .. } = call;
             drop(conn);
@@ -516,7 +706,7 @@ mod tests {
             wait()
         };
         let now = Instant::now();
-        let result = reply.wait(now + inline, now + timeout, &offload);
+        let result = reply.wait(now + inline, now + timeout, &offload, &|| {});
         if let Some(sender) = sender {
             sender.join().unwrap();
         }
@@ -539,6 +729,130 @@ mod tests {
         assert_eq!(slot.busy.load(Relaxed), 0, "the watchdog must not write the worker off");
         assert_eq!(executor.handed_calls.load(Relaxed), 0, "no call is left to report overdue");
         assert_eq!(executor.pace.pending.load(Relaxed), 0, "the call stops counting as pending");
+    }
+
+    /// Waits up to 10 s for `n` signals from jobs.
+    fn wait_for_jobs(finished: &crossbeam_channel::Receiver<()>, n: usize, what: &str) {
+        for i in 0..n {
+            if finished.recv_timeout(Duration::from_secs(10)).is_err() {
+                panic!("{what}: job {} of {n} never ran (a worker slept through it)", i + 1);
+            }
+        }
+    }
+
+    #[test]
+    fn a_job_wakes_a_sleeping_worker_only_when_those_awake_would_leave_it_waiting() {
+        let idle = |asleep: usize, awake: usize| {
+            let idle = Idle::default();
+            idle.sleepers.lock().asleep = asleep;
+            idle.awake.store(awake, SeqCst);
+            idle
+        };
+        let busy_one = idle(1, 1);
+        assert!(!busy_one.queued(1, true), "the busy worker takes the next job of a fast library");
+        assert!(busy_one.queued(2, true), "more jobs queued than workers awake");
+        assert_eq!(busy_one.awake.load(SeqCst), 2, "the woken worker counts as awake at once");
+        assert!(!busy_one.queued(3, true), "a sleeper already woken is not woken twice");
+        assert!(idle(1, 1).queued(1, false), "a slow or stalled library: every job wakes a worker");
+        assert!(idle(2, 0).queued(1, true), "nobody awake");
+        assert!(!idle(0, 0).queued(1, false), "nobody asleep to wake");
+    }
+
+    #[test]
+    fn a_worker_going_to_sleep_takes_a_job_queued_meanwhile() {
+        // The job was queued after the worker last found the queue empty, and its sender saw the
+        // worker still awake, so woke nobody: the worker must look again rather than sleep.
+        let idle = Arc::new(Idle::default());
+        idle.awake.store(1, SeqCst);
+        let (queue, jobs) = crossbeam_channel::bounded(1);
+        let work: Work = Box::new(|| {});
+        queue.send(Job::Work { work, deadline: Instant::now() }).unwrap();
+        let (slept, woke) = crossbeam_channel::bounded(1);
+        let sleeper = idle.clone();
+        std::thread::spawn(move || {
+            let _ = slept.send(sleeper.sleep(&jobs));
+        });
+        assert_eq!(woke.recv_timeout(Duration::from_secs(10)), Ok(true), "slept through a queued job");
+        assert_eq!(idle.awake.load(SeqCst), 1, "still awake");
+        assert_eq!(idle.sleepers.lock().asleep, 0);
+    }
+
+    #[test]
+    fn work_that_waits_on_something_else_does_not_hold_up_the_queue() {
+        // The first job waits (as a CA signature on another library's member would) until the
+        // second has run: the second must wake the sleeping worker, not wait for the busy one.
+        let executor = Executor::start("test-away", 2, 4, Arc::new(|_, _, _| {}));
+        let (second_ran, wait_for_second) = crossbeam_channel::bounded::<()>(1);
+        let (first_done, finished) = crossbeam_channel::bounded(1);
+        let first: Work = Box::new(move || {
+            let _ = first_done.send(wait_for_second.recv_timeout(Duration::from_secs(10)).is_ok());
+        });
+        let second: Work = Box::new(move || {
+            let _ = second_ran.send(());
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        assert!(executor.hand_over(first, deadline).is_ok());
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(executor.hand_over(second, deadline).is_ok());
+        assert_eq!(finished.recv_timeout(Duration::from_secs(20)), Ok(true), "the second job waited for the first");
+    }
+
+    #[test]
+    fn every_job_is_taken_however_the_workers_sleep() {
+        let executor = Executor::start("test-wake-ups", 2, 64, Arc::new(|_, _, _| {}));
+        let (done, finished) = crossbeam_channel::unbounded();
+        let submit = |executor: &Executor, done: &crossbeam_channel::Sender<()>| {
+            let done = done.clone();
+            let mut work: Work = Box::new(move || {
+                let _ = done.send(());
+            });
+            while let Err(back) = executor.hand_over(work, Instant::now() + Duration::from_secs(60)) {
+                work = back;
+                std::thread::yield_now();
+            }
+        };
+        // One job at a time, queued as the workers go to sleep or after they have: each must
+        // wake one.
+        for i in 0..20_000u32 {
+            let pause = Instant::now() + Duration::from_nanos(u64::from(i % 64) * 250);
+            while Instant::now() < pause {
+                std::hint::spin_loop();
+            }
+            submit(&executor, &done);
+            wait_for_jobs(&finished, 1, "a lone job");
+        }
+        // Bursts from four threads, with pauses that let the workers sleep in between; the last
+        // jobs have nobody queueing after them.
+        std::thread::scope(|scope| {
+            for t in 0..4 {
+                let (executor, done) = (&executor, &done);
+                scope.spawn(move || {
+                    for i in 0..2_000 {
+                        submit(executor, done);
+                        if (i + t) % 97 == 0 {
+                            std::thread::sleep(Duration::from_micros(300));
+                        }
+                    }
+                });
+            }
+        });
+        wait_for_jobs(&finished, 8_000, "bursts");
+    }
+
+    #[test]
+    fn sleeping_workers_exit_with_their_executor() {
+        let executor = Executor::start("test-exit", 2, 4, Arc::new(|_, _, _| {}));
+        let idle = executor.idle.clone();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while idle.sleepers.lock().asleep < 2 {
+            assert!(Instant::now() < deadline, "the idle workers never went to sleep");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        drop(executor);
+        while Arc::strong_count(&idle) > 1 {
+            assert!(Instant::now() < deadline, "workers outlived their executor");
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     #[test]

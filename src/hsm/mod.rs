@@ -455,8 +455,8 @@ impl Hsm {
         Ok(self.call_timeout)
     }
 
-    /// The up member with the fewest operations in flight, not in `exclude`; with HA off,
-    /// only the primary (the first configured server).
+    /// The up member with the fewest operations in flight, not in `exclude`, one on the library
+    /// whose worker this is first; with HA off, only the primary (the first configured server).
     fn pick(&self, exclude: &[usize]) -> Option<(usize, Arc<Connection>)> {
         for executor in self.executors.values() {
             executor.report_overdue();
@@ -468,7 +468,12 @@ impl Hsm {
                 MemberState::Up(conn) => Some((i, conn.clone())),
                 _ => None,
             })
-            .min_by_key(|(i, _)| self.members[*i].in_flight.load(Relaxed))
+            // Handed-over work signs with a member of the library whose worker runs it, right
+            // there: a call queued from there to another library's workers could wait on
+            // workers that are themselves waiting on this library's.
+            .min_by_key(|(i, conn)| {
+                (!self.executors[conn.module()].runs_this_thread(), self.members[*i].in_flight.load(Relaxed))
+            })
     }
 
     fn first_up(&self) -> Result<(String, Arc<Connection>), HsmError> {
