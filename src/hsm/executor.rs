@@ -4,10 +4,10 @@
 //!
 //! Each worker owns its sessions (cryptoki sessions are `Send` but not `Sync`), one per
 //! connection it has served. A queued job wakes a sleeping worker only when the workers awake
-//! would leave it waiting (`Idle`). A session that errored is closed, never reused. A caller whose job
-//! misses its deadline gets `Timeout` (and marks the member down); a worker stuck inside a call
-//! is replaced so the other members keep being served, and leaked (an FFI call cannot be
-//! cancelled).
+//! would leave it waiting (`Idle`). A session that errored is closed, never reused. A caller
+//! whose job misses its deadline gets `Timeout` (and marks the member down); a worker stuck
+//! inside a call is replaced so the other members keep being served, and leaked (an FFI call
+//! cannot be cancelled).
 //!
 //! Work can also be handed over whole (`hand_over`): a cache-miss mint runs on a worker, and its
 //! CA signature, a call on this executor from its own worker, is made right there in that
@@ -191,7 +191,9 @@ impl Pace {
 /// work may wait on another library's workers (a CA signature on another member), which may
 /// be waiting on this one's (handed-over work signs on its own library first, so that is only
 /// on a retry). A worker inside a library call that hangs is not either, which nobody can know
-/// yet: a caller whose job no worker has taken when its wait in place ends wakes one.
+/// yet: a caller whose job no worker has taken when its wait in place ends wakes one. A worker
+/// written off as stuck still counts as awake; its replacement takes the jobs, and while the
+/// library is stalled every job wakes a worker anyway.
 #[derive(Default)]
 struct Idle {
     /// Workers not asleep (running a job, or about to look at the queue): each looks at the
@@ -241,13 +243,12 @@ impl Idle {
             self.wake.wait(&mut sleepers);
         }
         sleepers.asleep -= 1;
-        match sleepers.woken {
-            0 => self.awake.fetch_add(1, SeqCst),
-            _ => {
-                sleepers.woken -= 1;
-                0
-            }
-        };
+        if sleepers.woken > 0 {
+            // Its waker already counted it awake.
+            sleepers.woken -= 1;
+        } else {
+            self.awake.fetch_add(1, SeqCst);
+        }
         !sleepers.closed
     }
 
