@@ -191,9 +191,10 @@ impl Pace {
 /// work may wait on another library's workers (a CA signature on another member), which may
 /// be waiting on this one's (handed-over work signs on its own library first, so that is only
 /// on a retry). A worker inside a library call that hangs is not either, which nobody can know
-/// yet: a caller whose job no worker has taken when its wait in place ends wakes one. A worker
-/// written off as stuck still counts as awake; its replacement takes the jobs, and while the
-/// library is stalled every job wakes a worker anyway.
+/// yet: a caller whose job no worker has taken when its wait in place ends wakes one, and the
+/// watchdog wakes one for any job left queued. A worker written off as stuck still counts as
+/// awake; its replacement takes the jobs, and while the library is stalled every job wakes a
+/// worker anyway.
 #[derive(Default)]
 struct Idle {
     /// Workers not asleep (running a job, or about to look at the queue): each looks at the
@@ -390,6 +391,7 @@ impl Executor {
             while let Some(executor) = watchdog.upgrade() {
                 executor.report_overdue();
                 executor.replace_stuck_workers();
+                executor.wake_for_stranded_jobs();
                 drop(executor);
                 std::thread::sleep(Duration::from_millis(250));
             }
@@ -486,6 +488,15 @@ impl Executor {
                 Err(work)
             }
             Err(_) => unreachable!("a work job was sent"),
+        }
+    }
+
+    /// The watchdog's safety net: jobs queued while a worker sleeps (left to a worker that
+    /// looked awake and is not coming back soon, such as one stuck in a hung call) wake it. At
+    /// most one wake-up per watchdog round.
+    fn wake_for_stranded_jobs(&self) {
+        if !self.queue.is_empty() {
+            self.idle.wake_one();
         }
     }
 
@@ -796,6 +807,25 @@ mod tests {
         std::thread::sleep(Duration::from_millis(50));
         assert!(executor.hand_over(second, deadline).is_ok());
         assert_eq!(finished.recv_timeout(Duration::from_secs(20)), Ok(true), "the second job waited for the first");
+    }
+
+    #[test]
+    fn the_watchdog_wakes_a_worker_for_a_job_left_behind_one_that_is_not_coming_back() {
+        let executor = Executor::start("test-stranded", 2, 4, Arc::new(|_, _, _| {}));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while executor.idle.sleepers.lock().asleep < 2 {
+            assert!(Instant::now() < deadline, "the idle workers never went to sleep");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // A worker that looks awake but is not coming back (stuck in a call the pace has not
+        // noticed yet): the job is left to it, and nobody is woken when it is queued.
+        executor.idle.awake.fetch_add(1, SeqCst);
+        let (done, finished) = crossbeam_channel::bounded(1);
+        let work: Work = Box::new(move || {
+            let _ = done.send(());
+        });
+        assert!(executor.hand_over(work, Instant::now() + Duration::from_secs(60)).is_ok());
+        wait_for_jobs(&finished, 1, "a job left behind a worker that looked awake");
     }
 
     #[test]
