@@ -599,6 +599,7 @@ def targets(rows, mint_micro):
     cpus = os.cpu_count() or 1
     rps = {(r["system"], r["workload"]): r["rps"] for r in rows}
     row = {(r["system"], r["workload"]): r for r in rows}
+    two_handshakes = new_host_cpu(row)
     out = []
 
     def add(target, measured, met, note=""):
@@ -621,8 +622,8 @@ def targets(rows, mint_micro):
         per_req = (r["loadgen_cpu_s_per_1k"] + 2 * r["origin_cpu_s_per_1k"]) / 1000
         why = "a proxy costing no more than the origin itself"
         alone = row.get(("nginx-origin", workload))
-        if workload == NEW_HOST and new_host_cpu(row):
-            per_req = new_host_cpu(row)
+        if workload == NEW_HOST and two_handshakes:
+            per_req = two_handshakes
             why = "a proxy making two full handshakes per new host, each costing what one client-nginx handshake costs both ends,"
         elif system == "tollgate-inbound" and alone:
             # Inbound terminates the client's TLS as the origin would: the reference is nginx
@@ -647,8 +648,8 @@ def targets(rows, mint_micro):
         add("mint (in process: leaf key + certificate + HSM signature) >= 0.8x raw SoftHSM sign",
             f"{mint_micro['ratio']:.2f}x", mint_micro["ratio"] >= 0.8)
     miss = row.get(("tollgate", NEW_HOST))
-    if miss and new_host_cpu(row) and miss.get("raw_sign_rate"):
-        ceiling = cpus / new_host_cpu(row)
+    if miss and two_handshakes and miss.get("raw_sign_rate"):
+        ceiling = cpus / two_handshakes
         want = 0.8 * miss["raw_sign_rate"]
         add("new-host mint end to end >= 0.8x raw SoftHSM sign", f"{miss['ratio_to_raw_sign']:.2f}x",
             miss["rps"] >= want,

@@ -743,6 +743,15 @@ mod tests {
         assert_eq!(executor.pace.pending.load(Relaxed), 0, "the call stops counting as pending");
     }
 
+    /// Waits up to 10 s for `n` workers to fall asleep.
+    fn wait_until_asleep(idle: &Idle, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while idle.sleepers.lock().asleep < n {
+            assert!(Instant::now() < deadline, "the idle workers never went to sleep");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Waits up to 10 s for `n` signals from jobs.
     fn wait_for_jobs(finished: &crossbeam_channel::Receiver<()>, n: usize, what: &str) {
         for i in 0..n {
@@ -812,11 +821,7 @@ mod tests {
     #[test]
     fn the_watchdog_wakes_a_worker_for_a_job_left_behind_one_that_is_not_coming_back() {
         let executor = Executor::start("test-stranded", 2, 4, Arc::new(|_, _, _| {}));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while executor.idle.sleepers.lock().asleep < 2 {
-            assert!(Instant::now() < deadline, "the idle workers never went to sleep");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_until_asleep(&executor.idle, 2);
         // A worker that looks awake but is not coming back (stuck in a call the pace has not
         // noticed yet): the job is left to it, and nobody is woken when it is queued.
         executor.idle.awake.fetch_add(1, SeqCst);
@@ -874,12 +879,9 @@ mod tests {
     fn sleeping_workers_exit_with_their_executor() {
         let executor = Executor::start("test-exit", 2, 4, Arc::new(|_, _, _| {}));
         let idle = executor.idle.clone();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while idle.sleepers.lock().asleep < 2 {
-            assert!(Instant::now() < deadline, "the idle workers never went to sleep");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_until_asleep(&idle, 2);
         drop(executor);
+        let deadline = Instant::now() + Duration::from_secs(10);
         while Arc::strong_count(&idle) > 1 {
             assert!(Instant::now() < deadline, "workers outlived their executor");
             std::thread::sleep(Duration::from_millis(5));
