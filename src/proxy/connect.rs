@@ -18,7 +18,8 @@ pub async fn serve(proxy: Arc<Proxy>, stream: super::Client, ctx: ConnCtx) {
     let server = proxy.http1_server();
     let draining = proxy.clone();
     let service = hyper::service::service_fn(move |req| handle(proxy.clone(), req, ctx));
-    super::serve_client!(draining, server.serve_connection(TokioIo::new(stream), service).with_upgrades(), ctx.client);
+    let conn = Box::pin(server.serve_connection(TokioIo::new(stream), service).with_upgrades());
+    super::serve_client!(draining, conn, ctx.client);
 }
 
 async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>, ctx: ConnCtx) -> Result<Response<Body>, Infallible> {

@@ -36,15 +36,16 @@ pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
 pub const ERROR_HEADER: &str = "tollgate-error";
 
 /// Relays HTTP between an intercepted client connection and its upstream; `first` is the
-/// upstream connection whose certificate the minted leaf mirrors.
-#[allow(clippy::too_many_arguments)]
-pub async fn relay<IO>(
+/// upstream connection whose certificate the minted leaf mirrors. The relay is returned, not yet
+/// started: what runs for the connection's life is the hyper connection in its own box and a
+/// few pointers.
+pub fn relay<IO>(
     proxy: Arc<Proxy>,
     client: tokio_rustls::server::TlsStream<IO>,
     upstream: Upstream,
     target: Target,
     ctx: ConnCtx,
-) -> Result<(), ProxyError>
+) -> super::Relaying
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -66,11 +67,18 @@ where
     let service = hyper::service::service_fn(move |req| relay.clone().handle(req));
     let io = TokioIo::new(client);
     if client_h2 {
-        super::serve_client!(proxy, proxy.http2_server().serve_connection(io, service), ctx.client);
+        let conn = Box::pin(proxy.http2_server().serve_connection(io, service));
+        Box::pin(async move {
+            super::serve_client!(proxy, conn, ctx.client);
+            Ok(())
+        })
     } else {
-        super::serve_client!(proxy, proxy.http1_server().serve_connection(io, service).with_upgrades(), ctx.client);
+        let conn = Box::pin(proxy.http1_server().serve_connection(io, service).with_upgrades());
+        Box::pin(async move {
+            super::serve_client!(proxy, conn, ctx.client);
+            Ok(())
+        })
     }
-    Ok(())
 }
 
 /// Where a client connection's requests go.

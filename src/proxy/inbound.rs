@@ -19,7 +19,7 @@ use tokio_rustls::StartHandshake;
 use super::http::Upstream;
 use super::tls::{H2, HTTP11, SuiteOrder, server_config};
 use super::upstream::{Route, Upstreams};
-use super::{ConnCtx, Proxy, ProxyError, Side, Target};
+use super::{ConnCtx, Proxy, ProxyError, Relaying, Side, Target};
 use crate::config::{Config, ConfigError, OriginConfig};
 use crate::keys::rustls::{InFlight, RustlsKey};
 use crate::pki::{CertStore, Keyring};
@@ -109,41 +109,16 @@ impl InboundSites {
     }
 }
 
-/// Serves one connection of an inbound listener.
-pub async fn serve<IO>(proxy: Arc<Proxy>, mut io: IO, ctx: ConnCtx)
+/// Serves one connection of an inbound listener. As in forward mode, the handshake runs in an
+/// allocation of its own, freed before the relay phase.
+pub async fn serve<IO>(proxy: Arc<Proxy>, io: IO, ctx: ConnCtx)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let result = async {
-        let secs = proxy.handshake_timeout.as_secs();
-        let (accepted, hello, _) =
-            tokio::time::timeout(proxy.handshake_timeout, super::tls::read_client_hello(&mut io))
-                .await
-                .map_err(|_| ProxyError::Timeout { phase: "ClientHello", secs, side: Side::Client })??;
-        let site = hello.sni.as_deref().and_then(|sni| proxy.inbound.get(sni)).cloned();
-        let Some(site) = site else {
-            let host = hello.sni.clone().unwrap_or_default();
-            let _ = StartHandshake::from_parts(accepted, io).into_stream(proxy.server_tls.refuse()).await;
-            return Err(ProxyError::NoSite(host));
-        };
-        let client = tokio::time::timeout(
-            proxy.handshake_timeout,
-            StartHandshake::from_parts(accepted, io).into_stream(site.server(hello.suite_order)),
-        )
-        .await
-        .map_err(|_| ProxyError::Timeout { phase: "client TLS handshake", secs, side: Side::Client })?
-        .map_err(ProxyError::ClientTls)?;
-        let target = Target { host: site.host.clone(), port: 443, addr: None };
-        let upstream = Upstream {
-            key: Upstreams::inbound_key(&site),
-            route: Route::Inbound(site),
-            first: None,
-            pin: None,
-            label: "inbound".into(),
-        };
-        super::http::relay(proxy.clone(), client, upstream, target, ctx).await
-    }
-    .await;
+    let result = match Box::pin(handshake_phase(&proxy, io, ctx)).await {
+        Ok(relay) => relay.await,
+        Err(e) => Err(e),
+    };
     if let Err(e) = result {
         let side = e.side();
         match side {
@@ -153,6 +128,39 @@ where
             _ => tracing::warn!(client = %ctx.client, mode = "inbound", side = ?side, error = %e, "connection failed"),
         }
     }
+}
+
+/// ClientHello, site, client handshake (the site's key signs); then the relay, not yet started.
+async fn handshake_phase<IO>(proxy: &Arc<Proxy>, mut io: IO, ctx: ConnCtx) -> Result<Relaying, ProxyError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let secs = proxy.handshake_timeout.as_secs();
+    let (accepted, hello, _) = tokio::time::timeout(proxy.handshake_timeout, super::tls::read_client_hello(&mut io))
+        .await
+        .map_err(|_| ProxyError::Timeout { phase: "ClientHello", secs, side: Side::Client })??;
+    let site = hello.sni.as_deref().and_then(|sni| proxy.inbound.get(sni)).cloned();
+    let Some(site) = site else {
+        let host = hello.sni.clone().unwrap_or_default();
+        let _ = StartHandshake::from_parts(accepted, io).into_stream(proxy.server_tls.refuse()).await;
+        return Err(ProxyError::NoSite(host));
+    };
+    let client = tokio::time::timeout(
+        proxy.handshake_timeout,
+        StartHandshake::from_parts(accepted, io).into_stream(site.server(hello.suite_order)),
+    )
+    .await
+    .map_err(|_| ProxyError::Timeout { phase: "client TLS handshake", secs, side: Side::Client })?
+    .map_err(ProxyError::ClientTls)?;
+    let target = Target { host: site.host.clone(), port: 443, addr: None };
+    let upstream = Upstream {
+        key: Upstreams::inbound_key(&site),
+        route: Route::Inbound(site),
+        first: None,
+        pin: None,
+        label: "inbound".into(),
+    };
+    Ok(super::http::relay(proxy.clone(), client, upstream, target, ctx))
 }
 
 /// The chain and its signing key (on the HSM, or a software key from the vault), checked

@@ -10,7 +10,7 @@ use tokio_rustls::StartHandshake;
 
 use super::tls::{ClientHelloInfo, Verdict};
 use super::upstream::{Peer, Route, Upstreams};
-use super::{ConnCtx, Proxy, ProxyError, Side, Target};
+use super::{ConnCtx, Proxy, ProxyError, Relaying, Side, Target};
 use crate::config::{ListenerMode, UntrustedAction};
 use crate::pki::cache::LeafKey;
 use crate::pki::mint::{MintError, Minted};
@@ -19,11 +19,19 @@ use crate::telemetry::METRICS;
 
 /// Serves one client TLS connection; `hint` is the destination when the listener knows it
 /// (CONNECT authority, original destination).
+///
+/// The handshake phase (ClientHello, upstream, mint, client handshake) runs in an allocation of
+/// its own, freed before the relay phase: a connection that then idles for hours holds only
+/// what relaying needs, not the handshake's buffers and state as well.
 pub async fn serve<IO>(proxy: Arc<Proxy>, io: IO, hint: Option<Target>, ctx: ConnCtx)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    if let Err(e) = serve_inner(&proxy, io, hint, ctx).await {
+    let result = match Box::pin(handshake_phase(&proxy, io, hint, ctx)).await {
+        Ok(relay) => relay.await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = result {
         let side = e.side();
         match side {
             Side::Client => {
@@ -36,7 +44,12 @@ where
     }
 }
 
-async fn serve_inner<IO>(proxy: &Arc<Proxy>, mut io: IO, hint: Option<Target>, ctx: ConnCtx) -> Result<(), ProxyError>
+async fn handshake_phase<IO>(
+    proxy: &Arc<Proxy>,
+    mut io: IO,
+    hint: Option<Target>,
+    ctx: ConnCtx,
+) -> Result<Relaying, ProxyError>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -53,14 +66,11 @@ where
         action => action,
     };
     match action {
-        TlsAction::Tunnel => super::tunnel::run(proxy.clone(), io, raw, target, ctx).await,
+        TlsAction::Tunnel => Ok(Box::pin(super::tunnel::run(proxy.clone(), io, raw, target, ctx))),
         TlsAction::Intercept => intercept(proxy, io, accepted, hello, target, ctx).await,
     }
 }
 
-/// The destination: the listener's hint and the SNI must name the same host. In transparent
-/// mode the hint is the original destination address: the SNI names the host (validated and
-/// minted for) while the connection still goes to the address the client chose.
 fn bind_target(hint: Option<Target>, hello: &ClientHelloInfo, ctx: ConnCtx) -> Result<Target, ProxyError> {
     if ctx.mode == ListenerMode::Transparent
         && let (Some(dst), Some(sni)) = (&hint, &hello.sni)
@@ -84,7 +94,7 @@ async fn intercept<IO>(
     hello: ClientHelloInfo,
     target: Target,
     ctx: ConnCtx,
-) -> Result<(), ProxyError>
+) -> Result<Relaying, ProxyError>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -134,7 +144,7 @@ where
     };
     let pin = Some(lease.peer.fingerprint);
     let upstream = super::http::Upstream { route, key, first: Some(lease), pin, label: verdict.as_str().to_string() };
-    super::http::relay(proxy.clone(), client, upstream, target, ctx).await
+    Ok(super::http::relay(proxy.clone(), client, upstream, target, ctx))
 }
 
 async fn mint(proxy: &Proxy, target: &Target, peer: &Peer, trusted: bool) -> Result<Arc<Minted>, ProxyError> {

@@ -404,11 +404,13 @@ pub async fn serve_listener(
             let _guard = ConnectionGuard::new();
             let _permit = permit;
             let ctx = ConnCtx { client: peer, mode: config.mode, upstream_port: config.upstream_port };
+            // Each mode's future in an allocation of its own size: a task sized for the
+            // largest mode would cost every connection of the others that much memory.
             match config.mode {
-                ListenerMode::Explicit => connect::serve(proxy, stream, ctx).await,
-                ListenerMode::Sni => intercept::serve(proxy, stream, None, ctx).await,
-                ListenerMode::Inbound => inbound::serve(proxy, stream, ctx).await,
-                ListenerMode::Transparent => transparent::serve(proxy, stream, ctx, config.tproxy).await,
+                ListenerMode::Explicit => Box::pin(connect::serve(proxy, stream, ctx)).await,
+                ListenerMode::Sni => Box::pin(intercept::serve(proxy, stream, None, ctx)).await,
+                ListenerMode::Inbound => Box::pin(inbound::serve(proxy, stream, ctx)).await,
+                ListenerMode::Transparent => Box::pin(transparent::serve(proxy, stream, ctx, config.tproxy)).await,
             }
         });
     }
@@ -417,11 +419,11 @@ pub async fn serve_listener(
 /// Drives a client-facing hyper connection to its end: on shutdown it finishes its in-flight
 /// requests and stops; a cut by a stall deadline (`idle`) is logged at info, other ends at
 /// debug. A macro because hyper's HTTP/1.1-with-upgrades and HTTP/2 connections share no trait
-/// for graceful shutdown.
+/// for graceful shutdown. The connection comes boxed, in an allocation sized to its own
+/// protocol: the future driving it stays small for the connection's whole life.
 macro_rules! serve_client {
     ($proxy:expr, $conn:expr, $client:expr) => {{
-        let conn = $conn;
-        tokio::pin!(conn);
+        let mut conn: std::pin::Pin<Box<_>> = $conn;
         let result = tokio::select! {
             result = &mut conn => result,
             () = $proxy.shutting_down() => {
@@ -461,6 +463,10 @@ fn timed_out<'e>(e: &'e (dyn std::error::Error + 'static)) -> Option<&'e std::io
 /// A client connection: its writes fail when the client accepts nothing for
 /// `client_send_timeout_secs` (slow readers cannot pin a response for ever).
 pub type Client = idle::Deadlines<TcpStream>;
+
+/// A connection's relay (HTTP, or a passthrough tunnel), made by its handshake phase and run
+/// after that phase's own future is gone.
+pub type Relaying = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), ProxyError>> + Send>>;
 
 /// Per-connection facts for logs and decisions.
 #[derive(Clone, Copy, Debug)]
@@ -502,6 +508,32 @@ mod tests {
             ["1[:1]:C", "a[b]:1", "host:0", "host:99999", "host:x", "user@host:443", "[::1", "[not-v6]:1", "a b:1"]
         {
             assert_eq!(Target::parse(bad, 443), None, "{bad}");
+        }
+    }
+
+    /// The size of the future an async fn of three arguments returns, without calling it.
+    fn future3<A, B, C, F: std::future::Future>(_: fn(A, B, C) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// The same, for four arguments.
+    fn future4<A, B, C, D, F: std::future::Future>(_: fn(A, B, C, D) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    #[test]
+    fn a_connection_keeps_no_handshake_state_while_it_relays() {
+        // The handshake phase (ClientHello buffer, rustls acceptor, upstream dial, client
+        // handshake) and the relay each run in an allocation of their own. What a connection
+        // holds for its whole life is its hyper connection and a few pointers. When the phases
+        // were one future it was 15.6 KiB (sni) or 8.7 KiB (inbound) before any buffer: 50 KiB
+        // of RSS per idle intercepted h2 connection in all, against 33 KiB with the split.
+        type Io = Client;
+        let sni = future4(intercept::serve::<Io>);
+        let inbound = future3(inbound::serve::<Io>);
+        let transparent = future4(transparent::serve);
+        for (mode, size) in [("sni", sni), ("inbound", inbound), ("transparent", transparent)] {
+            assert!(size <= 1024, "{mode}: a connection's outer future is {size} bytes");
         }
     }
 }
