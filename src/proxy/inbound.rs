@@ -109,25 +109,12 @@ impl InboundSites {
     }
 }
 
-/// Serves one connection of an inbound listener. As in forward mode, the handshake runs in an
-/// allocation of its own, freed before the relay phase.
+/// Serves one connection of an inbound listener.
 pub async fn serve<IO>(proxy: Arc<Proxy>, io: IO, ctx: ConnCtx)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let result = match Box::pin(handshake_phase(&proxy, io, ctx)).await {
-        Ok(relay) => relay.await,
-        Err(e) => Err(e),
-    };
-    if let Err(e) = result {
-        let side = e.side();
-        match side {
-            Side::Client => {
-                tracing::info!(client = %ctx.client, mode = "inbound", side = ?side, error = %e, "connection refused")
-            }
-            _ => tracing::warn!(client = %ctx.client, mode = "inbound", side = ?side, error = %e, "connection failed"),
-        }
-    }
+    super::serve_phases(Box::pin(handshake_phase(&proxy, io, ctx)), ctx).await;
 }
 
 /// ClientHello, site, client handshake (the site's key signs); then the relay, not yet started.
@@ -135,10 +122,7 @@ async fn handshake_phase<IO>(proxy: &Arc<Proxy>, mut io: IO, ctx: ConnCtx) -> Re
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let secs = proxy.handshake_timeout.as_secs();
-    let (accepted, hello, _) = tokio::time::timeout(proxy.handshake_timeout, super::tls::read_client_hello(&mut io))
-        .await
-        .map_err(|_| ProxyError::Timeout { phase: "ClientHello", secs, side: Side::Client })??;
+    let (accepted, hello, _) = super::client_hello(proxy, &mut io).await?;
     let site = hello.sni.as_deref().and_then(|sni| proxy.inbound.get(sni)).cloned();
     let Some(site) = site else {
         let host = hello.sni.clone().unwrap_or_default();
@@ -150,7 +134,11 @@ where
         StartHandshake::from_parts(accepted, io).into_stream(site.server(hello.suite_order)),
     )
     .await
-    .map_err(|_| ProxyError::Timeout { phase: "client TLS handshake", secs, side: Side::Client })?
+    .map_err(|_| ProxyError::Timeout {
+        phase: "client TLS handshake",
+        secs: proxy.handshake_timeout.as_secs(),
+        side: Side::Client,
+    })?
     .map_err(ProxyError::ClientTls)?;
     let target = Target { host: site.host.clone(), port: 443, addr: None };
     let upstream = Upstream {

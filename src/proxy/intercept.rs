@@ -20,28 +20,12 @@ use crate::telemetry::METRICS;
 /// Serves one client TLS connection; `hint` is the destination when the listener knows it
 /// (CONNECT authority, original destination).
 ///
-/// The handshake phase (ClientHello, upstream, mint, client handshake) runs in an allocation of
-/// its own, freed before the relay phase: a connection that then idles for hours holds only
-/// what relaying needs, not the handshake's buffers and state as well.
+/// The handshake phase: ClientHello, upstream, mint, client handshake.
 pub async fn serve<IO>(proxy: Arc<Proxy>, io: IO, hint: Option<Target>, ctx: ConnCtx)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let result = match Box::pin(handshake_phase(&proxy, io, hint, ctx)).await {
-        Ok(relay) => relay.await,
-        Err(e) => Err(e),
-    };
-    if let Err(e) = result {
-        let side = e.side();
-        match side {
-            Side::Client => {
-                tracing::info!(client = %ctx.client, mode = ctx.mode.as_str(), side = ?side, error = %e, "connection refused")
-            }
-            _ => {
-                tracing::warn!(client = %ctx.client, mode = ctx.mode.as_str(), side = ?side, error = %e, "connection failed")
-            }
-        }
-    }
+    super::serve_phases(Box::pin(handshake_phase(&proxy, io, hint, ctx)), ctx).await;
 }
 
 async fn handshake_phase<IO>(
@@ -53,10 +37,7 @@ async fn handshake_phase<IO>(
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let secs = proxy.handshake_timeout.as_secs();
-    let (accepted, hello, raw) = tokio::time::timeout(proxy.handshake_timeout, super::tls::read_client_hello(&mut io))
-        .await
-        .map_err(|_| ProxyError::Timeout { phase: "ClientHello", secs, side: Side::Client })??;
+    let (accepted, hello, raw) = super::client_hello(proxy, &mut io).await?;
     let target = match bind_target(hint, &hello, ctx) {
         Ok(target) => target,
         Err(e) => return Err(refuse(proxy, accepted, io, e).await),

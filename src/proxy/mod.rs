@@ -468,6 +468,41 @@ pub type Client = idle::Deadlines<TcpStream>;
 /// after that phase's own future is gone.
 pub type Relaying = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), ProxyError>> + Send>>;
 
+/// Runs a TLS connection's two phases: `handshake`, boxed by the caller so that it is freed
+/// before the relay it returns runs (a connection idling for hours then holds only what
+/// relaying needs; passed unboxed, the phase would live on in this future), then that relay.
+/// How the connection ended is logged: a client's fault at info, ours or the upstream's at warn.
+pub async fn serve_phases<F>(handshake: std::pin::Pin<Box<F>>, ctx: ConnCtx)
+where
+    F: std::future::Future<Output = Result<Relaying, ProxyError>>,
+{
+    let result = match handshake.await {
+        Ok(relay) => relay.await,
+        Err(e) => Err(e),
+    };
+    let Err(e) = result else { return };
+    let (mode, side) = (ctx.mode.as_str(), e.side());
+    match side {
+        Side::Client => tracing::info!(client = %ctx.client, mode, side = ?side, error = %e, "connection refused"),
+        _ => tracing::warn!(client = %ctx.client, mode, side = ?side, error = %e, "connection failed"),
+    }
+}
+
+/// Reads the ClientHello, within the handshake timeout.
+async fn client_hello<IO>(
+    proxy: &Proxy,
+    io: &mut IO,
+) -> Result<(rustls::server::Accepted, tls::ClientHelloInfo, Vec<u8>), ProxyError>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let secs = proxy.handshake_timeout.as_secs();
+    tokio::time::timeout(proxy.handshake_timeout, tls::read_client_hello(io))
+        .await
+        .map_err(|_| ProxyError::Timeout { phase: "ClientHello", secs, side: Side::Client })?
+        .map_err(ProxyError::from)
+}
+
 /// Per-connection facts for logs and decisions.
 #[derive(Clone, Copy, Debug)]
 pub struct ConnCtx {
