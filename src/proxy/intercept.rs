@@ -19,8 +19,6 @@ use crate::telemetry::METRICS;
 
 /// Serves one client TLS connection; `hint` is the destination when the listener knows it
 /// (CONNECT authority, original destination).
-///
-/// The handshake phase: ClientHello, upstream, mint, client handshake.
 pub async fn serve<IO>(proxy: Arc<Proxy>, io: IO, hint: Option<Target>, ctx: ConnCtx)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -28,6 +26,8 @@ where
     super::serve_phases(Box::pin(handshake_phase(&proxy, io, hint, ctx)), ctx).await;
 }
 
+/// The handshake phase: ClientHello, policy, then a tunnel, or upstream, mint and client
+/// handshake; it returns the relay, not yet started.
 async fn handshake_phase<IO>(
     proxy: &Arc<Proxy>,
     mut io: IO,
@@ -52,6 +52,9 @@ where
     }
 }
 
+/// The destination: the listener's hint and the SNI must name the same host. In transparent
+/// mode the hint is the original destination address: the SNI names the host (validated and
+/// minted for) while the connection still goes to the address the client chose.
 fn bind_target(hint: Option<Target>, hello: &ClientHelloInfo, ctx: ConnCtx) -> Result<Target, ProxyError> {
     if ctx.mode == ListenerMode::Transparent
         && let (Some(dst), Some(sni)) = (&hint, &hello.sni)
