@@ -420,7 +420,7 @@ fn sign(
         .into_iter()
         .find(|s| pkcs11.get_token_info(*s).is_ok_and(|i| i.label().trim_end() == token))
         .expect("token");
-    let pin = tollgate::config::SecretSource::File(pin_file).load("bench token PIN").expect("PIN");
+    let pin = tollgate::vault::load(&tollgate::config::SecretSource::File(pin_file), "bench token PIN").expect("PIN");
     let login = pkcs11.open_rw_session(slot).expect("session");
     login.login(UserType::User, Some(&pin)).expect("login");
     let key = login

@@ -54,7 +54,7 @@ fn hsm_bench() -> Option<HsmBench> {
     let keys = tollgate::pki::Keyring::new(&state, Some(&hsm));
     let ca = Arc::new(store.ca(tollgate::pki::CaRole::ForwardTrust, &keys).unwrap().expect("forward-trust CA"));
     let server = &config.hsm.servers[0];
-    let pin = server.pin.as_ref().expect("pin source").load("bench").expect("pin");
+    let pin = tollgate::vault::load(&server.pin(), "bench").expect("pin");
     Some(HsmBench { hsm, ca, module: server.module.clone(), token: server.token.clone(), pin })
 }
 
@@ -162,7 +162,12 @@ fn client_hello(c: &mut Criterion) {
             runtime.block_on(async {
                 let (mut client, mut server) = tokio::io::duplex(8192);
                 tokio::io::AsyncWriteExt::write_all(&mut client, &hello).await.unwrap();
-                black_box(tollgate::proxy::tls::read_client_hello(&mut server).await.unwrap().1)
+                black_box(
+                    tollgate::proxy::tls::read_client_hello(&mut server, std::time::Duration::from_secs(10))
+                        .await
+                        .unwrap()
+                        .1,
+                )
             })
         })
     });

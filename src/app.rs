@@ -74,8 +74,15 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     })?;
     let management_addr = management.local_addr().unwrap_or(config.management.listen);
     let bypass = Arc::new(crate::proxy::bypass::Bypass::new(Duration::from_secs(config.policy.learn_bypass_secs)));
-    if let Some(source) = &config.management.token {
-        source.load("management API token")?; // a configured token that cannot be read is bad input
+    if let Some(source) = &config.management_token() {
+        // A configured token that cannot be read is bad input.
+        crate::vault::load(source, "management API token").map_err(|e| {
+            AppError::Config(ConfigError::Invalid {
+                path: config.path.clone(),
+                field: "management.token_file".into(),
+                reason: e.to_string(),
+            })
+        })?;
     }
     tracing::info!(mode = "management", addr = %management_addr, "listening");
     let api_state = Arc::new(ApiState {

@@ -891,7 +891,7 @@ fn read_pin(file: Option<PathBuf>, var: Option<String>) -> Result<secrecy::Secre
             return Ok(secrecy::SecretString::from(pin.to_string()));
         }
     };
-    source.load("partition password").map_err(|e| e.to_string())
+    crate::vault::load(&source, "partition password").map_err(|e| e.to_string())
 }
 
 /// Hex to bytes. Errors never repeat the input: it may be a master key.
@@ -900,7 +900,7 @@ fn parse_hex(text: &str) -> Result<Vec<u8>, String> {
     if text.is_empty() {
         return Err("expected hex digits, got none".into());
     }
-    crate::vault::master::unhex(text)
+    crate::hex::decode(text)
 }
 
 fn role_name(role: CaRole) -> &'static str {

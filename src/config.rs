@@ -1,16 +1,20 @@
-//! The operator's TOML configuration, parsed once into typed values.
+//! The operator's TOML configuration, deserialized straight into typed values.
 //!
 //! tollgate only reads this file; everything tollgate writes lives in the state directory
-//! (`state.rs`). Unknown keys are errors, every error names the file, the field and the reason,
-//! and relative paths are resolved against the directory holding the config file.
+//! (`state.rs`). Each section is one struct whose defaults stand in its `Default` impl right
+//! below it; values that must have a shape (addresses, networks, host globs, methods, names)
+//! are parsed into it where they are read, so a glob is compiled and a network parsed once.
+//! Unknown keys are errors, every error names the file, the field and the reason, and relative
+//! paths are resolved against the directory holding the config file.
+//!
+//! This module describes where secrets live (`SecretSource`); it opens none of them (`vault`
+//! does).
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use secrecy::SecretString;
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 
 /// The default PKCS#11 library: SoftHSM2 as packaged by Debian.
 pub const DEFAULT_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
@@ -28,55 +32,54 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("config file {path}: field `{field}`: {reason}")]
     Invalid { path: PathBuf, field: String, reason: String },
-    #[error("secret for {what}: {reason}")]
-    Secret { what: String, reason: String },
 }
 
 /// The whole configuration.
-#[derive(Debug)]
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Where the config was read from (for error messages and relative paths).
+    /// Where the config was read from (for error messages and relative paths); not a key.
+    #[serde(skip)]
     pub path: PathBuf,
     /// Program-owned state: certificate store, sealed secrets.
     pub state_dir: PathBuf,
+    /// `[hsm]` and its `[[hsm.server]]`s.
+    #[serde(default)]
     pub hsm: HsmConfig,
+    /// `[[listener]]`s.
+    #[serde(default, rename = "listener")]
     pub listeners: Vec<ListenerConfig>,
+    /// `[upstream]`.
+    #[serde(default)]
     pub upstream: UpstreamConfig,
-    /// Static `host:port → address` overrides, like curl's `--resolve`. A host `*.example`
-    /// matches one label in front of `example` (load tests with a distinct name per connection).
-    pub resolve: BTreeMap<(String, u16), SocketAddr>,
+    /// `[resolve]`: static `host:port → address` overrides, like curl's `--resolve`.
+    #[serde(default)]
+    pub resolve: Resolve,
+    /// `[policy]`.
+    #[serde(default)]
     pub policy: PolicyConfig,
+    /// `[management]`.
+    #[serde(default)]
     pub management: ManagementConfig,
+    /// `[limits]`.
+    #[serde(default)]
     pub limits: LimitsConfig,
+    /// `[mint]`.
+    #[serde(default)]
     pub mint: MintConfig,
     /// `[[inbound]]`: our own servers, terminated by inbound listeners.
+    #[serde(default)]
     pub inbound: Vec<InboundConfig>,
 }
 
-/// One protected server.
-#[derive(Clone, Debug)]
-pub struct InboundConfig {
-    /// The SNI served (lower-case); its certificate comes from the store (`--inbound HOST`).
-    pub host: String,
-    /// The origin behind it.
-    pub origin: OriginConfig,
-}
-
-/// Where an inbound host's traffic goes.
-#[derive(Clone, Debug)]
-pub struct OriginConfig {
-    /// `https` (validated) or `http`.
-    pub tls: bool,
-    pub host: String,
-    pub port: u16,
-    /// Trust only this PEM bundle for the origin (a pinned CA) instead of the system roots.
-    pub ca_bundle: Option<PathBuf>,
-}
-
 /// `[hsm]`: the HSM servers (two or more form the HA group) and how they are driven.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct HsmConfig {
+    /// `[[hsm.server]]`s.
+    #[serde(rename = "server")]
     pub servers: Vec<HsmServerConfig>,
+    /// `[hsm.ha]`.
     pub ha: HaConfig,
     /// Worker threads per PKCS#11 library.
     pub workers: usize,
@@ -86,8 +89,15 @@ pub struct HsmConfig {
     pub call_timeout_ms: u64,
 }
 
+impl Default for HsmConfig {
+    fn default() -> Self {
+        Self { servers: Vec::new(), ha: HaConfig::default(), workers: 2, queue_depth: 1024, call_timeout_ms: 2000 }
+    }
+}
+
 /// `[hsm.ha]`.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct HaConfig {
     /// HA is on with two or more servers unless this is false.
     pub enabled: Option<bool>,
@@ -99,53 +109,94 @@ pub struct HaConfig {
     pub auto_recovery_interval_secs: u64,
 }
 
-/// One `[[hsm.server]]`.
-#[derive(Clone, Debug)]
-pub struct HsmServerConfig {
-    /// ASCII, 1–31 characters.
-    pub name: String,
-    /// The PKCS#11 library to load.
-    pub module: PathBuf,
-    /// Token (partition) label.
-    pub token: String,
-    /// Where the partition password (user PIN) comes from.
-    pub pin: Option<SecretSource>,
-    /// Informational network address of the HSM.
-    pub address: Option<String>,
+impl Default for HaConfig {
+    fn default() -> Self {
+        Self { enabled: None, group: "default".into(), auto_recovery_retry: 0, auto_recovery_interval_secs: 60 }
+    }
 }
 
-/// Where a secret comes from. `Debug` never shows the secret, only where it lives.
-#[derive(Clone, PartialEq, Eq)]
+/// One `[[hsm.server]]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HsmServerConfig {
+    /// ASCII, 1–31 printable characters.
+    #[serde(deserialize_with = "server_name")]
+    pub name: String,
+    /// The PKCS#11 library to load.
+    #[serde(default = "default_module")]
+    pub module: PathBuf,
+    /// Token (partition) label, 1–32 characters.
+    #[serde(deserialize_with = "token_label")]
+    pub token: String,
+    /// The partition password (user PIN) is in this file.
+    pub pin_file: Option<PathBuf>,
+    /// ... or in this environment variable. With neither, it is the one `tollgate hsm login`
+    /// sealed in the state directory.
+    pub pin_env: Option<String>,
+    /// Informational network address of the HSM.
+    pub address: Option<String>,
+    /// The state directory, where a sealed partition password lives (set from `state_dir`).
+    #[serde(skip)]
+    state_dir: PathBuf,
+}
+
+fn default_module() -> PathBuf {
+    PathBuf::from(DEFAULT_MODULE)
+}
+
+impl HsmServerConfig {
+    /// Where the partition password (user PIN) comes from.
+    pub fn pin(&self) -> SecretSource {
+        match (&self.pin_file, &self.pin_env) {
+            (Some(file), _) => SecretSource::File(file.clone()),
+            (None, Some(var)) => SecretSource::Env(var.clone()),
+            (None, None) => SecretSource::SealedPin { state_dir: self.state_dir.clone(), server: self.name.clone() },
+        }
+    }
+}
+
+/// Where a secret comes from: a description only; `vault` opens it. `Debug` shows where it
+/// lives, never the secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SecretSource {
     File(PathBuf),
     Env(String),
-    /// Sealed in the state directory by `tollgate hsm login`, under the device key.
-    Sealed {
-        file: PathBuf,
-        device_key: PathBuf,
-        purpose: String,
+    /// An HSM server's partition password, sealed in the state directory by
+    /// `tollgate hsm login` under the device key.
+    SealedPin {
+        state_dir: PathBuf,
+        server: String,
     },
 }
 
-/// Where `tollgate hsm login` seals a server's partition password.
-pub fn sealed_pin(state_dir: &Path, server: &str) -> SecretSource {
-    SecretSource::Sealed {
-        file: state_dir.join("hsm").join(format!("{server}.pin.sealed")),
-        device_key: state_dir.join("device.key"),
-        purpose: format!("tollgate hsm partition password:{server}"),
+impl std::fmt::Display for SecretSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::File(path) => write!(f, "file {}", path.display()),
+            Self::Env(var) => write!(f, "environment variable {var}"),
+            Self::SealedPin { server, .. } => write!(f, "the partition password sealed for {server}"),
+        }
     }
 }
 
 /// A `[[listener]]`.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     pub mode: ListenerMode,
+    /// `IP:PORT` to listen on.
     pub listen: SocketAddr,
-    /// `sni` mode: the upstream port (default 443).
+    /// `sni` mode: the upstream port.
+    #[serde(default = "https_port")]
     pub upstream_port: u16,
     /// `transparent` mode: TPROXY (IP_TRANSPARENT; the original destination is the socket's
     /// local address) instead of REDIRECT (SO_ORIGINAL_DST).
+    #[serde(default)]
     pub tproxy: bool,
+}
+
+fn https_port() -> u16 {
+    443
 }
 
 /// What a listener takes its destination from.
@@ -162,13 +213,37 @@ pub enum ListenerMode {
     Inbound,
 }
 
+impl ListenerMode {
+    /// The name used in the configuration and in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Explicit => "explicit",
+            Self::Sni => "sni",
+            Self::Transparent => "transparent",
+            Self::Inbound => "inbound",
+        }
+    }
+
+    /// Whether the listener intercepts outbound traffic (and so needs the forward-trust CA).
+    pub fn is_forward(self) -> bool {
+        self != Self::Inbound
+    }
+}
+
 /// `[upstream]`.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// PEM bundles trusted in addition to the system and webpki roots.
     pub ca_bundles: Vec<PathBuf>,
     /// What to do when an upstream certificate fails validation.
     pub untrusted: UntrustedAction,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self { ca_bundles: Vec::new(), untrusted: UntrustedAction::ForwardUntrust }
+    }
 }
 
 /// The policy for upstreams whose certificate fails validation.
@@ -181,37 +256,99 @@ pub enum UntrustedAction {
     Block,
 }
 
+/// `[resolve]`: `"host:port" = "ip:port"`. A host `*.example` matches one label in front of
+/// `example` (load tests with a distinct name per connection).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(try_from = "BTreeMap<String, String>")]
+pub struct Resolve(BTreeMap<(String, u16), SocketAddr>);
+
+impl Resolve {
+    /// The override for `host:port` (`host` lower-case): exact host first, then `*.parent`.
+    pub fn get(&self, host: &str, port: u16) -> Option<SocketAddr> {
+        if let Some(addr) = self.0.get(&(host.to_string(), port)) {
+            return Some(*addr);
+        }
+        let (_, parent) = host.split_once('.')?;
+        self.0.get(&(format!("*.{parent}"), port)).copied()
+    }
+
+    /// Whether there is an entry for exactly `host:port` (a wildcard is written `*.parent`).
+    pub fn contains(&self, host: &str, port: u16) -> bool {
+        self.0.contains_key(&(host.to_string(), port))
+    }
+}
+
+impl TryFrom<BTreeMap<String, String>> for Resolve {
+    type Error = String;
+
+    fn try_from(raw: BTreeMap<String, String>) -> Result<Self, String> {
+        let mut map = BTreeMap::new();
+        for (key, value) in raw {
+            let (host, port) = key
+                .rsplit_once(':')
+                .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+                .filter(|(h, _)| !h.is_empty())
+                .ok_or_else(|| format!("key {key:?} must be HOST:PORT"))?;
+            if host.contains('*') && !(host.starts_with("*.") && !host[2..].contains('*') && host.len() > 2) {
+                return Err(format!("key {key:?}: a wildcard host must look like *.example.com"));
+            }
+            let addr = value.parse().map_err(|e| format!("{key:?} = {value:?}: not IP:PORT: {e}"))?;
+            map.insert((host.to_ascii_lowercase(), port), addr);
+        }
+        Ok(Self(map))
+    }
+}
+
 /// `[policy]`.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct PolicyConfig {
     /// Host globs whose TLS is passed through untouched.
-    pub no_decrypt: Vec<String>,
-    /// HTTP inspection rules, first match wins; no match allows.
+    pub no_decrypt: HostGlobs,
+    /// `[[policy.rule]]`: HTTP inspection rules, first match wins; no match allows.
+    #[serde(rename = "rule")]
     pub rules: Vec<RuleConfig>,
     /// How long a host whose clients reject our certificate (pinning) is passed through;
     /// 0 disables learning.
     pub learn_bypass_secs: u64,
-    /// Networks clients may not reach through the proxy (checked after DNS resolution, so a
+    /// Networks clients may not reach through the proxy (checked on every address tried, so a
     /// name resolving to loopback is refused too). `[resolve]` overrides and `[[inbound]]`
     /// origins are the operator's own choice and exempt.
+    #[serde(deserialize_with = "networks")]
     pub deny_destinations: Vec<ipnet::IpNet>,
 }
 
-/// Destinations refused by default: the proxy host itself (loopback, unspecified) and
-/// link-local networks (cloud metadata services at 169.254.169.254).
-pub const DEFAULT_DENY_DESTINATIONS: [&str; 6] =
-    ["127.0.0.0/8", "::1/128", "0.0.0.0/8", "::/128", "169.254.0.0/16", "fe80::/10"];
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            no_decrypt: HostGlobs::default(),
+            rules: Vec::new(),
+            learn_bypass_secs: 12 * 3600,
+            // The proxy host itself (loopback, unspecified) and link-local networks (cloud
+            // metadata services at 169.254.169.254).
+            deny_destinations: ["127.0.0.0/8", "::1/128", "0.0.0.0/8", "::/128", "169.254.0.0/16", "fe80::/10"]
+                .iter()
+                .map(|n| n.parse().expect("the default networks are valid CIDRs"))
+                .collect(),
+        }
+    }
+}
 
 /// One `[[policy.rule]]`.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RuleConfig {
+    /// Named in block pages and logs (default: `rule N`).
+    #[serde(default)]
     pub name: String,
     /// Host glob (any when absent).
-    pub host: Option<String>,
-    /// Path prefix (any when absent).
+    pub host: Option<HostGlob>,
+    /// Path prefix, starting with `/` (any when absent).
+    #[serde(default, deserialize_with = "path_prefix")]
     pub path_prefix: Option<String>,
-    /// Upper-case methods (any when empty).
-    pub methods: Vec<String>,
+    /// Methods (any when empty).
+    #[serde(default, deserialize_with = "methods")]
+    pub methods: Vec<http::Method>,
     pub action: RuleAction,
 }
 
@@ -223,19 +360,101 @@ pub enum RuleAction {
     Block,
 }
 
-/// `[management]`.
+/// A host glob, case-insensitive, compiled where it is read.
 #[derive(Clone, Debug)]
+pub struct HostGlob {
+    glob: globset::Glob,
+    matcher: globset::GlobMatcher,
+}
+
+impl HostGlob {
+    /// Whether `host` (lower-case) matches.
+    pub fn is_match(&self, host: &str) -> bool {
+        self.matcher.is_match(host)
+    }
+
+    /// The glob as written (lower-cased).
+    pub fn as_str(&self) -> &str {
+        self.glob.glob()
+    }
+}
+
+impl std::str::FromStr for HostGlob {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let glob = globset::GlobBuilder::new(&text.to_ascii_lowercase())
+            .literal_separator(true)
+            .build()
+            .map_err(|e| format!("{text:?} is not a host glob: {e}"))?;
+        Ok(Self { matcher: glob.compile_matcher(), glob })
+    }
+}
+
+impl<'de> Deserialize<'de> for HostGlob {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A list of host globs matched at once.
+#[derive(Clone, Debug, Default)]
+pub struct HostGlobs {
+    globs: Vec<HostGlob>,
+    set: globset::GlobSet,
+}
+
+impl HostGlobs {
+    /// Whether `host` (lower-case) matches any glob.
+    pub fn is_match(&self, host: &str) -> bool {
+        self.set.is_match(host)
+    }
+
+    /// The globs, as written.
+    pub fn globs(&self) -> &[HostGlob] {
+        &self.globs
+    }
+}
+
+impl<'de> Deserialize<'de> for HostGlobs {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let globs = Vec::<HostGlob>::deserialize(d)?;
+        let mut builder = globset::GlobSetBuilder::new();
+        for glob in &globs {
+            builder.add(glob.glob.clone());
+        }
+        let set = builder.build().map_err(serde::de::Error::custom)?;
+        Ok(Self { globs, set })
+    }
+}
+
+/// `[management]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ManagementConfig {
+    /// The management API's address (loopback by default).
     pub listen: SocketAddr,
-    /// Bearer token for changing routes; without one they are refused.
-    pub token: Option<SecretSource>,
+    /// Bearer token for changing routes, from this file; without it, the one sealed under the
+    /// master key (`tollgate api-token set`); with neither they are refused.
+    pub token_file: Option<PathBuf>,
+}
+
+impl Default for ManagementConfig {
+    fn default() -> Self {
+        Self { listen: SocketAddr::from(([127, 0, 0, 1], 9090)), token_file: None }
+    }
 }
 
 /// `[limits]`.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct LimitsConfig {
+    /// Client connections open at once, whatever became of them (CONNECT tunnels, WebSockets
+    /// and passthrough tunnels included); more are closed at accept.
     pub max_connections: usize,
+    /// ClientHello and client TLS handshake.
     pub handshake_timeout_secs: u64,
+    /// Upstream TCP connect (all addresses, Happy Eyeballs) and TLS handshake.
     pub connect_timeout_secs: u64,
     /// Longest an HSM signature for a mint may take before the mint fails.
     pub mint_timeout_secs: u64,
@@ -248,6 +467,8 @@ pub struct LimitsConfig {
     pub upstream_read_timeout_secs: u64,
     /// A client that accepts none of our bytes this long (slow read) is cut.
     pub client_send_timeout_secs: u64,
+    /// A passthrough tunnel with no byte in either direction for this long is closed.
+    pub tunnel_idle_timeout_secs: u64,
     /// Data-plane threads, each serving its own share of connections (0: one per CPU).
     pub io_threads: usize,
     /// Inbound handshakes that may wait for an HSM signature at once; more are shed.
@@ -256,15 +477,88 @@ pub struct LimitsConfig {
     pub header_timeout_secs: u64,
     /// Largest request header block accepted.
     pub max_header_bytes: usize,
-    /// On SIGTERM, in-flight requests get this long to finish.
+    /// On SIGTERM, in-flight requests and open connections get this long to finish.
     pub shutdown_grace_secs: u64,
 }
 
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            handshake_timeout_secs: 10,
+            connect_timeout_secs: 10,
+            mint_timeout_secs: 5,
+            upstream_pool_max: 1024,
+            upstream_idle_timeout_secs: 30,
+            upstream_read_timeout_secs: 60,
+            client_send_timeout_secs: 60,
+            tunnel_idle_timeout_secs: 600,
+            io_threads: 0,
+            hsm_handshakes_max: 256,
+            header_timeout_secs: 30,
+            max_header_bytes: 64 * 1024,
+            shutdown_grace_secs: 30,
+        }
+    }
+}
+
 /// `[mint]`.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct MintConfig {
     /// Leaves kept in the cache.
     pub cache_capacity: u64,
+}
+
+impl Default for MintConfig {
+    fn default() -> Self {
+        Self { cache_capacity: 10_000 }
+    }
+}
+
+/// One `[[inbound]]`: a protected server.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboundConfig {
+    /// The SNI served (lower-case); its certificate comes from the store (`--inbound HOST`).
+    #[serde(deserialize_with = "host_name")]
+    pub host: String,
+    /// The origin behind it: `https://host[:port]` (validated) or `http://host[:port]`.
+    #[serde(rename = "upstream")]
+    pub origin: Origin,
+    /// Trust only this PEM bundle for the origin (a pinned CA) instead of the system roots.
+    pub ca_bundle: Option<PathBuf>,
+}
+
+/// Where an inbound host's traffic goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Origin {
+    /// `https` (validated) or `http`.
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+}
+
+impl<'de> Deserialize<'de> for Origin {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        origin(&text).map_err(|reason| serde::de::Error::custom(format!("{text:?}: {reason}")))
+    }
+}
+
+fn origin(text: &str) -> Result<Origin, String> {
+    let uri: http::Uri = text.parse().map_err(|e| format!("{e}"))?;
+    let tls = match uri.scheme_str() {
+        Some("https") => true,
+        Some("http") => false,
+        _ => return Err("must start with https:// or http://".into()),
+    };
+    let host = uri.host().filter(|h| !h.is_empty()).ok_or("no host")?;
+    let host = host.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+    if uri.path() != "/" && !uri.path().is_empty() {
+        return Err("give only scheme://host[:port]; paths are not rewritten".into());
+    }
+    Ok(Origin { tls, host, port: uri.port_u16().unwrap_or(if tls { 443 } else { 80 }) })
 }
 
 impl Config {
@@ -277,590 +571,167 @@ impl Config {
 
     /// Parses config text; `path` names it in errors and anchors relative paths.
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let raw: raw::Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string().trim_end().replace('\n', " "),
-        })?;
-        Typer { path, base: path.parent().unwrap_or(Path::new(".")) }.config(raw)
+        let mut config: Config =
+            serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| parse_error(text, path, e))?;
+        config.path = path.to_path_buf();
+        config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+        config.check()?;
+        Ok(config)
     }
 
     /// The listener of a mode, if any.
     pub fn listener(&self, mode: ListenerMode) -> Option<&ListenerConfig> {
         self.listeners.iter().find(|l| l.mode == mode)
     }
-}
 
-impl SecretSource {
-    /// Reads the secret. Trailing newlines of files are not part of it.
-    pub fn load(&self, what: &str) -> Result<SecretString, ConfigError> {
-        let err = |reason: String| ConfigError::Secret { what: what.to_string(), reason };
-        let mut value = match self {
-            Self::File(path) => {
-                std::fs::read_to_string(path).map_err(|e| err(format!("reading {}: {e}", path.display())))?
-            }
-            Self::Env(var) => std::env::var(var).map_err(|_| err(format!("environment variable {var} is not set")))?,
-            Self::Sealed { file, device_key, purpose } => {
-                if !file.exists() {
-                    return Err(err(format!(
-                        "none stored ({} missing): set pin_file or pin_env, or run `tollgate hsm login`",
-                        file.display()
-                    )));
-                }
-                let key = crate::vault::SealingKey::load(device_key).map_err(|e| err(e.to_string()))?;
-                let bytes = key.open_from(file, purpose).map_err(|e| err(e.to_string()))?;
-                String::from_utf8(bytes.to_vec()).map_err(|_| err("sealed value is not UTF-8".into()))?
+    /// Where the management API token comes from, when a file is configured.
+    pub fn management_token(&self) -> Option<SecretSource> {
+        self.management.token_file.clone().map(SecretSource::File)
+    }
+
+    /// Relative paths are relative to the config file's directory.
+    fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
             }
         };
-        let trimmed_len = value.trim_end_matches(['\r', '\n']).len();
-        value.truncate(trimmed_len);
-        if value.is_empty() {
-            return Err(err(format!("{self:?} is empty")));
+        resolve(&mut self.state_dir);
+        for server in &mut self.hsm.servers {
+            resolve(&mut server.module);
+            server.pin_file.iter_mut().for_each(resolve);
+            server.state_dir = self.state_dir.clone();
         }
-        Ok(SecretString::from(value))
+        self.upstream.ca_bundles.iter_mut().for_each(resolve);
+        self.inbound.iter_mut().flat_map(|site| site.ca_bundle.as_mut()).for_each(resolve);
+        self.management.token_file.iter_mut().for_each(resolve);
     }
-}
 
-impl fmt::Debug for SecretSource {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::File(path) => write!(f, "file {}", path.display()),
-            Self::Env(var) => write!(f, "env {var}"),
-            Self::Sealed { file, .. } => write!(f, "sealed {}", file.display()),
-        }
-    }
-}
-
-/// Turns the raw serde tree into typed values, naming the field of every error.
-struct Typer<'a> {
-    path: &'a Path,
-    base: &'a Path,
-}
-
-impl Typer<'_> {
-    fn config(&self, raw: raw::Config) -> Result<Config, ConfigError> {
-        let raw::Config { state_dir, hsm, listener, upstream, resolve, policy, inbound, management, limits, mint } =
-            raw;
-        let state_dir_path = self.resolve_path(&state_dir);
-        let servers = hsm
-            .server
-            .into_iter()
-            .enumerate()
-            .map(|(i, s)| self.hsm_server(i, s, &state_dir_path))
-            .collect::<Result<Vec<_>, _>>()?;
-        for (i, a) in servers.iter().enumerate() {
-            if servers[..i].iter().any(|b| b.name == a.name) {
-                return Err(
-                    self.invalid(format!("hsm.server[{i}].name"), format!("duplicate server name {:?}", a.name))
-                );
+    /// What one field alone cannot say: duplicates, combinations, ranges.
+    fn check(&mut self) -> Result<(), ConfigError> {
+        let invalid = |field: String, reason: &str| ConfigError::Invalid {
+            path: self.path.clone(),
+            field,
+            reason: reason.to_string(),
+        };
+        for (i, server) in self.hsm.servers.iter().enumerate() {
+            if self.hsm.servers[..i].iter().any(|other| other.name == server.name) {
+                return Err(invalid(
+                    format!("hsm.server[{i}].name"),
+                    &format!("duplicate server name {:?}", server.name),
+                ));
+            }
+            if server.pin_file.is_some() && server.pin_env.is_some() {
+                return Err(invalid(format!("hsm.server[{i}].pin_file"), "set pin_file or pin_env, not both"));
             }
         }
-        let listeners =
-            listener.into_iter().enumerate().map(|(i, l)| self.listener(i, l)).collect::<Result<Vec<_>, _>>()?;
-        let resolve =
-            resolve.into_iter().map(|(k, v)| self.resolve_entry(k, v)).collect::<Result<BTreeMap<_, _>, _>>()?;
-        for (i, glob) in policy.no_decrypt.iter().enumerate() {
-            globset::Glob::new(glob).map_err(|e| self.invalid(format!("policy.no_decrypt[{i}]"), e.to_string()))?;
+        for (i, listener) in self.listeners.iter().enumerate() {
+            if listener.upstream_port == 0 {
+                return Err(invalid(format!("listener[{i}].upstream_port"), "must not be 0"));
+            }
+            if listener.tproxy && listener.mode != ListenerMode::Transparent {
+                return Err(invalid(format!("listener[{i}].tproxy"), "only a transparent listener can use TPROXY"));
+            }
         }
-        if limits.max_connections == 0 {
-            return Err(self.invalid("limits.max_connections", "must be at least 1"));
+        let limits = &self.limits;
+        let at_least_one = [
+            ("max_connections", limits.max_connections as u64),
+            ("upstream_read_timeout_secs", limits.upstream_read_timeout_secs),
+            ("client_send_timeout_secs", limits.client_send_timeout_secs),
+            ("tunnel_idle_timeout_secs", limits.tunnel_idle_timeout_secs),
+            ("header_timeout_secs", limits.header_timeout_secs),
+        ];
+        if let Some((field, _)) = at_least_one.iter().find(|(_, value)| *value == 0) {
+            return Err(invalid(format!("limits.{field}"), "must be at least 1"));
         }
         if !(8192..=16 * 1024 * 1024).contains(&limits.max_header_bytes) {
-            return Err(self.invalid("limits.max_header_bytes", "must be between 8192 and 16777216"));
+            return Err(invalid("limits.max_header_bytes".into(), "must be between 8192 and 16777216"));
         }
-        if limits.upstream_read_timeout_secs == 0 {
-            return Err(self.invalid("limits.upstream_read_timeout_secs", "must be at least 1"));
-        }
-        if limits.client_send_timeout_secs == 0 {
-            return Err(self.invalid("limits.client_send_timeout_secs", "must be at least 1"));
-        }
-        if limits.header_timeout_secs == 0 {
-            return Err(self.invalid("limits.header_timeout_secs", "must be at least 1"));
-        }
-        Ok(Config {
-            path: self.path.to_path_buf(),
-            state_dir: state_dir_path.clone(),
-            hsm: HsmConfig {
-                servers,
-                ha: HaConfig {
-                    enabled: hsm.ha.enabled,
-                    group: hsm.ha.group,
-                    auto_recovery_retry: hsm.ha.auto_recovery_retry,
-                    auto_recovery_interval_secs: hsm.ha.auto_recovery_interval_secs,
-                },
-                workers: hsm.workers,
-                queue_depth: hsm.queue_depth,
-                call_timeout_ms: hsm.call_timeout_ms,
-            },
-            listeners,
-            upstream: UpstreamConfig {
-                ca_bundles: upstream.ca_bundles.iter().map(|p| self.resolve_path(p)).collect(),
-                untrusted: upstream.untrusted,
-            },
-            resolve,
-            policy: PolicyConfig {
-                deny_destinations: policy
-                    .deny_destinations
-                    .unwrap_or_else(|| DEFAULT_DENY_DESTINATIONS.iter().map(|s| s.to_string()).collect())
-                    .iter()
-                    .enumerate()
-                    .map(|(i, net)| {
-                        net.parse::<ipnet::IpNet>()
-                            .or_else(|_| net.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-                            .map_err(|_| {
-                                self.invalid(
-                                    format!("policy.deny_destinations[{i}]"),
-                                    format!("{net:?} is not a network (CIDR such as 10.0.0.0/8) or an address"),
-                                )
-                            })
-                    })
-                    .collect::<Result<_, _>>()?,
-                learn_bypass_secs: policy.learn_bypass_secs,
-                no_decrypt: policy.no_decrypt,
-                rules: policy.rule.into_iter().enumerate().map(|(i, r)| self.rule(i, r)).collect::<Result<_, _>>()?,
-            },
-            management: ManagementConfig {
-                listen: management.listen,
-                token: management.token_file.map(|p| SecretSource::File(self.resolve_path(&p))),
-            },
-            limits: LimitsConfig {
-                max_connections: limits.max_connections,
-                handshake_timeout_secs: limits.handshake_timeout_secs,
-                connect_timeout_secs: limits.connect_timeout_secs,
-                mint_timeout_secs: limits.mint_timeout_secs,
-                upstream_pool_max: limits.upstream_pool_max,
-                upstream_idle_timeout_secs: limits.upstream_idle_timeout_secs,
-                upstream_read_timeout_secs: limits.upstream_read_timeout_secs,
-                client_send_timeout_secs: limits.client_send_timeout_secs,
-                io_threads: limits.io_threads,
-                hsm_handshakes_max: limits.hsm_handshakes_max,
-                header_timeout_secs: limits.header_timeout_secs,
-                max_header_bytes: limits.max_header_bytes,
-                shutdown_grace_secs: limits.shutdown_grace_secs,
-            },
-            mint: MintConfig { cache_capacity: mint.cache_capacity },
-            inbound: inbound.into_iter().enumerate().map(|(i, raw)| self.inbound(i, raw)).collect::<Result<_, _>>()?,
-        })
-    }
-
-    fn hsm_server(&self, i: usize, raw: raw::HsmServer, state_dir: &Path) -> Result<HsmServerConfig, ConfigError> {
-        let field = |f: &str| format!("hsm.server[{i}].{f}");
-        let name_ok = (1..=31).contains(&raw.name.len()) && raw.name.bytes().all(|b| b.is_ascii_graphic());
-        if !name_ok {
-            return Err(self.invalid(field("name"), format!("{:?} must be 1–31 printable ASCII characters", raw.name)));
-        }
-        if raw.token.is_empty() || raw.token.len() > 32 {
-            return Err(self.invalid(field("token"), "token label must be 1–32 characters"));
-        }
-        let pin = match (raw.pin_file, raw.pin_env) {
-            (Some(_), Some(_)) => {
-                return Err(self.invalid(field("pin_file"), "set pin_file or pin_env, not both"));
+        for (i, rule) in self.policy.rules.iter_mut().enumerate() {
+            if rule.name.is_empty() {
+                rule.name = format!("rule {i}");
             }
-            (Some(file), None) => Some(SecretSource::File(self.resolve_path(&file))),
-            (None, Some(var)) => Some(SecretSource::Env(var)),
-            (None, None) => Some(sealed_pin(state_dir, &raw.name)),
-        };
-        Ok(HsmServerConfig {
-            name: raw.name,
-            module: self.resolve_path(&raw.module),
-            token: raw.token,
-            pin,
-            address: raw.address,
-        })
-    }
-
-    fn listener(&self, i: usize, raw: raw::Listener) -> Result<ListenerConfig, ConfigError> {
-        let listen: SocketAddr = raw
-            .listen
-            .parse()
-            .map_err(|e| self.invalid(format!("listener[{i}].listen"), format!("{:?}: {e}", raw.listen)))?;
-        if raw.upstream_port == 0 {
-            return Err(self.invalid(format!("listener[{i}].upstream_port"), "must not be 0"));
         }
-        if raw.tproxy && raw.mode != ListenerMode::Transparent {
-            return Err(self.invalid(format!("listener[{i}].tproxy"), "only a transparent listener can use TPROXY"));
-        }
-        Ok(ListenerConfig { mode: raw.mode, listen, upstream_port: raw.upstream_port, tproxy: raw.tproxy })
-    }
-
-    fn rule(&self, i: usize, raw: raw::Rule) -> Result<RuleConfig, ConfigError> {
-        let field = |f: &str| format!("policy.rule[{i}].{f}");
-        if let Some(glob) = &raw.host {
-            globset::Glob::new(glob).map_err(|e| self.invalid(field("host"), e.to_string()))?;
-        }
-        if let Some(prefix) = &raw.path_prefix
-            && !prefix.starts_with('/')
-        {
-            return Err(self.invalid(field("path_prefix"), format!("{prefix:?} must start with /")));
-        }
-        let methods = raw.methods.iter().map(|m| m.to_ascii_uppercase()).collect::<Vec<_>>();
-        if let Some(bad) = methods.iter().find(|m| http::Method::from_bytes(m.as_bytes()).is_err()) {
-            return Err(self.invalid(field("methods"), format!("{bad:?} is not an HTTP method")));
-        }
-        Ok(RuleConfig {
-            name: raw.name.unwrap_or_else(|| format!("rule {i}")),
-            host: raw.host,
-            path_prefix: raw.path_prefix,
-            methods,
-            action: raw.action,
-        })
-    }
-
-    fn inbound(&self, i: usize, raw: raw::Inbound) -> Result<InboundConfig, ConfigError> {
-        let field = |f: &str| format!("inbound[{i}].{f}");
-        if raw.host.is_empty() || raw.host.contains(['/', ':', ' ']) {
-            return Err(self.invalid(field("host"), format!("{:?} is not a host name", raw.host)));
-        }
-        let uri: http::Uri =
-            raw.upstream.parse().map_err(|e| self.invalid(field("upstream"), format!("{:?}: {e}", raw.upstream)))?;
-        let tls = match uri.scheme_str() {
-            Some("https") => true,
-            Some("http") => false,
-            _ => {
-                return Err(
-                    self.invalid(field("upstream"), format!("{:?} must start with https:// or http://", raw.upstream))
-                );
-            }
-        };
-        let host = uri.host().filter(|h| !h.is_empty()).ok_or_else(|| self.invalid(field("upstream"), "no host"))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
-        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
-        if uri.path() != "/" && !uri.path().is_empty() {
-            return Err(self.invalid(field("upstream"), "give only scheme://host[:port]; paths are not rewritten"));
-        }
-        Ok(InboundConfig {
-            host: raw.host.to_ascii_lowercase(),
-            origin: OriginConfig { tls, host, port, ca_bundle: raw.ca_bundle.map(|p| self.resolve_path(&p)) },
-        })
-    }
-
-    fn resolve_entry(&self, key: String, value: String) -> Result<((String, u16), SocketAddr), ConfigError> {
-        let field = format!("resolve.{key:?}");
-        let (host, port) = key
-            .rsplit_once(':')
-            .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
-            .filter(|(h, _)| !h.is_empty())
-            .ok_or_else(|| self.invalid(&field, "key must be HOST:PORT"))?;
-        if host.contains('*') && !(host.starts_with("*.") && !host[2..].contains('*') && host.len() > 2) {
-            return Err(self.invalid(&field, "a wildcard host must look like *.example.com"));
-        }
-        let addr = value.parse().map_err(|e| self.invalid(&field, format!("{value:?} is not IP:PORT: {e}")))?;
-        Ok(((host.to_ascii_lowercase(), port), addr))
-    }
-
-    fn resolve_path(&self, p: &Path) -> PathBuf {
-        if p.is_absolute() { p.to_path_buf() } else { self.base.join(p) }
-    }
-
-    fn invalid(&self, field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
-        ConfigError::Invalid { path: self.path.to_path_buf(), field: field.into(), reason: reason.into() }
+        Ok(())
     }
 }
 
-/// The file format, exactly as written by operators.
-mod raw {
-    use std::collections::BTreeMap;
-    use std::path::PathBuf;
+/// A parse error with the field's path (`listener[0].listen`) and the line it is on.
+fn parse_error(text: &str, path: &Path, e: serde_path_to_error::Error<toml::de::Error>) -> ConfigError {
+    let field = e.path().to_string();
+    let inner = e.into_inner();
+    let at = inner.span().map(|span| {
+        let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+        let source = text.lines().nth(line - 1).unwrap_or_default().trim();
+        format!(" (line {line}: {source})")
+    });
+    let message = match inner.message().trim() {
+        "" => "malformed TOML".to_string(),
+        message => message.to_string(),
+    };
+    let reason = format!("{}{}", message.trim_end().replace('\n', " "), at.unwrap_or_default());
+    match field.as_str() {
+        "." | "" => ConfigError::Parse { path: path.to_path_buf(), message: reason },
+        _ => ConfigError::Invalid { path: path.to_path_buf(), field, reason },
+    }
+}
 
-    use serde::Deserialize;
+fn server_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let name = String::deserialize(d)?;
+    match (1..=31).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_graphic()) {
+        true => Ok(name),
+        false => Err(serde::de::Error::custom(format!("{name:?} must be 1–31 printable ASCII characters"))),
+    }
+}
 
-    use super::{ListenerMode, UntrustedAction};
+fn token_label<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let label = String::deserialize(d)?;
+    match (1..=32).contains(&label.len()) {
+        true => Ok(label),
+        false => Err(serde::de::Error::custom("token label must be 1–32 characters")),
+    }
+}
 
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    pub(super) struct Config {
-        pub state_dir: PathBuf,
-        #[serde(default)]
-        pub hsm: Hsm,
-        #[serde(default)]
-        pub listener: Vec<Listener>,
-        #[serde(default)]
-        pub upstream: Upstream,
-        #[serde(default)]
-        pub resolve: BTreeMap<String, String>,
-        #[serde(default)]
-        pub policy: Policy,
-        #[serde(default)]
-        pub inbound: Vec<Inbound>,
-        #[serde(default)]
-        pub management: Management,
-        #[serde(default)]
-        pub limits: Limits,
-        #[serde(default)]
-        pub mint: Mint,
+fn host_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let host = String::deserialize(d)?;
+    match host.is_empty() || host.contains(['/', ':', ' ']) {
+        true => Err(serde::de::Error::custom(format!("{host:?} is not a host name"))),
+        false => Ok(host.to_ascii_lowercase()),
     }
+}
 
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    pub(super) struct Hsm {
-        #[serde(default)]
-        pub server: Vec<HsmServer>,
-        #[serde(default)]
-        pub ha: HsmHa,
-        #[serde(default = "default_hsm_workers")]
-        pub workers: usize,
-        #[serde(default = "default_queue_depth")]
-        pub queue_depth: usize,
-        #[serde(default = "default_call_timeout_ms")]
-        pub call_timeout_ms: u64,
-    }
+fn networks<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ipnet::IpNet>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .enumerate()
+        .map(|(i, net)| {
+            net.parse::<ipnet::IpNet>().or_else(|_| net.parse::<std::net::IpAddr>().map(ipnet::IpNet::from)).map_err(
+                |_| {
+                    serde::de::Error::custom(format!(
+                        "[{i}]: {net:?} is not a network (CIDR such as 10.0.0.0/8) or an address"
+                    ))
+                },
+            )
+        })
+        .collect()
+}
 
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    pub(super) struct HsmHa {
-        pub enabled: Option<bool>,
-        #[serde(default = "default_group")]
-        pub group: String,
-        #[serde(default)]
-        pub auto_recovery_retry: u32,
-        #[serde(default = "default_recovery_interval")]
-        pub auto_recovery_interval_secs: u64,
+fn path_prefix<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let prefix = String::deserialize(d)?;
+    match prefix.starts_with('/') {
+        true => Ok(Some(prefix)),
+        false => Err(serde::de::Error::custom(format!("{prefix:?} must start with /"))),
     }
+}
 
-    impl Default for Hsm {
-        fn default() -> Self {
-            Self {
-                server: Vec::new(),
-                ha: HsmHa::default(),
-                workers: default_hsm_workers(),
-                queue_depth: default_queue_depth(),
-                call_timeout_ms: default_call_timeout_ms(),
-            }
-        }
-    }
-
-    impl Default for HsmHa {
-        fn default() -> Self {
-            Self {
-                enabled: None,
-                group: default_group(),
-                auto_recovery_retry: 0,
-                auto_recovery_interval_secs: default_recovery_interval(),
-            }
-        }
-    }
-
-    fn default_hsm_workers() -> usize {
-        2
-    }
-    fn default_queue_depth() -> usize {
-        1024
-    }
-    fn default_call_timeout_ms() -> u64 {
-        2000
-    }
-    fn default_group() -> String {
-        "default".into()
-    }
-    fn default_recovery_interval() -> u64 {
-        60
-    }
-
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    pub(super) struct HsmServer {
-        pub name: String,
-        #[serde(default = "default_module")]
-        pub module: PathBuf,
-        pub token: String,
-        pub pin_file: Option<PathBuf>,
-        pub pin_env: Option<String>,
-        pub address: Option<String>,
-    }
-
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    pub(super) struct Listener {
-        pub mode: ListenerMode,
-        pub listen: String,
-        #[serde(default = "default_upstream_port")]
-        pub upstream_port: u16,
-        #[serde(default)]
-        pub tproxy: bool,
-    }
-
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    pub(super) struct Upstream {
-        #[serde(default)]
-        pub ca_bundles: Vec<PathBuf>,
-        #[serde(default = "default_untrusted")]
-        pub untrusted: UntrustedAction,
-    }
-
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    pub(super) struct Policy {
-        #[serde(default)]
-        pub no_decrypt: Vec<String>,
-        #[serde(default)]
-        pub rule: Vec<Rule>,
-        #[serde(default = "default_learn_bypass")]
-        pub learn_bypass_secs: u64,
-        pub deny_destinations: Option<Vec<String>>,
-    }
-
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    pub(super) struct Rule {
-        pub name: Option<String>,
-        pub host: Option<String>,
-        pub path_prefix: Option<String>,
-        #[serde(default)]
-        pub methods: Vec<String>,
-        pub action: super::RuleAction,
-    }
-
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    pub(super) struct Inbound {
-        pub host: String,
-        pub upstream: String,
-        pub ca_bundle: Option<PathBuf>,
-    }
-
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    pub(super) struct Management {
-        #[serde(default = "default_management")]
-        pub listen: std::net::SocketAddr,
-        pub token_file: Option<PathBuf>,
-    }
-
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    pub(super) struct Limits {
-        #[serde(default = "default_max_connections")]
-        pub max_connections: usize,
-        #[serde(default = "default_timeout")]
-        pub handshake_timeout_secs: u64,
-        #[serde(default = "default_timeout")]
-        pub connect_timeout_secs: u64,
-        #[serde(default = "default_mint_timeout")]
-        pub mint_timeout_secs: u64,
-        #[serde(default = "default_upstream_pool_max")]
-        pub upstream_pool_max: usize,
-        #[serde(default = "default_upstream_idle_timeout")]
-        pub upstream_idle_timeout_secs: u64,
-        #[serde(default = "default_upstream_read_timeout")]
-        pub upstream_read_timeout_secs: u64,
-        #[serde(default = "default_upstream_read_timeout")]
-        pub client_send_timeout_secs: u64,
-        #[serde(default)]
-        pub io_threads: usize,
-        #[serde(default = "default_hsm_handshakes_max")]
-        pub hsm_handshakes_max: usize,
-        #[serde(default = "default_header_timeout")]
-        pub header_timeout_secs: u64,
-        #[serde(default = "default_max_header_bytes")]
-        pub max_header_bytes: usize,
-        #[serde(default = "default_shutdown_grace")]
-        pub shutdown_grace_secs: u64,
-    }
-
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    pub(super) struct Mint {
-        #[serde(default = "default_cache_capacity")]
-        pub cache_capacity: u64,
-    }
-
-    impl Default for Upstream {
-        fn default() -> Self {
-            Self { ca_bundles: Vec::new(), untrusted: default_untrusted() }
-        }
-    }
-
-    impl Default for Management {
-        fn default() -> Self {
-            Self { listen: default_management(), token_file: None }
-        }
-    }
-
-    impl Default for Limits {
-        fn default() -> Self {
-            Self {
-                max_connections: default_max_connections(),
-                handshake_timeout_secs: default_timeout(),
-                connect_timeout_secs: default_timeout(),
-                mint_timeout_secs: default_mint_timeout(),
-                upstream_pool_max: default_upstream_pool_max(),
-                upstream_idle_timeout_secs: default_upstream_idle_timeout(),
-                upstream_read_timeout_secs: default_upstream_read_timeout(),
-                client_send_timeout_secs: default_upstream_read_timeout(),
-                io_threads: 0,
-                hsm_handshakes_max: default_hsm_handshakes_max(),
-                header_timeout_secs: default_header_timeout(),
-                max_header_bytes: default_max_header_bytes(),
-                shutdown_grace_secs: default_shutdown_grace(),
-            }
-        }
-    }
-
-    impl Default for Mint {
-        fn default() -> Self {
-            Self { cache_capacity: default_cache_capacity() }
-        }
-    }
-
-    fn default_module() -> PathBuf {
-        PathBuf::from(super::DEFAULT_MODULE)
-    }
-    fn default_upstream_port() -> u16 {
-        443
-    }
-    fn default_untrusted() -> UntrustedAction {
-        UntrustedAction::ForwardUntrust
-    }
-    fn default_management() -> std::net::SocketAddr {
-        std::net::SocketAddr::from(([127, 0, 0, 1], 9090))
-    }
-    fn default_max_connections() -> usize {
-        10_000
-    }
-    fn default_timeout() -> u64 {
-        10
-    }
-    fn default_mint_timeout() -> u64 {
-        5
-    }
-    fn default_upstream_pool_max() -> usize {
-        1024
-    }
-    fn default_upstream_idle_timeout() -> u64 {
-        30
-    }
-    fn default_upstream_read_timeout() -> u64 {
-        60
-    }
-    impl Default for Policy {
-        fn default() -> Self {
-            Self {
-                no_decrypt: Vec::new(),
-                rule: Vec::new(),
-                learn_bypass_secs: default_learn_bypass(),
-                deny_destinations: None,
-            }
-        }
-    }
-
-    fn default_learn_bypass() -> u64 {
-        12 * 3600
-    }
-    fn default_header_timeout() -> u64 {
-        30
-    }
-    fn default_max_header_bytes() -> usize {
-        64 * 1024
-    }
-    fn default_shutdown_grace() -> u64 {
-        30
-    }
-    fn default_hsm_handshakes_max() -> usize {
-        256
-    }
-    fn default_cache_capacity() -> u64 {
-        10_000
-    }
+fn methods<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<http::Method>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|m| {
+            http::Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+                .map_err(|_| serde::de::Error::custom(format!("{m:?} is not an HTTP method")))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -898,9 +769,22 @@ mod tests {
         .unwrap();
         assert_eq!(config.state_dir, Path::new("/etc/tollgate/var/tollgate"));
         assert_eq!(config.upstream.ca_bundles[0], Path::new("/etc/tollgate/extra-roots.pem"));
-        assert_eq!(config.hsm.servers[0].pin, Some(SecretSource::File("/run/secrets/hsm-a.pin".into())));
-        assert_eq!(config.resolve[&("origin.test".to_string(), 443)], "127.0.0.1:9443".parse().unwrap());
+        assert_eq!(config.hsm.servers[0].pin(), SecretSource::File("/run/secrets/hsm-a.pin".into()));
+        assert_eq!(config.resolve.get("origin.test", 443), Some("127.0.0.1:9443".parse().unwrap()));
         assert_eq!(config.upstream.untrusted, UntrustedAction::ForwardUntrust);
+        assert_eq!(config.inbound[0].origin, Origin { tls: true, host: "10.0.0.10".into(), port: 443 });
+        assert_eq!(config.limits.client_send_timeout_secs, 60);
+    }
+
+    #[test]
+    fn a_server_without_pin_file_or_env_uses_the_sealed_one() {
+        let config = parse("state_dir = \"s\"\n[[hsm.server]]\nname = \"a\"\ntoken = \"t\"\n").unwrap();
+        let pin = config.hsm.servers[0].pin();
+        assert_eq!(pin, SecretSource::SealedPin { state_dir: "/etc/tollgate/s".into(), server: "a".into() });
+        let both =
+            "state_dir = \"s\"\n[[hsm.server]]\nname = \"a\"\ntoken = \"t\"\npin_file = \"f\"\npin_env = \"V\"\n";
+        let err = parse(both).unwrap_err().to_string();
+        assert!(err.contains("hsm.server[0].pin_file") && err.contains("not both"), "{err}");
     }
 
     #[test]
@@ -920,7 +804,21 @@ mod tests {
         let err = parse("state_dir = \"x\"\n[resolve]\n\"a.*.test:1\" = \"127.0.0.1:1\"\n").unwrap_err().to_string();
         assert!(err.contains("wildcard"), "{err}");
         let config = parse("state_dir = \"x\"\n[resolve]\n\"*.mint.test:443\" = \"127.0.0.1:1\"\n").unwrap();
-        assert!(config.resolve.contains_key(&("*.mint.test".to_string(), 443)));
+        assert_eq!(config.resolve.get("a.mint.test", 443), Some("127.0.0.1:1".parse().unwrap()));
+        assert_eq!(config.resolve.get("a.b.mint.test", 443), None);
+
+        let err = parse("state_dir = \"x\"\n[policy]\nno_decrypt = [\"ok.test\", \"a[\"]\n").unwrap_err().to_string();
+        assert!(err.contains("policy.no_decrypt[1]"), "{err}");
+        let err = parse("state_dir = \"x\"\n[[policy.rule]]\nmethods = [\"GE T\"]\naction = \"block\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("policy.rule[0].methods"), "{err}");
+        let err = parse("state_dir = \"x\"\n[limits]\nmax_connections = 0\n").unwrap_err().to_string();
+        assert!(err.contains("limits.max_connections"), "{err}");
+        let err = parse("state_dir = \"x\"\n[[inbound]]\nhost = \"a.test\"\nupstream = \"ftp://x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("inbound[0].upstream") && err.contains("https://"), "{err}");
     }
 
     #[test]
@@ -937,12 +835,20 @@ mod tests {
         assert_eq!(one.policy.deny_destinations[0].to_string(), "10.1.2.3/32");
         let err =
             parse("state_dir = \"x\"\n[policy]\ndeny_destinations = [\"10.0.0.0/33\"]\n").unwrap_err().to_string();
-        assert!(err.contains("policy.deny_destinations[0]") && err.contains("CIDR"), "{err}");
+        assert!(err.contains("policy.deny_destinations") && err.contains("[0]") && err.contains("CIDR"), "{err}");
     }
 
     #[test]
-    fn secret_debug_shows_location_only() {
-        let source = SecretSource::Env("HSM_PIN".into());
-        assert_eq!(format!("{source:?}"), "env HSM_PIN");
+    fn globs_are_compiled_once_and_match_case_insensitively() {
+        let config = parse("state_dir = \"s\"\n[policy]\nno_decrypt = [\"*.Bank.test\", \"pinned.test\"]\n").unwrap();
+        let globs = &config.policy.no_decrypt;
+        assert!(globs.is_match("www.bank.test") && globs.is_match("pinned.test") && !globs.is_match("bank.test"));
+        assert_eq!(globs.globs()[0].as_str(), "*.bank.test");
+    }
+
+    #[test]
+    fn secret_sources_show_where_they_live_only() {
+        assert_eq!(format!("{:?}", SecretSource::Env("HSM_PIN".into())), "Env(\"HSM_PIN\")");
+        assert_eq!(SecretSource::Env("HSM_PIN".into()).to_string(), "environment variable HSM_PIN");
     }
 }

@@ -17,6 +17,7 @@
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod hex;
 pub mod hsm;
 pub mod keys;
 pub mod manage;

@@ -1,8 +1,7 @@
-//! Compiled rules: what to do with a TLS connection once its ClientHello is read.
+//! The rules: what to do with a TLS connection once its ClientHello is read, and with a
+//! decrypted request.
 
-use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
-
-use crate::config::{Config, ConfigError, RuleAction, UntrustedAction};
+use crate::config::{Config, HostGlobs, RuleAction, RuleConfig, UntrustedAction};
 
 /// What to do with a TLS connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -21,64 +20,23 @@ pub enum HttpAction {
     Block(String),
 }
 
-/// The rules of the running configuration.
+/// The rules of the running configuration, compiled when the configuration was read.
 #[derive(Debug)]
 pub struct Policy {
-    no_decrypt: GlobSet,
-    rules: Vec<Rule>,
+    no_decrypt: HostGlobs,
+    rules: Vec<RuleConfig>,
     /// What to do with upstreams whose certificate does not validate.
     pub untrusted: UntrustedAction,
 }
 
 impl Policy {
-    /// Compiles the rules.
-    pub fn new(config: &Config) -> Result<Self, ConfigError> {
-        let mut builder = GlobSetBuilder::new();
-        for (i, glob) in config.policy.no_decrypt.iter().enumerate() {
-            let glob = GlobBuilder::new(&glob.to_ascii_lowercase()).literal_separator(true).build().map_err(|e| {
-                ConfigError::Invalid {
-                    path: config.path.clone(),
-                    field: format!("policy.no_decrypt[{i}]"),
-                    reason: e.to_string(),
-                }
-            })?;
-            builder.add(glob);
+    /// The rules of `config`.
+    pub fn new(config: &Config) -> Self {
+        Self {
+            no_decrypt: config.policy.no_decrypt.clone(),
+            rules: config.policy.rules.clone(),
+            untrusted: config.upstream.untrusted,
         }
-        let no_decrypt = builder.build().map_err(|e| ConfigError::Invalid {
-            path: config.path.clone(),
-            field: "policy.no_decrypt".into(),
-            reason: e.to_string(),
-        })?;
-        let rules = config
-            .policy
-            .rules
-            .iter()
-            .map(|r| {
-                let host = r
-                    .host
-                    .as_ref()
-                    .map(|g| {
-                        GlobBuilder::new(&g.to_ascii_lowercase())
-                            .literal_separator(true)
-                            .build()
-                            .map(|g| g.compile_matcher())
-                    })
-                    .transpose()
-                    .map_err(|e| ConfigError::Invalid {
-                        path: config.path.clone(),
-                        field: format!("policy.rule {}", r.name),
-                        reason: e.to_string(),
-                    })?;
-                Ok(Rule {
-                    name: r.name.clone(),
-                    host,
-                    path_prefix: r.path_prefix.clone(),
-                    methods: r.methods.clone(),
-                    action: r.action,
-                })
-            })
-            .collect::<Result<_, ConfigError>>()?;
-        Ok(Self { no_decrypt, rules, untrusted: config.upstream.untrusted })
     }
 
     /// Decides on a request: the first matching rule, allow when none matches.
@@ -86,7 +44,7 @@ impl Policy {
         let hit = self.rules.iter().find(|r| {
             r.host.as_ref().is_none_or(|g| g.is_match(host))
                 && r.path_prefix.as_ref().is_none_or(|p| path.starts_with(p.as_str()))
-                && (r.methods.is_empty() || r.methods.iter().any(|m| m == method.as_str()))
+                && (r.methods.is_empty() || r.methods.contains(method))
         });
         match hit {
             Some(rule) if rule.action == RuleAction::Block => HttpAction::Block(rule.name.clone()),
@@ -98,15 +56,6 @@ impl Policy {
     pub fn decide_tls(&self, host: &str) -> TlsAction {
         if self.no_decrypt.is_match(host) { TlsAction::Tunnel } else { TlsAction::Intercept }
     }
-}
-
-#[derive(Debug)]
-struct Rule {
-    name: String,
-    host: Option<globset::GlobMatcher>,
-    path_prefix: Option<String>,
-    methods: Vec<String>,
-    action: RuleAction,
 }
 
 #[cfg(test)]
@@ -121,7 +70,7 @@ mod tests {
             Path::new("t.toml"),
         )
         .unwrap();
-        let policy = Policy::new(&config).unwrap();
+        let policy = Policy::new(&config);
         assert_eq!(policy.decide_tls("www.bank.test"), TlsAction::Tunnel);
         assert_eq!(policy.decide_tls("pinned.test"), TlsAction::Tunnel);
         assert_eq!(policy.decide_tls("bank.test"), TlsAction::Intercept);
@@ -150,7 +99,7 @@ mod tests {
             Path::new("t.toml"),
         )
         .unwrap();
-        let policy = Policy::new(&config).unwrap();
+        let policy = Policy::new(&config);
         let get = http::Method::GET;
         assert_eq!(policy.decide_http("intranet.test", &get, "/admin/x"), HttpAction::Allow);
         assert_eq!(policy.decide_http("www.test", &get, "/admin/x"), HttpAction::Block("no admin".into()));

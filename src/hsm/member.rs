@@ -340,7 +340,7 @@ impl Connection {
                 for attr in attrs {
                     match attr {
                         Attribute::Label(v) => entry.label = String::from_utf8_lossy(&v).into_owned(),
-                        Attribute::Id(v) => entry.id = hex(&v),
+                        Attribute::Id(v) => entry.id = crate::hex::encode(&v),
                         Attribute::KeyType(t) => entry.key_type = format!("{t}"),
                         Attribute::Sensitive(b) => entry.sensitive = Some(b),
                         Attribute::Extractable(b) => entry.extractable = Some(b),
@@ -671,10 +671,6 @@ fn rv(e: &P11Error) -> String {
         P11Error::Pkcs11(rv, function) => format!("{function:?}: CKR_{}", screaming(&format!("{rv:?}"))),
         other => other.to_string(),
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn screaming(camel: &str) -> String {

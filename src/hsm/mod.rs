@@ -20,7 +20,7 @@ use parking_lot::RwLock;
 use rustls::SignatureScheme;
 use serde::Serialize;
 
-use crate::config::{HsmConfig, HsmServerConfig};
+use crate::config::{HsmConfig, HsmServerConfig, SecretSource};
 use crate::keys::{KeyAlgorithm, KeyError, Offload, PrivateKey, Work};
 use crate::telemetry::{METRICS, MemberMetrics};
 use executor::{Executor, Op};
@@ -322,7 +322,7 @@ impl Hsm {
     /// Generates a key pair on the token (private half sensitive, non-extractable).
     pub fn generate(self: &Arc<Self>, label: &str, algorithm: KeyAlgorithm) -> Result<Arc<HsmKey>, HsmError> {
         let (name, conn) = self.first_up()?;
-        let id: [u8; 16] = rand::random();
+        let id: [u8; 16] = crate::keys::random();
         conn.generate(&name, label, &id, algorithm)?;
         self.key(label)
     }
@@ -384,8 +384,16 @@ impl Hsm {
     /// Encrypts with the HSM wrapping key `label` (AES-GCM, fresh 96-bit IV): (iv, ciphertext).
     pub fn wrap(&self, label: &str, aad: &[u8], plaintext: &[u8]) -> Result<([u8; 12], Vec<u8>), HsmError> {
         let (name, conn) = self.first_up()?;
-        let iv: [u8; 12] = rand::random();
+        let iv: [u8; 12] = crate::keys::random();
         Ok((iv, conn.aes_gcm(&name, label, true, &iv, aad, plaintext)?))
+    }
+
+    /// Decrypts a master key that `wrap` encrypted: what the vault asks of the HSM.
+    pub fn unwrap_master_key(
+        &self,
+        wrapped: &crate::vault::master::HsmWrapped,
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
+        self.unwrap(&wrapped.label(), &wrapped.iv()?, &wrapped.aad(), &wrapped.ciphertext()?).map_err(|e| e.to_string())
     }
 
     /// Decrypts what `wrap` made.
@@ -614,20 +622,14 @@ impl std::fmt::Debug for HsmKey {
 
 /// Initialises the server's token (software tokens only): SO PIN from `so_pin`, user PIN from
 /// the server's configured source.
-pub fn init_token(config: &HsmServerConfig, so_pin: &crate::config::SecretSource) -> Result<(), HsmError> {
-    let secret = |source: &crate::config::SecretSource, what: &str| {
-        source.load(what).map_err(|e| HsmError::Secret { server: config.name.clone(), reason: e.to_string() })
-    };
-    let user = config.pin.as_ref().ok_or_else(|| HsmError::NoPin { server: config.name.clone() })?;
-    member::init_token(config, &secret(so_pin, "administrator password")?, &secret(user, "partition password")?)
+pub fn init_token(config: &HsmServerConfig, so_pin: &SecretSource) -> Result<(), HsmError> {
+    let so_pin = secret(config, so_pin, "administrator password")?;
+    member::init_token(config, &so_pin, &secret(config, &config.pin(), "partition password")?)
 }
 
 /// Checks the administrator password (SO PIN) of a server.
-pub fn check_so_pin(config: &HsmServerConfig, so_pin: &crate::config::SecretSource) -> Result<(), HsmError> {
-    let pin = so_pin
-        .load("administrator password")
-        .map_err(|e| HsmError::Secret { server: config.name.clone(), reason: e.to_string() })?;
-    member::check_so_pin(config, &pin)
+pub fn check_so_pin(config: &HsmServerConfig, so_pin: &SecretSource) -> Result<(), HsmError> {
+    member::check_so_pin(config, &secret(config, so_pin, "administrator password")?)
 }
 
 /// Checks a partition password (user PIN) by logging in with it.
@@ -636,9 +638,10 @@ pub fn check_user_pin(config: &HsmServerConfig, pin: &secrecy::SecretString) -> 
 }
 
 fn connect(config: &HsmServerConfig) -> Result<Connection, HsmError> {
-    let source = config.pin.as_ref().ok_or_else(|| HsmError::NoPin { server: config.name.clone() })?;
-    let pin = source
-        .load("partition password")
-        .map_err(|e| HsmError::Secret { server: config.name.clone(), reason: e.to_string() })?;
-    Connection::open(config, &pin)
+    Connection::open(config, &secret(config, &config.pin(), "partition password")?)
+}
+
+fn secret(config: &HsmServerConfig, source: &SecretSource, what: &str) -> Result<secrecy::SecretString, HsmError> {
+    crate::vault::load(source, what)
+        .map_err(|e| HsmError::Secret { server: config.name.clone(), reason: e.to_string() })
 }

@@ -163,6 +163,20 @@ impl fmt::Display for KeyAlgorithm {
     }
 }
 
+/// SHA-256 of `bytes` (certificate fingerprints).
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
+    digest.as_ref().try_into().expect("SHA-256 is 32 bytes")
+}
+
+/// `N` bytes from the system's cryptographic generator (aws-lc-rs): the one source of
+/// randomness for keys, nonces, IVs and serial numbers.
+pub fn random<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    aws_lc_rs::rand::fill(&mut bytes).expect("the system random generator never fails once initialised");
+    bytes
+}
+
 /// Extracts the subjectPublicKey bits from a SubjectPublicKeyInfo.
 pub fn spki_raw(spki: &[u8]) -> Result<Vec<u8>, KeyError> {
     use x509_parser::prelude::FromDer;

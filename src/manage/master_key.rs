@@ -10,9 +10,10 @@ use zeroize::Zeroizing;
 
 use super::ManageError;
 use crate::config::Config;
+use crate::hex;
 use crate::hsm::Hsm;
 use crate::state::{Mode, StateDir};
-use crate::vault::master::{self, HsmWrapped, MasterKeyFile, MasterKeyStatus, hex, open_key as open};
+use crate::vault::master::{self, HsmWrapped, MasterKeyFile, MasterKeyStatus};
 
 /// `tollgate master-key status`: what the file says, and whether the key opens now.
 pub fn status(config: &Config) -> Result<MasterKeyStatus, ManageError> {
@@ -73,7 +74,10 @@ pub fn set(config: &Config, new: Option<Zeroizing<[u8; 32]>>) -> Result<MasterKe
         }
         match (&hsm, file.hsm.as_ref().map(|w| w.generation)) {
             (Some(hsm), Some(generation)) => file.hsm = Some(wrap(hsm, generation, &key)?),
-            _ => file.device_sealed = Some(hex(&device_key(&state)?.seal(master::DEVICE_PURPOSE, key.as_slice()))),
+            _ => {
+                file.device_sealed =
+                    Some(hex::encode(&device_key(&state)?.seal(master::DEVICE_PURPOSE, key.as_slice())))
+            }
         }
         master::failpoint("set:before-write");
         save(&state, &file)?;
@@ -90,7 +94,7 @@ pub fn store_secret(config: &Config, name: &str, secret: &[u8]) -> Result<(), Ma
     let hsm = file.hsm.is_some().then(|| Hsm::open_strict(&config.hsm)).transpose()?;
     let key = if file.hsm.is_none() && file.device_sealed.is_none() {
         let key = master::generate();
-        file.device_sealed = Some(hex(&device_key(&state)?.seal(master::DEVICE_PURPOSE, key.as_slice())));
+        file.device_sealed = Some(hex::encode(&device_key(&state)?.seal(master::DEVICE_PURPOSE, key.as_slice())));
         key
     } else {
         open(&state, &file, hsm.as_ref()).map_err(ManageError::MasterKey)?
@@ -114,7 +118,19 @@ pub fn remove_secret(config: &Config, name: &str) -> Result<bool, ManageError> {
 /// Opens the vault (the master key and its secrets) for reading; `None` without a master key.
 pub fn vault(config: &Config, hsm: Option<&Hsm>) -> Result<Option<master::Vault>, ManageError> {
     let state = StateDir::open(&config.state_dir)?;
-    master::Vault::open(&state, hsm).map_err(ManageError::MasterKey)
+    match hsm {
+        Some(hsm) => master::Vault::open(&state, Some(&|w| hsm.unwrap_master_key(w))),
+        None => master::Vault::open(&state, None),
+    }
+    .map_err(ManageError::MasterKey)
+}
+
+/// The master key, opened (the HSM unwraps it when it is HSM-encrypted).
+fn open(state: &StateDir, file: &MasterKeyFile, hsm: Option<&Hsm>) -> Result<Zeroizing<[u8; 32]>, String> {
+    match hsm {
+        Some(hsm) => master::open_key(state, file, Some(&|w| hsm.unwrap_master_key(w))),
+        None => master::open_key(state, file, None),
+    }
 }
 
 /// `tollgate master-key encrypt-with-hsm`: the master key encrypted by the newest wrapping key
@@ -172,14 +188,13 @@ pub fn rotate_wrapping_key(config: &Config) -> Result<MasterKeyStatus, ManageErr
 }
 
 fn wrap(hsm: &Hsm, generation: u32, key: &[u8; 32]) -> Result<HsmWrapped, ManageError> {
-    let label = format!("{}{generation}", master::WRAP_PREFIX);
-    let (iv, ciphertext) = hsm.wrap(&label, &master::aad(generation), key)?;
-    Ok(HsmWrapped { generation, iv: hex(&iv), ciphertext: hex(&ciphertext) })
+    let (iv, ciphertext) = hsm.wrap(&master::wrap_label(generation), &master::aad(generation), key)?;
+    Ok(HsmWrapped::new(generation, &iv, &ciphertext))
 }
 
 /// Creates wrapping key `generation`; one left by an interrupted rotation is reused.
 fn create_wrapping_key(hsm: &Hsm, generation: u32) -> Result<(), ManageError> {
-    match hsm.generate_wrapping_key(&format!("{}{generation}", master::WRAP_PREFIX)) {
+    match hsm.generate_wrapping_key(&master::wrap_label(generation)) {
         Ok(()) | Err(crate::hsm::HsmError::KeyExists { .. }) => Ok(()),
         Err(e) => Err(e.into()),
     }

@@ -100,16 +100,13 @@ pub enum LoginOutcome {
 pub fn hsm_login(config: &Config, server: &str, pin: &secrecy::SecretString) -> Result<LoginOutcome, ManageError> {
     let server_config = server_config(config, server)?;
     crate::hsm::check_user_pin(server_config, pin)?;
-    match &server_config.pin {
-        Some(SecretSource::Sealed { file, device_key, purpose }) => {
-            let _lock = StateDir::open(&config.state_dir)?.lock()?;
-            let key = crate::vault::SealingKey::load_or_create(device_key).map_err(ManageError::Vault)?;
-            use secrecy::ExposeSecret;
-            key.seal_to(file, purpose, pin.expose_secret().as_bytes()).map_err(ManageError::Vault)?;
-            Ok(LoginOutcome::Stored(file.clone()))
+    match server_config.pin() {
+        SecretSource::SealedPin { state_dir, server } => {
+            let _lock = StateDir::open(&state_dir)?.lock()?;
+            let file = crate::vault::seal_pin(&state_dir, &server, pin).map_err(ManageError::Vault)?;
+            Ok(LoginOutcome::Stored(file))
         }
-        Some(other) => Ok(LoginOutcome::Configured(format!("{other:?}"))),
-        None => Ok(LoginOutcome::Configured("none".into())),
+        other => Ok(LoginOutcome::Configured(other.to_string())),
     }
 }
 
@@ -264,8 +261,10 @@ pub fn set_api_token(config: &Config, token: &secrecy::SecretString) -> Result<(
 /// The management API token: from `[management] token_file` when configured, else the one
 /// sealed under the master key (`hsm` unwraps it when HSM-encrypted); `None` when neither.
 pub fn api_token(config: &Config, hsm: Option<&Hsm>) -> Result<Option<secrecy::SecretString>, ManageError> {
-    if let Some(source) = &config.management.token {
-        return Ok(Some(source.load("management API token").map_err(|e| ManageError::Usage(e.to_string()))?));
+    if let Some(source) = &config.management_token() {
+        return Ok(Some(
+            crate::vault::load(source, "management API token").map_err(|e| ManageError::Usage(e.to_string()))?,
+        ));
     }
     let state = StateDir::open(&config.state_dir)?;
     match crate::vault::master::load(&state).map_err(ManageError::MasterKey)? {

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use crate::hsm::Status;
 use crate::pki::CertSummary;
-use crate::proxy::http::escape_html as escape;
+use crate::proxy::respond::escape_html as escape;
 use crate::vault::master::MasterKeyStatus;
 
 /// What the page shows; an `Err` is shown in place of its section.

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use super::ManageError;
-use crate::config::{Config, sealed_pin};
+use crate::config::Config;
 
 /// A server for `add-server`.
 pub struct NewServer<'a> {
@@ -35,12 +35,8 @@ pub fn reset(config: &Config) -> Result<ResetReport, ManageError> {
     write(&config.path, &doc)?;
     let mut sealed_pins = Vec::new();
     for server in &config.hsm.servers {
-        if let crate::config::SecretSource::Sealed { file, .. } = sealed_pin(&config.state_dir, &server.name) {
-            match std::fs::remove_file(&file) {
-                Ok(()) => sealed_pins.push(file.display().to_string()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(ManageError::Usage(format!("removing {}: {e}", file.display()))),
-            }
+        if crate::vault::remove_sealed_pin(&config.state_dir, &server.name).map_err(ManageError::Vault)? {
+            sealed_pins.push(crate::vault::sealed_pin_file(&config.state_dir, &server.name).display().to_string());
         }
     }
     let servers = config.hsm.servers.iter().map(|s| s.name.clone()).collect();

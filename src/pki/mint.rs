@@ -145,7 +145,7 @@ impl Ca {
         params.not_before = up_nb.max(self.not_before);
         params.not_after = up_na.min(self.not_after).max(params.not_before);
 
-        let mut serial: [u8; 16] = rand::random();
+        let mut serial: [u8; 16] = crate::keys::random();
         serial[0] &= 0x7f;
         params.serial_number = Some(SerialNumber::from_slice(&serial));
         params.is_ca = IsCa::ExplicitNoCa;

@@ -108,7 +108,10 @@ impl<'a> Keyring<'a> {
                 Ok(hsm.key(label)?)
             }
             KeyLocation::Software { secret, format } => {
-                let vault = self.vault.get_or_init(|| Vault::open(self.state, self.hsm.map(|h| &**h)));
+                let vault = self.vault.get_or_init(|| match self.hsm {
+                    Some(hsm) => Vault::open(self.state, Some(&|w| hsm.unwrap_master_key(w))),
+                    None => Vault::open(self.state, None),
+                });
                 let vault = vault.as_ref().map_err(|e| err(e.clone()))?;
                 let vault = vault.as_ref().ok_or_else(|| err("no master key is stored".into()))?;
                 let der = vault.secret(secret).map_err(err)?.ok_or_else(|| err("its sealed key is missing".into()))?;
@@ -476,7 +479,7 @@ fn ca_params(name: &str, role: CaRole) -> CertificateParams {
     let now = time::OffsetDateTime::now_utc();
     params.not_before = now - time::Duration::hours(1);
     params.not_after = now + time::Duration::days(3650);
-    let mut serial: [u8; 16] = rand::random();
+    let mut serial: [u8; 16] = crate::keys::random();
     serial[0] &= 0x7f;
     params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
     params

@@ -10,8 +10,9 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 
-use super::http::{AccessLog, Body, Refusal, prepare_request, strip_hop_by_hop};
-use super::{ConnCtx, Proxy, ProxyError, Target};
+use super::http::{AccessLog, prepare_request, strip_hop_by_hop};
+use super::respond::Refusal;
+use super::{Body, ConnCtx, Proxy, ProxyError, Target};
 
 /// Serves one client connection of the explicit listener.
 pub async fn serve(proxy: Arc<Proxy>, stream: super::Client, ctx: ConnCtx) {

@@ -1,7 +1,7 @@
 //! HTTP on both legs through hyper: HTTP/1.1 and HTTP/2 to the client and to the upstream (in
 //! any combination), upgrades (WebSocket) relayed, the authority of every request bound to the
-//! intercepted host, one JSON access-log line per request. This is the only place errors turn
-//! into HTTP responses; synthetic responses carry a `tollgate-error` header.
+//! intercepted host, one JSON access-log line per request. What tollgate answers itself comes
+//! from `respond`.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -14,26 +14,20 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body as _, Frame, SizeHint};
-use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::respond::Refusal;
 use super::tls::H2;
 use super::upstream::{Lease, Peer, PoolKey, Route, Sender};
-use super::{ConnCtx, Proxy, ProxyError, Target};
+use super::{Body, ConnCtx, Proxy, ProxyError, Target};
 use crate::config::ListenerMode;
 use crate::policy::HttpAction;
 use crate::telemetry::METRICS;
-
-/// Body type of everything tollgate sends.
-pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
-
-/// The header naming why tollgate answered instead of the upstream.
-pub const ERROR_HEADER: &str = "tollgate-error";
 
 /// Relays HTTP between an intercepted client connection and its upstream; `first` is the
 /// upstream connection whose certificate the minted leaf mirrors. The relay is returned, not yet
@@ -151,7 +145,7 @@ impl Relay {
             Sender::H1(mut s) => (s.send_request(req).await, Some(s)),
             Sender::H2(mut s) => (s.send_request(req).await, None),
         };
-        let mut response = response.map_err(|e| Refusal::upstream_http(&self.target, e))?;
+        let mut response = response.map_err(|e| upstream_http(&self.target, e))?;
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_upgrade) = client_upgrade {
                 let upstream_upgrade = hyper::upgrade::on(&mut response);
@@ -331,6 +325,11 @@ where
     Request::from_parts(parts, body.boxed_unsync())
 }
 
+/// An HTTP failure on the upstream leg, as the client is told it.
+fn upstream_http(target: &Target, e: hyper::Error) -> Refusal {
+    Refusal::upstream(ProxyError::UpstreamHttp { target: target.to_string(), reason: e.to_string() })
+}
+
 fn bracketed(host: &str) -> String {
     if host.contains(':') { format!("[{host}]") } else { host.to_string() }
 }
@@ -380,97 +379,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         headers.remove(header::CONNECTION);
         headers.remove(header::UPGRADE);
     }
-}
-
-/// A response tollgate makes itself.
-#[derive(Debug)]
-pub struct Refusal {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-    /// An HTML page with this title instead of plain text.
-    page: Option<&'static str>,
-}
-
-impl Refusal {
-    /// A refusal with a status, a short machine code (the header) and a human message.
-    pub fn new(status: StatusCode, code: &'static str, message: String) -> Self {
-        Self { status, code, message, page: None }
-    }
-
-    /// A block page: which rule blocked what (all of it escaped: it is client input).
-    pub fn blocked(rule: &str, method: &Method, host: &str, path: &str) -> Self {
-        tracing::info!(rule, method = %method, host, path, "request blocked by policy");
-        Self::new(
-            StatusCode::FORBIDDEN,
-            "blocked-by-policy",
-            format!("{method} {host}{path} is blocked by the inspection rule \"{rule}\"."),
-        )
-        .html("Blocked by policy")
-    }
-
-    /// Renders the message as a small HTML page instead of plain text.
-    fn html(mut self, title: &'static str) -> Self {
-        self.page = Some(title);
-        self
-    }
-
-    /// The upstream could not be reached.
-    pub fn upstream(e: ProxyError) -> Self {
-        let (status, code) = match e {
-            ProxyError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream-unreachable"),
-            ProxyError::Forbidden(_) | ProxyError::Denied { .. } => (StatusCode::FORBIDDEN, "destination-denied"),
-            _ => (StatusCode::BAD_GATEWAY, "upstream-unreachable"),
-        };
-        match status {
-            // The client asked for something policy forbids: its doing, not an upstream failure.
-            StatusCode::FORBIDDEN => tracing::info!(error = %e, "destination refused"),
-            _ => tracing::warn!(side = ?e.side(), error = %e, "upstream request failed"),
-        }
-        Self::new(status, code, e.to_string())
-    }
-
-    fn upstream_http(target: &Target, e: hyper::Error) -> Self {
-        Self::upstream(ProxyError::UpstreamHttp { target: target.to_string(), reason: e.to_string() })
-    }
-
-    /// The response.
-    pub fn into_response(self) -> Response<Body> {
-        let (text, content_type) = match self.page {
-            Some(title) => (
-                format!(
-                    "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{title}</title></head>\n<body><h1>{title}</h1>\n<p>{}</p>\n<p><small>tollgate</small></p></body></html>\n",
-                    escape_html(&self.message)
-                ),
-                "text/html; charset=utf-8",
-            ),
-            None => (format!("tollgate: {}\n", self.message), "text/plain; charset=utf-8"),
-        };
-        let body = Full::new(Bytes::from(text)).map_err(|never: Infallible| match never {}).boxed_unsync();
-        let mut response = Response::new(body);
-        *response.status_mut() = self.status;
-        let headers = response.headers_mut();
-        headers.insert(ERROR_HEADER, HeaderValue::from_static(self.code));
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        response
-    }
-}
-
-/// Text made safe to put in HTML, attribute values included.
-pub(crate) fn escape_html(text: &str) -> String {
-    let mut out = String::with_capacity(text.len() + 16);
-    for c in text.chars() {
-        match c {
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '&' => out.push_str("&amp;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 /// The facts of one request, logged as one JSON line when its response body ends.
@@ -610,7 +518,7 @@ mod tests {
         let req = Request::builder()
             .uri("/a?b=1")
             .header(header::HOST, "origin.test:8443")
-            .body(Full::new(Bytes::new()).map_err(|never: Infallible| match never {}).boxed_unsync())
+            .body(http_body_util::Full::new(Bytes::new()).map_err(|never: Infallible| match never {}).boxed_unsync())
             .unwrap();
         let h2 = prepare_request(req, &target, true, false);
         assert_eq!(h2.uri().to_string(), "https://origin.test:8443/a?b=1");

@@ -18,9 +18,9 @@ use tokio_rustls::StartHandshake;
 
 use super::http::Upstream;
 use super::tls::{H2, HTTP11, SuiteOrder, server_config};
-use super::upstream::{Route, Upstreams};
+use super::upstream::{Origin, Route, Upstreams};
 use super::{ConnCtx, Proxy, ProxyError, Relaying, Side, Target};
-use crate::config::{Config, ConfigError, OriginConfig};
+use crate::config::{Config, ConfigError, InboundConfig};
 use crate::keys::rustls::{InFlight, RustlsKey};
 use crate::pki::{CertStore, Keyring};
 
@@ -33,11 +33,8 @@ pub struct InboundSites {
 /// One protected server.
 pub struct InboundSite {
     pub host: String,
-    /// Position in the configuration (pool key).
-    pub index: usize,
-    pub origin: OriginConfig,
-    /// TLS to the origin (validated with its roots); `None` for plain HTTP.
-    pub origin_tls: Option<Arc<rustls::ClientConfig>>,
+    /// The origin behind it.
+    pub origin: Arc<Origin>,
     /// Client-facing configs: tollgate's suite order, then the client's (see `SuiteOrder`).
     servers: [Arc<ServerConfig>; 2],
 }
@@ -65,7 +62,7 @@ impl InboundSites {
         let mut by_host = HashMap::new();
         for (index, site) in config.inbound.iter().enumerate() {
             let origin_tls = match site.origin.tls {
-                true => Some(origin_client(config, index, &site.origin, provider)?),
+                true => Some(origin_client(config, index, site, provider)?),
                 false => None,
             };
             let Some(entry) =
@@ -91,11 +88,10 @@ impl InboundSites {
                 Ok(Arc::new(server))
             };
             tracing::info!(host = %site.host, certificate = %entry.name, origin = %format!("{}:{}", site.origin.host, site.origin.port), "inbound host served");
+            let origin = Origin { index, host: site.origin.host.clone(), port: site.origin.port, tls: origin_tls };
             let site = InboundSite {
                 host: site.host.clone(),
-                index,
-                origin: site.origin.clone(),
-                origin_tls,
+                origin: Arc::new(origin),
                 servers: [server(SuiteOrder::Server)?, server(SuiteOrder::Client)?],
             };
             by_host.insert(site.host.clone(), Arc::new(site));
@@ -126,8 +122,7 @@ where
     let site = hello.sni.as_deref().and_then(|sni| proxy.inbound.get(sni)).cloned();
     let Some(site) = site else {
         let host = hello.sni.clone().unwrap_or_default();
-        let _ = StartHandshake::from_parts(accepted, io).into_stream(proxy.server_tls.refuse()).await;
-        return Err(ProxyError::NoSite(host));
+        return Err(super::respond::refuse_handshake(proxy, accepted, io, ProxyError::NoSite(host)).await);
     };
     let client = tokio::time::timeout(
         proxy.handshake_timeout,
@@ -142,8 +137,8 @@ where
     .map_err(ProxyError::ClientTls)?;
     let target = Target { host: site.host.clone(), port: 443, addr: None };
     let upstream = Upstream {
-        key: Upstreams::inbound_key(&site),
-        route: Route::Inbound(site),
+        key: Upstreams::origin_key(&site.origin),
+        route: Route::Origin(site.origin.clone()),
         first: None,
         pin: None,
         label: "inbound".into(),
@@ -172,12 +167,12 @@ fn certified_key(
 fn origin_client(
     config: &Config,
     index: usize,
-    origin: &OriginConfig,
+    site: &InboundConfig,
     provider: &Arc<CryptoProvider>,
 ) -> Result<Arc<rustls::ClientConfig>, ConfigError> {
     let field = format!("inbound[{index}].ca_bundle");
     let mut roots = rustls::RootCertStore::empty();
-    match &origin.ca_bundle {
+    match &site.ca_bundle {
         Some(bundle) => {
             let certs = CertificateDer::pem_file_iter(bundle)
                 .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())

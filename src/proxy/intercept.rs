@@ -8,6 +8,7 @@ use rustls::server::Accepted;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::StartHandshake;
 
+use super::respond::refuse_handshake as refuse;
 use super::tls::{ClientHelloInfo, Verdict};
 use super::upstream::{Peer, Route, Upstreams};
 use super::{ConnCtx, Proxy, ProxyError, Relaying, Side, Target};
@@ -152,25 +153,6 @@ async fn mint(proxy: &Proxy, target: &Target, peer: &Peer, trusted: bool) -> Res
             METRICS.mint_errors_total.fetch_add(1, Relaxed);
         })
         .map_err(mint_err)
-}
-
-/// Ends the client handshake with a `handshake_failure` alert and returns the reason.
-async fn refuse<IO>(proxy: &Proxy, accepted: Accepted, io: IO, reason: ProxyError) -> ProxyError
-where
-    IO: AsyncRead + AsyncWrite + Unpin,
-{
-    let _ = tokio::time::timeout(
-        proxy.handshake_timeout,
-        StartHandshake::from_parts(accepted, io).into_stream(proxy.server_tls.refuse()),
-    )
-    .await;
-    reason
-}
-
-/// SHA-256 of `bytes`.
-pub fn sha256(bytes: &[u8]) -> [u8; 32] {
-    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
-    digest.as_ref().try_into().expect("SHA-256 is 32 bytes")
 }
 
 #[cfg(test)]

@@ -8,12 +8,12 @@ pub mod http;
 pub mod idle;
 pub mod inbound;
 pub mod intercept;
+pub mod respond;
 pub mod tls;
 pub mod transparent;
 pub mod tunnel;
 pub mod upstream;
 
-use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,12 +22,15 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
-use crate::config::{Config, ListenerConfig, ListenerMode};
+use crate::config::{Config, ListenerConfig, ListenerMode, Resolve};
 use crate::pki::cache::LeafCache;
 use crate::pki::mint::{Ca, MintError};
 use crate::policy::Policy;
 use crate::telemetry::ConnectionGuard;
 use tls::{HelloError, ServerTls, UpstreamTls};
+
+/// Body type of everything tollgate sends, relayed or its own.
+pub type Body = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, hyper::Error>;
 
 /// Which side of a connection an error came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -179,7 +182,7 @@ pub struct Proxy {
     pub server_tls: ServerTls,
     pub upstreams: upstream::Upstreams,
     pub inbound: inbound::InboundSites,
-    resolve: BTreeMap<(String, u16), SocketAddr>,
+    resolve: Resolve,
     /// Our own sockets: never a destination (no loops, no reaching management via the proxy).
     own: Vec<SocketAddr>,
     /// Networks clients may not reach (`[policy] deny_destinations`).
@@ -212,7 +215,7 @@ impl Proxy {
         let mut own: Vec<SocketAddr> = config.listeners.iter().map(|l| l.listen).collect();
         own.push(config.management.listen);
         Ok(Self {
-            policy: Policy::new(config)?,
+            policy: Policy::new(config),
             cas,
             cache: LeafCache::new(config.mint.cache_capacity),
             upstream_tls: UpstreamTls::new(&config.upstream, &config.path, &provider)?,
@@ -352,11 +355,7 @@ impl Proxy {
 
     /// The `[resolve]` override for a target: exact host first, then `*.parent`.
     fn resolve_override(&self, target: &Target) -> Option<SocketAddr> {
-        if let Some(addr) = self.resolve.get(&(target.host.clone(), target.port)) {
-            return Some(*addr);
-        }
-        let (_, parent) = target.host.split_once('.')?;
-        self.resolve.get(&(format!("*.{parent}"), target.port)).copied()
+        self.resolve.get(&target.host, target.port)
     }
 
     fn is_own(&self, addr: SocketAddr) -> bool {
@@ -495,7 +494,7 @@ where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let secs = proxy.handshake_timeout.as_secs();
-    tokio::time::timeout(proxy.handshake_timeout, tls::read_client_hello(io))
+    tokio::time::timeout(proxy.handshake_timeout, tls::read_client_hello(io, proxy.handshake_timeout))
         .await
         .map_err(|_| ProxyError::Timeout { phase: "ClientHello", secs, side: Side::Client })?
         .map_err(ProxyError::from)
@@ -508,18 +507,6 @@ pub struct ConnCtx {
     pub mode: ListenerMode,
     /// `sni` mode: the port to connect upstream.
     pub upstream_port: u16,
-}
-
-impl ListenerMode {
-    /// For logs.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Explicit => "explicit",
-            Self::Sni => "sni",
-            Self::Transparent => "transparent",
-            Self::Inbound => "inbound",
-        }
-    }
 }
 
 #[cfg(test)]

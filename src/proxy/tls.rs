@@ -14,10 +14,10 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::{Accepted, Acceptor, ClientHello, ResolvesServerCert, ServerSessionMemoryCache};
 use rustls::sign::CertifiedKey;
 use rustls::{CipherSuite, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
-use super::intercept::sha256;
 use crate::config::{ConfigError, UntrustedAction, UpstreamConfig};
+use crate::keys::sha256;
 use crate::pki::mint::Minted;
 
 /// The largest ClientHello we wait for.
@@ -127,8 +127,12 @@ impl ClientHelloInfo {
 }
 
 /// Reads the ClientHello. Returns rustls' accepted state (which holds every byte read, for
-/// the handshake) and a copy of those bytes (for a passthrough tunnel).
-pub async fn read_client_hello<IO>(io: &mut IO) -> Result<(Accepted, ClientHelloInfo, Vec<u8>), HelloError>
+/// the handshake) and a copy of those bytes (for a passthrough tunnel). A malformed one is
+/// answered with the alert rustls chose, within `deadline`.
+pub async fn read_client_hello<IO>(
+    io: &mut IO,
+    deadline: std::time::Duration,
+) -> Result<(Accepted, ClientHelloInfo, Vec<u8>), HelloError>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
@@ -157,10 +161,8 @@ where
                 return Ok((accepted, info, seen));
             }
             Ok(None) => continue,
-            Err((e, mut alert)) => {
-                let mut out = Vec::new();
-                let _ = alert.write_all(&mut out);
-                let _ = io.write_all(&out).await;
+            Err((e, alert)) => {
+                super::respond::send_alert(io, alert, deadline).await;
                 return Err(HelloError::Malformed(e));
             }
         }

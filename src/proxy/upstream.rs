@@ -16,10 +16,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use parking_lot::Mutex;
 use rustls::pki_types::{CertificateDer, ServerName};
 
-use super::http::Body;
 use super::idle::Deadlines;
 use super::tls::{H2, UpstreamTls, Verdict};
-use super::{Proxy, ProxyError, Side, Target};
+use super::{Body, Proxy, ProxyError, Side, Target};
+use crate::keys::sha256;
 use crate::telemetry::METRICS;
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -54,7 +54,7 @@ pub struct PoolKey {
     addr: Option<std::net::SocketAddr>,
     /// Forward: index of the ALPN offer class (none, http/1.1, h2+http/1.1).
     offer: usize,
-    /// Inbound: the site's index (its own origin TLS settings).
+    /// Configured origins: the origin's index (its own TLS settings).
     site: Option<usize>,
     /// Forward: the data-plane thread asking. Each thread keeps its own upstream connections
     /// (their tasks run on its runtime), so a request never wakes another thread. Inbound
@@ -68,9 +68,19 @@ pub enum Route {
     /// Forward interception: TLS to the target with the client's ALPN offer, always
     /// validated; the verdict picks the CA.
     Forward { target: Target, client_alpn: Vec<Vec<u8>> },
-    /// Inbound inspection: the site's origin, over TLS validated with the site's roots (system
-    /// or a pinned CA), or plain HTTP.
-    Inbound(Arc<super::inbound::InboundSite>),
+    /// Inbound inspection: an origin the operator configured, over TLS validated with its own
+    /// roots (system or a pinned CA), or plain HTTP.
+    Origin(Arc<Origin>),
+}
+
+/// An origin the operator configured (an `[[inbound]]` site's), as the pool knows it.
+pub struct Origin {
+    /// Its position in the configuration: its pool key, since its TLS settings are its own.
+    pub index: usize,
+    pub host: String,
+    pub port: u16,
+    /// TLS to it, validated with its own roots; `None` for plain HTTP.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 #[derive(Default)]
@@ -130,10 +140,10 @@ impl Upstreams {
         PoolKey { host: target.host.clone(), port: target.port, addr: target.addr, offer, site: None, home }
     }
 
-    /// The pool key of an inbound site's origin.
-    pub fn inbound_key(site: &super::inbound::InboundSite) -> PoolKey {
-        let (host, port) = (site.origin.host.clone(), site.origin.port);
-        PoolKey { host, port, addr: None, offer: 0, site: Some(site.index), home: None }
+    /// The pool key of a configured origin.
+    pub fn origin_key(origin: &Origin) -> PoolKey {
+        let (host, port) = (origin.host.clone(), origin.port);
+        PoolKey { host, port, addr: None, offer: 0, site: Some(origin.index), home: None }
     }
 
     /// A sender to `key`'s upstream: a pooled one when available (matching `fingerprint` when
@@ -150,7 +160,7 @@ impl Upstreams {
         }
         let lease = match route {
             Route::Forward { target, client_alpn } => dial_forward(proxy, target, client_alpn).await?,
-            Route::Inbound(site) => dial_inbound(proxy, site).await?,
+            Route::Origin(origin) => dial_origin(proxy, origin).await?,
         };
         if let Some(expected) = fingerprint
             && lease.peer.fingerprint != expected
@@ -289,7 +299,7 @@ impl Peer {
     /// An inbound origin, trusted by the site's own config (its TLS validated by the site's
     /// roots, or plain HTTP): never a verdict of its own.
     fn inbound(chain: Vec<CertificateDer<'static>>, alpn: Option<Vec<u8>>) -> Arc<Self> {
-        let fingerprint = chain.first().map_or([0; 32], |leaf| super::intercept::sha256(leaf));
+        let fingerprint = chain.first().map_or([0; 32], |leaf| sha256(leaf));
         let verdict = Mutex::new((Verdict::Trusted, Instant::now()));
         Arc::new(Peer { name: None, chain, fingerprint, alpn, verdict })
     }
@@ -333,19 +343,19 @@ async fn dial_forward(proxy: &Proxy, target: &Target, client_alpn: &[Vec<u8>]) -
     let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
     let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
     let verdict = proxy.upstream_tls.handshake_verdict(&name, &chain, resumed);
-    let fingerprint = super::intercept::sha256(chain.first().map(|c| c.as_ref()).unwrap_or_default());
+    let fingerprint = sha256(chain.first().map(|c| c.as_ref()).unwrap_or_default());
     let peer =
         Arc::new(Peer { name: Some(name), chain, fingerprint, alpn, verdict: Mutex::new((verdict, Instant::now())) });
     let sender = http_handshake(target, TokioIo::new(stream), peer.alpn.as_deref() == Some(H2)).await?;
     Ok(Lease { sender, peer })
 }
 
-/// Connects to an inbound site's origin: TLS validated by the site's own config (a failure is
-/// an error, never a verdict), or plain HTTP.
-async fn dial_inbound(proxy: &Proxy, site: &super::inbound::InboundSite) -> Result<Lease, ProxyError> {
-    let target = Target { host: site.origin.host.clone(), port: site.origin.port, addr: None };
+/// Connects to a configured origin: TLS validated by its own config (a failure is an error,
+/// never a verdict), or plain HTTP.
+async fn dial_origin(proxy: &Proxy, origin: &Origin) -> Result<Lease, ProxyError> {
+    let target = Target { host: origin.host.clone(), port: origin.port, addr: None };
     let tcp = Deadlines::new(proxy.dial_origin(&target).await?).read_deadline(proxy.read_timeout);
-    let Some(config) = &site.origin_tls else {
+    let Some(config) = &origin.tls else {
         let sender = http_handshake(&target, TokioIo::new(tcp), false).await?;
         return Ok(Lease { sender, peer: Peer::plain() });
     };

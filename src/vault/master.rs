@@ -16,7 +16,7 @@ use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
 use super::SealingKey;
-use crate::hsm::Hsm;
+use crate::hex;
 use crate::state::StateDir;
 
 /// The state file.
@@ -56,6 +56,42 @@ pub struct HsmWrapped {
     pub ciphertext: String,
 }
 
+impl HsmWrapped {
+    /// The master key encrypted by wrapping key `generation`: what the HSM's encryption gave.
+    pub fn new(generation: u32, iv: &[u8; 12], ciphertext: &[u8]) -> Self {
+        Self { generation, iv: hex::encode(iv), ciphertext: hex::encode(ciphertext) }
+    }
+
+    /// The label of the wrapping key on the HSM.
+    pub fn label(&self) -> String {
+        wrap_label(self.generation)
+    }
+
+    /// The 96-bit IV.
+    pub fn iv(&self) -> Result<[u8; 12], String> {
+        hex::decode(&self.iv)?.try_into().map_err(|_| "IV is not 12 bytes".into())
+    }
+
+    /// The ciphertext and tag.
+    pub fn ciphertext(&self) -> Result<Vec<u8>, String> {
+        hex::decode(&self.ciphertext)
+    }
+
+    /// The associated data binding it to its generation.
+    pub fn aad(&self) -> Vec<u8> {
+        aad(self.generation)
+    }
+}
+
+/// Decrypts a master key wrapped on the HSM: the HSM layer's AES-GCM decryption, passed in by
+/// the caller, so the vault never knows the HSM.
+pub type Unwrap<'a> = &'a dyn Fn(&HsmWrapped) -> Result<Zeroizing<Vec<u8>>, String>;
+
+/// The label of wrapping key `generation` on the HSM.
+pub fn wrap_label(generation: u32) -> String {
+    format!("{WRAP_PREFIX}{generation}")
+}
+
 /// `tollgate master-key status --json`.
 #[derive(Clone, Debug, Serialize)]
 pub struct MasterKeyStatus {
@@ -83,7 +119,7 @@ pub const DEVICE_PURPOSE: &str = "tollgate master key";
 
 /// A fresh random master key.
 pub fn generate() -> Zeroizing<[u8; 32]> {
-    Zeroizing::new(rand::random())
+    Zeroizing::new(crate::keys::random())
 }
 
 /// Whether `now` is inside the reminder window of a key expiring at `expires` (or past it).
@@ -125,19 +161,20 @@ pub fn load(state: &StateDir) -> Result<Option<MasterKeyFile>, String> {
     serde_json::from_slice(&bytes).map(Some).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// The master key, opened: unwrapped by the HSM, or unsealed with the device key.
-pub fn open_key(state: &StateDir, file: &MasterKeyFile, hsm: Option<&Hsm>) -> Result<Zeroizing<[u8; 32]>, String> {
+/// The master key, opened: unwrapped by the HSM (`unwrap`), or unsealed with the device key.
+pub fn open_key(
+    state: &StateDir,
+    file: &MasterKeyFile,
+    unwrap: Option<Unwrap<'_>>,
+) -> Result<Zeroizing<[u8; 32]>, String> {
     let bytes = match (&file.hsm, &file.device_sealed) {
         (Some(wrapped), _) => {
-            let hsm = hsm.ok_or("the master key is HSM-encrypted and no HSM is open")?;
-            let iv: [u8; 12] = unhex(&wrapped.iv)?.try_into().map_err(|_| "IV is not 12 bytes")?;
-            let label = format!("{WRAP_PREFIX}{}", wrapped.generation);
-            hsm.unwrap(&label, &iv, &aad(wrapped.generation), &unhex(&wrapped.ciphertext)?)
-                .map_err(|e| format!("unwrapping with {label}: {e}"))?
+            let unwrap = unwrap.ok_or("the master key is HSM-encrypted and no HSM is open")?;
+            unwrap(wrapped).map_err(|e| format!("unwrapping with {}: {e}", wrapped.label()))?
         }
         (None, Some(sealed)) => {
             let key = device_key(state).map_err(|e| e.to_string())?;
-            key.open(DEVICE_PURPOSE, &unhex(sealed)?).ok_or("the device key does not open the master key")?
+            key.open(DEVICE_PURPOSE, &hex::decode(sealed)?).ok_or("the device key does not open the master key")?
         }
         (None, None) => return Err("no master key is stored".into()),
     };
@@ -147,19 +184,19 @@ pub fn open_key(state: &StateDir, file: &MasterKeyFile, hsm: Option<&Hsm>) -> Re
 
 /// The per-installation device key (created on first use).
 pub fn device_key(state: &StateDir) -> Result<SealingKey, super::VaultError> {
-    SealingKey::load_or_create(&state.path("device.key"))
+    SealingKey::load_or_create(&super::device_key_file(state.root()))
 }
 
 /// Seals `secret` under `master` as secret `name` (hex, for the file).
 pub fn seal_secret(master: &[u8; 32], name: &str, secret: &[u8]) -> String {
     let key = SealingKey::from_bytes(Zeroizing::new(*master));
-    hex(&key.seal(&secret_purpose(name), secret))
+    hex::encode(&key.seal(&secret_purpose(name), secret))
 }
 
 /// Opens secret `name` (hex from the file) with `master`.
 pub fn open_secret(master: &[u8; 32], name: &str, sealed: &str) -> Result<Zeroizing<Vec<u8>>, String> {
     let key = SealingKey::from_bytes(Zeroizing::new(*master));
-    key.open(&secret_purpose(name), &unhex(sealed)?)
+    key.open(&secret_purpose(name), &hex::decode(sealed)?)
         .ok_or_else(|| format!("secret {name:?} does not open with the master key (corrupt or tampered with)"))
 }
 
@@ -171,11 +208,11 @@ pub struct Vault {
 }
 
 impl Vault {
-    /// Opens the master key (asking the HSM when it is HSM-encrypted). `Ok(None)` when no
+    /// Opens the master key (through `unwrap` when it is HSM-encrypted). `Ok(None)` when no
     /// master key exists yet.
-    pub fn open(state: &StateDir, hsm: Option<&Hsm>) -> Result<Option<Self>, String> {
+    pub fn open(state: &StateDir, unwrap: Option<Unwrap<'_>>) -> Result<Option<Self>, String> {
         let Some(file) = load(state)? else { return Ok(None) };
-        let key = open_key(state, &file, hsm).map_err(|e| format!("the master key does not open: {e}"))?;
+        let key = open_key(state, &file, unwrap).map_err(|e| format!("the master key does not open: {e}"))?;
         Ok(Some(Self { key, secrets: file.secrets }))
     }
 
@@ -185,29 +222,19 @@ impl Vault {
     }
 }
 
-/// Lower-case hex.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Parses hex; the error never repeats the input (it may be secret).
-pub fn unhex(text: &str) -> Result<Vec<u8>, String> {
-    if !text.len().is_multiple_of(2) {
-        return Err(format!("expected an even number of hex digits, got {}", text.len()));
-    }
-    if let Some(at) = text.bytes().position(|b| !b.is_ascii_hexdigit()) {
-        return Err(format!("character {} is not a hex digit", at + 1));
-    }
-    Ok((0..text.len()).step_by(2).filter_map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok()).collect())
-}
-
 /// Stops the process at a named step when `TOLLGATE_FAILPOINT` names it: how the crash-safety
-/// tests kill a rotation at every step.
+/// tests kill a rotation at every step. Compiled only into test builds (the `failpoints`
+/// feature, which `deploy/test` enables); in every other build it is nothing.
+#[cfg(feature = "failpoints")]
 pub fn failpoint(name: &str) {
     if std::env::var("TOLLGATE_FAILPOINT").is_ok_and(|v| v == name) {
         std::process::abort();
     }
 }
+
+/// See the `failpoints` build: nothing here.
+#[cfg(not(feature = "failpoints"))]
+pub fn failpoint(_name: &str) {}
 
 #[cfg(test)]
 mod tests {
@@ -220,7 +247,6 @@ mod tests {
         assert_eq!(open_secret(&key, "cert-key:a", &sealed).unwrap().as_slice(), b"private");
         assert!(open_secret(&key, "cert-key:b", &sealed).is_err(), "sealed for another name");
         assert!(open_secret(&generate(), "cert-key:a", &sealed).is_err(), "another master key");
-        assert!(!unhex("zz").unwrap_err().contains("zz"), "hex errors never echo the input");
     }
 
     #[test]

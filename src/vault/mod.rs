@@ -8,13 +8,20 @@
 //! Sealed blobs are `TGS1 ‖ nonce (12) ‖ AES-256-GCM(ciphertext ‖ tag)`, with associated data
 //! naming what the secret is for, so one sealed secret cannot be passed off as another.
 
-use std::path::Path;
+//!
+//! It also opens the secrets the configuration points at (`config::SecretSource`): a file, an
+//! environment variable, or a partition password sealed here. It knows nothing of the HSM: a
+//! master key wrapped on the HSM is unwrapped by a function the caller passes in.
+
+use std::path::{Path, PathBuf};
 
 pub mod master;
 
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use secrecy::SecretString;
 use zeroize::Zeroizing;
 
+use crate::config::SecretSource;
 use crate::state::{Mode, write_atomic};
 
 const MAGIC: &[u8; 4] = b"TGS1";
@@ -26,6 +33,71 @@ pub enum VaultError {
     File { path: String, reason: String },
     #[error("{path}: cannot be opened with this device key (corrupt, or sealed for something else)")]
     Open { path: String },
+    #[error("{what} ({from}): {reason}")]
+    Secret { what: String, from: String, reason: String },
+}
+
+/// Reads the secret `source` points at; `what` names it in errors. Trailing newlines of files
+/// are not part of it; an empty secret is an error.
+pub fn load(source: &SecretSource, what: &str) -> Result<SecretString, VaultError> {
+    let err = |reason: String| VaultError::Secret { what: what.to_string(), from: source.to_string(), reason };
+    let mut value = Zeroizing::new(match source {
+        SecretSource::File(path) => std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?,
+        SecretSource::Env(var) => std::env::var(var).map_err(|_| err("not set".into()))?,
+        SecretSource::SealedPin { state_dir, server } => {
+            let file = sealed_pin_file(state_dir, server);
+            if !file.exists() {
+                return Err(err(format!(
+                    "none stored ({} missing): set pin_file or pin_env, or run `tollgate hsm login`",
+                    file.display()
+                )));
+            }
+            let key = SealingKey::load(&device_key_file(state_dir)).map_err(|e| err(e.to_string()))?;
+            let bytes = key.open_from(&file, &pin_purpose(server)).map_err(|e| err(e.to_string()))?;
+            String::from_utf8(bytes.to_vec()).map_err(|_| err("sealed value is not UTF-8".into()))?
+        }
+    });
+    let trimmed_len = value.trim_end_matches(['\r', '\n']).len();
+    value.truncate(trimmed_len);
+    if value.is_empty() {
+        return Err(err("empty".into()));
+    }
+    Ok(SecretString::from(value.to_string()))
+}
+
+/// Seals an HSM server's partition password in the state directory (under the device key,
+/// created when missing); where it went.
+pub fn seal_pin(state_dir: &Path, server: &str, pin: &SecretString) -> Result<PathBuf, VaultError> {
+    use secrecy::ExposeSecret;
+    let key = SealingKey::load_or_create(&device_key_file(state_dir))?;
+    let file = sealed_pin_file(state_dir, server);
+    key.seal_to(&file, &pin_purpose(server), pin.expose_secret().as_bytes())?;
+    Ok(file)
+}
+
+/// Removes a sealed partition password; whether there was one.
+pub fn remove_sealed_pin(state_dir: &Path, server: &str) -> Result<bool, VaultError> {
+    let file = sealed_pin_file(state_dir, server);
+    match std::fs::remove_file(&file) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(file_err(&file, e)),
+    }
+}
+
+/// Where `tollgate hsm login` seals a server's partition password.
+pub fn sealed_pin_file(state_dir: &Path, server: &str) -> PathBuf {
+    state_dir.join("hsm").join(format!("{server}.pin.sealed"))
+}
+
+/// The per-installation device key.
+pub fn device_key_file(state_dir: &Path) -> PathBuf {
+    state_dir.join("device.key")
+}
+
+/// Associated data of a sealed partition password: it opens for this server only.
+fn pin_purpose(server: &str) -> String {
+    format!("tollgate hsm partition password:{server}")
 }
 
 /// An AES-256-GCM key that seals secrets: the device key or the master key.
@@ -42,7 +114,7 @@ impl SealingKey {
     /// Reads the device key, creating it (random, 0600) when absent.
     pub fn load_or_create(path: &Path) -> Result<Self, VaultError> {
         if !path.exists() {
-            let key: Zeroizing<[u8; 32]> = Zeroizing::new(rand::random());
+            let key: Zeroizing<[u8; 32]> = Zeroizing::new(crate::keys::random());
             write_atomic(path, key.as_slice(), Mode::Secret).map_err(|e| file_err(path, e))?;
         }
         Self::load(path)
@@ -57,7 +129,7 @@ impl SealingKey {
 
     /// Seals `secret` for `purpose`: `TGS1 ‖ nonce ‖ ciphertext ‖ tag`.
     pub fn seal(&self, purpose: &str, secret: &[u8]) -> Vec<u8> {
-        let nonce: [u8; NONCE_LEN] = rand::random();
+        let nonce: [u8; NONCE_LEN] = crate::keys::random();
         let mut buf = Zeroizing::new(secret.to_vec());
         self.cipher()
             .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(purpose.as_bytes()), &mut *buf)
