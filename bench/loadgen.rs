@@ -366,7 +366,8 @@ async fn idle(target: TargetArgs, n: usize) -> serde_json::Value {
 
 fn mint_rate(config: &std::path::Path, concurrent: usize, duration: Duration) -> serde_json::Value {
     let config = tollgate::config::Config::load(config).expect("config");
-    let hsm = Arc::new(tollgate::hsm::Hsm::open_strict(&config.hsm).expect("HSM"));
+    let hsm = Arc::new(tollgate::hsm::Hsm::open(&config.hsm));
+    hsm.require_up().expect("HSM");
     let state = tollgate::state::StateDir::open(&config.state_dir).expect("state");
     let store = tollgate::pki::CertStore::load(&state).expect("store");
     let keys = tollgate::pki::Keyring::new(&state, Some(&hsm));

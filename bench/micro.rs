@@ -48,7 +48,8 @@ fn hsm_bench() -> Option<HsmBench> {
         return None;
     };
     let config = tollgate::config::Config::load(path.as_ref()).expect("bench config");
-    let hsm = Arc::new(tollgate::hsm::Hsm::open_strict(&config.hsm).expect("HSM"));
+    let hsm = Arc::new(tollgate::hsm::Hsm::open(&config.hsm));
+    hsm.require_up().expect("HSM");
     let state = tollgate::state::StateDir::open(&config.state_dir).unwrap();
     let store = tollgate::pki::CertStore::load(&state).unwrap();
     let keys = tollgate::pki::Keyring::new(&state, Some(&hsm));

@@ -38,6 +38,8 @@ pub enum AppError {
     Signal(#[source] std::io::Error),
     #[error("starting the data-plane threads: {0}")]
     Threads(#[source] std::io::Error),
+    #[error("opening the HSM: {0}")]
+    Task(#[source] tokio::task::JoinError),
 }
 
 impl AppError {
@@ -48,25 +50,35 @@ impl AppError {
 }
 
 /// Checks what `run` would check before binding sockets, without touching the HSM.
-pub fn check(config: &Config) -> Result<(), AppError> {
+pub fn check(config: &Config) -> Result<(), ConfigError> {
     if config.listener(ListenerMode::Inbound).is_some() && config.inbound.is_empty() {
-        return Err(AppError::Config(ConfigError::Invalid {
+        return Err(ConfigError::Invalid {
             path: config.path.clone(),
             field: "inbound".into(),
             reason: "an inbound listener needs at least one [[inbound]] host".into(),
-        }));
+        });
     }
     Proxy::new(config, Cas::default(), Default::default())?;
     Ok(())
 }
 
 /// Runs the proxy until SIGTERM or SIGINT (then drains); SIGHUP reloads the configuration.
+///
+/// The management API comes up first, so `/readyz` answers (503) while the HSM is opened and
+/// the listeners bound; it answers 200 once all of them are, and 503 again while draining.
 pub async fn run(config: Config) -> Result<(), AppError> {
     check(&config)?;
+    if let Some(source) = &config.management_token() {
+        // A configured token that cannot be read is bad input (secrets are not read by --check,
+        // which runs where they may not exist).
+        crate::vault::load(source, "management API token").map_err(|e| ConfigError::Invalid {
+            path: config.path.clone(),
+            field: "management.token_file".into(),
+            reason: e.to_string(),
+        })?;
+    }
+    let config = Arc::new(config);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let hsm = Arc::new(Hsm::open(&config.hsm));
-    hsm.start_recovery();
-
     let management = TcpListener::bind(config.management.listen).await.map_err(|source| AppError::Bind {
         what: "management listener".into(),
         addr: config.management.listen,
@@ -74,27 +86,19 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     })?;
     let management_addr = management.local_addr().unwrap_or(config.management.listen);
     let bypass = Arc::new(crate::proxy::bypass::Bypass::new(Duration::from_secs(config.policy.learn_bypass_secs)));
-    if let Some(source) = &config.management_token() {
-        // A configured token that cannot be read is bad input.
-        crate::vault::load(source, "management API token").map_err(|e| {
-            AppError::Config(ConfigError::Invalid {
-                path: config.path.clone(),
-                field: "management.token_file".into(),
-                reason: e.to_string(),
-            })
-        })?;
-    }
-    tracing::info!(mode = "management", addr = %management_addr, "listening");
-    let api_state = Arc::new(ApiState {
-        hsm: hsm.clone(),
-        state_dir: config.state_dir.clone(),
-        bypass: bypass.clone(),
-        config_path: config.path.clone(),
-        token: std::sync::RwLock::new(load_api_token(&config, &hsm)),
-    });
+    let api = Arc::new(ApiState::new(config.clone(), bypass.clone()));
     // Published before the management API serves, so the first scrape already sees it.
     watch_master_key_expiry(&config.state_dir);
-    tokio::spawn(api::serve(management, api_state.clone()));
+    tokio::spawn(api::serve(management, api.clone()));
+    tracing::info!(mode = "management", addr = %management_addr, "listening");
+
+    // Logging in to a network HSM can take a while: the API keeps answering meanwhile.
+    let hsm = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || Arc::new(Hsm::open(&config.hsm))).await.map_err(AppError::Task)?
+    };
+    hsm.start_recovery();
+    api.set_hsm(hsm.clone());
 
     let io = IoThreads::start(config.limits.io_threads)?;
     let mut listeners = Listeners::default();
@@ -102,6 +106,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     proxy.set_bypass(bypass.clone());
     let bound = listeners.bind(&config, io.handles.len()).map_err(|(_, e)| e)?;
     listeners.own_addresses(&mut proxy, &bound, management_addr);
+    api.readiness.set_forward_trust_ca(proxy.forward_ca_ready());
     let (proxies, _) = watch::channel(Arc::new(proxy));
     let state_dir = config.state_dir.clone();
     tokio::spawn(async move {
@@ -111,6 +116,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         }
     });
     listeners.start(bound, &proxies, &io);
+    api.readiness.set_listeners_bound(true);
     let mut current = config;
     let mut term = signal(SignalKind::terminate()).map_err(AppError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(AppError::Signal)?;
@@ -128,16 +134,22 @@ pub async fn run(config: Config) -> Result<(), AppError> {
                     let mut proxy = proxy;
                     proxy.set_bypass(bypass.clone());
                     let bound = match listeners.bind(&next, io.handles.len()) {
-                        Ok(bound) => bound,
+                        Ok(bound) => {
+                            api.readiness.set_listeners_bound(true);
+                            bound
+                        }
                         Err((bound, e)) => {
                             tracing::error!(error = %e, "reload: a listener could not be bound; the others run");
+                            api.readiness.set_listeners_bound(false);
                             bound
                         }
                     };
                     listeners.own_addresses(&mut proxy, &bound, management_addr);
+                    api.readiness.set_forward_trust_ca(proxy.forward_ca_ready());
                     let _ = proxies.send(Arc::new(proxy));
                     listeners.start(bound, &proxies, &io);
-                    *api_state.token.write().unwrap_or_else(|e| e.into_inner()) = load_api_token(&next, &hsm);
+                    let next = Arc::new(next);
+                    api.reload(next.clone());
                     current = next;
                     tracing::info!(config = %current.path.display(), "configuration reloaded");
                 }
@@ -145,21 +157,15 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             },
         }
     }
+    api.readiness.set_draining();
     drain(listeners, &shutdown_tx, Duration::from_secs(current.limits.shutdown_grace_secs)).await;
     Ok(())
 }
 
-/// The management API token (configured file, or sealed under the master key). A sealed one
-/// that cannot be opened now (HSM down) leaves changes refused until the next SIGHUP; the data
-/// plane does not wait for it.
-fn load_api_token(config: &Config, hsm: &Arc<Hsm>) -> Option<secrecy::SecretString> {
-    match crate::manage::api_token(config, Some(hsm)) {
-        Ok(token) => token,
-        Err(e) => {
-            tracing::error!(error = %e, "management API token unavailable: changing routes are refused until reload");
-            None
-        }
-    }
+/// Ends the service's runtime: tasks still running are dropped, and blocking work (an API
+/// request waiting on the HSM) gets a few seconds to return before the runtime lets it go.
+pub fn stop_runtime(runtime: tokio::runtime::Runtime) {
+    runtime.shutdown_timeout(Duration::from_secs(5));
 }
 
 /// Publishes the master key's remaining lifetime and warns inside its reminder window (at
@@ -371,10 +377,7 @@ fn bind_sockets(
 }
 
 fn load_ca(store: &CertStore, role: CaRole, keys: &Keyring<'_>) -> Option<Arc<crate::pki::mint::Ca>> {
-    let what = match role {
-        CaRole::ForwardTrust => "forward-trust",
-        CaRole::ForwardUntrust => "forward-untrust",
-    };
+    let what = role.as_str();
     match store.ca(role, keys) {
         Ok(Some(ca)) => {
             tracing::info!(role = what, name = %ca.name, "CA loaded");

@@ -244,6 +244,14 @@ impl Metrics {
     }
 }
 
+/// The content type of `render_metrics`.
+pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4";
+
+/// The process metrics, for `GET /metrics`.
+pub fn render_metrics() -> String {
+    METRICS.render()
+}
+
 /// Counts one open connection for as long as it lives.
 #[derive(Debug)]
 pub struct ConnectionGuard(());

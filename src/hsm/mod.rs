@@ -41,8 +41,6 @@ pub enum HsmError {
     SoPinIncorrect { server: String },
     #[error("hsm server {server}: partition password (user PIN) is locked")]
     PinLocked { server: String },
-    #[error("hsm server {server}: no partition password configured (set pin_file or pin_env)")]
-    NoPin { server: String },
     #[error("hsm server {server}: {reason}")]
     Secret { server: String, reason: String },
     #[error("hsm server {server}: {operation} failed: {reason}")]
@@ -100,7 +98,7 @@ impl HsmError {
 
     /// A wrong or locked PIN: the member is locked, never retried on its own (tokens lock).
     pub fn is_auth(&self) -> bool {
-        matches!(self, Self::PinIncorrect { .. } | Self::PinLocked { .. } | Self::NoPin { .. } | Self::Secret { .. })
+        matches!(self, Self::PinIncorrect { .. } | Self::PinLocked { .. } | Self::Secret { .. })
     }
 
     /// A short reason for metric labels.
@@ -239,17 +237,22 @@ impl Hsm {
         Self { members, ha, executors, call_timeout: Duration::from_millis(config.call_timeout_ms) }
     }
 
-    /// Like `open`, but fails with the first server's error when none is usable.
-    pub fn open_strict(config: &HsmConfig) -> Result<Self, HsmError> {
-        if config.servers.is_empty() {
+    /// Fails when no server is usable, naming each one's reason as found when it was opened (or
+    /// last tried): what a command that needs the HSM reports. Never connects again: a wrong
+    /// partition password costs one C_Login per server and per `open`.
+    pub fn require_up(&self) -> Result<(), HsmError> {
+        if self.members.is_empty() {
             return Err(HsmError::NotConfigured);
         }
-        let hsm = Self::open(config);
-        if hsm.members.iter().any(|m| matches!(*m.state.read(), MemberState::Up(_))) {
-            return Ok(hsm);
+        match self.pick(&[]) {
+            Some(_) => Ok(()),
+            None => Err(HsmError::Unavailable(self.down_reasons())),
         }
-        // Report the first server's error as it happened.
-        Err(connect(&config.servers[0]).err().unwrap_or_else(|| HsmError::Unavailable(hsm.down_reasons())))
+    }
+
+    /// Whether any member is up now (no PKCS#11 call: the members' last known state).
+    pub fn any_up(&self) -> bool {
+        self.members.iter().any(|m| matches!(*m.state.read(), MemberState::Up(_)))
     }
 
     /// Starts the background recovery of down members (the service calls it; CLI commands
@@ -500,7 +503,8 @@ impl Hsm {
             .filter_map(|m| match &*m.state.read() {
                 MemberState::Up(_) => None,
                 MemberState::Down(r) | MemberState::Locked(r) | MemberState::Exhausted(r) => {
-                    Some(format!("{}: {r}", m.config.name))
+                    let name = &m.config.name;
+                    Some(format!("{name}: {}", r.strip_prefix(&format!("hsm server {name}: ")).unwrap_or(r)))
                 }
             })
             .collect();
@@ -620,16 +624,15 @@ impl std::fmt::Debug for HsmKey {
     }
 }
 
-/// Initialises the server's token (software tokens only): SO PIN from `so_pin`, user PIN from
-/// the server's configured source.
-pub fn init_token(config: &HsmServerConfig, so_pin: &SecretSource) -> Result<(), HsmError> {
-    let so_pin = secret(config, so_pin, "administrator password")?;
-    member::init_token(config, &so_pin, &secret(config, &config.pin(), "partition password")?)
+/// Initialises the server's token (software tokens only) with the administrator password (SO
+/// PIN) `so_pin`; the partition password (user PIN) from the server's configured source.
+pub fn init_token(config: &HsmServerConfig, so_pin: &secrecy::SecretString) -> Result<(), HsmError> {
+    member::init_token(config, so_pin, &secret(config, &config.pin(), "partition password")?)
 }
 
 /// Checks the administrator password (SO PIN) of a server.
-pub fn check_so_pin(config: &HsmServerConfig, so_pin: &SecretSource) -> Result<(), HsmError> {
-    member::check_so_pin(config, &secret(config, so_pin, "administrator password")?)
+pub fn check_so_pin(config: &HsmServerConfig, so_pin: &secrecy::SecretString) -> Result<(), HsmError> {
+    member::check_so_pin(config, so_pin)
 }
 
 /// Checks a partition password (user PIN) by logging in with it.

@@ -3,21 +3,18 @@
 //! `master-key.json`, so concurrent commands cannot interleave and a crash leaves a file that
 //! opens.
 
-use std::sync::Arc;
-
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
-use super::ManageError;
-use crate::config::Config;
+use super::{Context, ManageError, SecretInput};
 use crate::hex;
 use crate::hsm::Hsm;
 use crate::state::{Mode, StateDir};
 use crate::vault::master::{self, HsmWrapped, MasterKeyFile, MasterKeyStatus};
 
 /// `tollgate master-key status`: what the file says, and whether the key opens now.
-pub fn status(config: &Config) -> Result<MasterKeyStatus, ManageError> {
-    let state = StateDir::open(&config.state_dir)?;
+pub fn status(ctx: &Context) -> Result<MasterKeyStatus, ManageError> {
+    let state = ctx.state()?;
     let Some(file) = load(&state)? else {
         return Ok(MasterKeyStatus {
             configured: false,
@@ -30,8 +27,8 @@ pub fn status(config: &Config) -> Result<MasterKeyStatus, ManageError> {
             error: None,
         });
     };
-    let hsm = file.hsm.is_some().then(|| Arc::new(Hsm::open(&config.hsm)));
-    let opened = open(&state, &file, hsm.as_deref());
+    let hsm = file.hsm.is_some().then(|| ctx.hsm());
+    let opened = open(&state, &file, hsm.map(|h| &**h));
     let now = OffsetDateTime::now_utc();
     let expires = file
         .expires_at
@@ -53,15 +50,18 @@ pub fn status(config: &Config) -> Result<MasterKeyStatus, ManageError> {
 /// current one is (HSM-encrypted with the current generation, or device-sealed), with every
 /// secret re-encrypted under it in the same atomic write (M4). Refused, with nothing changed,
 /// when stored secrets exist and the current master key does not open.
-pub fn set(config: &Config, new: Option<Zeroizing<[u8; 32]>>) -> Result<MasterKeyStatus, ManageError> {
-    let state = StateDir::open(&config.state_dir)?;
+pub fn set(ctx: &Context, new: Option<&SecretInput>) -> Result<MasterKeyStatus, ManageError> {
+    let state = ctx.state()?;
     {
         let _lock = state.lock()?;
-        let key = new.unwrap_or_else(master::generate);
+        let key = match new {
+            Some(input) => parse_master_key(input)?,
+            None => master::generate(),
+        };
         let mut file = load(&state)?.unwrap_or_else(empty);
-        let hsm = file.hsm.is_some().then(|| Hsm::open_strict(&config.hsm)).transpose()?;
+        let hsm = file.hsm.is_some().then(|| ctx.hsm_up()).transpose()?;
         if !file.secrets.is_empty() {
-            let old = open(&state, &file, hsm.as_ref()).map_err(|e| {
+            let old = open(&state, &file, hsm.map(|h| &**h)).map_err(|e| {
                 ManageError::MasterKey(format!(
                     "{} stored secrets cannot be re-encrypted because the current master key does not open ({e}); nothing changed",
                     file.secrets.len()
@@ -72,7 +72,7 @@ pub fn set(config: &Config, new: Option<Zeroizing<[u8; 32]>>) -> Result<MasterKe
                 *sealed = master::seal_secret(&key, name, &secret);
             }
         }
-        match (&hsm, file.hsm.as_ref().map(|w| w.generation)) {
+        match (hsm, file.hsm.as_ref().map(|w| w.generation)) {
             (Some(hsm), Some(generation)) => file.hsm = Some(wrap(hsm, generation, &key)?),
             _ => {
                 file.device_sealed =
@@ -82,30 +82,43 @@ pub fn set(config: &Config, new: Option<Zeroizing<[u8; 32]>>) -> Result<MasterKe
         master::failpoint("set:before-write");
         save(&state, &file)?;
     }
-    status(config)
+    status(ctx)
+}
+
+/// A master key given as 64 hex digits.
+fn parse_master_key(input: &SecretInput) -> Result<Zeroizing<[u8; 32]>, ManageError> {
+    use secrecy::ExposeSecret;
+    let text = input.read("master key")?;
+    let bytes =
+        Zeroizing::new(hex::decode(text.expose_secret().trim().trim_start_matches("0x")).map_err(ManageError::Usage)?);
+    let key: [u8; 32] = bytes
+        .as_slice()
+        .try_into()
+        .map_err(|_| ManageError::Usage("the master key must be 64 hex digits (32 bytes)".into()))?;
+    Ok(Zeroizing::new(key))
 }
 
 /// Stores `secret` as `name`, sealed under the master key (one is created, device-sealed,
 /// when none exists yet). Under the state lock, one atomic write.
-pub fn store_secret(config: &Config, name: &str, secret: &[u8]) -> Result<(), ManageError> {
-    let state = StateDir::open(&config.state_dir)?;
+pub fn store_secret(ctx: &Context, name: &str, secret: &[u8]) -> Result<(), ManageError> {
+    let state = ctx.state()?;
     let _lock = state.lock()?;
     let mut file = load(&state)?.unwrap_or_else(empty);
-    let hsm = file.hsm.is_some().then(|| Hsm::open_strict(&config.hsm)).transpose()?;
+    let hsm = file.hsm.is_some().then(|| ctx.hsm_up()).transpose()?;
     let key = if file.hsm.is_none() && file.device_sealed.is_none() {
         let key = master::generate();
         file.device_sealed = Some(hex::encode(&device_key(&state)?.seal(master::DEVICE_PURPOSE, key.as_slice())));
         key
     } else {
-        open(&state, &file, hsm.as_ref()).map_err(ManageError::MasterKey)?
+        open(&state, &file, hsm.map(|h| &**h)).map_err(ManageError::MasterKey)?
     };
     file.secrets.insert(name.to_string(), master::seal_secret(&key, name, secret));
     save(&state, &file)
 }
 
 /// Removes secret `name`; whether it existed.
-pub fn remove_secret(config: &Config, name: &str) -> Result<bool, ManageError> {
-    let state = StateDir::open(&config.state_dir)?;
+pub fn remove_secret(ctx: &Context, name: &str) -> Result<bool, ManageError> {
+    let state = ctx.state()?;
     let _lock = state.lock()?;
     let Some(mut file) = load(&state)? else { return Ok(false) };
     if file.secrets.remove(name).is_none() {
@@ -116,8 +129,9 @@ pub fn remove_secret(config: &Config, name: &str) -> Result<bool, ManageError> {
 }
 
 /// Opens the vault (the master key and its secrets) for reading; `None` without a master key.
-pub fn vault(config: &Config, hsm: Option<&Hsm>) -> Result<Option<master::Vault>, ManageError> {
-    let state = StateDir::open(&config.state_dir)?;
+pub fn vault(ctx: &Context) -> Result<Option<master::Vault>, ManageError> {
+    let state = ctx.state()?;
+    let hsm = ctx.configured_hsm();
     match hsm {
         Some(hsm) => master::Vault::open(&state, Some(&|w| hsm.unwrap_master_key(w))),
         None => master::Vault::open(&state, None),
@@ -135,23 +149,23 @@ fn open(state: &StateDir, file: &MasterKeyFile, hsm: Option<&Hsm>) -> Result<Zer
 
 /// `tollgate master-key encrypt-with-hsm`: the master key encrypted by the newest wrapping key
 /// generation on the HSM (created when there is none), with a lifetime and reminder.
-pub fn encrypt_with_hsm(config: &Config, lifetime: u32, reminder: u32) -> Result<MasterKeyStatus, ManageError> {
+pub fn encrypt_with_hsm(ctx: &Context, lifetime: u32, reminder: u32) -> Result<MasterKeyStatus, ManageError> {
     master::check_lifetime(lifetime, reminder).map_err(ManageError::Usage)?;
-    let state = StateDir::open(&config.state_dir)?;
+    let state = ctx.state()?;
     {
         let _lock = state.lock()?;
-        let hsm = Hsm::open_strict(&config.hsm)?;
+        let hsm = ctx.hsm_up()?;
         let mut file = load(&state)?.unwrap_or_else(empty);
-        let key = match open(&state, &file, Some(&hsm)) {
+        let key = match open(&state, &file, Some(hsm)) {
             Ok(key) => key,
             Err(_) if file.device_sealed.is_none() && file.hsm.is_none() => master::generate(),
             Err(e) => return Err(ManageError::MasterKey(e)),
         };
         if file.wrapping_key_generation == 0 {
             file.wrapping_key_generation = 1;
-            create_wrapping_key(&hsm, 1)?;
+            create_wrapping_key(hsm, 1)?;
         }
-        file.hsm = Some(wrap(&hsm, file.wrapping_key_generation, &key)?);
+        file.hsm = Some(wrap(hsm, file.wrapping_key_generation, &key)?);
         file.device_sealed = None;
         file.lifetime_days = Some(lifetime);
         file.reminder_days = Some(reminder);
@@ -159,32 +173,32 @@ pub fn encrypt_with_hsm(config: &Config, lifetime: u32, reminder: u32) -> Result
         file.expires_at = expires.format(&time::format_description::well_known::Rfc3339).ok();
         save(&state, &file)?;
     }
-    status(config)
+    status(ctx)
 }
 
 /// `tollgate hsm rotate-wrapping-key`: a new wrapping key generation on the HSM and, when the
 /// master key is HSM-encrypted, the master key re-encrypted under it. Old generations stay.
 /// Killed at any step, the file still names a generation that decrypts it.
-pub fn rotate_wrapping_key(config: &Config) -> Result<MasterKeyStatus, ManageError> {
-    let state = StateDir::open(&config.state_dir)?;
+pub fn rotate_wrapping_key(ctx: &Context) -> Result<MasterKeyStatus, ManageError> {
+    let state = ctx.state()?;
     {
         let _lock = state.lock()?;
-        let hsm = Hsm::open_strict(&config.hsm)?;
+        let hsm = ctx.hsm_up()?;
         let mut file = load(&state)?.unwrap_or_else(empty);
         let next = file.wrapping_key_generation + 1;
-        create_wrapping_key(&hsm, next)?;
+        create_wrapping_key(hsm, next)?;
         master::failpoint("rotate:after-generate");
         if file.hsm.is_some() {
-            let key = open(&state, &file, Some(&hsm)).map_err(ManageError::MasterKey)?;
+            let key = open(&state, &file, Some(hsm)).map_err(ManageError::MasterKey)?;
             master::failpoint("rotate:after-unwrap");
-            file.hsm = Some(wrap(&hsm, next, &key)?);
+            file.hsm = Some(wrap(hsm, next, &key)?);
             master::failpoint("rotate:after-wrap");
         }
         file.wrapping_key_generation = next;
         save(&state, &file)?;
         master::failpoint("rotate:after-write");
     }
-    status(config)
+    status(ctx)
 }
 
 fn wrap(hsm: &Hsm, generation: u32, key: &[u8; 32]) -> Result<HsmWrapped, ManageError> {
@@ -214,7 +228,7 @@ fn empty() -> MasterKeyFile {
 }
 
 fn device_key(state: &StateDir) -> Result<crate::vault::SealingKey, ManageError> {
-    master::device_key(state).map_err(ManageError::Vault)
+    Ok(master::device_key(state)?)
 }
 
 fn load(state: &StateDir) -> Result<Option<MasterKeyFile>, ManageError> {

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use super::ManageError;
+use super::{Context, Done, ManageError};
 use crate::config::Config;
 
 /// A server for `add-server`.
@@ -27,7 +27,14 @@ pub struct ResetReport {
 
 /// Removes every `[[hsm.server]]` and every stored partition password. Certificates, the
 /// master key and its wrapping keys on the HSM stay, so adding the servers back restores all.
-pub fn reset(config: &Config) -> Result<ResetReport, ManageError> {
+pub fn reset(ctx: &Context, confirmed: bool) -> Result<ResetReport, ManageError> {
+    let config = ctx.config();
+    if !confirmed {
+        return Err(ManageError::Usage(format!(
+            "hsm reset removes every [[hsm.server]] from {} and the stored partition passwords; pass --yes to do it",
+            config.path.display()
+        )));
+    }
     let mut doc = read(&config.path)?;
     if let Some(hsm) = doc.get_mut("hsm").and_then(|h| h.as_table_like_mut()) {
         hsm.remove("server");
@@ -35,7 +42,7 @@ pub fn reset(config: &Config) -> Result<ResetReport, ManageError> {
     write(&config.path, &doc)?;
     let mut sealed_pins = Vec::new();
     for server in &config.hsm.servers {
-        if crate::vault::remove_sealed_pin(&config.state_dir, &server.name).map_err(ManageError::Vault)? {
+        if crate::vault::remove_sealed_pin(&config.state_dir, &server.name)? {
             sealed_pins.push(crate::vault::sealed_pin_file(&config.state_dir, &server.name).display().to_string());
         }
     }
@@ -45,7 +52,8 @@ pub fn reset(config: &Config) -> Result<ResetReport, ManageError> {
 }
 
 /// Appends a `[[hsm.server]]`; the resulting file must load, or nothing is written.
-pub fn add_server(config: &Config, server: &NewServer<'_>) -> Result<(), ManageError> {
+pub fn add_server(ctx: &Context, server: &NewServer<'_>) -> Result<Done, ManageError> {
+    let config = ctx.config();
     if config.hsm.servers.iter().any(|s| s.name == server.name) {
         return Err(ManageError::Usage(format!(
             "{}: [[hsm.server]] {:?} already exists",
@@ -82,8 +90,9 @@ pub fn add_server(config: &Config, server: &NewServer<'_>) -> Result<(), ManageE
             ManageError::Usage(format!("{}: `hsm.server` is not an array of tables", config.path.display()))
         })?
         .push(table);
-    Config::from_toml(&doc.to_string(), &config.path).map_err(|e| ManageError::Usage(e.to_string()))?;
-    write(&config.path, &doc)
+    Config::from_toml(&doc.to_string(), &config.path)?;
+    write(&config.path, &doc)?;
+    Ok(Done::new(format!("added [[hsm.server]] {:?} to {}", server.name, config.path.display())))
 }
 
 fn read(path: &Path) -> Result<toml_edit::DocumentMut, ManageError> {

@@ -5,43 +5,32 @@
 //! log lines) or, when the service is not running, by the CLI alone.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::ManageError;
-use crate::config::Config;
-use crate::hsm::Hsm;
+use super::{Context, ManageError};
 
 /// Keys whose values never go into the bundle: the names secrets take in TOML files.
 const SECRET_WORDS: [&str; 7] = ["pin", "password", "passphrase", "secret", "token", "key", "master"];
 
-/// What goes into a bundle besides the configuration file.
-pub struct Sources<'a> {
-    pub config: &'a Config,
-    pub hsm: &'a Arc<Hsm>,
-    /// The service's recent log lines, or why there are none.
-    pub logs: Result<Vec<String>, String>,
-}
-
-/// Builds the archive in memory.
-pub fn build(sources: &Sources<'_>) -> Result<Vec<u8>, ManageError> {
-    let config = sources.config;
+/// Builds the archive in memory; `logs` are the service's recent log lines, or why there are
+/// none.
+pub fn build(ctx: &Context, logs: Result<Vec<String>, String>) -> Result<Vec<u8>, ManageError> {
     let mut files: Vec<(&str, Vec<u8>)> = vec![
         ("versions.txt", versions().into_bytes()),
-        ("config.toml", redacted_config(&config.path).into_bytes()),
-        ("hsm-status.json", pretty(&sources.hsm.status())),
-        ("hsm-info.json", pretty(&sources.hsm.info())),
+        ("config.toml", redacted_config(&ctx.config().path).into_bytes()),
+        ("hsm-status.json", pretty(&super::hsm_status(ctx))),
+        ("hsm-info.json", pretty(&super::hsm_info(ctx))),
     ];
-    files.push(match cert_rows(config, sources.hsm) {
+    files.push(match super::cert_list(ctx) {
         Ok(rows) => ("certs.json", pretty(&rows)),
         Err(e) => ("certs.error.txt", format!("{e}\n").into_bytes()),
     });
-    files.push(match super::master_key::status(config) {
+    files.push(match super::master_key::status(ctx) {
         Ok(status) => ("master-key.json", pretty(&status)),
         Err(e) => ("master-key.error.txt", format!("{e}\n").into_bytes()),
     });
-    files.push(match &sources.logs {
+    files.push(match &logs {
         Ok(lines) => ("logs.txt", lines.concat().into_bytes()),
         Err(why) => ("logs.txt", format!("no log lines: {why}\n").into_bytes()),
     });
@@ -52,10 +41,6 @@ pub fn build(sources: &Sources<'_>) -> Result<Vec<u8>, ManageError> {
 pub fn write(out: &Path, bytes: &[u8]) -> Result<(), ManageError> {
     crate::state::write_atomic(out, bytes, crate::state::Mode::Secret)
         .map_err(|source| ManageError::Write { path: out.display().to_string(), source })
-}
-
-fn cert_rows(config: &Config, hsm: &Arc<Hsm>) -> Result<Vec<crate::pki::CertSummary>, ManageError> {
-    super::cert_rows(&config.state_dir, Some(hsm))
 }
 
 fn versions() -> String {

@@ -41,6 +41,8 @@ pub enum PkiError {
     Store { path: String, reason: String },
     #[error("a certificate named {0:?} already exists")]
     Exists(String),
+    #[error("no certificate named {0:?}")]
+    NotFound(String),
     #[error("certificate name {0:?} must be 1–63 characters of letters, digits, '.', '_' or '-'")]
     BadName(String),
     #[error("creating certificate {name}: {reason}")]
@@ -56,6 +58,16 @@ pub enum CaRole {
     ForwardTrust,
     /// Signs leaves for upstreams that failed validation; deliberately not trusted.
     ForwardUntrust,
+}
+
+impl CaRole {
+    /// The role's name in the configuration, the command line, reports and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ForwardTrust => "forward-trust",
+            Self::ForwardUntrust => "forward-untrust",
+        }
+    }
 }
 
 /// One certificate in the store.
@@ -340,10 +352,7 @@ impl CertStore {
     pub fn delete(state: &StateDir, name: &str) -> Result<CertEntry, PkiError> {
         let _lock = state.lock()?;
         let mut store = Self::load(state)?;
-        let i = store.entries.iter().position(|e| e.name == name).ok_or_else(|| PkiError::Store {
-            path: STORE_FILE.into(),
-            reason: format!("no certificate named {name:?}"),
-        })?;
+        let i = store.entries.iter().position(|e| e.name == name).ok_or_else(|| PkiError::NotFound(name.into()))?;
         let entry = store.entries.remove(i);
         store.save()?;
         Ok(entry)

@@ -19,7 +19,7 @@ pub struct Bypass {
 }
 
 /// One excluded host, as status shows it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Entry {
     pub host: String,
     /// Why: the alert the client sent, or `closed after our certificate`.

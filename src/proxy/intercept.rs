@@ -13,6 +13,7 @@ use super::tls::{ClientHelloInfo, Verdict};
 use super::upstream::{Peer, Route, Upstreams};
 use super::{ConnCtx, Proxy, ProxyError, Relaying, Side, Target};
 use crate::config::{ListenerMode, UntrustedAction};
+use crate::pki::CaRole;
 use crate::pki::cache::LeafKey;
 use crate::pki::mint::{MintError, Minted};
 use crate::policy::TlsAction;
@@ -142,7 +143,8 @@ async fn mint(proxy: &Proxy, target: &Target, peer: &Peer, trusted: bool) -> Res
     proxy
         .cache
         .get_or_mint(key, async move {
-            let ca = ca.ok_or(MintError::NoCa(if trusted { "forward-trust" } else { "forward-untrust" }))?;
+            let role = if trusted { CaRole::ForwardTrust } else { CaRole::ForwardUntrust };
+            let ca = ca.ok_or(MintError::NoCa(role.as_str()))?;
             match tokio::time::timeout(timeout, ca.mint_off_runtime(&host, &leaf)).await {
                 Ok(minted) => minted.map(Arc::new),
                 Err(_) => Err(MintError::Timeout(timeout.as_secs())),

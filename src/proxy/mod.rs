@@ -201,6 +201,9 @@ pub struct Proxy {
     shutdown: tokio::sync::watch::Receiver<bool>,
     /// Hosts learned to be pinned by their clients; shared across reloads.
     pub bypass: Arc<bypass::Bypass>,
+    /// Whether a forward listener (explicit, sni, transparent) is configured: it mints with the
+    /// forward-trust CA.
+    forward: bool,
 }
 
 impl Proxy {
@@ -238,7 +241,13 @@ impl Proxy {
             max_header_bytes: config.limits.max_header_bytes,
             shutdown: tokio::sync::watch::channel(false).1,
             bypass: Arc::new(bypass::Bypass::new(Duration::from_secs(config.policy.learn_bypass_secs))),
+            forward: config.listeners.iter().any(|l| l.mode.is_forward()),
         })
+    }
+
+    /// Whether the forward listeners can mint: the forward-trust CA is loaded, or there are none.
+    pub fn forward_ca_ready(&self) -> bool {
+        !self.forward || self.cas.trust.is_some()
     }
 
     /// Shares the process's exclusion cache (it outlives reloads).
