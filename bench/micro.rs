@@ -24,13 +24,13 @@ fn upstream_leaf() -> Vec<u8> {
 }
 
 fn software_ca() -> Ca {
-    let key: Arc<dyn PrivateKey> = Arc::new(SoftwareKey::generate(KeyAlgorithm::EcdsaP256).unwrap());
-    let signer = RcgenKey::new(key).unwrap();
+    let key = Arc::new(SoftwareKey::generate(KeyAlgorithm::EcdsaP256).unwrap());
+    let signer = RcgenKey::new(key.clone()).unwrap();
     let mut params = rcgen::CertificateParams::default();
     params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     params.distinguished_name.push(rcgen::DnType::CommonName, "bench CA");
     let cert = params.self_signed(&signer).unwrap();
-    Ca::new("bench", cert.der().clone(), signer).unwrap()
+    Ca::new("bench", cert.der().clone(), tollgate::pki::KeyHandle::Software(key)).unwrap()
 }
 
 /// The HSM-backed pieces, when bench/run set up a token.

@@ -246,8 +246,15 @@ enum CertCommand {
     },
 }
 
-/// Runs the command line; returns the process exit code.
+/// Runs the command line; returns the process exit code. The HSM libraries are closed in order
+/// before it returns.
 pub fn main() -> i32 {
+    let code = command();
+    manage::close_hsm();
+    code
+}
+
+fn command() -> i32 {
     harden_process();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

@@ -43,11 +43,6 @@ pub(super) struct OwnedSession {
 }
 
 impl OwnedSession {
-    /// Gives the session up without closing it (process exit or C_Finalize reclaims it).
-    pub(super) fn abandon(mut self) {
-        drop(self.session.take());
-    }
-
     /// Whether the library it belongs to has not been re-initialised since.
     pub(super) fn is_live(&self) -> bool {
         generation(&self.module) == Some(self.generation)
@@ -491,6 +486,17 @@ fn load(path: &Path) -> Result<Pkcs11, HsmError> {
 /// The current generation of a loaded library.
 fn generation(path: &Path) -> Option<u64> {
     modules().lock().get(path).map(|m| m.generation)
+}
+
+/// Finalizes every loaded library (C_Finalize) as the process ends, once no thread calls into
+/// them (see `shutdown`). Their sessions are no longer live afterwards: none is closed again.
+pub(super) fn finalize_all() {
+    let loaded: Vec<(PathBuf, Module)> = modules().lock().drain().collect();
+    for (path, module) in loaded {
+        if let Err(e) = module.pkcs11.finalize() {
+            tracing::warn!(module = %path.display(), error = %rv(&e), "C_Finalize failed");
+        }
+    }
 }
 
 /// Re-initialises a library (C_Finalize, C_Initialize): what a network HSM's client library

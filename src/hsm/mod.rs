@@ -7,6 +7,9 @@
 mod executor;
 pub mod info;
 mod member;
+mod shutdown;
+
+pub use shutdown::shutdown;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -21,10 +24,15 @@ use rustls::SignatureScheme;
 use serde::Serialize;
 
 use crate::config::{HsmConfig, HsmServerConfig, SecretSource};
-use crate::keys::{KeyAlgorithm, KeyError, Offload, PrivateKey, Work};
+use crate::keys::{KeyAlgorithm, KeyError, PrivateKey};
 use crate::telemetry::{METRICS, MemberMetrics};
-use executor::{Executor, Op};
+use executor::{Executor, Offload, Op};
 use member::Connection;
+use shutdown::enter;
+
+/// Work that signs with an HSM key, handed whole to a worker of the member that would sign
+/// (`HsmKey::hand_over`).
+pub type Work = Box<dyn FnOnce() + Send>;
 
 /// Errors from the HSM.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +73,8 @@ pub enum HsmError {
     NotConfigured,
     #[error("no HSM server is available: {0}")]
     Unavailable(String),
+    #[error("{waiting} signatures are already waiting for the HSM: shed")]
+    Shed { waiting: usize },
 }
 
 impl HsmError {
@@ -107,6 +117,7 @@ impl HsmError {
             Self::Pkcs11 { code: Some(code), .. } => format!("{code:?}"),
             Self::Timeout { .. } => "timeout".into(),
             Self::QueueFull { .. } => "queue_full".into(),
+            Self::Shed { .. } => "shed".into(),
             Self::Unavailable(_) => "unavailable".into(),
             Self::KeyNotFound { .. } => "key_not_found".into(),
             other if other.is_auth() => "authentication".into(),
@@ -186,6 +197,7 @@ impl Hsm {
     /// Connects to and logs in to every configured server. A server that fails is kept, marked
     /// down (or locked) with the reason, logged once, so status can show it.
     pub fn open(config: &HsmConfig) -> Self {
+        shutdown::note_call_timeout(Duration::from_millis(config.call_timeout_ms));
         let members: Arc<[Member]> = config
             .servers
             .iter()
@@ -261,8 +273,7 @@ impl Hsm {
         let hsm = Arc::downgrade(self);
         let interval = self.ha.interval;
         let _ = std::thread::Builder::new().name("hsm-recovery".into()).spawn(move || {
-            loop {
-                std::thread::sleep(interval);
+            while shutdown::sleep(interval) {
                 let Some(hsm) = hsm.upgrade() else { return };
                 hsm.recover();
             }
@@ -317,21 +328,32 @@ impl Hsm {
 
     /// The private key labelled `label`, as a `PrivateKey` whose signatures the HSM makes.
     pub fn key(self: &Arc<Self>, label: &str) -> Result<Arc<HsmKey>, HsmError> {
+        let _busy = enter()?;
         let (name, conn) = self.first_up()?;
         let info = conn.public_key(&name, label)?;
-        Ok(Arc::new(HsmKey { hsm: self.clone(), label: label.into(), algorithm: info.algorithm, spki: info.spki }))
+        Ok(Arc::new(HsmKey {
+            hsm: self.clone(),
+            label: label.into(),
+            algorithm: info.algorithm,
+            spki: info.spki,
+            limit: None,
+        }))
     }
 
     /// Generates a key pair on the token (private half sensitive, non-extractable).
     pub fn generate(self: &Arc<Self>, label: &str, algorithm: KeyAlgorithm) -> Result<Arc<HsmKey>, HsmError> {
-        let (name, conn) = self.first_up()?;
-        let id: [u8; 16] = crate::keys::random();
-        conn.generate(&name, label, &id, algorithm)?;
+        {
+            let _busy = enter()?;
+            let (name, conn) = self.first_up()?;
+            let id: [u8; 16] = crate::keys::random();
+            conn.generate(&name, label, &id, algorithm)?;
+        }
         self.key(label)
     }
 
     /// Detailed information for every server (H5); never key material.
     pub fn info(&self) -> info::Info {
+        let busy = enter();
         let status = self.status();
         let servers = self
             .members
@@ -342,7 +364,7 @@ impl Hsm {
                     MemberState::Up(conn) => Some(conn.clone()),
                     _ => None,
                 };
-                let details = conn.map(|c| c.info(&m.config.name));
+                let details = conn.filter(|_| busy.is_ok()).map(|c| c.info(&m.config.name));
                 let (library, token, mechanisms, keys, error) = match details {
                     Some(Ok((l, t, mech, keys))) => (Some(l), Some(t), mech, keys, None),
                     Some(Err(e)) => (None, None, vec![], vec![], Some(e.to_string())),
@@ -357,6 +379,7 @@ impl Hsm {
     /// The label of the private key matching `spki` (or CKA_ID `id`) on every up member;
     /// an error names the member where it is missing or differs.
     pub fn find_key(&self, spki: &[u8], id: Option<&[u8]>) -> Result<String, HsmError> {
+        let _busy = enter()?;
         let mut label: Option<String> = None;
         for m in self.members.iter() {
             let conn = match &*m.state.read() {
@@ -380,12 +403,14 @@ impl Hsm {
     /// Generates an AES-256 wrapping key labelled `label` on the HSM (sensitive, never
     /// extractable).
     pub fn generate_wrapping_key(&self, label: &str) -> Result<(), HsmError> {
+        let _busy = enter()?;
         let (name, conn) = self.first_up()?;
         conn.generate_secret(&name, label)
     }
 
     /// Encrypts with the HSM wrapping key `label` (AES-GCM, fresh 96-bit IV): (iv, ciphertext).
     pub fn wrap(&self, label: &str, aad: &[u8], plaintext: &[u8]) -> Result<([u8; 12], Vec<u8>), HsmError> {
+        let _busy = enter()?;
         let (name, conn) = self.first_up()?;
         let iv: [u8; 12] = crate::keys::random();
         Ok((iv, conn.aes_gcm(&name, label, true, &iv, aad, plaintext)?))
@@ -407,6 +432,7 @@ impl Hsm {
         aad: &[u8],
         ciphertext: &[u8],
     ) -> Result<zeroize::Zeroizing<Vec<u8>>, HsmError> {
+        let _busy = enter()?;
         let (name, conn) = self.first_up()?;
         Ok(zeroize::Zeroizing::new(conn.aes_gcm(&name, label, false, iv, aad, ciphertext)?))
     }
@@ -514,6 +540,7 @@ impl Hsm {
     /// One recovery round: re-initialise libraries whose members are all lost, then try every
     /// down member again (at most `auto_recovery_retry` times; 0 = forever).
     fn recover(&self) {
+        let Ok(_busy) = enter() else { return };
         let mut libraries: HashMap<&PathBuf, bool> = HashMap::new();
         for m in self.members.iter() {
             let up = matches!(*m.state.read(), MemberState::Up(_));
@@ -579,18 +606,79 @@ impl std::fmt::Debug for Hsm {
     }
 }
 
-/// A private key on the HSM.
+/// A private key on the HSM. Its signatures are made by the HSM workers; how a caller waits for
+/// one is decided here: briefly in place while the library answers fast, then, on a tokio
+/// multi-threaded runtime's worker, under `block_in_place` (a slow or hung HSM never holds a
+/// runtime thread). A key serving handshakes can be bounded (`with_limit`): past the bound a
+/// signature fails at once rather than queueing without limit.
 pub struct HsmKey {
     hsm: Arc<Hsm>,
     label: String,
     algorithm: KeyAlgorithm,
     spki: Vec<u8>,
+    limit: Option<Arc<WaitLimit>>,
+}
+
+/// How many signatures may wait for the HSM at once through the keys that share it (the
+/// inbound handshakes of the service).
+#[derive(Debug)]
+pub struct WaitLimit {
+    now: AtomicUsize,
+    max: usize,
+}
+
+impl WaitLimit {
+    /// At most `max` signatures waiting at once.
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self { now: AtomicUsize::new(0), max: max.max(1) })
+    }
+}
+
+/// One signature counted against a `WaitLimit`.
+struct Waiting<'a>(&'a WaitLimit);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.now.fetch_sub(1, Relaxed);
+    }
 }
 
 impl HsmKey {
     /// The key's label on the token.
     pub fn label(&self) -> &str {
         &self.label
+    }
+
+    /// The same key, its signatures counted against `limit`.
+    pub fn with_limit(&self, limit: Arc<WaitLimit>) -> Arc<Self> {
+        let Self { hsm, label, algorithm, spki, limit: _ } = self;
+        Arc::new(Self {
+            hsm: hsm.clone(),
+            label: label.clone(),
+            algorithm: *algorithm,
+            spki: spki.clone(),
+            limit: Some(limit),
+        })
+    }
+
+    /// Runs `work`, which signs with this key, on a worker of the member that would sign now,
+    /// so its signature is made right there, with no hand-off of its own. Returns how long to
+    /// wait for it: work not done by then is stuck behind a hung HSM (its member is taken out,
+    /// and the caller stops waiting). Gives the work back when no worker can take it now (no
+    /// member up, queue full): the caller runs it itself.
+    pub fn hand_over(&self, work: Work) -> Result<Duration, Work> {
+        self.hsm.hand_over(work)
+    }
+
+    fn shed(&self) -> Result<Option<Waiting<'_>>, HsmError> {
+        let Some(limit) = &self.limit else { return Ok(None) };
+        let waiting = limit.now.fetch_add(1, Relaxed);
+        let slot = Waiting(limit);
+        if waiting >= limit.max {
+            tracing::warn!(waiting, max = limit.max, "handshake shed: too many signatures waiting for the HSM");
+            return Err(HsmError::Shed { waiting });
+        }
+        Ok(Some(slot))
     }
 }
 
@@ -604,17 +692,15 @@ impl PrivateKey for HsmKey {
     }
 
     fn sign(&self, scheme: SignatureScheme, message: &[u8]) -> Result<Vec<u8>, KeyError> {
-        self.sign_on_worker(scheme, message, &|wait| wait())
-    }
-
-    fn sign_on_worker(&self, scheme: SignatureScheme, message: &[u8], offload: Offload) -> Result<Vec<u8>, KeyError> {
-        self.hsm
-            .sign(&self.label, self.algorithm, scheme, message, offload)
-            .map_err(|e| KeyError::Backend { key: format!("hsm:{}", self.label), source: Box::new(e) })
-    }
-
-    fn hand_over(&self, work: Work) -> Result<Duration, Work> {
-        self.hsm.hand_over(work)
+        let failed = |e: HsmError| KeyError::Backend { key: format!("hsm:{}", self.label), source: Box::new(e) };
+        let _waiting = self.shed().map_err(failed)?;
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let offload = |wait: &mut dyn FnMut()| match multi_thread {
+            true => tokio::task::block_in_place(wait),
+            false => wait(),
+        };
+        self.hsm.sign(&self.label, self.algorithm, scheme, message, &offload).map_err(failed)
     }
 }
 
@@ -647,4 +733,23 @@ fn connect(config: &HsmServerConfig) -> Result<Connection, HsmError> {
 fn secret(config: &HsmServerConfig, source: &SecretSource, what: &str) -> Result<secrecy::SecretString, HsmError> {
     crate::vault::load(source, what)
         .map_err(|e| HsmError::Secret { server: config.name.clone(), reason: e.to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signatures_past_the_wait_limit_are_shed_at_once() {
+        let hsm = Arc::new(Hsm::open(&HsmConfig::default()));
+        let key = HsmKey { hsm, label: "k".into(), algorithm: KeyAlgorithm::EcdsaP256, spki: Vec::new(), limit: None };
+        let limit = WaitLimit::new(1);
+        limit.now.store(1, Relaxed); // one signature already waiting
+        let err = key.with_limit(limit.clone()).sign(SignatureScheme::ECDSA_NISTP256_SHA256, b"m").unwrap_err();
+        assert!(err.to_string().contains("shed"), "{err}");
+        assert_eq!(limit.now.load(Relaxed), 1, "the shed signature's slot is given back");
+        // Without a limit the same key is not shed (it fails for want of a member instead).
+        let err = key.sign(SignatureScheme::ECDSA_NISTP256_SHA256, b"m").unwrap_err();
+        assert!(!err.to_string().contains("shed"), "{err}");
+    }
 }

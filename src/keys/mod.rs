@@ -36,15 +36,6 @@ pub enum KeyError {
     Invalid(String),
 }
 
-/// How a caller on an async worker spends a long wait: it runs the wait it is given, e.g. under
-/// `tokio::task::block_in_place`, which hands the worker's other tasks to another thread. A
-/// caller that may block freely passes `&|wait| wait()`.
-pub type Offload<'a> = &'a dyn Fn(&mut dyn FnMut());
-
-/// Work that signs with a key, handed whole to where the key's signatures are made (see
-/// `PrivateKey::hand_over`).
-pub type Work = Box<dyn FnOnce() + Send>;
-
 /// A private key that can sign but never reveals its material.
 pub trait PrivateKey: fmt::Debug + Send + Sync {
     /// The key's type.
@@ -52,30 +43,8 @@ pub trait PrivateKey: fmt::Debug + Send + Sync {
     /// DER SubjectPublicKeyInfo.
     fn public_key(&self) -> &[u8];
     /// Signs `message` (not pre-hashed) with `scheme`. Blocking: rcgen and rustls call it
-    /// synchronously.
+    /// synchronously. How a key that lives elsewhere waits (an HSM's) is that key's business.
     fn sign(&self, scheme: SignatureScheme, message: &[u8]) -> Result<Vec<u8>, KeyError>;
-    /// Signs from an async worker: a key whose answer is slow spends the wait under `offload`.
-    /// By default the whole signature runs under it; an HSM key first waits briefly in place,
-    /// since handing a worker off costs more than a fast token's signature.
-    fn sign_on_worker(&self, scheme: SignatureScheme, message: &[u8], offload: Offload) -> Result<Vec<u8>, KeyError> {
-        let mut result = None;
-        offload(&mut || result = Some(self.sign(scheme, message)));
-        result.unwrap_or_else(|| Err(KeyError::Invalid("the offloaded signature never ran".into())))
-    }
-    /// Whether signing may wait on something outside the process (an HSM): such signatures
-    /// run off the async workers and are bounded. In-memory keys answer `false`.
-    fn may_block(&self) -> bool {
-        true
-    }
-    /// Runs `work`, which signs with this key, where this key's signatures are made, so they
-    /// need no hand-off of their own: an HSM key hands it to a worker of the member that would
-    /// sign now. Returns how long to wait for it: work not done by then is stuck behind a hung
-    /// HSM (its member is taken out, and the caller stops waiting). Gives the work back when
-    /// the key has no such place (an in-memory key) or cannot take it now (no member up, queue
-    /// full): the caller runs it itself.
-    fn hand_over(&self, work: Work) -> Result<std::time::Duration, Work> {
-        Err(work)
-    }
 }
 
 impl KeyAlgorithm {

@@ -86,10 +86,6 @@ impl PrivateKey for SoftwareKey {
         &self.spki
     }
 
-    fn may_block(&self) -> bool {
-        false
-    }
-
     fn sign(&self, scheme: SignatureScheme, message: &[u8]) -> Result<Vec<u8>, KeyError> {
         let unsupported = KeyError::Unsupported { algorithm: self.algorithm, scheme };
         let failed = |e: aws_lc_rs::error::Unspecified| KeyError::Invalid(e.to_string());

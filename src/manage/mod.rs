@@ -232,6 +232,14 @@ pub struct BypassCleared {
     pub removed: usize,
 }
 
+/// The end of every command and of the service: the HSM libraries are left in order (calls in
+/// flight finish, workers close their sessions, each library is finalized), so the process can
+/// exit normally; a call that never comes back ends it with `abort` instead (see
+/// `hsm::shutdown`).
+pub fn close_hsm() {
+    crate::hsm::shutdown();
+}
+
 /// `tollgate hsm status`: every server's state.
 pub fn hsm_status(ctx: &Context) -> Status {
     ctx.hsm().status()

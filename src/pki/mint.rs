@@ -19,6 +19,7 @@ use rustls::sign::CertifiedKey;
 use time::OffsetDateTime;
 use x509_parser::extensions::GeneralName;
 
+use super::KeyHandle;
 use crate::keys::rcgen::RcgenKey;
 use crate::keys::rustls::RustlsKey;
 use crate::keys::software::SoftwareKey;
@@ -50,8 +51,8 @@ pub struct Ca {
     not_before: OffsetDateTime,
     not_after: OffsetDateTime,
     issuer: Issuer<'static, RcgenKey>,
-    /// The issuer's key, where mints are handed over to.
-    key: Arc<dyn PrivateKey>,
+    /// The issuer's key: an HSM key's workers are where mints are handed over to.
+    key: KeyHandle,
 }
 
 /// A minted leaf, ready to serve.
@@ -69,17 +70,17 @@ pub struct Minted {
 
 impl Ca {
     /// A CA from its certificate and a key whose public half must match it.
-    pub fn new(name: &str, cert: CertificateDer<'static>, key: RcgenKey) -> Result<Self, MintError> {
+    pub fn new(name: &str, cert: CertificateDer<'static>, key: KeyHandle) -> Result<Self, MintError> {
         let (_, parsed) = x509_parser::parse_x509_certificate(&cert)
             .map_err(|e| MintError::Upstream(format!("CA certificate {name}: {e}")))?;
-        if parsed.public_key().raw != key.key().public_key() {
+        let signer = RcgenKey::new(key.private_key())?;
+        if parsed.public_key().raw != signer.key().public_key() {
             return Err(MintError::Sign(format!("CA certificate {name} does not match its key: public keys differ")));
         }
         let not_before = parsed.validity().not_before.to_datetime();
         let not_after = parsed.validity().not_after.to_datetime();
-        let ca_key = key.key().clone();
-        let issuer = Issuer::from_ca_cert_der(&cert, key).map_err(|e| MintError::Sign(e.to_string()))?;
-        Ok(Self { name: name.into(), cert, not_before, not_after, issuer, key: ca_key })
+        let issuer = Issuer::from_ca_cert_der(&cert, signer).map_err(|e| MintError::Sign(e.to_string()))?;
+        Ok(Self { name: name.into(), cert, not_before, not_after, issuer, key })
     }
 
     /// The CA certificate.
@@ -100,7 +101,12 @@ impl Ca {
         let fallback = || METRICS.mint_fallbacks_total.fetch_add(1, Relaxed);
         let (tx, rx) = tokio::sync::oneshot::channel();
         let first = mint();
-        match self.key.hand_over(Box::new(move || drop(tx.send(first())))) {
+        let work: crate::hsm::Work = Box::new(move || drop(tx.send(first())));
+        let handed = match &self.key {
+            KeyHandle::Hsm(key) => key.hand_over(work),
+            KeyHandle::Software(_) => Err(work),
+        };
+        match handed {
             Ok(patience) => match tokio::time::timeout(patience, rx).await {
                 Ok(Ok(minted)) => minted,
                 Ok(Err(_)) => {
@@ -117,7 +123,7 @@ impl Ca {
             Err(work) => {
                 // A software CA key signs wherever it runs; an HSM key's workers were full or
                 // none of its servers is up (the mint then fails with the HSM's reason).
-                if self.key.may_block() {
+                if matches!(self.key, KeyHandle::Hsm(_)) {
                     fallback();
                 }
                 on_blocking_pool(work).await?;
@@ -159,7 +165,7 @@ impl Ca {
         // parse re-derives and checks the public key).
         let leaf_key: Arc<dyn PrivateKey> = Arc::new(SoftwareKey::generate(KeyAlgorithm::EcdsaP256)?);
         let cert = params.signed_by(&RcgenKey::new(leaf_key.clone())?, &self.issuer).map_err(sign_error)?;
-        let signing_key = Arc::new(RustlsKey::in_memory(leaf_key));
+        let signing_key = Arc::new(RustlsKey::new(leaf_key));
         let chain = vec![cert.der().clone(), self.cert.clone()];
         Ok(Minted {
             certified: Arc::new(CertifiedKey::new(chain, signing_key)),

@@ -17,7 +17,7 @@ use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use serde::{Deserialize, Serialize};
 
-use crate::hsm::{Hsm, HsmError};
+use crate::hsm::{Hsm, HsmError, HsmKey};
 use crate::keys::rcgen::RcgenKey;
 use crate::keys::software::SoftwareKey;
 use crate::keys::{KeyAlgorithm, PrivateKey};
@@ -97,6 +97,23 @@ pub enum KeyLocation {
     Software { secret: String, format: String },
 }
 
+/// A certificate's private key, where it lives.
+#[derive(Clone, Debug)]
+pub enum KeyHandle {
+    Hsm(Arc<HsmKey>),
+    Software(Arc<SoftwareKey>),
+}
+
+impl KeyHandle {
+    /// The key, to sign with.
+    pub fn private_key(&self) -> Arc<dyn PrivateKey> {
+        match self {
+            Self::Hsm(key) => key.clone(),
+            Self::Software(key) => key.clone(),
+        }
+    }
+}
+
 /// Where certificate keys are found: on the HSM, or in the vault (software keys), which is
 /// opened on first need — asking the HSM when the master key is HSM-encrypted.
 pub struct Keyring<'a> {
@@ -112,12 +129,12 @@ impl<'a> Keyring<'a> {
     }
 
     /// The private key behind `entry`.
-    pub fn key(&self, entry: &CertEntry) -> Result<Arc<dyn PrivateKey>, PkiError> {
+    pub fn key(&self, entry: &CertEntry) -> Result<KeyHandle, PkiError> {
         let err = |reason: String| PkiError::Key { name: entry.name.clone(), reason };
         match &entry.key {
             KeyLocation::Hsm { label } => {
                 let hsm = self.hsm.ok_or_else(|| err("no HSM server is configured".into()))?;
-                Ok(hsm.key(label)?)
+                Ok(KeyHandle::Hsm(hsm.key(label)?))
             }
             KeyLocation::Software { secret, format } => {
                 let vault = self.vault.get_or_init(|| match self.hsm {
@@ -128,7 +145,7 @@ impl<'a> Keyring<'a> {
                 let vault = vault.as_ref().ok_or_else(|| err("no master key is stored".into()))?;
                 let der = vault.secret(secret).map_err(err)?.ok_or_else(|| err("its sealed key is missing".into()))?;
                 let der = key_der(format, &der).ok_or_else(|| err(format!("unknown key format {format:?}")))?;
-                Ok(Arc::new(SoftwareKey::from_der(&der).map_err(|e| err(e.to_string()))?))
+                Ok(KeyHandle::Software(Arc::new(SoftwareKey::from_der(&der).map_err(|e| err(e.to_string()))?)))
             }
         }
     }
@@ -361,10 +378,7 @@ impl CertStore {
     /// Loads the CA holding `role`, its key checked against its certificate.
     pub fn ca(&self, role: CaRole, keys: &Keyring<'_>) -> Result<Option<Ca>, PkiError> {
         let Some(entry) = self.with_role(role) else { return Ok(None) };
-        let key = keys.key(entry)?;
-        let signer =
-            RcgenKey::new(key).map_err(|e| PkiError::Create { name: entry.name.clone(), reason: e.to_string() })?;
-        Ok(Some(Ca::new(&entry.name, entry.cert_der()?, signer)?))
+        Ok(Some(Ca::new(&entry.name, entry.cert_der()?, keys.key(entry)?)?))
     }
 
     /// Every certificate with its key status: `hsm` only when the key is on the token and a
@@ -401,7 +415,7 @@ impl CertEntry {
             })
             .unwrap_or_default();
         let status = match keys.key(self) {
-            Ok(key) => check_key(self, key.as_ref()),
+            Ok(key) => check_key(self, key.private_key().as_ref()),
             Err(e) => Err(match e {
                 PkiError::Key { reason, .. } => reason,
                 other => other.to_string(),
@@ -506,10 +520,10 @@ mod tests {
     use crate::keys::software::SoftwareKey;
 
     fn software_ca(role: CaRole) -> Ca {
-        let key: Arc<dyn PrivateKey> = Arc::new(SoftwareKey::generate(KeyAlgorithm::EcdsaP256).unwrap());
-        let signer = RcgenKey::new(key).unwrap();
+        let key = Arc::new(SoftwareKey::generate(KeyAlgorithm::EcdsaP256).unwrap());
+        let signer = RcgenKey::new(key.clone()).unwrap();
         let cert = ca_params("test", role).self_signed(&signer).unwrap();
-        Ca::new("test", cert.der().clone(), signer).unwrap()
+        Ca::new("test", cert.der().clone(), KeyHandle::Software(key)).unwrap()
     }
 
     fn upstream_cert(sans: Vec<rcgen::SanType>, days: (i64, i64)) -> Vec<u8> {

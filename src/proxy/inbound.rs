@@ -21,8 +21,9 @@ use super::tls::{H2, HTTP11, SuiteOrder, server_config};
 use super::upstream::{Origin, Route, Upstreams};
 use super::{ConnCtx, Proxy, ProxyError, Relaying, Side, Target};
 use crate::config::{Config, ConfigError, InboundConfig};
-use crate::keys::rustls::{InFlight, RustlsKey};
-use crate::pki::{CertStore, Keyring};
+use crate::hsm::WaitLimit;
+use crate::keys::rustls::RustlsKey;
+use crate::pki::{CertStore, KeyHandle, Keyring};
 
 /// The protected servers, by SNI.
 #[derive(Default)]
@@ -57,7 +58,7 @@ impl InboundSites {
         let storage = ServerSessionMemoryCache::new(64 * 1024);
         let ticketer =
             rustls::crypto::aws_lc_rs::Ticketer::new().map_err(|e| invalid(config, "inbound", e.to_string()))?;
-        let waiting = InFlight::new(config.limits.hsm_handshakes_max);
+        let waiting = WaitLimit::new(config.limits.hsm_handshakes_max);
         let server_provider = super::tls::server_provider(provider);
         let mut by_host = HashMap::new();
         for (index, site) in config.inbound.iter().enumerate() {
@@ -151,13 +152,17 @@ where
 fn certified_key(
     entry: &crate::pki::CertEntry,
     keys: &Keyring<'_>,
-    waiting: &Arc<InFlight>,
+    waiting: &Arc<WaitLimit>,
 ) -> Result<CertifiedKey, String> {
-    let key = keys.key(entry).map_err(|e| e.to_string())?;
+    // Every full handshake signs on the HSM: at most `hsm_handshakes_max` wait at once.
+    let key: Arc<dyn crate::keys::PrivateKey> = match keys.key(entry).map_err(|e| e.to_string())? {
+        KeyHandle::Hsm(key) => key.with_limit(waiting.clone()),
+        KeyHandle::Software(key) => key,
+    };
     let chain = CertificateDer::pem_slice_iter(entry.cert_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("certificate PEM: {e}"))?;
-    let signing = Arc::new(RustlsKey::new(key, waiting.clone()));
+    let signing = Arc::new(RustlsKey::new(key));
     let certified = CertifiedKey::new(chain, signing);
     certified.keys_match().map_err(|e| format!("certificate and key do not match: {e}"))?;
     Ok(certified)
