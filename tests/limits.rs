@@ -167,3 +167,94 @@ async fn sighup_reloads_without_dropping_connections_and_refuses_bad_config() {
     let tls = tls_via_sni(proxy.sni, "origin.test", trusting_client(&setup.trust_ca, &["http/1.1"])).await.unwrap();
     assert_eq!(request(tls, false, get("origin.test", "/blocked", false)).await.0, 403, "still the last good config");
 }
+
+/// `CONNECT` on the explicit listener: the stream after a 200, or `None` when the proxy closed
+/// the connection instead (refused at accept).
+async fn try_connect(proxy: std::net::SocketAddr, authority: &str) -> Option<tokio::net::TcpStream> {
+    let mut tcp = tokio::net::TcpStream::connect(proxy).await.ok()?;
+    tcp.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes()).await.ok()?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut byte)).await {
+            Ok(Ok(1)) => head.push(byte[0]),
+            _ => return None,
+        }
+    }
+    String::from_utf8_lossy(&head).starts_with("HTTP/1.1 200").then_some(tcp)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_tunnels_count_against_the_limit_for_their_whole_life() {
+    let (_pki, _origin, setup, proxy) = setup("\n[limits]\nmax_connections = 5\n").await;
+    let config = trusting_client(&setup.trust_ca, &["http/1.1"]);
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..20 {
+        let Some(tunnel) = try_connect(proxy.explicit, "origin.test:443").await else {
+            refused += 1;
+            continue;
+        };
+        // TLS completed inside the tunnel, and held: hyper's own connection task is over.
+        let name = rustls::pki_types::ServerName::try_from("origin.test").unwrap();
+        held.push(tokio_rustls::TlsConnector::from(config.clone()).connect(name, tunnel).await.unwrap());
+    }
+    assert_eq!((held.len(), refused), (5, 15), "the sixth tunnel and every later one are refused");
+    assert_eq!(proxy.metric("tollgate_connections_active").await, 5);
+    // The held tunnels serve; closing them frees their places.
+    let tls = held.pop().unwrap();
+    assert_eq!(request(tls, false, get("origin.test", "/", false)).await.0, 200);
+    drop(held);
+    assert_eq!(proxy.wait_metric("tollgate_connections_active", 0, Duration::from_secs(5)).await, 0);
+    assert!(try_connect(proxy.explicit, "origin.test:443").await.is_some(), "room again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_tunnels_close_when_idle_and_sigterm_waits_for_them() {
+    let pki = TestPki::new();
+    let (chain, key) = pki.leaf(&LeafSpec::new(&["www.pinned.test"]));
+    let origin = Origin::start("pinned", chain, key, &["http/1.1"]).await;
+    let limits = "\n[limits]\ntunnel_idle_timeout_secs = 1\nshutdown_grace_secs = 20\n";
+    let options = ProxyOptions {
+        ca_bundles: vec![pki.bundle()],
+        resolve: vec![("www.pinned.test:443".into(), origin.addr)],
+        no_decrypt: vec!["*.pinned.test".into()],
+        extra: limits.into(),
+        ..Default::default()
+    };
+    let setup = Setup::new(&options);
+    let mut proxy = setup.start();
+    let trusted = trusting_client(&pki.root_der(), &["http/1.1"]);
+    let name = || rustls::pki_types::ServerName::try_from("www.pinned.test").unwrap();
+
+    // Idle both ways for the timeout: closed by the proxy.
+    let tunnel = connect_tunnel(proxy.explicit, "www.pinned.test:443").await;
+    let mut tls = tokio_rustls::TlsConnector::from(trusted.clone()).connect(name(), tunnel).await.unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf)).await.expect("closed");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(4), "closed after ~1 s idle: {took:?}");
+    proxy.wait_log("idle tunnel", |v| v["action"] == "tunnel" && v["idle_timeout"] == true);
+
+    // A tunnel in use keeps the process draining on SIGTERM, not ready meanwhile.
+    let tunnel = connect_tunnel(proxy.explicit, "www.pinned.test:443").await;
+    let tls = tokio_rustls::TlsConnector::from(trusted).connect(name(), tunnel).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(conn);
+    proxy.signal("-TERM");
+    let ready = http_status(proxy.management, "/readyz").await;
+    assert_eq!(ready.0, 503, "draining is not ready: {}", ready.1);
+    assert!(ready.1.contains("draining"), "{}", ready.1);
+    // Kept busy past the idle timeout, the tunnel holds the drain.
+    for _ in 0..3 {
+        sender.ready().await.unwrap();
+        assert_eq!(sender.send_request(get("www.pinned.test", "/", false)).await.unwrap().status(), 200);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+    assert!(proxy.alive(), "the drain waits for the open tunnel");
+    drop(sender);
+    let code = tokio::task::spawn_blocking(move || proxy.wait_exit(Duration::from_secs(10))).await.unwrap();
+    assert_eq!(code, Some(0));
+}

@@ -18,9 +18,10 @@ use super::{Body, ConnCtx, Proxy, ProxyError, Target};
 pub async fn serve(proxy: Arc<Proxy>, stream: super::Client, ctx: ConnCtx) {
     let server = proxy.http1_server();
     let draining = proxy.clone();
-    let service = hyper::service::service_fn(move |req| handle(proxy.clone(), req, ctx));
+    let client = ctx.client;
+    let service = hyper::service::service_fn(move |req| handle(proxy.clone(), req, ctx.clone()));
     let conn = Box::pin(server.serve_connection(TokioIo::new(stream), service).with_upgrades());
-    super::serve_client!(draining, conn, ctx.client);
+    super::serve_client!(draining, conn, client);
 }
 
 async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>, ctx: ConnCtx) -> Result<Response<Body>, Infallible> {
@@ -62,7 +63,7 @@ async fn plain(proxy: Arc<Proxy>, req: Request<Incoming>, ctx: ConnCtx) -> Respo
         return Refusal::new(StatusCode::BAD_REQUEST, "bad-proxy-request", "request URI has no host".into())
             .into_response();
     };
-    let log = AccessLog::start(&req, ctx, &target.host, "plain-http");
+    let log = AccessLog::start(&req, &ctx, &target.host, "plain-http");
     let action = proxy.policy.decide_http(&target.host, req.method(), req.uri().path());
     let response = match action {
         crate::policy::HttpAction::Block(rule) => {

@@ -44,6 +44,7 @@ where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let client_h2 = client.get_ref().1.alpn_protocol() == Some(H2);
+    let peer = ctx.client;
     let Upstream { route, key, first, pin, label } = upstream;
     let relay = Arc::new(Relay {
         first: Mutex::new(first.map(|lease| (lease.sender, lease.peer))),
@@ -63,13 +64,13 @@ where
     if client_h2 {
         let conn = Box::pin(proxy.http2_server().serve_connection(io, service));
         Box::pin(async move {
-            super::serve_client!(proxy, conn, ctx.client);
+            super::serve_client!(proxy, conn, peer);
             Ok(())
         })
     } else {
         let conn = Box::pin(proxy.http1_server().serve_connection(io, service).with_upgrades());
         Box::pin(async move {
-            super::serve_client!(proxy, conn, ctx.client);
+            super::serve_client!(proxy, conn, peer);
             Ok(())
         })
     }
@@ -107,7 +108,7 @@ struct Relay {
 
 impl Relay {
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
-        let log = AccessLog::start(&req, self.ctx, &self.target.host, &self.label);
+        let log = AccessLog::start(&req, &self.ctx, &self.target.host, &self.label);
         let response = match self.clone().forward(req).await {
             Ok(response) => response,
             Err(refusal) => refusal.into_response(),
@@ -149,7 +150,7 @@ impl Relay {
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_upgrade) = client_upgrade {
                 let upstream_upgrade = hyper::upgrade::on(&mut response);
-                tokio::spawn(splice_upgrade(client_upgrade, upstream_upgrade));
+                tokio::spawn(splice_upgrade(client_upgrade, upstream_upgrade, self.ctx.ticket.clone()));
             }
             return Ok(response.map(BodyExt::boxed_unsync));
         }
@@ -282,7 +283,13 @@ impl http_body::Body for Recycle {
     }
 }
 
-async fn splice_upgrade(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+/// Relays an upgraded connection (WebSocket) both ways; it holds the client connection's
+/// ticket, so it counts against `max_connections` until it ends.
+async fn splice_upgrade(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    _ticket: super::Ticket,
+) {
     let (client, upstream) = tokio::join!(client, upstream);
     if let (Ok(client), Ok(upstream)) = (client, upstream) {
         let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(upstream)).await;
@@ -395,7 +402,7 @@ pub struct AccessLog {
 
 impl AccessLog {
     /// Starts timing a request; `None` when access logging is filtered out (nothing to pay).
-    pub fn start<B>(req: &Request<B>, ctx: ConnCtx, host: &str, upstream: &str) -> Option<Self> {
+    pub fn start<B>(req: &Request<B>, ctx: &ConnCtx, host: &str, upstream: &str) -> Option<Self> {
         METRICS.requests_total.fetch_add(1, Relaxed);
         if !tracing::enabled!(target: "tollgate::access", tracing::Level::INFO) {
             return None;

@@ -111,7 +111,7 @@ pub async fn serve<IO>(proxy: Arc<Proxy>, io: IO, ctx: ConnCtx)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    super::serve_phases(Box::pin(handshake_phase(&proxy, io, ctx)), ctx).await;
+    super::serve_phases(Box::pin(handshake_phase(&proxy, io, ctx.clone())), ctx).await;
 }
 
 /// ClientHello, site, client handshake (the site's key signs); then the relay, not yet started.

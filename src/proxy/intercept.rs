@@ -25,7 +25,7 @@ pub async fn serve<IO>(proxy: Arc<Proxy>, io: IO, hint: Option<Target>, ctx: Con
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    super::serve_phases(Box::pin(handshake_phase(&proxy, io, hint, ctx)), ctx).await;
+    super::serve_phases(Box::pin(handshake_phase(&proxy, io, hint, ctx.clone())), ctx).await;
 }
 
 /// The handshake phase: ClientHello, policy, then a tunnel, or upstream, mint and client
@@ -40,7 +40,7 @@ where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (accepted, hello, raw) = super::client_hello(proxy, &mut io).await?;
-    let target = match bind_target(hint, &hello, ctx) {
+    let target = match bind_target(hint, &hello, &ctx) {
         Ok(target) => target,
         Err(e) => return Err(refuse(proxy, accepted, io, e).await),
     };
@@ -57,7 +57,7 @@ where
 /// The destination: the listener's hint and the SNI must name the same host. In transparent
 /// mode the hint is the original destination address: the SNI names the host (validated and
 /// minted for) while the connection still goes to the address the client chose.
-fn bind_target(hint: Option<Target>, hello: &ClientHelloInfo, ctx: ConnCtx) -> Result<Target, ProxyError> {
+fn bind_target(hint: Option<Target>, hello: &ClientHelloInfo, ctx: &ConnCtx) -> Result<Target, ProxyError> {
     if ctx.mode == ListenerMode::Transparent
         && let (Some(dst), Some(sni)) = (&hint, &hello.sni)
     {
@@ -162,7 +162,9 @@ mod tests {
     use super::*;
 
     fn ctx(mode: ListenerMode) -> ConnCtx {
-        ConnCtx { client: "127.0.0.1:1".parse().unwrap(), mode, upstream_port: 8443 }
+        let semaphore = std::sync::Arc::new(tokio::sync::Semaphore::new(1));
+        let ticket = std::sync::Arc::new(crate::proxy::Admission::new(semaphore.try_acquire_owned().unwrap()));
+        ConnCtx { client: "127.0.0.1:1".parse().unwrap(), mode, upstream_port: 8443, ticket }
     }
 
     fn hello(sni: Option<&str>) -> ClientHelloInfo {
@@ -178,13 +180,13 @@ mod tests {
         let target = Target { host: "a.test".into(), port: 443, addr: None };
         let explicit = ctx(ListenerMode::Explicit);
         assert!(matches!(
-            bind_target(Some(target.clone()), &hello(Some("b.test")), explicit),
+            bind_target(Some(target.clone()), &hello(Some("b.test")), &explicit),
             Err(ProxyError::NameMismatch { .. })
         ));
-        assert_eq!(bind_target(Some(target.clone()), &hello(Some("a.test")), explicit).unwrap(), target);
-        assert_eq!(bind_target(Some(target.clone()), &hello(None), explicit).unwrap(), target);
+        assert_eq!(bind_target(Some(target.clone()), &hello(Some("a.test")), &explicit).unwrap(), target);
+        assert_eq!(bind_target(Some(target.clone()), &hello(None), &explicit).unwrap(), target);
         let sni = ctx(ListenerMode::Sni);
-        assert_eq!(bind_target(None, &hello(Some("a.test")), sni).unwrap().port, 8443);
-        assert!(matches!(bind_target(None, &hello(None), sni), Err(ProxyError::NoSni)));
+        assert_eq!(bind_target(None, &hello(Some("a.test")), &sni).unwrap().port, 8443);
+        assert!(matches!(bind_target(None, &hello(None), &sni), Err(ProxyError::NoSni)));
     }
 }

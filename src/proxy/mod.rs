@@ -195,6 +195,8 @@ pub struct Proxy {
     /// A client accepting none of our bytes this long is cut (`proxy::idle`).
     pub send_timeout: Duration,
     pub mint_timeout: Duration,
+    /// A passthrough tunnel silent both ways this long is closed.
+    pub tunnel_idle_timeout: Duration,
     header_timeout: Duration,
     max_header_bytes: usize,
     /// Becomes true on SIGTERM: connections finish their requests and close.
@@ -237,6 +239,7 @@ impl Proxy {
             read_timeout: Duration::from_secs(config.limits.upstream_read_timeout_secs),
             send_timeout: Duration::from_secs(config.limits.client_send_timeout_secs),
             mint_timeout: Duration::from_secs(config.limits.mint_timeout_secs),
+            tunnel_idle_timeout: Duration::from_secs(config.limits.tunnel_idle_timeout_secs),
             header_timeout: Duration::from_secs(config.limits.header_timeout_secs),
             max_header_bytes: config.limits.max_header_bytes,
             shutdown: tokio::sync::watch::channel(false).1,
@@ -404,14 +407,13 @@ pub async fn serve_listener(
             tracing::warn!(client = %peer, "connection refused: max_connections reached");
             continue;
         };
+        let ticket = Arc::new(Admission::new(permit));
         let _ = stream.set_nodelay(true);
         let stream = idle::Deadlines::new(stream).write_deadline(proxy.send_timeout);
         let proxy = proxy.clone();
         let config = config.clone();
         tokio::spawn(async move {
-            let _guard = ConnectionGuard::new();
-            let _permit = permit;
-            let ctx = ConnCtx { client: peer, mode: config.mode, upstream_port: config.upstream_port };
+            let ctx = ConnCtx { client: peer, mode: config.mode, upstream_port: config.upstream_port, ticket };
             match config.mode {
                 ListenerMode::Explicit => connect::serve(proxy, stream, ctx).await,
                 ListenerMode::Sni => intercept::serve(proxy, stream, None, ctx).await,
@@ -509,13 +511,36 @@ where
         .map_err(ProxyError::from)
 }
 
-/// Per-connection facts for logs and decisions.
-#[derive(Clone, Copy, Debug)]
+/// Per-connection facts for logs and decisions, and the connection's admission.
+#[derive(Clone, Debug)]
 pub struct ConnCtx {
     pub client: SocketAddr,
     pub mode: ListenerMode,
     /// `sni` mode: the port to connect upstream.
     pub upstream_port: u16,
+    /// Held by everything serving the connection: the accept task and any task an upgrade
+    /// hands the connection to.
+    pub ticket: Ticket,
+}
+
+/// A client connection's admission: its place under `max_connections` and in
+/// `tollgate_connections_active`, for as long as anything serves it — the accept task, and the
+/// tasks an upgrade hands the connection to (a CONNECT tunnel's pipeline, a WebSocket splice),
+/// which outlive hyper's own connection task. The drain on SIGTERM waits for them too.
+pub type Ticket = Arc<Admission>;
+
+/// See `Ticket`.
+#[derive(Debug)]
+pub struct Admission {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    _counted: ConnectionGuard,
+}
+
+impl Admission {
+    /// A connection admitted under `permit`, counted from now.
+    pub fn new(permit: tokio::sync::OwnedSemaphorePermit) -> Self {
+        Self { _permit: permit, _counted: ConnectionGuard::new() }
+    }
 }
 
 #[cfg(test)]

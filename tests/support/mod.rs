@@ -428,6 +428,19 @@ impl Drop for Proxy {
     }
 }
 
+/// A plain HTTP/1.1 GET: (status, body).
+pub async fn http_status(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    stream.read_to_string(&mut out).await.unwrap();
+    let status = out.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
 /// A plain HTTP/1.1 GET, returning the body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> String {
     let mut stream = TcpStream::connect(addr).await.unwrap();
@@ -469,6 +482,11 @@ impl TestPki {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("root.pem"), root.pem()).unwrap();
         Self { root, issuer, dir }
+    }
+
+    /// The root certificate.
+    pub fn root_der(&self) -> CertificateDer<'static> {
+        self.root.der().clone()
     }
 
     /// The root as a PEM bundle file (for `[upstream] ca_bundles`).
