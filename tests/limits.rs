@@ -258,3 +258,16 @@ async fn passthrough_tunnels_close_when_idle_and_sigterm_waits_for_them() {
     let code = tokio::task::spawn_blocking(move || proxy.wait_exit(Duration::from_secs(10))).await.unwrap();
     assert_eq!(code, Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_ready_without_a_forward_trust_ca() {
+    let token = Token::new();
+    let config = token.path("tollgate.toml");
+    write_config(&token, &config, &ProxyOptions::default());
+    let proxy = Proxy::start(&token, &config);
+    let (status, body) = http_status(proxy.management, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(report["failing"], serde_json::json!(["no forward-trust CA loaded"]), "{report}");
+    assert_eq!((report["listeners_bound"].as_bool(), report["hsm_member_up"].as_bool()), (Some(true), Some(true)));
+}

@@ -450,3 +450,77 @@ async fn handshakes_waiting_on_a_frozen_hsm_hold_no_runtime_thread() {
     // The call deadline is 1 s: a connection stuck behind the waiting handshakes takes most of it.
     assert!(took < Duration::from_millis(400), "served while handshakes wait on the HSM: {took:?}");
 }
+
+/// `/readyz` is 503 until the HSM is open and every listener bound (here: the HSM frozen while
+/// the service starts), 200 once they are, and 503 again when no HSM member is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_startup_and_the_hsm() {
+    let mut group = Group::new("").await;
+    group.stop_b();
+    group.a.signal("-STOP");
+    // Only the management listener comes up while the HSM does not answer.
+    let proxy = Proxy::start_with(group.cmd(), &group.config, 1);
+    for _ in 0..3 {
+        let (status, body) = http_status(proxy.management, "/readyz").await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("listeners not bound") && body.contains("no HSM member up"), "{body}");
+        assert_eq!(http_status(proxy.management, "/livez").await.0, 200, "alive meanwhile");
+        let (status, body) = http_status(proxy.management, "/api/v1/hsm/status").await;
+        assert_eq!(status, 503, "{body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    group.a.signal("-CONT");
+    let started = Instant::now();
+    let body = loop {
+        let (status, body) = http_status(proxy.management, "/readyz").await;
+        if status == 200 {
+            break body;
+        }
+        assert!(started.elapsed() < Duration::from_secs(15), "never ready: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(report["ready"], true, "{report}");
+    let sni = proxy.wait_log("sni listening", |v| v["message"] == "listening" && v["mode"] == "sni");
+    let sni: std::net::SocketAddr = sni["addr"].as_str().unwrap().parse().unwrap();
+    visit(sni, &group.ca, "ready.ha.test").await.unwrap();
+
+    // The last member lost (found out by a signature that fails): not ready until it is back.
+    group.a.stop();
+    assert!(visit(sni, &group.ca, "lost.ha.test").await.is_err());
+    let (status, body) = http_status(proxy.management, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("no HSM member up") && !body.contains("listeners not bound"), "{body}");
+    group.a.start();
+    let back = Instant::now();
+    while http_status(proxy.management, "/readyz").await.0 != 200 {
+        assert!(back.elapsed() < Duration::from_secs(15), "not ready again after the member came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A PKCS#11 call that never returns (a frozen network HSM) cannot hold the process: on
+/// SIGTERM, after the drain, the process waits for it up to the call deadline and then ends with
+/// abort; with nothing stuck it exits 0 (tests/limits.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_never_returns_ends_the_process_with_abort() {
+    use std::os::unix::process::ExitStatusExt;
+    let group = Group::new("enabled = false").await;
+    let mut proxy = group.start();
+    visit(proxy.sni, &group.ca, "first.ha.test").await.unwrap();
+    group.a.signal("-STOP");
+    assert!(visit(proxy.sni, &group.ca, "stuck.ha.test").await.is_err(), "its mint hangs on hsm-a, then fails");
+    proxy.signal("-TERM");
+    let started = Instant::now();
+    let status = tokio::task::spawn_blocking(move || {
+        let status = proxy.wait_status(Duration::from_secs(20));
+        (status, proxy)
+    })
+    .await
+    .unwrap();
+    let (status, proxy) = status;
+    group.a.signal("-CONT");
+    assert_eq!(status.signal(), Some(6), "ended by abort (SIGABRT): {status:?}");
+    assert!(started.elapsed() < Duration::from_secs(10), "within the call deadline after the drain");
+    proxy.wait_log("why", |v| v["message"].as_str().is_some_and(|m| m.contains("never came back")));
+}

@@ -390,10 +390,15 @@ impl Proxy {
 
     /// Waits for the process to exit; its exit code.
     pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        self.wait_status(within).code()
+    }
+
+    /// Waits for the process to exit; how it ended.
+    pub fn wait_status(&mut self, within: Duration) -> std::process::ExitStatus {
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code();
+                return status;
             }
             assert!(Instant::now() < deadline, "tollgate did not exit within {within:?}");
             std::thread::sleep(Duration::from_millis(20));
