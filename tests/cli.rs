@@ -297,3 +297,111 @@ fn commands_that_open_the_hsm_always_exit_cleanly() {
     });
     assert!(failures.is_empty(), "{} of 1200 runs failed, first: {}", failures.len(), failures[0]);
 }
+
+const PKCS11_SPY: &str = "/usr/lib/x86_64-linux-gnu/pkcs11/pkcs11-spy.so";
+
+/// Every command that opens the HSM logs in once per server, wrong partition password or
+/// right: counted with OpenSC's pkcs11-spy between tollgate and SoftHSM2 (tokens lock after a
+/// few failed logins, so a retry is a fault).
+#[test]
+fn every_command_logs_in_once_and_the_service_once() {
+    assert!(std::path::Path::new(PKCS11_SPY).exists(), "{PKCS11_SPY}: run `bash deploy/install-deps` (opensc)");
+    let setup = Setup::new(&ProxyOptions::default());
+    // The master key HSM-encrypted, so the commands that read stored secrets open the HSM too.
+    let out = setup.tollgate(&["master-key", "encrypt-with-hsm", "--lifetime", "90", "--reminder", "10"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let pki = TestPki::new();
+    let (leaf, key) = pki.leaf_files(&LeafSpec::new(&["soft.test"]), setup.token.dir.path());
+    let ca = setup.token.path("trust.pem");
+    let spied = |pin: &std::path::Path, name: &str| {
+        let config = setup.token.path(&format!("{name}.toml"));
+        let text = std::fs::read_to_string(&setup.config).unwrap();
+        let text = text.replace(SOFTHSM_MODULE, PKCS11_SPY).replace(
+            &format!("pin_file = \"{}\"", setup.token.path("user.pin").display()),
+            &format!("pin_file = \"{}\"", pin.display()),
+        );
+        std::fs::write(&config, text).unwrap();
+        config
+    };
+    let wrong = setup.token.path("wrong.pin");
+    std::fs::write(&wrong, "0000-wrong\n").unwrap();
+    let log = setup.token.path("spy.log");
+    let logins = |config: &std::path::Path, args: &[&str], stdin: &str| {
+        let _ = std::fs::remove_file(&log);
+        let mut child = setup
+            .token
+            .cmd(tollgate_bin())
+            .args(args)
+            .arg("--config")
+            .arg(config)
+            .env("PKCS11SPY", SOFTHSM_MODULE)
+            .env("PKCS11SPY_OUTPUT", &log)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let spy = std::fs::read_to_string(&log).unwrap_or_default();
+        (spy.lines().filter(|l| l.trim_end().ends_with(": C_Login")).count(), out)
+    };
+    let bundle = setup.token.path("bundle.tar.gz");
+    let commands: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["hsm", "status"], ""),
+        (vec!["hsm", "info"], ""),
+        (vec!["cert", "list"], ""),
+        (vec!["cert", "generate-ca", "--name", "spied", "--on-hsm", "--forward-untrust"], ""),
+        (vec!["cert", "import", "--name", "spied-import", "--cert", ca.to_str().unwrap(), "--key-on-hsm"], ""),
+        (
+            vec![
+                "cert",
+                "import",
+                "--name",
+                "spied-soft",
+                "--cert",
+                leaf.to_str().unwrap(),
+                "--key",
+                key.to_str().unwrap(),
+            ],
+            "",
+        ),
+        (vec!["master-key", "status"], ""),
+        (vec!["master-key", "set"], ""),
+        (vec!["master-key", "encrypt-with-hsm", "--lifetime", "90", "--reminder", "10"], ""),
+        (vec!["hsm", "rotate-wrapping-key"], ""),
+        (vec!["hsm", "support-bundle", "--out", bundle.to_str().unwrap()], ""),
+        (vec!["api-token", "set"], "a-token-of-sixteen-chars-or-more\n"),
+    ];
+    let wrong_config = spied(&wrong, "wrong");
+    for (args, stdin) in &commands {
+        let (count, out) = logins(&wrong_config, args, stdin);
+        assert_eq!(count, 1, "{args:?} with a wrong PIN logged in {count} times: {}", stderr(&out));
+        // Reports (the certificate list, the support file) are made with the HSM down too.
+        let reports = args == &["cert", "list"] || args.contains(&"support-bundle");
+        assert!(reports || !out.status.success(), "{args:?} fails with a wrong PIN");
+    }
+    let (count, out) =
+        logins(&wrong_config, &["hsm", "login", "--server", "hsm-a", "--pin-file", wrong.to_str().unwrap()], "");
+    assert_eq!((count, out.status.code()), (1, Some(1)), "hsm login: {}", stderr(&out));
+
+    // With the right PIN, every command still logs in once (status after a change included).
+    let right_config = spied(&setup.token.path("user.pin"), "right");
+    for (args, stdin) in commands.iter().filter(|(args, _)| !args.contains(&"generate-ca") && !args.contains(&"import"))
+    {
+        let (count, out) = logins(&right_config, args, stdin);
+        assert_eq!(count, 1, "{args:?} with the right PIN logged in {count} times: {}", stderr(&out));
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+    }
+
+    // The service: one login at start, none after in 4 s of running with the wrong PIN.
+    let _ = std::fs::remove_file(&log);
+    let mut cmd = setup.token.cmd(tollgate_bin());
+    cmd.env("PKCS11SPY", SOFTHSM_MODULE).env("PKCS11SPY_OUTPUT", &log);
+    let proxy = Proxy::start_with(cmd, &wrong_config, 3);
+    std::thread::sleep(Duration::from_secs(4));
+    drop(proxy);
+    let spy = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(spy.lines().filter(|l| l.trim_end().ends_with(": C_Login")).count(), 1, "the service logs in once");
+}
