@@ -184,7 +184,7 @@ fn watch_master_key_expiry(state_dir: &std::path::Path) {
     };
     let now = time::OffsetDateTime::now_utc();
     let left = (expires - now).whole_seconds();
-    crate::telemetry::METRICS.master_key_expiry_seconds.store(left, std::sync::atomic::Ordering::Relaxed);
+    crate::telemetry::METRICS.master_key_expiry_seconds.set(left);
     let expires_at = file.expires_at.as_deref().unwrap_or_default();
     if left <= 0 {
         tracing::error!(expires_at, "the master key has expired: set a new one (tollgate master-key set)");
@@ -225,7 +225,7 @@ fn build_proxy(config: &Config, hsm: &Arc<Hsm>, shutdown: &watch::Receiver<bool>
 async fn drain(listeners: Listeners, shutdown: &watch::Sender<bool>, grace: Duration) {
     listeners.stop();
     let _ = shutdown.send(true);
-    let active = || crate::telemetry::METRICS.connections_active.load(std::sync::atomic::Ordering::Relaxed);
+    let active = || crate::telemetry::METRICS.connections_active.get();
     tracing::info!(connections = active(), grace_secs = grace.as_secs(), "shutting down: draining");
     let deadline = tokio::time::Instant::now() + grace;
     while active() > 0 && tokio::time::Instant::now() < deadline {

@@ -1,255 +1,266 @@
 //! Logging (tracing, JSON lines) and the process metrics rendered at `GET /metrics`.
 //!
-//! Metrics are plain atomics in one static struct: counting must cost nothing on the hot path,
-//! and the Prometheus text is small enough to render by hand.
+//! Metrics are prometheus-client types in one registry, so the exposition (Prometheus text
+//! format 0.0.4) escapes label values and keeps each family's series together however many HSM
+//! servers and libraries there are. Counters and gauges are single atomics, cheap on the hot
+//! path; per-server and per-library series are looked up once and kept by their owner
+//! (`MemberMetrics`, `QueueGauge`). The standard `process_*` metrics are read from /proc at
+//! each scrape.
 
-use std::fmt::Write as _;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use parking_lot::{Mutex, RwLock};
-
-/// The metric names that outside checks rely on (SPEC).
-pub mod names {
-    pub const HSM_SIGN_TOTAL: &str = "tollgate_hsm_sign_total";
-    pub const HSM_SIGN_ERRORS_TOTAL: &str = "tollgate_hsm_sign_errors_total";
-    pub const CACHE_HITS_TOTAL: &str = "tollgate_cert_cache_hits_total";
-    pub const CACHE_MISSES_TOTAL: &str = "tollgate_cert_cache_misses_total";
-    pub const MINT_ERRORS_TOTAL: &str = "tollgate_mint_errors_total";
-    pub const MINT_FALLBACKS_TOTAL: &str = "tollgate_mint_fallbacks_total";
-    pub const CONNECTIONS_ACTIVE: &str = "tollgate_connections_active";
-    pub const CONNECTIONS_TOTAL: &str = "tollgate_connections_total";
-    pub const REQUESTS_TOTAL: &str = "tollgate_requests_total";
-    pub const TUNNELS_TOTAL: &str = "tollgate_tunnels_total";
-    pub const UNTRUSTED_UPSTREAMS_TOTAL: &str = "tollgate_upstream_untrusted_total";
-    pub const UPSTREAM_POOLED: &str = "tollgate_upstream_pooled_connections";
-    pub const MASTER_KEY_EXPIRY: &str = "tollgate_master_key_expiry_seconds";
-}
+use parking_lot::Mutex;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 
 /// Every metric of the process.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
-    pub hsm_sign_total: AtomicU64,
-    pub hsm_sign_errors_total: AtomicU64,
-    pub cache_hits_total: AtomicU64,
-    pub cache_misses_total: AtomicU64,
-    pub mint_errors_total: AtomicU64,
+    /// `tollgate_hsm_sign_total`: signatures made by the HSM.
+    pub hsm_sign_total: Counter,
+    pub hsm_sign_errors_total: Counter,
+    /// `tollgate_cert_cache_hits_total`.
+    pub cache_hits_total: Counter,
+    /// `tollgate_cert_cache_misses_total`.
+    pub cache_misses_total: Counter,
+    pub mint_errors_total: Counter,
     /// Mints with the CA key on the HSM that no HSM worker made (see `Ca::mint_off_runtime`).
-    pub mint_fallbacks_total: AtomicU64,
-    pub connections_active: AtomicI64,
-    pub connections_total: AtomicU64,
-    pub requests_total: AtomicU64,
-    pub tunnels_total: AtomicU64,
-    pub untrusted_upstreams_total: AtomicU64,
-    pub upstream_pooled: AtomicI64,
+    pub mint_fallbacks_total: Counter,
+    /// `tollgate_connections_active`: every client connection, for its whole life.
+    pub connections_active: Gauge,
+    pub connections_total: Counter,
+    pub requests_total: Counter,
+    pub tunnels_total: Counter,
+    pub untrusted_upstreams_total: Counter,
+    pub upstream_pooled: Gauge,
     /// Seconds until the master key expires (negative: expired; 0 with no expiry set).
-    pub master_key_expiry_seconds: AtomicI64,
-    /// Per HSM server.
-    pub hsm_members: RwLock<Vec<Arc<MemberMetrics>>>,
-    /// Per PKCS#11 library: jobs waiting.
-    pub hsm_queues: RwLock<Vec<Arc<QueueGauge>>>,
+    pub master_key_expiry_seconds: Gauge,
+    hsm_member_up: Family<Server, Gauge>,
+    hsm_sign_duration: Family<Server, Histogram, fn() -> Histogram>,
+    hsm_member_sign_errors: Family<ServerReason, Counter>,
+    hsm_queue_depth: Family<Library, Gauge>,
+    registry: Registry,
 }
 
-/// Metrics of one HSM server.
-#[derive(Debug)]
-pub struct MemberMetrics {
-    name: String,
-    up: AtomicI64,
-    /// Counts per `SIGN_BUCKETS` upper bound, then +Inf.
-    buckets: [AtomicU64; SIGN_BUCKETS.len() + 1],
-    sum_micros: AtomicU64,
-    errors: Mutex<std::collections::BTreeMap<String, u64>>,
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Server {
+    server: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServerReason {
+    server: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Library {
+    library: String,
 }
 
 /// Upper bounds (seconds) of the sign latency histogram.
 const SIGN_BUCKETS: [f64; 10] = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0];
 
-impl MemberMetrics {
-    /// The metrics of a server, created on first use.
-    pub fn register(name: &str) -> Arc<Self> {
-        let mut members = METRICS.hsm_members.write();
-        if let Some(m) = members.iter().find(|m| m.name == name) {
-            return m.clone();
+/// The process-wide metrics.
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// The content type of `render_metrics`.
+pub const METRICS_CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+/// The process metrics, for `GET /metrics`.
+pub fn render_metrics() -> String {
+    METRICS.render()
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let sign_duration: fn() -> Histogram = || Histogram::new(SIGN_BUCKETS);
+        let metrics = Self {
+            hsm_sign_total: Counter::default(),
+            hsm_sign_errors_total: Counter::default(),
+            cache_hits_total: Counter::default(),
+            cache_misses_total: Counter::default(),
+            mint_errors_total: Counter::default(),
+            mint_fallbacks_total: Counter::default(),
+            connections_active: Gauge::default(),
+            connections_total: Counter::default(),
+            requests_total: Counter::default(),
+            tunnels_total: Counter::default(),
+            untrusted_upstreams_total: Counter::default(),
+            upstream_pooled: Gauge::default(),
+            master_key_expiry_seconds: Gauge::default(),
+            hsm_member_up: Family::default(),
+            hsm_sign_duration: Family::new_with_constructor(sign_duration),
+            hsm_member_sign_errors: Family::default(),
+            hsm_queue_depth: Family::default(),
+            registry: Registry::default(),
+        };
+        metrics.registered()
+    }
+
+    /// Registers every metric (clones share their values) and the process collector.
+    fn registered(mut self) -> Self {
+        let r = &mut self.registry;
+        let counters = [
+            ("tollgate_hsm_sign", "Signatures made by the HSM", &self.hsm_sign_total),
+            ("tollgate_hsm_sign_errors", "HSM signatures that failed", &self.hsm_sign_errors_total),
+            ("tollgate_cert_cache_hits", "Minted leaves served from the cache", &self.cache_hits_total),
+            ("tollgate_cert_cache_misses", "Leaf lookups that had to mint", &self.cache_misses_total),
+            ("tollgate_mint_errors", "Mints that failed", &self.mint_errors_total),
+            (
+                "tollgate_mint_fallbacks",
+                "Mints with the CA key on the HSM made on the blocking pool: no HSM worker took them in time (queue \
+                 full, no server up) or their signature was overdue",
+                &self.mint_fallbacks_total,
+            ),
+            ("tollgate_connections", "Client connections accepted", &self.connections_total),
+            ("tollgate_requests", "HTTP requests relayed", &self.requests_total),
+            ("tollgate_tunnels", "Connections passed through without decryption", &self.tunnels_total),
+            (
+                "tollgate_upstream_untrusted",
+                "Upstream certificates that failed validation",
+                &self.untrusted_upstreams_total,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            r.register(name, help, counter.clone());
         }
-        let m = Arc::new(Self {
-            name: name.to_string(),
-            up: AtomicI64::new(0),
-            buckets: Default::default(),
-            sum_micros: AtomicU64::new(0),
-            errors: Mutex::new(Default::default()),
-        });
-        members.push(m.clone());
-        m
+        let gauges = [
+            (
+                "tollgate_connections_active",
+                "Client connections open now, CONNECT tunnels and WebSockets included",
+                &self.connections_active,
+            ),
+            ("tollgate_upstream_pooled_connections", "Upstream connections pooled for reuse", &self.upstream_pooled),
+            (
+                "tollgate_master_key_expiry_seconds",
+                "Seconds until the master key expires (0: no expiry set)",
+                &self.master_key_expiry_seconds,
+            ),
+        ];
+        for (name, help, gauge) in gauges {
+            r.register(name, help, gauge.clone());
+        }
+        r.register(
+            "tollgate_hsm_member_up",
+            "Whether the HSM server is connected and authenticated",
+            self.hsm_member_up.clone(),
+        );
+        r.register(
+            "tollgate_hsm_sign_duration_seconds",
+            "HSM signature latency, queueing included",
+            self.hsm_sign_duration.clone(),
+        );
+        r.register(
+            "tollgate_hsm_member_sign_errors",
+            "HSM signature failures by reason",
+            self.hsm_member_sign_errors.clone(),
+        );
+        r.register("tollgate_hsm_queue_depth", "HSM jobs waiting per PKCS#11 library", self.hsm_queue_depth.clone());
+        r.register_collector(Box::new(ProcessMetrics));
+        self
+    }
+
+    /// Renders the Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Metrics of one HSM server, kept by its member.
+#[derive(Debug)]
+pub struct MemberMetrics {
+    server: String,
+    up: Gauge,
+    sign_duration: Histogram,
+}
+
+impl MemberMetrics {
+    /// The metrics of a server.
+    pub fn register(name: &str) -> Arc<Self> {
+        let label = Server { server: name.to_string() };
+        Arc::new(Self {
+            server: name.to_string(),
+            up: METRICS.hsm_member_up.get_or_create_owned(&label),
+            sign_duration: METRICS.hsm_sign_duration.get_or_create_owned(&label),
+        })
     }
 
     pub fn set_up(&self, up: bool) {
-        self.up.store(i64::from(up), Relaxed);
+        self.up.set(i64::from(up));
     }
 
     pub fn observe_sign(&self, took: Duration) {
-        let secs = took.as_secs_f64();
-        let i = SIGN_BUCKETS.iter().position(|b| secs <= *b).unwrap_or(SIGN_BUCKETS.len());
-        self.buckets[i].fetch_add(1, Relaxed);
-        self.sum_micros.fetch_add(took.as_micros() as u64, Relaxed);
+        self.sign_duration.observe(took.as_secs_f64());
     }
 
     pub fn observe_error(&self, reason: &str) {
-        *self.errors.lock().entry(reason.to_string()).or_default() += 1;
-    }
-
-    fn render(&self, out: &mut String) {
-        let name = &self.name;
-        let _ = writeln!(out, "tollgate_hsm_member_up{{server=\"{name}\"}} {}", self.up.load(Relaxed));
-        let mut cumulative = 0;
-        for (i, count) in self.buckets.iter().enumerate() {
-            cumulative += count.load(Relaxed);
-            let le = SIGN_BUCKETS.get(i).map(|b| b.to_string()).unwrap_or_else(|| "+Inf".into());
-            let _ = writeln!(
-                out,
-                "tollgate_hsm_sign_duration_seconds_bucket{{server=\"{name}\",le=\"{le}\"}} {cumulative}"
-            );
-        }
-        let sum = self.sum_micros.load(Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "tollgate_hsm_sign_duration_seconds_sum{{server=\"{name}\"}} {sum}");
-        let _ = writeln!(out, "tollgate_hsm_sign_duration_seconds_count{{server=\"{name}\"}} {cumulative}");
-        for (reason, count) in self.errors.lock().iter() {
-            let _ =
-                writeln!(out, "tollgate_hsm_member_sign_errors_total{{server=\"{name}\",reason=\"{reason}\"}} {count}");
-        }
+        let labels = ServerReason { server: self.server.clone(), reason: reason.to_string() };
+        METRICS.hsm_member_sign_errors.get_or_create(&labels).inc();
     }
 }
 
 /// Jobs waiting in one library's HSM queue.
 #[derive(Debug)]
-pub struct QueueGauge {
-    library: String,
-    depth: AtomicI64,
-}
+pub struct QueueGauge(Gauge);
 
 impl QueueGauge {
-    /// The gauge of a library, created on first use.
+    /// The gauge of a library.
     pub fn register(library: &str) -> Arc<Self> {
-        let mut queues = METRICS.hsm_queues.write();
-        if let Some(q) = queues.iter().find(|q| q.library == library) {
-            return q.clone();
-        }
-        let q = Arc::new(Self { library: library.to_string(), depth: AtomicI64::new(0) });
-        queues.push(q.clone());
-        q
+        Arc::new(Self(METRICS.hsm_queue_depth.get_or_create_owned(&Library { library: library.to_string() })))
     }
 
     pub fn set(&self, depth: usize) {
-        self.depth.store(depth as i64, Relaxed);
+        self.0.set(i64::try_from(depth).unwrap_or(i64::MAX));
     }
 }
 
-/// The process-wide metrics.
-pub static METRICS: Metrics = Metrics {
-    hsm_sign_total: AtomicU64::new(0),
-    hsm_sign_errors_total: AtomicU64::new(0),
-    cache_hits_total: AtomicU64::new(0),
-    cache_misses_total: AtomicU64::new(0),
-    mint_errors_total: AtomicU64::new(0),
-    mint_fallbacks_total: AtomicU64::new(0),
-    connections_active: AtomicI64::new(0),
-    connections_total: AtomicU64::new(0),
-    requests_total: AtomicU64::new(0),
-    tunnels_total: AtomicU64::new(0),
-    untrusted_upstreams_total: AtomicU64::new(0),
-    upstream_pooled: AtomicI64::new(0),
-    master_key_expiry_seconds: AtomicI64::new(0),
-    hsm_members: parking_lot::const_rwlock(Vec::new()),
-    hsm_queues: parking_lot::const_rwlock(Vec::new()),
-};
+/// The standard `process_*` metrics, read from /proc at each scrape.
+#[derive(Debug)]
+struct ProcessMetrics;
 
-impl Metrics {
-    /// Renders the Prometheus text exposition format.
-    pub fn render(&self) -> String {
-        use names::*;
-        let Self {
-            hsm_sign_total,
-            hsm_sign_errors_total,
-            cache_hits_total,
-            cache_misses_total,
-            mint_errors_total,
-            mint_fallbacks_total,
-            connections_active,
-            connections_total,
-            requests_total,
-            tunnels_total,
-            untrusted_upstreams_total,
-            upstream_pooled,
-            master_key_expiry_seconds,
-            hsm_members,
-            hsm_queues,
-        } = self;
-        let mut out = String::with_capacity(2048);
-        let counters = [
-            (HSM_SIGN_TOTAL, "Signatures made by the HSM.", hsm_sign_total),
-            (HSM_SIGN_ERRORS_TOTAL, "HSM signatures that failed.", hsm_sign_errors_total),
-            (CACHE_HITS_TOTAL, "Minted leaves served from the cache.", cache_hits_total),
-            (CACHE_MISSES_TOTAL, "Leaf lookups that had to mint.", cache_misses_total),
-            (MINT_ERRORS_TOTAL, "Mints that failed.", mint_errors_total),
-            (
-                MINT_FALLBACKS_TOTAL,
-                "Mints with the CA key on the HSM made on the blocking pool: no HSM worker took them in time (queue full, \
-                 no server up) or their signature was overdue.",
-                mint_fallbacks_total,
-            ),
-            (CONNECTIONS_TOTAL, "Client connections accepted.", connections_total),
-            (REQUESTS_TOTAL, "HTTP requests relayed.", requests_total),
-            (TUNNELS_TOTAL, "Connections passed through without decryption.", tunnels_total),
-            (UNTRUSTED_UPSTREAMS_TOTAL, "Upstream certificates that failed validation.", untrusted_upstreams_total),
-        ];
-        for (name, help, value) in counters {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", value.load(Relaxed));
+impl Collector for ProcessMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Ok(process) = procfs::process::Process::myself() else { return Ok(()) };
+        let Ok(stat) = process.stat() else { return Ok(()) };
+        let ticks = procfs::ticks_per_second() as f64;
+        let page = procfs::page_size();
+        let cpu = (stat.utime + stat.stime) as f64 / ticks;
+        let started = procfs::boot_time_secs().map(|boot| boot as f64 + stat.starttime as f64 / ticks).unwrap_or(0.0);
+        let counter = ConstCounter::new(cpu);
+        counter.encode(encoder.encode_descriptor(
+            "process_cpu_seconds",
+            "Total user and system CPU time spent in seconds",
+            None,
+            counter.metric_type(),
+        )?)?;
+        let mut gauge = |name: &str, help: &str, value: f64| {
+            let gauge = ConstGauge::new(value);
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)
+        };
+        gauge("process_resident_memory_bytes", "Resident memory size in bytes", (stat.rss * page) as f64)?;
+        gauge("process_virtual_memory_bytes", "Virtual memory size in bytes", stat.vsize as f64)?;
+        gauge("process_start_time_seconds", "Start time of the process since the Unix epoch in seconds", started)?;
+        gauge("process_threads", "Number of OS threads in the process", stat.num_threads as f64)?;
+        if let Ok(fds) = process.fd_count() {
+            gauge("process_open_fds", "Number of open file descriptors", fds as f64)?;
         }
-        let gauges = [
-            (CONNECTIONS_ACTIVE, "Client connections open now.", connections_active),
-            (UPSTREAM_POOLED, "Upstream connections pooled for reuse.", upstream_pooled),
-            (MASTER_KEY_EXPIRY, "Seconds until the master key expires (0: no expiry set).", master_key_expiry_seconds),
-        ];
-        for (name, help, value) in gauges {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}", value.load(Relaxed));
+        if let Ok(limits) = process.limits()
+            && let procfs::process::LimitValue::Value(max) = limits.max_open_files.soft_limit
+        {
+            gauge("process_max_fds", "Maximum number of open file descriptors", max as f64)?;
         }
-        let _ = writeln!(
-            out,
-            "# HELP tollgate_hsm_member_up Whether the HSM server is connected and authenticated.\n# TYPE tollgate_hsm_member_up gauge"
-        );
-        let _ = writeln!(
-            out,
-            "# HELP tollgate_hsm_sign_duration_seconds HSM signature latency, queueing included.\n# TYPE tollgate_hsm_sign_duration_seconds histogram"
-        );
-        let _ = writeln!(
-            out,
-            "# HELP tollgate_hsm_member_sign_errors_total HSM signature failures by reason.\n# TYPE tollgate_hsm_member_sign_errors_total counter"
-        );
-        for member in hsm_members.read().iter() {
-            member.render(&mut out);
-        }
-        let _ = writeln!(
-            out,
-            "# HELP tollgate_hsm_queue_depth HSM jobs waiting per PKCS#11 library.\n# TYPE tollgate_hsm_queue_depth gauge"
-        );
-        for queue in hsm_queues.read().iter() {
-            let _ = writeln!(
-                out,
-                "tollgate_hsm_queue_depth{{library=\"{}\"}} {}",
-                queue.library,
-                queue.depth.load(Relaxed)
-            );
-        }
-        out
+        Ok(())
     }
-}
-
-/// The content type of `render_metrics`.
-pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4";
-
-/// The process metrics, for `GET /metrics`.
-pub fn render_metrics() -> String {
-    METRICS.render()
 }
 
 /// Counts one open connection for as long as it lives.
@@ -259,8 +270,8 @@ pub struct ConnectionGuard(());
 impl ConnectionGuard {
     /// Counts a newly accepted connection.
     pub fn new() -> Self {
-        METRICS.connections_total.fetch_add(1, Relaxed);
-        METRICS.connections_active.fetch_add(1, Relaxed);
+        METRICS.connections_total.inc();
+        METRICS.connections_active.inc();
         Self(())
     }
 }
@@ -273,7 +284,7 @@ impl Default for ConnectionGuard {
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        METRICS.connections_active.fetch_sub(1, Relaxed);
+        METRICS.connections_active.dec();
     }
 }
 
@@ -340,12 +351,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn renders_spec_names() {
+    fn renders_spec_names_escaped_and_each_family_together() {
+        for name in ["a\"b", "back\\slash", "plain"] {
+            let member = MemberMetrics::register(name);
+            member.set_up(true);
+            member.observe_sign(Duration::from_micros(50));
+            member.observe_error("timeout");
+        }
+        QueueGauge::register("/opt/vendor lib/libp11.so").set(3);
         let text = METRICS.render();
-        for name in
-            [names::HSM_SIGN_TOTAL, names::CACHE_HITS_TOTAL, names::CACHE_MISSES_TOTAL, names::CONNECTIONS_ACTIVE]
-        {
-            assert!(text.lines().any(|l| l.starts_with(&format!("{name} "))), "{name} missing");
+        for name in [
+            "tollgate_hsm_sign_total",
+            "tollgate_cert_cache_hits_total",
+            "tollgate_cert_cache_misses_total",
+            "tollgate_connections_active",
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+        ] {
+            assert!(text.lines().any(|l| l.starts_with(&format!("{name} "))), "{name} missing:\n{text}");
+        }
+        assert!(text.contains(r#"tollgate_hsm_member_up{server="a\"b"} 1"#), "{text}");
+        assert!(text.contains(r#"tollgate_hsm_member_up{server="back\\slash"} 1"#), "{text}");
+        assert!(text.contains(r#"tollgate_hsm_queue_depth{library="/opt/vendor lib/libp11.so"} 3"#), "{text}");
+        // Each family is declared once, and every series stands under its own family's TYPE line.
+        let mut seen = Vec::new();
+        let mut family = "";
+        for line in text.lines() {
+            if let Some(declared) = line.strip_prefix("# TYPE ") {
+                family = declared.split(' ').next().unwrap();
+                assert!(!seen.contains(&family), "{family} declared twice:\n{text}");
+                seen.push(family);
+            } else if !line.starts_with('#') {
+                assert!(line.starts_with(family), "{line:?} is not under its family ({family}):\n{text}");
+            }
         }
     }
 }

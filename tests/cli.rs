@@ -405,3 +405,70 @@ fn every_command_logs_in_once_and_the_service_once() {
     let spy = std::fs::read_to_string(&log).unwrap();
     assert_eq!(spy.lines().filter(|l| l.trim_end().ends_with(": C_Login")).count(), 1, "the service logs in once");
 }
+
+/// `/metrics` read by a real parser (Python's prometheus_client, Debian's package) with two HSM
+/// servers whose names hold a quote and a backslash, the second one's library at a path with a
+/// space: every family is declared once with its series together, and labels round-trip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_with_a_real_parser_whatever_the_server_names() {
+    let setup = Setup::new(&ProxyOptions::default());
+    let spaced = setup.token.path("vendor lib");
+    std::fs::create_dir(&spaced).unwrap();
+    let module = spaced.join("libsofthsm2.so");
+    std::fs::copy(SOFTHSM_MODULE, &module).unwrap();
+    let text = std::fs::read_to_string(&setup.config).unwrap().replace("name = \"hsm-a\"", "name = 'we\"ird'");
+    let second = format!(
+        "\n[[hsm.server]]\nname = 'back\\slash'\nmodule = \"{}\"\ntoken = \"{}\"\npin_file = \"{}\"\n",
+        module.display(),
+        setup.token.label,
+        setup.token.path("user.pin").display()
+    );
+    std::fs::write(&setup.config, format!("{text}{second}")).unwrap();
+    let proxy = setup.start();
+    let metrics = http_get(proxy.management, "/metrics").await;
+    let script = r#"
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+families = [(f.name, f.type, [(s.name, s.labels, s.value) for s in f.samples])
+            for f in text_string_to_metric_families(sys.stdin.read())]
+print(json.dumps(families))
+"#;
+    // Debian's interpreter, where python3-prometheus-client is installed (not a pyenv's).
+    let mut python = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    use std::io::Write;
+    python.stdin.take().unwrap().write_all(metrics.as_bytes()).unwrap();
+    let out = python.wait_with_output().unwrap();
+    assert!(out.status.success(), "the parser refused /metrics: {}\n{metrics}", stderr(&out));
+    type Sample = (String, serde_json::Value, f64);
+    let families: Vec<(String, String, Vec<Sample>)> = serde_json::from_slice(&out.stdout).unwrap();
+    let mut names: Vec<&str> = families.iter().map(|(name, _, _)| name.as_str()).collect();
+    let count = names.len();
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), count, "a family split in two:\n{metrics}");
+    let family =
+        |name: &str| families.iter().find(|(n, _, _)| n == name).unwrap_or_else(|| panic!("{name}:\n{metrics}"));
+    let up: Vec<(String, f64)> =
+        family("tollgate_hsm_member_up").2.iter().map(|(_, l, v)| (l["server"].as_str().unwrap().into(), *v)).collect();
+    assert!(up.contains(&("we\"ird".into(), 1.0)) && up.contains(&("back\\slash".into(), 1.0)), "{up:?}");
+    let queues: Vec<&str> =
+        family("tollgate_hsm_queue_depth").2.iter().map(|(_, l, _)| l["library"].as_str().unwrap()).collect();
+    assert!(queues.contains(&module.to_str().unwrap()), "{queues:?}");
+    assert_eq!(family("tollgate_hsm_sign_duration_seconds").1, "histogram");
+    for process in
+        ["process_cpu_seconds", "process_resident_memory_bytes", "process_open_fds", "process_start_time_seconds"]
+    {
+        family(process);
+    }
+    for spec in
+        ["tollgate_hsm_sign", "tollgate_cert_cache_hits", "tollgate_cert_cache_misses", "tollgate_connections_active"]
+    {
+        family(spec);
+    }
+}

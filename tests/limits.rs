@@ -265,9 +265,17 @@ async fn not_ready_without_a_forward_trust_ca() {
     let config = token.path("tollgate.toml");
     write_config(&token, &config, &ProxyOptions::default());
     let proxy = Proxy::start(&token, &config);
-    let (status, body) = http_status(proxy.management, "/readyz").await;
-    assert_eq!(status, 503, "{body}");
-    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    // The listeners say "listening" as they start accepting, just before readiness hears of it.
+    let started = Instant::now();
+    let (status, report) = loop {
+        let (status, body) = http_status(proxy.management, "/readyz").await;
+        let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if report["listeners_bound"] == true || started.elapsed() > Duration::from_secs(5) {
+            break (status, report);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status, 503, "{report}");
     assert_eq!(report["failing"], serde_json::json!(["no forward-trust CA loaded"]), "{report}");
     assert_eq!((report["listeners_bound"].as_bool(), report["hsm_member_up"].as_bool()), (Some(true), Some(true)));
 }

@@ -113,7 +113,7 @@ fn concurrent_signing_through_the_executor_is_correct() {
     for t in threads {
         t.join().unwrap();
     }
-    let metrics = tollgate::telemetry::METRICS.render();
+    let metrics = tollgate::telemetry::render_metrics();
     assert!(metrics.contains("tollgate_hsm_sign_duration_seconds_count{server=\"local\"}"), "{metrics}");
     assert!(metrics.contains("tollgate_hsm_member_up{server=\"local\"} 1"));
     assert!(metrics.contains("tollgate_hsm_queue_depth{library="));

@@ -461,12 +461,12 @@ impl Hsm {
             member.in_flight.fetch_sub(1, Relaxed);
             match result {
                 Ok(signature) => {
-                    METRICS.hsm_sign_total.fetch_add(1, Relaxed);
+                    METRICS.hsm_sign_total.inc();
                     member.metrics.observe_sign(started.elapsed());
                     return Ok(signature);
                 }
                 Err(e) => {
-                    METRICS.hsm_sign_errors_total.fetch_add(1, Relaxed);
+                    METRICS.hsm_sign_errors_total.inc();
                     member.metrics.observe_error(&e.reason());
                     if e.is_auth() {
                         member.take_out(&conn, MemberState::Locked(e.to_string()));

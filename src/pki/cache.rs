@@ -5,7 +5,6 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use moka::Expiry;
@@ -47,9 +46,9 @@ impl LeafCache {
     {
         let entry = self.inner.entry(key).or_try_insert_with(mint).await?;
         if entry.is_fresh() {
-            METRICS.cache_misses_total.fetch_add(1, Relaxed);
+            METRICS.cache_misses_total.inc();
         } else {
-            METRICS.cache_hits_total.fetch_add(1, Relaxed);
+            METRICS.cache_hits_total.inc();
         }
         Ok(entry.into_value())
     }

@@ -6,7 +6,6 @@
 //! could not honour — never reach the client.
 
 use std::net::IpAddr;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, OnceLock};
 
 use rcgen::{
@@ -98,7 +97,7 @@ impl Ca {
             let (ca, host, upstream) = (self.clone(), host.to_string(), upstream.to_vec());
             move || ca.mint(&host, &upstream)
         };
-        let fallback = || METRICS.mint_fallbacks_total.fetch_add(1, Relaxed);
+        let fallback = || METRICS.mint_fallbacks_total.inc();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let first = mint();
         let work: crate::hsm::Work = Box::new(move || drop(tx.send(first())));

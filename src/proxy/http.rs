@@ -6,7 +6,6 @@
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -403,7 +402,7 @@ pub struct AccessLog {
 impl AccessLog {
     /// Starts timing a request; `None` when access logging is filtered out (nothing to pay).
     pub fn start<B>(req: &Request<B>, ctx: &ConnCtx, host: &str, upstream: &str) -> Option<Self> {
-        METRICS.requests_total.fetch_add(1, Relaxed);
+        METRICS.requests_total.inc();
         if !tracing::enabled!(target: "tollgate::access", tracing::Level::INFO) {
             return None;
         }

@@ -2,7 +2,6 @@
 //! upstream handshake → verdict → mint (cached, single-flight) → client handshake → HTTP relay.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 
 use rustls::server::Accepted;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -92,7 +91,7 @@ where
     };
     let verdict = lease.peer.verdict(&proxy.upstream_tls);
     if let Verdict::Untrusted(reason) = &verdict {
-        METRICS.untrusted_upstreams_total.fetch_add(1, Relaxed);
+        METRICS.untrusted_upstreams_total.inc();
         if proxy.policy.untrusted == UntrustedAction::Block {
             let e = ProxyError::UpstreamUntrusted { target: target.to_string(), reason: reason.clone() };
             return Err(refuse(proxy, accepted, io, e).await);
@@ -152,7 +151,7 @@ async fn mint(proxy: &Proxy, target: &Target, peer: &Peer, trusted: bool) -> Res
         })
         .await
         .inspect_err(|_| {
-            METRICS.mint_errors_total.fetch_add(1, Relaxed);
+            METRICS.mint_errors_total.inc();
         })
         .map_err(mint_err)
 }

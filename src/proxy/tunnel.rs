@@ -27,7 +27,7 @@ pub async fn run<IO>(
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
-    METRICS.tunnels_total.fetch_add(1, Relaxed);
+    METRICS.tunnels_total.inc();
     let mut upstream = proxy.dial(&target).await?;
     upstream.write_all(&hello).await?;
     let (up, down, idle) = relay(client, upstream, proxy.tunnel_idle_timeout).await;

@@ -21,7 +21,6 @@ use super::tls::{H2, UpstreamTls, Verdict};
 use super::{Body, Proxy, ProxyError, Side, Target};
 use crate::keys::sha256;
 use crate::telemetry::METRICS;
-use std::sync::atomic::Ordering::Relaxed;
 
 /// Idle HTTP/1.1 connections kept per (host, port, ALPN offer).
 const MAX_IDLE_H1: usize = 64;
@@ -237,7 +236,7 @@ impl Upstreams {
 
 impl Pool {
     fn publish(&self) {
-        METRICS.upstream_pooled.store(self.total as i64, Relaxed);
+        METRICS.upstream_pooled.set(self.total as i64);
     }
 
     /// Sweeps, then, when the pool is full, evicts the longest-unused connections: an eighth of
