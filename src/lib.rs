@@ -21,6 +21,7 @@ pub mod hex;
 pub mod hsm;
 pub mod keys;
 pub mod manage;
+pub mod net;
 pub mod pki;
 pub mod policy;
 pub mod proxy;

@@ -262,3 +262,122 @@ fn tproxy_clients_are_intercepted() {
     assert_eq!(body, "hello from the origin namespace\n");
     proxy.wait_log("tproxy access log", |v| v["message"] == "request" && v["mode"] == "transparent");
 }
+
+/// Happy Eyeballs and the deny list, in a namespace of their own: `dual.test` resolves (through
+/// the namespace's /etc/hosts) to an IPv6 address whose route goes nowhere — packets silently
+/// dropped, the connect never answered — and to the IPv4 origin; `both.test` to a denied address
+/// (where a listener accepts and never speaks) and the origin. Each is reached well within the
+/// 10 s connect timeout, the denied address never tried; `denied.test` is refused.
+#[test]
+fn a_silent_ipv6_address_and_a_denied_one_do_not_hold_the_connection() {
+    require(&["ip", "openssl", "curl"]);
+    let ns = format!("tghe{}", std::process::id() % 100_000);
+    let hosts_dir = PathBuf::from(format!("/etc/netns/{ns}"));
+    struct Cleanup(String, PathBuf, Vec<Child>);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            for p in &mut self.2 {
+                let _ = p.kill();
+                let _ = p.wait();
+            }
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+            let _ = std::fs::remove_dir_all(&self.1);
+        }
+    }
+    sh(&["ip", "netns", "add", &ns]);
+    let mut cleanup = Cleanup(ns.clone(), hosts_dir.clone(), Vec::new());
+    let ip = |args: &[&str]| {
+        let mut all = vec!["ip", "-n", ns.as_str()];
+        all.extend(args);
+        sh(&all);
+    };
+    ip(&["link", "set", "lo", "up"]);
+    ip(&["link", "add", "void0", "type", "veth", "peer", "name", "void1"]);
+    ip(&["link", "set", "void0", "up"]);
+    ip(&["link", "set", "void1", "up"]);
+    ip(&["addr", "add", "10.232.0.1/24", "dev", "void0"]);
+    ip(&["addr", "add", "10.232.1.1/24", "dev", "void0"]);
+    ip(&["-6", "addr", "add", "2001:db8:232::1/64", "dev", "void0", "nodad"]);
+    // 2001:db8:232::5 (global scope: the system resolver sorts it before IPv4) is routed, on-link
+    // via void0, and everything sent to it vanishes: no answer, no error, as behind an IPv6 path
+    // that blackholes.
+    let nft =
+        "table inet blackhole { chain out { type filter hook output priority 0; ip6 daddr 2001:db8:232::5 drop; }; }";
+    sh(&["ip", "netns", "exec", &ns, "nft", nft]);
+    std::fs::create_dir_all(&hosts_dir).unwrap();
+    std::fs::write(
+        hosts_dir.join("hosts"),
+        "127.0.0.1 localhost\n2001:db8:232::5 dual.test\n10.232.0.1 dual.test\n10.232.1.1 both.test\n10.232.0.1 both.test\n\
+         10.232.1.1 denied.test\n",
+    )
+    .unwrap();
+
+    let token = Token::new();
+    let pki = TestPki::new();
+    let www = token.path("www");
+    std::fs::create_dir(&www).unwrap();
+    std::fs::write(www.join("index.html"), "hello over ipv4\n").unwrap();
+    let (cert, key) = pki.leaf_files(&LeafSpec::new(&["dual.test", "both.test", "denied.test"]), token.dir.path());
+    let exec = |program: &str| {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &ns, program]);
+        cmd
+    };
+    let origin = exec("openssl")
+        .args(["s_server", "-quiet", "-WWW", "-4", "-accept", "10.232.0.1:443", "-cert"])
+        .arg(&cert)
+        .arg("-key")
+        .arg(&key)
+        .current_dir(&www)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    cleanup.2.push(origin);
+    // On the denied address, a listener that accepts and never speaks: dialled, it would hang.
+    let mute = exec("python3")
+        .args(["-c", "import socket,time; s=socket.socket(); s.bind(('10.232.1.1',443)); s.listen(); time.sleep(600)"])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    cleanup.2.push(mute);
+
+    let config = token.path("tollgate.toml");
+    write_config(&token, &config, &ProxyOptions { ca_bundles: vec![pki.bundle()], ..Default::default() });
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[policy]\n", "[policy]\ndeny_destinations = [\"127.0.0.0/8\", \"10.232.1.0/24\"]\n");
+    std::fs::write(&config, format!("{text}\n[limits]\nconnect_timeout_secs = 10\n")).unwrap();
+    let out = token
+        .cmd(tollgate_bin())
+        .args(["cert", "generate-ca", "--config", config.to_str().unwrap(), "--name", "ca", "--on-hsm"])
+        .args(["--forward-trust", "--out-cert", token.path("ca.pem").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut run = exec(tollgate_bin());
+    run.env("SOFTHSM2_CONF", token.conf());
+    let proxy = Proxy::start_with(run, &config, 3);
+    let port = proxy.sni.port();
+
+    let curl = |host: &str| {
+        let started = Instant::now();
+        let out = exec("curl")
+            .args(["-sS", "--max-time", "20", "--cacert", token.path("ca.pem").to_str().unwrap()])
+            .args(["--resolve", &format!("{host}:{port}:127.0.0.1")])
+            .arg(format!("https://{host}:{port}/index.html"))
+            .output()
+            .unwrap();
+        (out, started.elapsed())
+    };
+    for host in ["dual.test", "both.test"] {
+        let (out, took) = curl(host);
+        assert!(out.status.success(), "{host}: {}\n{:#?}", String::from_utf8_lossy(&out.stderr), proxy.logs.lock());
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "hello over ipv4\n");
+        assert!(took < Duration::from_secs(3), "{host}: reached in {took:?}, not after the 10 s connect timeout");
+    }
+    let (out, took) = curl("denied.test");
+    assert!(!out.status.success() && took < Duration::from_secs(3), "denied.test: refused at once ({took:?})");
+    proxy.wait_log("refusal", |v| v["error"].as_str().is_some_and(|e| e.contains("deny_destinations")));
+}

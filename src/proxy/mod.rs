@@ -23,6 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use crate::config::{Config, ListenerConfig, ListenerMode, Resolve};
+use crate::net::ATTEMPT_DELAY;
 use crate::pki::cache::LeafCache;
 use crate::pki::mint::{Ca, MintError};
 use crate::policy::Policy;
@@ -183,6 +184,8 @@ pub struct Proxy {
     pub upstreams: upstream::Upstreams,
     pub inbound: inbound::InboundSites,
     resolve: Resolve,
+    /// Names resolved recently.
+    resolver: crate::net::Resolver,
     /// Our own sockets: never a destination (no loops, no reaching management via the proxy).
     own: Vec<SocketAddr>,
     /// Networks clients may not reach (`[policy] deny_destinations`).
@@ -231,6 +234,7 @@ impl Proxy {
                 Duration::from_secs(config.limits.upstream_idle_timeout_secs),
             ),
             resolve: config.resolve.clone(),
+            resolver: crate::net::Resolver::new(),
             own,
             deny: config.policy.deny_destinations.clone(),
             limit: Arc::new(Semaphore::new(config.limits.max_connections)),
@@ -303,8 +307,9 @@ impl Proxy {
     }
 
     /// Opens a TCP connection to a destination a client asked for, honouring `[resolve]` and
-    /// refusing our own sockets and `[policy] deny_destinations` (after resolution: a name that
-    /// resolves into a denied network is refused too; `[resolve]` overrides are exempt).
+    /// never dialling our own sockets or `[policy] deny_destinations` (checked on every resolved
+    /// address: a name that resolves only into denied networks is refused; `[resolve]` overrides
+    /// are exempt).
     pub async fn dial(&self, target: &Target) -> Result<TcpStream, ProxyError> {
         self.dial_checked(target, true).await
     }
@@ -315,35 +320,39 @@ impl Proxy {
         self.dial_checked(target, false).await
     }
 
+    /// Resolves (unless the address is known), drops the addresses that may not be dialled
+    /// (each one checked), and races connections over the rest (Happy Eyeballs) within the
+    /// connect timeout.
     async fn dial_checked(&self, target: &Target, client_chosen: bool) -> Result<TcpStream, ProxyError> {
         let connect_err = |source| ProxyError::Connect { target: target.to_string(), source };
         let overridden = self.resolve_override(target);
-        let addrs: Vec<SocketAddr> = match target.addr.or(overridden) {
-            Some(addr) => vec![addr],
-            None => tokio::net::lookup_host((target.host.as_str(), target.port)).await.map_err(connect_err)?.collect(),
+        let resolved = match target.addr.or(overridden) {
+            Some(addr) => std::sync::Arc::from([addr]),
+            None => self.resolver.lookup(&target.host, target.port).await.map_err(connect_err)?,
         };
-        let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
-        for addr in addrs {
-            if let Some(refused) = self.refused(target, addr, client_chosen && overridden.is_none()) {
-                return Err(refused);
-            }
-            let attempt = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await;
-            match attempt {
-                Ok(Ok(stream)) => {
-                    let _ = stream.set_nodelay(true);
-                    return Ok(stream);
+        let policy = client_chosen && overridden.is_none();
+        let mut refused = None;
+        let allowed: Vec<SocketAddr> = resolved
+            .iter()
+            .copied()
+            .filter(|addr| match self.refused(target, *addr, policy) {
+                Some(why) => {
+                    refused.get_or_insert(why);
+                    false
                 }
-                Ok(Err(e)) => last = e,
-                Err(_) => {
-                    return Err(ProxyError::Timeout {
-                        phase: "upstream connect",
-                        secs: self.connect_timeout.as_secs(),
-                        side: Side::Upstream,
-                    });
-                }
-            }
+                None => true,
+            })
+            .collect();
+        if let (true, Some(refused)) = (allowed.is_empty(), refused) {
+            return Err(refused);
         }
-        Err(connect_err(last))
+        let secs = self.connect_timeout.as_secs();
+        let stream = tokio::time::timeout(self.connect_timeout, crate::net::happy_eyeballs(&allowed, ATTEMPT_DELAY))
+            .await
+            .map_err(|_| ProxyError::Timeout { phase: "upstream connect", secs, side: Side::Upstream })?
+            .map_err(connect_err)?;
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
     }
 
     /// Refuses, before CONNECT is answered, a destination given as an address that `dial`
