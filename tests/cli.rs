@@ -305,7 +305,7 @@ const PKCS11_SPY: &str = "/usr/lib/x86_64-linux-gnu/pkcs11/pkcs11-spy.so";
 /// few failed logins, so a retry is a fault).
 #[test]
 fn every_command_logs_in_once_and_the_service_once() {
-    assert!(std::path::Path::new(PKCS11_SPY).exists(), "{PKCS11_SPY}: run `bash deploy/install-deps` (opensc)");
+    assert!(std::path::Path::new(PKCS11_SPY).exists(), "{PKCS11_SPY}: run `bash deploy/install-test-deps` (opensc)");
     let setup = Setup::new(&ProxyOptions::default());
     // The master key HSM-encrypted, so the commands that read stored secrets open the HSM too.
     let out = setup.tollgate(&["master-key", "encrypt-with-hsm", "--lifetime", "90", "--reminder", "10"]);

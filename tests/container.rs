@@ -18,7 +18,7 @@ fn podman(conf: &Path, args: &[&str]) -> std::process::Output {
         .env("CONTAINERS_CONF", conf)
         .args(args)
         .output()
-        .expect("podman: run `bash deploy/install-deps`")
+        .expect("podman: run `bash deploy/install-test-deps`")
 }
 
 fn ok(out: std::process::Output, what: &str) -> String {

@@ -20,7 +20,7 @@ fn yaml(path: &Path) -> Vec<serde_json::Value> {
         .args(["-c", "import sys, yaml, json; print(json.dumps(list(yaml.safe_load_all(open(sys.argv[1])))))"])
         .arg(path)
         .output()
-        .expect("python3 with python3-yaml: run `bash deploy/install-deps`");
+        .expect("python3 with python3-yaml: run `bash deploy/install-test-deps`");
     assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
 }
@@ -98,4 +98,128 @@ fn the_systemd_unit_verifies() {
         Command::new("systemd-analyze").arg("verify").arg(&path).output().expect("systemd-analyze (package systemd)");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && !stderr.contains("tollgate.service:"), "{stderr}");
+}
+
+/// Every program a test or the image build starts, and the PKCS#11 modules they load: what a
+/// bare Debian must have once `deploy/install-test-deps` has run.
+const PROGRAMS: [&str; 28] = [
+    "base64",
+    "bash",
+    "chown",
+    "chroot",
+    "chromium",
+    "curl",
+    "debootstrap",
+    "h2load",
+    "ip",
+    "iptables",
+    "kill",
+    "nft",
+    "openssl",
+    "p11-kit",
+    "pkcs11-tool",
+    "pkill",
+    "podman",
+    "python3",
+    "runc",
+    "sh",
+    "softhsm2-util",
+    "systemd-analyze",
+    "tar",
+    "testssl",
+    "g++",
+    "make",
+    "mount",
+    "umount",
+];
+const FILES: [&str; 5] = [
+    "/usr/lib/softhsm/libsofthsm2.so",
+    "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so",
+    "/usr/lib/x86_64-linux-gnu/pkcs11/pkcs11-spy.so",
+    "/usr/lib/podman/netavark",
+    "/usr/lib/podman/aardvark-dns",
+];
+
+/// The programs the test sources start (`Command::new("x")`, `require(&["x", …])`,
+/// `.cmd("x")`, `exec(…, "x")`), read from the sources themselves.
+fn programs_started_by_tests() -> Vec<String> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
+    let mut sources: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    sources.push(dir.join("support/mod.rs"));
+    let mut found = Vec::new();
+    for source in sources.iter().filter(|p| p.extension().is_some_and(|e| e == "rs")) {
+        let text: String = std::fs::read_to_string(source)
+            .unwrap()
+            .lines()
+            .filter(|line| !line.trim_start().starts_with("//"))
+            .map(|line| format!("{line}\n"))
+            .collect();
+        for (marker, multiple) in
+            [("Command::new(\"", false), ("require(&[", true), (".cmd(\"", false), ("exec(", false)]
+        {
+            for (at, _) in text.match_indices(marker) {
+                let rest = &text[at + marker.len()..];
+                let call = &rest[..rest.find(')').unwrap_or(rest.len())];
+                let names: Vec<&str> = match (multiple, marker) {
+                    (true, _) => {
+                        call.split(',').filter_map(|s| s.trim().trim_end_matches(']').strip_prefix('"')).collect()
+                    }
+                    (false, "exec(") => {
+                        call.rsplit(',').next().and_then(|s| s.trim().strip_prefix('"')).into_iter().collect()
+                    }
+                    _ => vec![call],
+                };
+                found.extend(names.into_iter().map(|n| n.trim_end_matches('"').to_string()));
+            }
+        }
+    }
+    found.retain(|p| !p.is_empty() && !p.contains('{') && !p.starts_with("/usr/local/"));
+    found.sort();
+    found.dedup();
+    found
+}
+
+/// A bare Debian (debootstrap minbase: the machine CI starts from) gets, from the project's own
+/// install scripts and nothing else, every program the tests and the image build start. It was
+/// a machine that still had an earlier session's iptables that hid the image build's need for
+/// it. The list above is checked against the test sources, so a new tool cannot be missed.
+#[test]
+fn the_install_scripts_give_a_bare_debian_every_program_the_tests_start() {
+    for program in programs_started_by_tests() {
+        let name = program.rsplit('/').next().unwrap();
+        assert!(PROGRAMS.contains(&name), "{program} is started by a test but not checked here: add it to PROGRAMS");
+    }
+    require(&["debootstrap", "chroot", "mount", "umount"]);
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path().join("root");
+    let out = Command::new("debootstrap").args(["--variant=minbase", "bookworm"]).arg(&root).output().unwrap();
+    assert!(out.status.success(), "debootstrap: {}", String::from_utf8_lossy(&out.stderr));
+    // /proc for the packages' scripts; unmounted before the tree is removed.
+    struct Proc(PathBuf);
+    impl Drop for Proc {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let proc = root.join("proc");
+    assert!(Command::new("mount").args(["-t", "proc", "proc"]).arg(&proc).status().unwrap().success());
+    let _proc = Proc(proc);
+    let scripts = root.join("opt/tollgate/deploy");
+    std::fs::create_dir_all(&scripts).unwrap();
+    for script in ["install-deps", "install-test-deps", "apt-install"] {
+        std::fs::copy(deploy(script), scripts.join(script)).unwrap();
+    }
+    std::fs::copy("/etc/resolv.conf", root.join("etc/resolv.conf")).unwrap();
+    let chroot = |command: &str| Command::new("chroot").arg(&root).args(["sh", "-c", command]).output().unwrap();
+    let out = chroot("bash /opt/tollgate/deploy/install-test-deps");
+    assert!(out.status.success(), "install-test-deps: {}", String::from_utf8_lossy(&out.stderr));
+    let missing: Vec<&str> = PROGRAMS
+        .iter()
+        .filter(|program| !chroot(&format!("command -v {program}")).status.success())
+        .chain(FILES.iter().filter(|file| !root.join(file.trim_start_matches('/')).exists()))
+        .copied()
+        .collect();
+    assert!(missing.is_empty(), "a fresh Debian lacks {missing:?} after the install scripts");
+    let out = chroot("/usr/bin/python3 -c 'import yaml, prometheus_client'");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }

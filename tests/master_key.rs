@@ -264,7 +264,7 @@ fn the_status_page_shows_hsm_members_certificates_and_master_key_in_chromium() {
         .arg("--dump-dom")
         .arg(format!("http://{}/", proxy.management))
         .output()
-        .expect("chromium (deploy/install-deps installs it)");
+        .expect("chromium (deploy/install-test-deps installs it)");
     let dom = String::from_utf8_lossy(&out.stdout);
     assert!(
         dom.contains("<h1>tollgate"),

@@ -1,6 +1,6 @@
 //! Shared fixtures for the integration tests: a real SoftHSM2 token per test, the real
 //! `tollgate` binary, a test PKI made with rcgen, in-process hyper origins, real clients.
-//! Nothing here is mocked; a missing tool is a failure (install it with `deploy/install-deps`).
+//! Nothing here is mocked; a missing tool is a failure (install it with `deploy/install-test-deps`).
 
 #![allow(dead_code)]
 
@@ -33,7 +33,7 @@ pub fn require(tools: &[&str]) {
         let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().map(|o| o.status.success());
         assert!(
             found.unwrap_or(false),
-            "{tool} is missing: run `bash deploy/install-deps` (the README's test command does)"
+            "{tool} is missing: run `bash deploy/install-test-deps` (the README's test command does)"
         );
     }
 }
@@ -41,7 +41,7 @@ pub fn require(tools: &[&str]) {
 /// Fails (never skips) when a tool the tests drive is missing.
 pub fn require_tools() {
     require(&["softhsm2-util", "curl", "openssl", "pkcs11-tool"]);
-    assert!(Path::new(SOFTHSM_MODULE).exists(), "{SOFTHSM_MODULE} missing: run `bash deploy/install-deps`");
+    assert!(Path::new(SOFTHSM_MODULE).exists(), "{SOFTHSM_MODULE} missing: run `bash deploy/install-test-deps`");
 }
 
 /// A private SoftHSM2 token directory with one initialised token.
