@@ -2,15 +2,22 @@
 //! reached through PKCS#11.
 //!
 //! ```text
-//! main → cli → app → { proxy, manage }
-//! proxy → { policy, pki, telemetry }        manage → { hsm, pki, state }
-//! pki → keys                                hsm → keys
-//! config, state, telemetry are leaves
+//! main → cli → { app, manage, config }
+//! app → { proxy, manage, hsm, pki, vault, state, telemetry, config }
+//! manage → { hsm, pki, vault, proxy::{bypass, respond}, state, telemetry, config }
+//! proxy → { policy, pki, hsm::WaitLimit, net, keys, telemetry, config }
+//! pki → { hsm, vault, keys, state, telemetry }       policy → config
+//! hsm → { vault, keys, telemetry, config }            vault → { config, state, keys, hex }
+//! leaves: config, state, keys, net, hex, telemetry    (no cycle: ../shared/tools/import-cycles.py)
 //! ```
 //!
-//! A connection: listener (explicit CONNECT | sni) → `proxy::tls::read_client_hello` →
-//! `policy` (tunnel or intercept) → upstream TLS (validated; verdict) → `pki::cache` (mint on a
-//! miss: fresh software leaf key, CA signature on the HSM) → client TLS → `proxy::http` relay.
+//! A connection: listener (explicit CONNECT | sni | transparent | inbound) →
+//! `proxy::tls::read_client_hello` → `policy` (tunnel or intercept) → upstream TLS
+//! (`net` dials: cached resolution, Happy Eyeballs, deny list; certificate validated, verdict) →
+//! `pki::cache` (mint on a miss: fresh software leaf key, CA signature on an HSM worker) →
+//! client TLS → `proxy::http` relay. Whatever tollgate answers itself (a refusal page, a TLS
+//! alert, an API error) comes from `proxy::respond`. Every command of the CLI and every
+//! route of the management API is one `manage` operation.
 
 #![forbid(unsafe_code)]
 

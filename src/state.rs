@@ -1,5 +1,7 @@
 //! The program-owned state directory: atomic, crash-safe writes of the files tollgate itself
-//! manages (certificate inventory today; sealed secrets and wrapping-key generations later).
+//! manages — the certificate inventory (`certs.json`), the master key file with the secrets
+//! sealed under it (`master-key.json`), the device key and the sealed partition passwords —
+//! and the lock that serialises read-modify-write cycles across processes.
 //!
 //! Every write goes temp file → fsync → rename → fsync(dir), so a crash at any instant leaves
 //! either the old or the new file, never a torn one. Files holding secrets are created 0600.

@@ -1,5 +1,7 @@
-//! One HSM server: its PKCS#11 library, token, logged-in anchor session and a small pool of
-//! sessions. PKCS#11 details (mechanisms, raw ECDSA, handle caching) stay in this file.
+//! One HSM server: its PKCS#11 library (loaded once per process, re-initialised by generation,
+//! finalized at exit), its token and the logged-in anchor session that keeps the login. Signing
+//! sessions are opened here but owned by the executor's workers, one per worker and connection.
+//! PKCS#11 details (mechanisms, raw ECDSA re-encoded as DER, handle caching) stay in this file.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

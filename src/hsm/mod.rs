@@ -1,8 +1,10 @@
 //! PKCS#11 through cryptoki: the HSM servers of the configuration, seen by the rest of
 //! tollgate as one `Hsm` that finds, generates and signs with keys that never leave it.
 //!
-//! Owns module loading, token lookup, login, sessions and the PKCS#11 mechanism details.
-//! Does not own which key is used for what (that is `pki`) or where PINs are stored (`config`).
+//! Owns module loading, token lookup, login, sessions, the worker threads that make every
+//! signature (`executor`), how a caller waits for one (`HsmKey`), and the orderly end of all
+//! PKCS#11 use (`shutdown`). Does not own which key is used for what (that is `pki`), where
+//! PINs are configured (`config`) or how a sealed one is opened (`vault`).
 
 mod executor;
 pub mod info;

@@ -1,6 +1,6 @@
 //! Certificates and the keys behind them: the certificate store (forward-trust CA,
-//! forward-untrust CA, later inbound server certificates), CA generation on the HSM, key status,
-//! and leaf minting with its cache.
+//! forward-untrust CA, inbound server certificates), CA generation on the HSM, key status, and
+//! leaf minting with its cache.
 //!
 //! Owns the inventory file `certs.json` in the state directory. Does not own where keys live:
 //! a `Keyring` asks `hsm` for an `HsmKey` by label, or the vault for a software key sealed under
