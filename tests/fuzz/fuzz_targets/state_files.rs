@@ -14,6 +14,6 @@ fuzz_target!(|data: &[u8]| {
     let key = tollgate::vault::SealingKey::from_bytes(zeroize::Zeroizing::new([7; 32]));
     assert!(key.open("fuzz", data).is_none(), "a forged blob must never open");
     if let Ok(text) = std::str::from_utf8(data) {
-        let _ = tollgate::vault::master::unhex(text);
+        let _ = tollgate::hex::decode(text);
     }
 });
