@@ -75,6 +75,10 @@ pub fn interleave(addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
 /// the previous one fails; the first connection made wins and the others are dropped. The
 /// caller bounds the whole with its connect timeout. The last error when every attempt fails.
 pub async fn happy_eyeballs(addrs: &[SocketAddr], delay: Duration) -> io::Result<TcpStream> {
+    if let [addr] = addrs {
+        // Nothing to race (an override, an original destination): no task of its own.
+        return TcpStream::connect(addr).await;
+    }
     let mut pending = addrs.iter().copied();
     let mut attempts = JoinSet::new();
     let mut last_error = None;
@@ -134,7 +138,7 @@ mod tests {
         let stream = happy_eyeballs(&[closed_addr, open.local_addr().unwrap()], Duration::from_secs(5)).await.unwrap();
         assert_eq!(stream.peer_addr().unwrap(), open.local_addr().unwrap());
         assert!(started.elapsed() < Duration::from_secs(1), "not after the attempt delay: {:?}", started.elapsed());
-        let err = happy_eyeballs(&[closed_addr], ATTEMPT_DELAY).await.unwrap_err();
+        let err = happy_eyeballs(&[closed_addr, closed_addr], ATTEMPT_DELAY).await.unwrap_err();
         assert!(err.to_string().contains(&closed_addr.to_string()), "{err}");
     }
 

@@ -448,14 +448,7 @@ pub async fn http_status(addr: SocketAddr, path: &str) -> (u16, String) {
 
 /// A plain HTTP/1.1 GET, returning the body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> String {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    stream.read_to_string(&mut out).await.unwrap();
-    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
+    http_status(addr, path).await.1
 }
 
 /// A test PKI: a root CA that issues origin certificates.
