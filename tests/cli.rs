@@ -472,3 +472,39 @@ print(json.dumps(families))
         family(spec);
     }
 }
+
+/// What the management API answers when it cannot do what it is asked: a status that says why
+/// (404, 405, 401, 503) and a JSON body, from one place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_errors_say_what_went_wrong() {
+    let setup = Setup::new(&ProxyOptions::default());
+    let token_file = setup.token.path("api.token");
+    std::fs::write(&token_file, "s3cret-api-token\n").unwrap();
+    let text = std::fs::read_to_string(&setup.config).unwrap().replace(
+        "[management]\nlisten = \"127.0.0.1:0\"",
+        &format!("[management]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"", token_file.display()),
+    );
+    std::fs::write(&setup.config, &text).unwrap();
+    let proxy = setup.start();
+    let (status, body) = http_status(proxy.management, "/api/v1/certs/fwd-trust").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["key"], "hsm");
+    let (status, body) = http_status(proxy.management, "/api/v1/certs/no-such-cert").await;
+    assert_eq!(status, 404, "{body}");
+    let error: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(error["code"], "not-found");
+    assert!(error["error"].as_str().unwrap().contains("no-such-cert"), "{error}");
+    assert_eq!(http_status(proxy.management, "/no/such/route").await.0, 404);
+    assert!(bearer_post(proxy.management, "/api/v1/certs", None).await.starts_with("HTTP/1.1 405"));
+    assert!(bearer_post(proxy.management, "/api/v1/hsm/rotate-wrapping-key", None).await.starts_with("HTTP/1.1 401"));
+    drop(proxy);
+
+    // The HSM down (a wrong partition password): what needs it answers 503, with the reason.
+    let wrong = setup.token.path("wrong.pin");
+    std::fs::write(&wrong, "0000-wrong\n").unwrap();
+    let pin = format!("pin_file = \"{}\"", setup.token.path("user.pin").display());
+    std::fs::write(&setup.config, text.replace(&pin, &format!("pin_file = \"{}\"", wrong.display()))).unwrap();
+    let proxy = setup.start();
+    let answer = bearer_post(proxy.management, "/api/v1/hsm/rotate-wrapping-key", Some("s3cret-api-token")).await;
+    assert!(answer.starts_with("HTTP/1.1 503") && answer.contains("tollgate-error: unavailable"), "{answer}");
+}

@@ -183,6 +183,10 @@ async fn route(state: Arc<ApiState>, req: Request<Incoming>) -> Response<Full<By
             reply(blocking(&state, |ctx| Ok(super::hsm_info(ctx))).await, |v| json(&v))
         }
         (Method::GET, "/api/v1/certs") => reply(blocking(&state, super::cert_list).await, |v| json(&v)),
+        (Method::GET, cert) if cert.starts_with("/api/v1/certs/") => {
+            let name = cert["/api/v1/certs/".len()..].to_string();
+            reply(blocking(&state, move |ctx| super::cert_status(ctx, &name)).await, |v| json(&v))
+        }
         (Method::GET, "/api/v1/master-key") => reply(blocking(&state, super::master_key::status).await, |v| json(&v)),
         (Method::GET, "/api/v1/bypass") => json(&super::BypassList(state.bypass.list())),
         (Method::DELETE, "/api/v1/bypass") => authorized(&state, &req).unwrap_or_else(|| {
@@ -205,7 +209,9 @@ async fn route(state: Arc<ApiState>, req: Request<Incoming>) -> Response<Full<By
                 })
             }
         },
-        (_, path) if ROUTES.contains(&path) => api_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+        (_, path) if ROUTES.contains(&path) || path.starts_with("/api/v1/certs/") => {
+            api_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+        }
         _ => api_error(StatusCode::NOT_FOUND, &format!("no route {path}")),
     }
 }

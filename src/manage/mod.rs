@@ -288,6 +288,11 @@ pub fn cert_list(ctx: &Context) -> Result<Vec<CertSummary>, ManageError> {
     Ok(store.summaries(&crate::pki::Keyring::new(&state, ctx.configured_hsm())))
 }
 
+/// One certificate with its key status (`GET /api/v1/certs/NAME`).
+pub fn cert_status(ctx: &Context, name: &str) -> Result<CertSummary, ManageError> {
+    cert_list(ctx)?.into_iter().find(|c| c.name == name).ok_or_else(|| PkiError::NotFound(name.into()).into())
+}
+
 /// What `tollgate cert generate-ca` makes.
 pub struct NewCa<'a> {
     pub name: &'a str,
