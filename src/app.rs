@@ -15,6 +15,7 @@ use crate::config::{Config, ConfigError, ListenerMode};
 use crate::hsm::Hsm;
 use crate::manage::api::{self, ApiState};
 use crate::pki::{CaRole, CertStore, Keyring, PkiError};
+use crate::policy::{Policy, PolicyError, Sources};
 use crate::proxy::{self, Cas, Proxy};
 use crate::state::{StateDir, StateError};
 
@@ -51,6 +52,18 @@ impl AppError {
 
 /// Checks what `run` would check before binding sockets, without touching the HSM.
 pub fn check(config: &Config) -> Result<(), ConfigError> {
+    check_with(config, &Sources::new())
+}
+
+/// [`check`], its host lists and users file read through (and kept in) `sources`.
+fn check_with(config: &Config, sources: &Sources) -> Result<(), ConfigError> {
+    Proxy::new(config, Cas::default(), Default::default(), policy(config, sources)?)?;
+    Ok(())
+}
+
+/// The policy of `config`, its host lists and users file read through `sources`; what the
+/// configuration alone cannot say is checked here.
+fn policy(config: &Config, sources: &Sources) -> Result<Policy, ConfigError> {
     if config.listener(ListenerMode::Inbound).is_some() && config.inbound.is_empty() {
         return Err(ConfigError::Invalid {
             path: config.path.clone(),
@@ -58,8 +71,13 @@ pub fn check(config: &Config) -> Result<(), ConfigError> {
             reason: "an inbound listener needs at least one [[inbound]] host".into(),
         });
     }
-    Proxy::new(config, Cas::default(), Default::default())?;
-    Ok(())
+    sources.policy(config).map_err(|e| {
+        let field = match e {
+            PolicyError::List(_) => "decryption.rule.host_lists",
+            PolicyError::Users(_) => "auth.users_file",
+        };
+        ConfigError::Invalid { path: config.path.clone(), field: field.into(), reason: e.to_string() }
+    })
 }
 
 /// Runs the proxy until SIGTERM or SIGINT (then drains); SIGHUP reloads the configuration.
@@ -67,7 +85,8 @@ pub fn check(config: &Config) -> Result<(), ConfigError> {
 /// The management API comes up first, so `/readyz` answers (503) while the HSM is opened and
 /// the listeners bound; it answers 200 once all of them are, and 503 again while draining.
 pub async fn run(config: Config) -> Result<(), AppError> {
-    check(&config)?;
+    let sources = Sources::new();
+    check_with(&config, &sources)?;
     if let Some(source) = &config.management_token() {
         // A configured token that cannot be read is bad input (secrets are not read by --check,
         // which runs where they may not exist).
@@ -85,7 +104,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         source,
     })?;
     let management_addr = management.local_addr().unwrap_or(config.management.listen);
-    let bypass = Arc::new(crate::proxy::bypass::Bypass::new(Duration::from_secs(config.policy.learn_bypass_secs)));
+    let bypass = Arc::new(crate::proxy::bypass::Bypass::from_config(&config));
     let api = Arc::new(ApiState::new(config.clone(), bypass.clone()));
     // Published before the management API serves, so the first scrape already sees it.
     watch_master_key_expiry(&config.state_dir);
@@ -102,7 +121,9 @@ pub async fn run(config: Config) -> Result<(), AppError> {
 
     let io = IoThreads::start(config.limits.io_threads)?;
     let mut listeners = Listeners::default();
-    let mut proxy = build_proxy(&config, &hsm, &shutdown_rx)?;
+    let mut proxy = build_proxy(&config, &hsm, &sources, &shutdown_rx)?;
+    let (poll, refresh) = (config.decryption.list_poll_secs, config.decryption.list_refresh_secs);
+    tokio::spawn(sources.clone().refresh(Duration::from_secs(poll.max(1)), Duration::from_secs(refresh.max(1))));
     proxy.set_bypass(bypass.clone());
     let bound = listeners.bind(&config, io.handles.len()).map_err(|(_, e)| e)?;
     listeners.own_addresses(&mut proxy, &bound, management_addr);
@@ -125,7 +146,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => match reload(&current, &hsm, &shutdown_rx) {
+            _ = hup.recv() => match reload(&current, &hsm, &sources, &shutdown_rx) {
                 Ok((next, proxy)) => {
                     if next.hsm.servers.iter().map(|s| &s.name).ne(current.hsm.servers.iter().map(|s| &s.name)) {
                         tracing::warn!("[hsm] servers changed: they take effect at the next restart");
@@ -198,14 +219,24 @@ fn watch_master_key_expiry(state_dir: &std::path::Path) {
 }
 
 /// The configuration and proxy state a SIGHUP would switch to, fully validated.
-fn reload(current: &Config, hsm: &Arc<Hsm>, shutdown: &watch::Receiver<bool>) -> Result<(Config, Proxy), AppError> {
+fn reload(
+    current: &Config,
+    hsm: &Arc<Hsm>,
+    sources: &Sources,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<(Config, Proxy), AppError> {
     let next = Config::load(&current.path)?;
-    check(&next)?;
-    let proxy = build_proxy(&next, hsm, shutdown)?;
+    let proxy = build_proxy(&next, hsm, sources, shutdown)?;
     Ok((next, proxy))
 }
 
-fn build_proxy(config: &Config, hsm: &Arc<Hsm>, shutdown: &watch::Receiver<bool>) -> Result<Proxy, AppError> {
+fn build_proxy(
+    config: &Config,
+    hsm: &Arc<Hsm>,
+    sources: &Sources,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<Proxy, AppError> {
+    let policy = policy(config, sources)?;
     let state = StateDir::open(&config.state_dir)?;
     let store = CertStore::load(&state)?;
     let keys = Keyring::new(&state, Some(hsm));
@@ -215,7 +246,7 @@ fn build_proxy(config: &Config, hsm: &Arc<Hsm>, shutdown: &watch::Receiver<bool>
     };
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let inbound = crate::proxy::inbound::InboundSites::new(config, &store, &keys, &provider)?;
-    let mut proxy = Proxy::new(config, cas, inbound)?;
+    let mut proxy = Proxy::new(config, cas, inbound, policy)?;
     proxy.set_shutdown(shutdown.clone());
     Ok(proxy)
 }

@@ -70,6 +70,140 @@ pub struct Config {
     /// `[[inbound]]`: our own servers, terminated by inbound listeners.
     #[serde(default)]
     pub inbound: Vec<InboundConfig>,
+    /// `[auth]`: proxy authentication.
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// `[decryption]`: who and what is decrypted.
+    #[serde(default)]
+    pub decryption: DecryptionConfig,
+    /// `[bypass]`: the learned bypass for pinning clients.
+    #[serde(default)]
+    pub bypass: BypassConfig,
+}
+
+/// `[auth]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// htpasswd file of bcrypt (`$2y$`, `$2b$`, `$2a$`) or argon2 (`$argon2id$`…) hashes, one
+    /// `user:hash` per line; it reloads itself when it changes.
+    pub users_file: Option<PathBuf>,
+}
+
+/// `[decryption]`: rules deciding what is decrypted, first match wins.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DecryptionConfig {
+    /// `[[decryption.rule]]`s, first match wins; when none matches, `[policy] no_decrypt`,
+    /// then the learned bypass, decide; otherwise the connection is decrypted.
+    #[serde(rename = "rule")]
+    pub rules: Vec<DecryptionRule>,
+    /// How often `https://` host lists are fetched again (their `ETag`/`Last-Modified`
+    /// honoured).
+    pub list_refresh_secs: u64,
+    /// How often host list files are looked at for changes.
+    pub list_poll_secs: u64,
+}
+
+impl Default for DecryptionConfig {
+    fn default() -> Self {
+        Self { rules: Vec::new(), list_refresh_secs: 300, list_poll_secs: 2 }
+    }
+}
+
+/// One `[[decryption.rule]]`: it matches when every criterion given matches (an empty one
+/// matches anything).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecryptionRule {
+    /// Named in logs (default: `decryption rule N`).
+    #[serde(default)]
+    pub name: String,
+    /// Client networks (after the PROXY protocol, when the listener uses it).
+    #[serde(default, deserialize_with = "networks")]
+    pub sources: Vec<ipnet::IpNet>,
+    /// Authenticated user names (proxy authentication).
+    #[serde(default)]
+    pub users: Vec<String>,
+    /// Listener names.
+    #[serde(default)]
+    pub listeners: Vec<String>,
+    /// Host globs.
+    #[serde(default)]
+    pub hosts: HostGlobs,
+    /// Host list files (one glob per line, `#` comments) or `https://` URLs.
+    #[serde(default)]
+    pub host_lists: Vec<ListSource>,
+    pub action: DecryptAction,
+    /// Whether clients rejecting our certificate may teach the learned bypass for the hosts
+    /// this rule decrypts.
+    #[serde(default = "yes")]
+    pub learn_bypass: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// What a decryption rule does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DecryptAction {
+    /// Terminate, mint, inspect.
+    Decrypt,
+    /// Pass the bytes through untouched.
+    NoDecrypt,
+    /// Refuse: a TLS alert (403 for plain HTTP).
+    Block,
+}
+
+/// Where a host list comes from.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ListSource {
+    File(PathBuf),
+    Url(String),
+}
+
+impl std::fmt::Display for ListSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::File(path) => write!(f, "{}", path.display()),
+            Self::Url(url) => f.write_str(url),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ListSource {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.starts_with("https://") {
+            return text
+                .parse::<http::Uri>()
+                .map(|_| Self::Url(text.clone()))
+                .map_err(|e| serde::de::Error::custom(format!("{text:?}: {e}")));
+        }
+        if text.contains("://") {
+            return Err(serde::de::Error::custom(format!("{text:?}: host lists are files or https:// URLs")));
+        }
+        Ok(Self::File(PathBuf::from(text)))
+    }
+}
+
+/// `[bypass]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BypassConfig {
+    /// A host is excluded from decryption only after this many distinct client addresses
+    /// rejected our certificate for it within `window_secs`.
+    pub min_clients: usize,
+    /// How far back rejections count.
+    pub window_secs: u64,
+}
+
+impl Default for BypassConfig {
+    fn default() -> Self {
+        Self { min_clients: 3, window_secs: 3600 }
+    }
 }
 
 /// `[hsm]`: the HSM servers (two or more form the HA group) and how they are driven.
@@ -193,6 +327,35 @@ pub struct ListenerConfig {
     /// local address) instead of REDIRECT (SO_ORIGINAL_DST).
     #[serde(default)]
     pub tproxy: bool,
+    /// What decryption rules' `listeners` match and logs show (default: the mode's name).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// `basic`: clients authenticate with `Proxy-Authorization: Basic` against `[auth]
+    /// users_file` (explicit listeners only).
+    #[serde(default)]
+    pub auth: Option<AuthMode>,
+    /// Every connection starts with a PROXY protocol header (v1 or v2) carrying the client's
+    /// address; accepted only from `trusted_proxies`, other peers are refused.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    /// The load balancers allowed to send PROXY headers.
+    #[serde(default, deserialize_with = "networks")]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+impl ListenerConfig {
+    /// The name rules and logs use: `name`, or the mode's.
+    pub fn name(&self) -> &str {
+        self.name.as_deref().unwrap_or(self.mode.as_str())
+    }
+}
+
+/// How clients of an explicit listener authenticate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// `Proxy-Authorization: Basic`, checked against an htpasswd file.
+    Basic,
 }
 
 fn https_port() -> u16 {
@@ -479,6 +642,12 @@ pub struct LimitsConfig {
     pub max_header_bytes: usize,
     /// On SIGTERM, in-flight requests and open connections get this long to finish.
     pub shutdown_grace_secs: u64,
+    /// Connections one client address may hold at once (after the PROXY protocol).
+    pub per_client_connections: usize,
+    /// New leaves (HSM signatures) one client address may cause per second, on average…
+    pub per_client_mints_per_sec: u32,
+    /// …and in a burst.
+    pub per_client_mint_burst: u32,
 }
 
 impl Default for LimitsConfig {
@@ -498,6 +667,9 @@ impl Default for LimitsConfig {
             header_timeout_secs: 30,
             max_header_bytes: 64 * 1024,
             shutdown_grace_secs: 30,
+            per_client_connections: 256,
+            per_client_mints_per_sec: 20,
+            per_client_mint_burst: 40,
         }
     }
 }
@@ -605,6 +777,14 @@ impl Config {
         self.upstream.ca_bundles.iter_mut().for_each(resolve);
         self.inbound.iter_mut().flat_map(|site| site.ca_bundle.as_mut()).for_each(resolve);
         self.management.token_file.iter_mut().for_each(resolve);
+        self.auth.users_file.iter_mut().for_each(resolve);
+        for rule in &mut self.decryption.rules {
+            for list in &mut rule.host_lists {
+                if let ListSource::File(path) = list {
+                    resolve(path);
+                }
+            }
+        }
     }
 
     /// What one field alone cannot say: duplicates, combinations, ranges.
@@ -632,6 +812,42 @@ impl Config {
             if listener.tproxy && listener.mode != ListenerMode::Transparent {
                 return Err(invalid(format!("listener[{i}].tproxy"), "only a transparent listener can use TPROXY"));
             }
+            if listener.auth.is_some() && listener.mode != ListenerMode::Explicit {
+                return Err(invalid(
+                    format!("listener[{i}].auth"),
+                    "only an explicit listener can authenticate clients",
+                ));
+            }
+            if listener.auth.is_some() && self.auth.users_file.is_none() {
+                return Err(invalid(format!("listener[{i}].auth"), "needs [auth] users_file"));
+            }
+            if listener.proxy_protocol && listener.trusted_proxies.is_empty() {
+                return Err(invalid(
+                    format!("listener[{i}].trusted_proxies"),
+                    "proxy_protocol needs the networks of the load balancers allowed to send it",
+                ));
+            }
+            if let Some(name) = &listener.name
+                && (name.is_empty() || self.listeners[..i].iter().any(|l| l.name() == name))
+            {
+                return Err(invalid(format!("listener[{i}].name"), &format!("{name:?} is empty or already used")));
+            }
+        }
+        let names: Vec<&str> = self.listeners.iter().map(ListenerConfig::name).collect();
+        for (i, rule) in self.decryption.rules.iter_mut().enumerate() {
+            if let Some(unknown) = rule.listeners.iter().find(|l| !names.contains(&l.as_str())) {
+                return Err(ConfigError::Invalid {
+                    path: self.path.clone(),
+                    field: format!("decryption.rule[{i}].listeners"),
+                    reason: format!("no listener is named {unknown:?} (listeners: {})", names.join(", ")),
+                });
+            }
+            if rule.name.is_empty() {
+                rule.name = format!("decryption rule {i}");
+            }
+        }
+        if self.bypass.min_clients == 0 {
+            return Err(invalid("bypass.min_clients".into(), "must be at least 1"));
         }
         let limits = &self.limits;
         let at_least_one = [
@@ -640,6 +856,9 @@ impl Config {
             ("client_send_timeout_secs", limits.client_send_timeout_secs),
             ("tunnel_idle_timeout_secs", limits.tunnel_idle_timeout_secs),
             ("header_timeout_secs", limits.header_timeout_secs),
+            ("per_client_connections", limits.per_client_connections as u64),
+            ("per_client_mints_per_sec", u64::from(limits.per_client_mints_per_sec)),
+            ("per_client_mint_burst", u64::from(limits.per_client_mint_burst)),
         ];
         if let Some((field, _)) = at_least_one.iter().find(|(_, value)| *value == 0) {
             return Err(invalid(format!("limits.{field}"), "must be at least 1"));

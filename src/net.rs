@@ -2,11 +2,18 @@
 //! across the resolved addresses (Happy Eyeballs, RFC 8305), so a host whose IPv6 address
 //! silently drops packets is reached over IPv4 after a quarter of a second rather than after
 //! the whole connect timeout. What may be dialled (the deny list, tollgate's own sockets) is the
-//! caller's decision: it filters the addresses before they are tried.
+//! caller's decision: it filters the addresses before they are tried. Also the roots TLS peers
+//! are validated against, and a small HTTPS GET for what tollgate fetches itself (host lists).
 
 use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
+
+use rustls::RootCertStore;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
@@ -113,6 +120,102 @@ pub async fn happy_eyeballs(addrs: &[SocketAddr], delay: Duration) -> io::Result
             () = tokio::time::sleep_until(next_attempt), if !exhausted => {}
         }
     }
+}
+
+/// The roots TLS peers are validated against: webpki's, the system's, and the PEM `bundles`
+/// (each must hold at least one certificate). An error gives the bundle's position and why.
+pub fn roots(bundles: &[PathBuf]) -> Result<RootCertStore, (usize, String)> {
+    let mut roots = RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    for (i, bundle) in bundles.iter().enumerate() {
+        let invalid = |reason: String| (i, format!("{}: {reason}", bundle.display()));
+        let certs = CertificateDer::pem_file_iter(bundle)
+            .map_err(|e| invalid(e.to_string()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid(e.to_string()))?;
+        if certs.is_empty() {
+            return Err(invalid("no certificates in the bundle".into()));
+        }
+        for cert in certs {
+            roots.add(cert).map_err(|e| invalid(e.to_string()))?;
+        }
+    }
+    Ok(roots)
+}
+
+/// What an HTTPS GET brought back.
+#[derive(Debug)]
+pub struct Fetched {
+    pub status: u16,
+    pub body: Vec<u8>,
+    pub etag: Option<String>,
+    pub last_modified: Option<String>,
+}
+
+/// GETs `url` (`https://` only) over a validated TLS connection, with `If-None-Match` /
+/// `If-Modified-Since` from the last answer, at most `max_bytes` of body, everything within
+/// `timeout`.
+pub async fn fetch(
+    url: &str,
+    tls: Arc<rustls::ClientConfig>,
+    last: (Option<&str>, Option<&str>),
+    max_bytes: usize,
+    timeout: Duration,
+) -> io::Result<Fetched> {
+    tokio::time::timeout(timeout, get(url, tls, last, max_bytes))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {} s", timeout.as_secs())))?
+}
+
+async fn get(
+    url: &str,
+    tls: Arc<rustls::ClientConfig>,
+    (etag, last_modified): (Option<&str>, Option<&str>),
+    max_bytes: usize,
+) -> io::Result<Fetched> {
+    use http_body_util::BodyExt;
+    let invalid = |what: String| io::Error::new(io::ErrorKind::InvalidInput, what);
+    let uri: http::Uri = url.parse().map_err(|e| invalid(format!("{e}")))?;
+    if uri.scheme_str() != Some("https") {
+        return Err(invalid("only https:// is fetched".into()));
+    }
+    let host = uri.host().ok_or_else(|| invalid("no host".into()))?.trim_start_matches('[').trim_end_matches(']');
+    let port = uri.port_u16().unwrap_or(443);
+    let addrs: Vec<SocketAddr> = interleave(tokio::net::lookup_host((host, port)).await?.collect());
+    let tcp = happy_eyeballs(&addrs, ATTEMPT_DELAY).await?;
+    let name = rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|e| invalid(e.to_string()))?;
+    let stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.map_err(io::Error::other)?;
+    tokio::spawn(connection);
+    let mut request = http::Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
+        .header(http::header::HOST, uri.authority().map_or(host, |a| a.as_str()))
+        .header(http::header::USER_AGENT, concat!("tollgate/", env!("CARGO_PKG_VERSION")));
+    if let Some(etag) = etag {
+        request = request.header(http::header::IF_NONE_MATCH, etag);
+    }
+    if let Some(since) = last_modified {
+        request = request.header(http::header::IF_MODIFIED_SINCE, since);
+    }
+    let request = request.body(http_body_util::Empty::<bytes::Bytes>::new()).map_err(io::Error::other)?;
+    let response = sender.send_request(request).await.map_err(io::Error::other)?;
+    let header = |name| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let (status, etag, last_modified) =
+        (response.status().as_u16(), header(http::header::ETAG), header(http::header::LAST_MODIFIED));
+    let mut body = response.into_body();
+    let mut bytes = Vec::new();
+    while let Some(frame) = body.frame().await {
+        if let Some(data) = frame.map_err(io::Error::other)?.data_ref() {
+            if bytes.len() + data.len() > max_bytes {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, format!("larger than {max_bytes} bytes")));
+            }
+            bytes.extend_from_slice(data);
+        }
+    }
+    Ok(Fetched { status, body: bytes, etag, last_modified })
 }
 
 #[cfg(test)]

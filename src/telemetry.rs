@@ -45,7 +45,20 @@ pub struct Metrics {
     hsm_sign_duration: Family<Server, Histogram, fn() -> Histogram>,
     hsm_member_sign_errors: Family<ServerReason, Counter>,
     hsm_queue_depth: Family<Library, Gauge>,
+    host_list_entries: Family<List, Gauge>,
+    host_list_errors: Family<List, Counter>,
     registry: Registry,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct List {
+    list: String,
+}
+
+/// A host list's metrics: (entries in its current version, failed loads).
+pub fn host_list_metrics(list: &str) -> (Gauge, Counter) {
+    let label = List { list: list.to_string() };
+    (METRICS.host_list_entries.get_or_create_owned(&label), METRICS.host_list_errors.get_or_create_owned(&label))
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -99,6 +112,8 @@ impl Metrics {
             hsm_sign_duration: Family::new_with_constructor(sign_duration),
             hsm_member_sign_errors: Family::default(),
             hsm_queue_depth: Family::default(),
+            host_list_entries: Family::default(),
+            host_list_errors: Family::default(),
             registry: Registry::default(),
         };
         metrics.registered()
@@ -163,6 +178,16 @@ impl Metrics {
             self.hsm_member_sign_errors.clone(),
         );
         r.register("tollgate_hsm_queue_depth", "HSM jobs waiting per PKCS#11 library", self.hsm_queue_depth.clone());
+        r.register(
+            "tollgate_host_list_entries",
+            "Entries in a host list's current version",
+            self.host_list_entries.clone(),
+        );
+        r.register(
+            "tollgate_host_list_errors",
+            "Host list loads that failed (the last good version stayed)",
+            self.host_list_errors.clone(),
+        );
         r.register_collector(Box::new(ProcessMetrics));
         self
     }

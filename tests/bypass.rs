@@ -1,12 +1,27 @@
-//! The learned bypass: a client that pins the origin's certificate rejects tollgate's leaf; the
-//! host is then passed through untouched, shown in status, clearable by CLI and API (with the
-//! bearer token); resets never add entries.
+//! The learned bypass: clients that pin the origin's certificate reject tollgate's leaf; once
+//! three distinct client addresses agree, the host is passed through untouched, shown in status
+//! (how many clients, which listener), clearable by CLI and API (with the bearer token). One
+//! client alone, however often it rejects, teaches nothing; resets never count.
 
 mod support;
 
 use std::time::Duration;
 
 use support::*;
+
+/// TLS through the sni listener from the local address `client`.
+async fn tls_via_sni_from(
+    client: [u8; 4],
+    proxy: std::net::SocketAddr,
+    host: &str,
+    config: std::sync::Arc<rustls::ClientConfig>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind((std::net::Ipv4Addr::from(client), 0).into())?;
+    let tcp = socket.connect(proxy).await?;
+    let name = rustls::pki_types::ServerName::try_from(host.to_string()).unwrap();
+    tokio_rustls::TlsConnector::from(config).connect(name, tcp).await
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_pin_get_a_bypass_and_operators_can_clear_it() {
@@ -28,9 +43,18 @@ async fn clients_that_pin_get_a_bypass_and_operators_can_clear_it() {
     std::fs::write(&setup.config, text).unwrap();
     let proxy = setup.start();
 
-    // A client pinning the origin's CA refuses tollgate's leaf…
+    // A client pinning the origin's CA refuses tollgate's leaf, a hundred times: alone, it
+    // teaches nothing.
     let pinning = trusting_client(&pki.root.der().clone(), &["http/1.1"]);
-    assert!(tls_via_sni(proxy.sni, "pinned.test", pinning.clone()).await.is_err());
+    for _ in 0..100 {
+        assert!(tls_via_sni_from([127, 0, 0, 1], proxy.sni, "pinned.test", pinning.clone()).await.is_err());
+    }
+    let list = http_get(proxy.management, "/api/v1/bypass").await;
+    assert_eq!(list.trim(), "[]", "one client taught a bypass: {list}");
+    // Two more client addresses agree: now the host is excluded.
+    for client in [[127, 0, 0, 2], [127, 0, 0, 3]] {
+        assert!(tls_via_sni_from(client, proxy.sni, "pinned.test", pinning.clone()).await.is_err());
+    }
     proxy.wait_log("learned", |v| v["message"].as_str().is_some_and(|m| m.contains("excluded from decryption")));
     // …and from then on the host is passed through: the pin holds, the request works.
     let tls = tls_via_sni(proxy.sni, "pinned.test", pinning.clone())
@@ -57,6 +81,7 @@ async fn clients_that_pin_get_a_bypass_and_operators_can_clear_it() {
     let hosts: Vec<&str> = list.as_array().unwrap().iter().map(|e| e["host"].as_str().unwrap()).collect();
     assert_eq!(hosts, ["pinned.test"], "{list}");
     assert_eq!(list[0]["reason"], "UnknownCA");
+    assert_eq!((list[0]["clients"].as_u64(), list[0]["listeners"].clone()), (Some(3), serde_json::json!(["sni"])));
     assert!(list[0]["since"].as_str().is_some() && list[0]["expires"].as_str().is_some());
     let mut config_for_cli = std::fs::read_to_string(&setup.config).unwrap();
     config_for_cli = config_for_cli

@@ -220,6 +220,6 @@ fn the_install_scripts_give_a_bare_debian_every_program_the_tests_start() {
         .copied()
         .collect();
     assert!(missing.is_empty(), "a fresh Debian lacks {missing:?} after the install scripts");
-    let out = chroot("/usr/bin/python3 -c 'import yaml, prometheus_client'");
+    let out = chroot("/usr/bin/python3 -c 'import yaml, prometheus_client, requests'");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }

@@ -179,9 +179,15 @@ impl Report for ResetReport {
 
 impl Report for BypassList {
     fn human(&self) -> String {
-        let mut out = format!("{:<40} {:<30} {:<22} EXPIRES\n", "HOST", "REASON", "SINCE");
+        let mut out =
+            format!("{:<40} {:<30} {:>7} {:<16} {:<22} EXPIRES\n", "HOST", "REASON", "CLIENTS", "LISTENERS", "SINCE");
         for e in &self.0 {
-            let _ = writeln!(out, "{:<40} {:<30} {:<22} {}", e.host, e.reason, e.since, e.expires);
+            let listeners = e.listeners.join(",");
+            let _ = writeln!(
+                out,
+                "{:<40} {:<30} {:>7} {:<16} {:<22} {}",
+                e.host, e.reason, e.clients, listeners, e.since, e.expires
+            );
         }
         out
     }

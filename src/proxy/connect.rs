@@ -13,15 +13,44 @@ use hyper_util::rt::TokioIo;
 use super::http::{AccessLog, prepare_request, strip_hop_by_hop};
 use super::respond::Refusal;
 use super::{Body, ConnCtx, Proxy, ProxyError, Target};
+use crate::policy::Who;
 
-/// Serves one client connection of the explicit listener.
-pub async fn serve(proxy: Arc<Proxy>, stream: super::Client, ctx: ConnCtx) {
+/// Serves one client connection of the explicit listener; with `auth`, every request must carry
+/// proxy credentials.
+pub async fn serve(proxy: Arc<Proxy>, stream: super::Client, ctx: ConnCtx, auth: bool) {
     let server = proxy.http1_server();
     let draining = proxy.clone();
     let client = ctx.client;
-    let service = hyper::service::service_fn(move |req| handle(proxy.clone(), req, ctx.clone()));
+    let service = hyper::service::service_fn(move |req| {
+        let (proxy, ctx) = (proxy.clone(), ctx.clone());
+        async move {
+            let ctx = match auth {
+                true => match authenticate(&proxy, &req, ctx).await {
+                    Ok(ctx) => ctx,
+                    Err(refusal) => return Ok(refusal),
+                },
+                false => ctx,
+            };
+            handle(proxy, req, ctx).await
+        }
+    });
     let conn = Box::pin(server.serve_connection(TokioIo::new(stream), service).with_upgrades());
     super::serve_client!(draining, conn, client);
+}
+
+/// Checks the request's proxy credentials: the context with its user, or the 407 to send.
+async fn authenticate(proxy: &Proxy, req: &Request<Incoming>, mut ctx: ConnCtx) -> Result<ConnCtx, Response<Body>> {
+    let Some(users) = &proxy.policy.users else { return Err(Refusal::proxy_auth().into_response()) };
+    match users.check(ctx.client.ip(), req.headers().get(http::header::PROXY_AUTHORIZATION)).await {
+        Ok(user) => {
+            ctx.user = Some(user);
+            Ok(ctx)
+        }
+        Err(refused) => {
+            tracing::info!(client = %ctx.client, listener = %ctx.listener(), reason = refused.as_str(), "proxy authentication refused");
+            Err(Refusal::proxy_auth().into_response())
+        }
+    }
 }
 
 async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>, ctx: ConnCtx) -> Result<Response<Body>, Infallible> {
@@ -63,8 +92,13 @@ async fn plain(proxy: Arc<Proxy>, req: Request<Incoming>, ctx: ConnCtx) -> Respo
         return Refusal::new(StatusCode::BAD_REQUEST, "bad-proxy-request", "request URI has no host".into())
             .into_response();
     };
-    let log = AccessLog::start(&req, &ctx, &target.host, "plain-http");
-    let action = proxy.policy.decide_http(&target.host, req.method(), req.uri().path());
+    let who = Who { client: ctx.client.ip(), user: ctx.user.as_deref(), listener: ctx.listener() };
+    let blocked_by = proxy.policy.blocks_plain(&who, &target.host);
+    let log = AccessLog::start(&req, &ctx, &target.host, "plain-http", blocked_by.clone());
+    let action = match blocked_by {
+        Some(rule) => crate::policy::HttpAction::Block(rule.to_string()),
+        None => proxy.policy.decide_http(&target.host, req.method(), req.uri().path()),
+    };
     let response = match action {
         crate::policy::HttpAction::Block(rule) => {
             Refusal::blocked(&rule, req.method(), &target.host, req.uri().path()).into_response()

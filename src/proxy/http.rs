@@ -44,7 +44,7 @@ where
 {
     let client_h2 = client.get_ref().1.alpn_protocol() == Some(H2);
     let peer = ctx.client;
-    let Upstream { route, key, first, pin, label } = upstream;
+    let Upstream { route, key, first, pin, label, rule } = upstream;
     let relay = Arc::new(Relay {
         first: Mutex::new(first.map(|lease| (lease.sender, lease.peer))),
         pinned: Mutex::new(None),
@@ -56,6 +56,7 @@ where
         target,
         ctx,
         label,
+        rule,
     });
     let proxy = relay.proxy.clone();
     let service = hyper::service::service_fn(move |req| relay.clone().handle(req));
@@ -85,6 +86,8 @@ pub struct Upstream {
     pub pin: Option<[u8; 32]>,
     /// For the access log: the upstream verdict, or `inbound`.
     pub label: String,
+    /// For the access log: the decryption rule that matched, if one did.
+    pub rule: Option<Arc<str>>,
 }
 
 /// One client connection whose HTTP tollgate relays.
@@ -103,11 +106,12 @@ struct Relay {
     target: Target,
     ctx: ConnCtx,
     label: String,
+    rule: Option<Arc<str>>,
 }
 
 impl Relay {
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
-        let log = AccessLog::start(&req, &self.ctx, &self.target.host, &self.label);
+        let log = AccessLog::start(&req, &self.ctx, &self.target.host, &self.label, self.rule.clone());
         let response = match self.clone().forward(req).await {
             Ok(response) => response,
             Err(refusal) => refusal.into_response(),
@@ -392,6 +396,9 @@ pub struct AccessLog {
     started: Instant,
     client: std::net::SocketAddr,
     mode: &'static str,
+    listener: Arc<str>,
+    user: Option<Arc<str>>,
+    rule: Option<Arc<str>>,
     host: String,
     method: Method,
     path: String,
@@ -401,7 +408,13 @@ pub struct AccessLog {
 
 impl AccessLog {
     /// Starts timing a request; `None` when access logging is filtered out (nothing to pay).
-    pub fn start<B>(req: &Request<B>, ctx: &ConnCtx, host: &str, upstream: &str) -> Option<Self> {
+    pub fn start<B>(
+        req: &Request<B>,
+        ctx: &ConnCtx,
+        host: &str,
+        upstream: &str,
+        rule: Option<Arc<str>>,
+    ) -> Option<Self> {
         METRICS.requests_total.inc();
         if !tracing::enabled!(target: "tollgate::access", tracing::Level::INFO) {
             return None;
@@ -410,6 +423,9 @@ impl AccessLog {
             started: Instant::now(),
             client: ctx.client,
             mode: ctx.mode.as_str(),
+            listener: ctx.listener().clone(),
+            user: ctx.user.clone(),
+            rule,
             host: host.to_string(),
             method: req.method().clone(),
             path: req.uri().path().to_string(),
@@ -430,6 +446,9 @@ impl AccessLog {
             target: "tollgate::access",
             client = %self.client,
             mode = self.mode,
+            listener = %self.listener,
+            user = self.user.as_deref(),
+            rule = self.rule.as_deref(),
             host = %self.host,
             method = %self.method,
             path = %self.path,

@@ -143,6 +143,7 @@ where
         first: None,
         pin: None,
         label: "inbound".into(),
+        rule: None,
     };
     Ok(super::http::relay(proxy.clone(), client, upstream, target, ctx))
 }
@@ -186,12 +187,7 @@ fn origin_client(
                 roots.add(cert).map_err(|e| invalid(config, &field, e.to_string()))?;
             }
         }
-        None => {
-            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-            for cert in rustls_native_certs::load_native_certs().certs {
-                let _ = roots.add(cert);
-            }
-        }
+        None => roots = crate::net::roots(&[]).map_err(|(_, reason)| invalid(config, &field, reason))?,
     }
     let mut client = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()

@@ -7,6 +7,7 @@ use rustls::server::Accepted;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::StartHandshake;
 
+use super::bypass::Learned;
 use super::respond::refuse_handshake as refuse;
 use super::tls::{ClientHelloInfo, Verdict};
 use super::upstream::{Peer, Route, Upstreams};
@@ -15,7 +16,7 @@ use crate::config::{ListenerMode, UntrustedAction};
 use crate::pki::CaRole;
 use crate::pki::cache::LeafKey;
 use crate::pki::mint::{MintError, Minted};
-use crate::policy::TlsAction;
+use crate::policy::{TlsAction, TlsDecision, Who};
 use crate::telemetry::METRICS;
 
 /// Serves one client TLS connection; `hint` is the destination when the listener knows it
@@ -43,15 +44,23 @@ where
         Ok(target) => target,
         Err(e) => return Err(refuse(proxy, accepted, io, e).await),
     };
-    let action = match proxy.policy.decide_tls(&target.host) {
-        TlsAction::Intercept if proxy.bypass.contains(&target.host) => TlsAction::Tunnel,
-        action => action,
-    };
-    match action {
-        TlsAction::Tunnel => Ok(Box::pin(super::tunnel::run(proxy.clone(), io, raw, target, ctx))),
-        TlsAction::Intercept => intercept(proxy, io, accepted, hello, target, ctx).await,
+    let who = Who { client: ctx.client.ip(), user: ctx.user.as_deref(), listener: ctx.listener() };
+    let mut decision = proxy.policy.decide_tls(&who, &target.host);
+    if decision.action == TlsAction::Intercept && decision.learn && proxy.bypass.contains(&target.host) {
+        decision = TlsDecision { action: TlsAction::Tunnel, rule: Some(LEARNED.into()), learn: true };
+    }
+    match decision.action {
+        TlsAction::Tunnel => Ok(Box::pin(super::tunnel::run(proxy.clone(), io, raw, target, ctx, decision.rule))),
+        TlsAction::Block => {
+            let rule = decision.rule.unwrap_or_default().to_string();
+            Err(refuse(proxy, accepted, io, ProxyError::Blocked { host: target.host, rule }).await)
+        }
+        TlsAction::Intercept => intercept(proxy, io, accepted, hello, target, ctx, decision).await,
     }
 }
+
+/// The rule name a learned bypass decision carries.
+const LEARNED: &str = "learned bypass";
 
 /// The destination: the listener's hint and the SNI must name the same host. In transparent
 /// mode the hint is the original destination address: the SNI names the host (validated and
@@ -79,6 +88,7 @@ async fn intercept<IO>(
     hello: ClientHelloInfo,
     target: Target,
     ctx: ConnCtx,
+    decision: TlsDecision,
 ) -> Result<Relaying, ProxyError>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -115,10 +125,8 @@ where
             proxy.upstreams.give_back(&key, lease);
             // A client refusing a forward-untrust leaf does exactly what that leaf is for: it
             // must never teach a bypass, or the bad upstream would be passed through.
-            if verdict.is_trusted()
-                && let Some(reason) = proxy.bypass.learn(&target.host, &e)
-            {
-                tracing::warn!(host = %target.host, reason, client = %ctx.client, "client rejected our certificate (pinning?): host excluded from decryption");
+            if verdict.is_trusted() && decision.learn {
+                learn(proxy, &target, &ctx, &e);
             }
             return Err(ProxyError::ClientTls(e));
         }
@@ -128,8 +136,24 @@ where
         }
     };
     let pin = Some(lease.peer.fingerprint);
-    let upstream = super::http::Upstream { route, key, first: Some(lease), pin, label: verdict.as_str().to_string() };
+    let label = verdict.as_str().to_string();
+    let upstream = super::http::Upstream { route, key, first: Some(lease), pin, label, rule: decision.rule };
     Ok(super::http::relay(proxy.clone(), client, upstream, target, ctx))
+}
+
+/// A client rejected our certificate: one more client for the learned bypass to agree on.
+fn learn(proxy: &Proxy, target: &Target, ctx: &ConnCtx, e: &std::io::Error) {
+    match proxy.bypass.learn(&target.host, ctx.client.ip(), ctx.listener(), e) {
+        Some(Learned::Excluded { reason, clients }) => tracing::warn!(
+            host = %target.host, reason, clients, client = %ctx.client,
+            "clients rejected our certificate (pinning?): host excluded from decryption"
+        ),
+        Some(Learned::Counted { clients, needed }) => tracing::info!(
+            host = %target.host, clients, needed, client = %ctx.client,
+            "client rejected our certificate; not excluded until enough distinct clients agree"
+        ),
+        None => {}
+    }
 }
 
 async fn mint(proxy: &Proxy, target: &Target, peer: &Peer, trusted: bool) -> Result<Arc<Minted>, ProxyError> {
@@ -162,8 +186,11 @@ mod tests {
 
     fn ctx(mode: ListenerMode) -> ConnCtx {
         let semaphore = std::sync::Arc::new(tokio::sync::Semaphore::new(1));
-        let ticket = std::sync::Arc::new(crate::proxy::Admission::new(semaphore.try_acquire_owned().unwrap()));
-        ConnCtx { client: "127.0.0.1:1".parse().unwrap(), mode, upstream_port: 8443, ticket }
+        let ticket = std::sync::Arc::new(crate::proxy::Admission::new(
+            mode.as_str().into(),
+            semaphore.try_acquire_owned().unwrap(),
+        ));
+        ConnCtx { client: "127.0.0.1:1".parse().unwrap(), mode, upstream_port: 8443, ticket, user: None }
     }
 
     fn hello(sni: Option<&str>) -> ClientHelloInfo {

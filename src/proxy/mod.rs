@@ -51,6 +51,8 @@ pub enum ProxyError {
     NoSni,
     #[error("no inbound host is served for SNI {0:?}")]
     NoSite(String),
+    #[error("{host} is blocked by the decryption rule {rule:?}")]
+    Blocked { host: String, rule: String },
     #[error("SNI {sni:?} does not match the requested host {host:?}")]
     NameMismatch { sni: String, host: String },
     #[error("destination {0} is not allowed (tollgate's own listener)")]
@@ -94,6 +96,7 @@ impl ProxyError {
             Self::Hello(_)
             | Self::NoSni
             | Self::NoSite(_)
+            | Self::Blocked { .. }
             | Self::NameMismatch { .. }
             | Self::Forbidden(_)
             | Self::Denied { .. }
@@ -213,7 +216,12 @@ pub struct Proxy {
 
 impl Proxy {
     /// Builds the shared state from the configuration, the loaded CAs and the inbound sites.
-    pub fn new(config: &Config, cas: Cas, inbound: inbound::InboundSites) -> Result<Self, crate::config::ConfigError> {
+    pub fn new(
+        config: &Config,
+        cas: Cas,
+        inbound: inbound::InboundSites,
+        policy: Policy,
+    ) -> Result<Self, crate::config::ConfigError> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let server_tls = ServerTls::new(&provider).map_err(|e| crate::config::ConfigError::Invalid {
             path: config.path.clone(),
@@ -223,7 +231,7 @@ impl Proxy {
         let mut own: Vec<SocketAddr> = config.listeners.iter().map(|l| l.listen).collect();
         own.push(config.management.listen);
         Ok(Self {
-            policy: Policy::new(config),
+            policy,
             cas,
             cache: LeafCache::new(config.mint.cache_capacity),
             upstream_tls: UpstreamTls::new(&config.upstream, &config.path, &provider)?,
@@ -247,7 +255,7 @@ impl Proxy {
             header_timeout: Duration::from_secs(config.limits.header_timeout_secs),
             max_header_bytes: config.limits.max_header_bytes,
             shutdown: tokio::sync::watch::channel(false).1,
-            bypass: Arc::new(bypass::Bypass::new(Duration::from_secs(config.policy.learn_bypass_secs))),
+            bypass: Arc::new(bypass::Bypass::from_config(config)),
             forward: config.listeners.iter().any(|l| l.mode.is_forward()),
         })
     }
@@ -395,6 +403,7 @@ pub async fn serve_listener(
     listener: std::net::TcpListener,
     config: ListenerConfig,
 ) {
+    let name: Arc<str> = config.name().into();
     let listener = match TcpListener::from_std(listener) {
         Ok(listener) => listener,
         Err(e) => {
@@ -416,15 +425,16 @@ pub async fn serve_listener(
             tracing::warn!(client = %peer, "connection refused: max_connections reached");
             continue;
         };
-        let ticket = Arc::new(Admission::new(permit));
+        let ticket = Arc::new(Admission::new(name.clone(), permit));
         let _ = stream.set_nodelay(true);
         let stream = idle::Deadlines::new(stream).write_deadline(proxy.send_timeout);
         let proxy = proxy.clone();
         let config = config.clone();
         tokio::spawn(async move {
-            let ctx = ConnCtx { client: peer, mode: config.mode, upstream_port: config.upstream_port, ticket };
+            let ctx =
+                ConnCtx { client: peer, mode: config.mode, upstream_port: config.upstream_port, ticket, user: None };
             match config.mode {
-                ListenerMode::Explicit => connect::serve(proxy, stream, ctx).await,
+                ListenerMode::Explicit => connect::serve(proxy, stream, ctx, config.auth.is_some()).await,
                 ListenerMode::Sni => intercept::serve(proxy, stream, None, ctx).await,
                 ListenerMode::Inbound => inbound::serve(proxy, stream, ctx).await,
                 ListenerMode::Transparent => transparent::serve(proxy, stream, ctx, config.tproxy).await,
@@ -530,6 +540,15 @@ pub struct ConnCtx {
     /// Held by everything serving the connection: the accept task and any task an upgrade
     /// hands the connection to.
     pub ticket: Ticket,
+    /// The user who authenticated (proxy authentication), once known.
+    pub user: Option<Arc<str>>,
+}
+
+impl ConnCtx {
+    /// The listener's name (what decryption rules' `listeners` match).
+    pub fn listener(&self) -> &Arc<str> {
+        &self.ticket.listener
+    }
 }
 
 /// A client connection's admission: its place under `max_connections` and in
@@ -541,14 +560,16 @@ pub type Ticket = Arc<Admission>;
 /// See `Ticket`.
 #[derive(Debug)]
 pub struct Admission {
+    /// The listener the connection came through, by name.
+    listener: Arc<str>,
     _permit: tokio::sync::OwnedSemaphorePermit,
     _counted: ConnectionGuard,
 }
 
 impl Admission {
-    /// A connection admitted under `permit`, counted from now.
-    pub fn new(permit: tokio::sync::OwnedSemaphorePermit) -> Self {
-        Self { _permit: permit, _counted: ConnectionGuard::new() }
+    /// A connection to `listener` admitted under `permit`, counted from now.
+    pub fn new(listener: Arc<str>, permit: tokio::sync::OwnedSemaphorePermit) -> Self {
+        Self { listener, _permit: permit, _counted: ConnectionGuard::new() }
     }
 }
 
@@ -597,7 +618,7 @@ mod tests {
         let sni = future4(intercept::serve::<Io>);
         let inbound = future3(inbound::serve::<Io>);
         let transparent = future4(transparent::serve);
-        let explicit = future3(connect::serve);
+        let explicit = future4(connect::serve);
         for (mode, size) in [("sni", sni), ("inbound", inbound), ("transparent", transparent), ("explicit", explicit)] {
             assert!(size <= 1024, "{mode}: a connection's outer future is {size} bytes");
         }

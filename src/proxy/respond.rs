@@ -28,18 +28,26 @@ pub struct Refusal {
     message: String,
     /// An HTML page with this title instead of plain text.
     page: Option<&'static str>,
+    /// Ask for proxy credentials (`Proxy-Authenticate`).
+    challenge: bool,
 }
 
 impl Refusal {
     /// A refusal with a status, a short machine code (the header) and a human message.
     pub fn new(status: StatusCode, code: &'static str, message: String) -> Self {
-        Self { status, code, message, page: None }
+        Self { status, code, message, page: None, challenge: false }
+    }
+
+    /// 407: proxy credentials are required (`Proxy-Authenticate: Basic`).
+    pub fn proxy_auth() -> Self {
+        let message = "this proxy needs a user name and password (Proxy-Authorization: Basic)".to_string();
+        Self { challenge: true, ..Self::new(StatusCode::PROXY_AUTHENTICATION_REQUIRED, "proxy-auth-required", message) }
     }
 
     /// A block page: which rule blocked what (all of it escaped: it is client input).
     pub fn blocked(rule: &str, method: &Method, host: &str, path: &str) -> Self {
         tracing::info!(rule, method = %method, host, path, "request blocked by policy");
-        let message = format!("{method} {host}{path} is blocked by the inspection rule \"{rule}\".");
+        let message = format!("{method} {host}{path} is blocked by the rule \"{rule}\".");
         Self { page: Some("Blocked by policy"), ..Self::new(StatusCode::FORBIDDEN, "blocked-by-policy", message) }
     }
 
@@ -70,8 +78,13 @@ impl Refusal {
             ),
             None => (format!("tollgate: {}\n", self.message), "text/plain; charset=utf-8"),
         };
-        reply(self.status, self.code, content_type, Bytes::from(text))
-            .map(|body| body.map_err(|never: Infallible| match never {}).boxed_unsync())
+        let mut response = reply(self.status, self.code, content_type, Bytes::from(text))
+            .map(|body| body.map_err(|never: Infallible| match never {}).boxed_unsync());
+        if self.challenge {
+            let realm = HeaderValue::from_static("Basic realm=\"tollgate\", charset=\"UTF-8\"");
+            response.headers_mut().insert(header::PROXY_AUTHENTICATE, realm);
+        }
+        response
     }
 }
 

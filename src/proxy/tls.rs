@@ -9,11 +9,10 @@ use std::time::Duration;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::{Accepted, Acceptor, ClientHello, ResolvesServerCert, ServerSessionMemoryCache};
 use rustls::sign::CertifiedKey;
-use rustls::{CipherSuite, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use rustls::{CipherSuite, ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
 use crate::config::{ConfigError, UntrustedAction, UpstreamConfig};
@@ -206,29 +205,11 @@ impl UpstreamTls {
         config_path: &std::path::Path,
         provider: &Arc<CryptoProvider>,
     ) -> Result<Self, ConfigError> {
-        let mut roots = RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        let native = rustls_native_certs::load_native_certs();
-        for cert in native.certs {
-            let _ = roots.add(cert);
-        }
-        for (i, bundle) in config.ca_bundles.iter().enumerate() {
-            let invalid = |reason: String| ConfigError::Invalid {
-                path: config_path.to_path_buf(),
-                field: format!("upstream.ca_bundles[{i}]"),
-                reason: format!("{}: {reason}", bundle.display()),
-            };
-            let certs = CertificateDer::pem_file_iter(bundle)
-                .map_err(|e| invalid(e.to_string()))?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| invalid(e.to_string()))?;
-            if certs.is_empty() {
-                return Err(invalid("no certificates in the bundle".into()));
-            }
-            for cert in certs {
-                roots.add(cert).map_err(|e| invalid(e.to_string()))?;
-            }
-        }
+        let roots = crate::net::roots(&config.ca_bundles).map_err(|(i, reason)| ConfigError::Invalid {
+            path: config_path.to_path_buf(),
+            field: format!("upstream.ca_bundles[{i}]"),
+            reason,
+        })?;
         let webpki =
             WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build().map_err(|e| {
                 ConfigError::Invalid {

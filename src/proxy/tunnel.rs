@@ -23,6 +23,7 @@ pub async fn run<IO>(
     hello: Vec<u8>,
     target: Target,
     ctx: ConnCtx,
+    rule: Option<Arc<str>>,
 ) -> Result<(), ProxyError>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
@@ -31,12 +32,14 @@ where
     let mut upstream = proxy.dial(&target).await?;
     upstream.write_all(&hello).await?;
     let (up, down, idle) = relay(client, upstream, proxy.tunnel_idle_timeout).await;
-    tracing::info!(target: "tollgate::access", client = %ctx.client, mode = ctx.mode.as_str(), host = %target.host,
-        action = "tunnel", bytes_up = up + hello.len() as u64, bytes_down = down, idle_timeout = idle, "tunnel closed");
+    tracing::info!(target: "tollgate::access", client = %ctx.client, mode = ctx.mode.as_str(), listener = %ctx.listener(),
+        user = ctx.user.as_deref(), host = %target.host, action = "tunnel", rule = rule.as_deref(),
+        bytes_up = up + hello.len() as u64, bytes_down = down, idle_timeout = idle, "tunnel closed");
     Ok(())
 }
 
-/// Copies both ways; (bytes up, bytes down, whether it ended for being idle).
+/// Copies both ways; (bytes up, bytes down, whether it ended for being idle). The counts
+/// hold what was relayed even when a side ends with a reset rather than a close.
 async fn relay<A, B>(a: A, b: B, idle: Duration) -> (u64, u64, bool)
 where
     A: AsyncRead + AsyncWrite + Unpin,
@@ -46,32 +49,32 @@ where
     // Milliseconds since `start` when either side last sent something: every byte written was
     // read from the other side first, so reads are all that need stamping.
     let last = AtomicU64::new(0);
-    let mut a = Stamped { inner: a, last: &last, start };
-    let mut b = Stamped { inner: b, last: &last, start };
+    let (from_a, from_b) = (AtomicU64::new(0), AtomicU64::new(0));
+    let mut a = Stamped { inner: a, last: &last, read: &from_a, start };
+    let mut b = Stamped { inner: b, last: &last, read: &from_b, start };
     let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
     tokio::pin!(copy);
     let mut check = start + idle;
-    loop {
+    let idle = loop {
         tokio::select! {
-            copied = &mut copy => {
-                let (up, down) = copied.unwrap_or((0, 0));
-                return (up, down, false);
-            }
+            _ = &mut copy => break false,
             () = tokio::time::sleep_until(check) => {
                 let deadline = start + Duration::from_millis(last.load(Relaxed)) + idle;
                 if Instant::now() >= deadline {
-                    return (0, 0, true);
+                    break true;
                 }
                 check = deadline;
             }
         }
-    }
+    };
+    (from_a.load(Relaxed), from_b.load(Relaxed), idle)
 }
 
-/// A stream that stamps the time of each read that brought bytes.
+/// A stream that counts what it reads and stamps the time of each read that brought bytes.
 struct Stamped<'a, T> {
     inner: T,
     last: &'a AtomicU64,
+    read: &'a AtomicU64,
     start: Instant,
 }
 
@@ -79,7 +82,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for Stamped<'_, T> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
+        let read = buf.filled().len() - before;
+        if read > 0 {
+            self.read.fetch_add(read as u64, Relaxed);
             self.last.store(self.start.elapsed().as_millis() as u64, Relaxed);
         }
         polled
@@ -119,8 +124,9 @@ mod tests {
         }
         assert!(!relay.is_finished(), "a one-way transfer is not idle");
         let started = Instant::now();
-        let (_, _, idle) = relay.await.unwrap();
+        let (up, down, idle) = relay.await.unwrap();
         assert!(idle, "closed for being idle");
+        assert_eq!((up, down), (0, 5), "what was relayed is counted even when idle ends it");
         assert_eq!(started.elapsed(), Duration::from_secs(10), "10 s after the last byte");
     }
 }

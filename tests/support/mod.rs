@@ -140,6 +140,9 @@ pub struct ProxyOptions {
     pub ca_bundles: Vec<PathBuf>,
     pub pin_file: Option<PathBuf>,
     pub trust_algorithm: &'static str,
+    /// Lines added to the explicit and to the sni `[[listener]]`.
+    pub explicit_listener: String,
+    pub sni_listener: String,
     pub extra: String,
 }
 
@@ -152,6 +155,8 @@ impl Default for ProxyOptions {
             ca_bundles: vec![],
             pin_file: None,
             trust_algorithm: "ecdsa-p256",
+            explicit_listener: String::new(),
+            sni_listener: String::new(),
             extra: String::new(),
         }
     }
@@ -246,11 +251,13 @@ pub fn write_config(token: &Token, path: &Path, options: &ProxyOptions) {
     let pin = options.pin_file.clone().unwrap_or_else(|| token.path("user.pin"));
     let mut text = format!(
         "state_dir = \"{}\"\n\n[[hsm.server]]\nname = \"hsm-a\"\nmodule = \"{SOFTHSM_MODULE}\"\ntoken = \"{}\"\npin_file = \"{}\"\n\n\
-         [[listener]]\nmode = \"explicit\"\nlisten = \"127.0.0.1:0\"\n\n[[listener]]\nmode = \"sni\"\nlisten = \"127.0.0.1:0\"\n\n\
+         [[listener]]\nmode = \"explicit\"\nlisten = \"127.0.0.1:0\"\n{}\n[[listener]]\nmode = \"sni\"\nlisten = \"127.0.0.1:0\"\n{}\n\
          [management]\nlisten = \"127.0.0.1:0\"\n\n[upstream]\nuntrusted = \"{}\"\nca_bundles = [{}]\n\n[policy]\nno_decrypt = [{}]\n\n[resolve]\n",
         token.path("state").display(),
         token.label,
         pin.display(),
+        options.explicit_listener,
+        options.sni_listener,
         options.untrusted,
         options.ca_bundles.iter().map(|p| format!("\"{}\"", p.display())).collect::<Vec<_>>().join(", "),
         options.no_decrypt.iter().map(|g| format!("\"{g}\"")).collect::<Vec<_>>().join(", "),
@@ -675,6 +682,8 @@ async fn origin_response(
         .or_else(|| req.headers().get("host").map(|h| h.to_str().unwrap_or("").to_string()));
     let version = req.version();
     let path = req.uri().path().to_string();
+    // `/headers` lists the request's header names, to show what a proxy forwarded.
+    let names: Vec<String> = req.headers().keys().map(|k| k.to_string()).collect();
     if path == "/big" {
         requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         // 64 MiB: more than any buffer between origin and client may hold.
@@ -688,10 +697,13 @@ async fn origin_response(
         Err(_) => return Ok(hyper::Response::new(Full::new(Bytes::from_static(b"incomplete body\n")))),
     };
     requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    let text = format!(
+    let mut text = format!(
         "origin={name} path={path} host={} version={version:?} body={body} conn={conn}\n",
         host.unwrap_or_default()
     );
+    if path == "/headers" {
+        text.push_str(&format!("headers={}\n", names.join(",")));
+    }
     let mut response = hyper::Response::new(Full::new(Bytes::from(text)));
     if path == "/ntlm" {
         *response.status_mut() = hyper::StatusCode::UNAUTHORIZED;

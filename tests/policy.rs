@@ -1,0 +1,262 @@
+//! Decryption policy by who and what, against real clients: rules on client networks, users,
+//! listeners, host globs and host list files (first match wins); proxy authentication with
+//! curl and Python requests; a host list edited while running; bad policy input refused with
+//! the file, the line and the reason.
+
+mod support;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+async fn run(program: &str, args: &[&str]) -> std::process::Output {
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args);
+    tokio::time::timeout(Duration::from_secs(30), cmd.output()).await.expect("client timed out").unwrap()
+}
+
+fn text(out: &std::process::Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// TLS through the sni listener from the local address `client`.
+async fn tls_from(
+    client: [u8; 4],
+    proxy: std::net::SocketAddr,
+    host: &str,
+    config: std::sync::Arc<rustls::ClientConfig>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind((std::net::Ipv4Addr::from(client), 0).into())?;
+    let tcp = socket.connect(proxy).await?;
+    let name = rustls::pki_types::ServerName::try_from(host.to_string()).unwrap();
+    tokio_rustls::TlsConnector::from(config).connect(name, tcp).await
+}
+
+/// Whose certificate a client through the sni listener sees for `host` from `client`: the
+/// origin's (tunnelled), tollgate's (decrypted), or none (refused).
+async fn seen(
+    proxy: &Proxy,
+    client: [u8; 4],
+    host: &str,
+    pki: &TestPki,
+    ca: &rustls::pki_types::CertificateDer<'static>,
+) -> &'static str {
+    if tls_from(client, proxy.sni, host, trusting_client(&pki.root_der(), &["http/1.1"])).await.is_ok() {
+        return "origin";
+    }
+    match tls_from(client, proxy.sni, host, trusting_client(ca, &["http/1.1"])).await {
+        Ok(_) => "tollgate",
+        Err(_) => "refused",
+    }
+}
+
+struct Policy {
+    pki: TestPki,
+    _origins: [Origin; 2],
+    setup: Setup,
+    _files: tempfile::TempDir,
+    users_file: std::path::PathBuf,
+    list: std::path::PathBuf,
+}
+
+const ALICE: &str = "alice-passw0rd";
+const BOB: &str = "bob-passw0rd";
+
+impl Policy {
+    async fn new() -> Self {
+        let pki = TestPki::new();
+        let (chain, key) = pki.leaf(&LeafSpec::new(&["*.policy.test", "*.alice.test"]));
+        let origin = Origin::start("policy", chain, key, &["http/1.1"]).await;
+        let plain = Origin::start_plain("plain").await;
+        let files = tempfile::tempdir().unwrap();
+        let users_file = files.path().join("users.htpasswd");
+        let hash = |pw: &str| bcrypt::hash(pw, 4).unwrap();
+        std::fs::write(&users_file, format!("# proxy users\nalice:{}\nbob:{}\n", hash(ALICE), hash(BOB))).unwrap();
+        let list = files.path().join("finance.txt");
+        std::fs::write(&list, "# finance\nbank.policy.test\n*.broker.test\n").unwrap();
+        let rules = format!(
+            "\n[auth]\nusers_file = \"{users}\"\n\
+             [[decryption.rule]]\nname = \"finance-exempt\"\nhost_lists = [\"{list}\"]\naction = \"no-decrypt\"\n\
+             [[decryption.rule]]\nname = \"alice-untouched\"\nusers = [\"alice\"]\nhosts = [\"*.alice.test\"]\naction = \"no-decrypt\"\n\
+             [[decryption.rule]]\nname = \"lab-blocked\"\nlisteners = [\"lab\"]\nhosts = [\"blocked.policy.test\"]\naction = \"block\"\n\
+             [[decryption.rule]]\nname = \"second-client\"\nsources = [\"127.0.0.2/32\"]\nhosts = [\"src.policy.test\"]\naction = \"no-decrypt\"\n\
+             [[decryption.rule]]\nname = \"no-learning\"\nhosts = [\"quiet.policy.test\"]\naction = \"decrypt\"\nlearn_bypass = false\n\
+             [decryption]\nlist_poll_secs = 1\n",
+            users = users_file.display(),
+            list = list.display(),
+        );
+        let options = ProxyOptions {
+            ca_bundles: vec![pki.bundle()],
+            resolve: vec![
+                ("*.policy.test:443".into(), origin.addr),
+                ("*.alice.test:443".into(), origin.addr),
+                ("*.policy.test:80".into(), plain.addr),
+                ("*.broker.test:443".into(), origin.addr),
+            ],
+            // The explicit listener authenticates; the sni one is named "lab".
+            explicit_listener: "name = \"users\"\nauth = \"basic\"\n".into(),
+            sni_listener: "name = \"lab\"\n".into(),
+            extra: rules,
+            ..Default::default()
+        };
+        let setup = Setup::new(&options);
+        Self { pki, _origins: [origin, plain], setup, _files: files, users_file, list }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_decide_by_network_user_listener_host_and_list() {
+    let policy = Policy::new().await;
+    let proxy = policy.setup.start();
+    let (pki, ca) = (&policy.pki, &policy.setup.trust_ca);
+    let local = [127, 0, 0, 1];
+    assert_eq!(seen(&proxy, local, "bank.policy.test", pki, ca).await, "origin", "on the finance list");
+    assert_eq!(seen(&proxy, local, "a.broker.test", pki, ca).await, "refused", "the origin has no certificate for it");
+    assert_eq!(seen(&proxy, local, "blocked.policy.test", pki, ca).await, "refused", "blocked on the lab listener");
+    assert_eq!(seen(&proxy, local, "www.policy.test", pki, ca).await, "tollgate", "no rule: decrypted");
+    assert_eq!(seen(&proxy, [127, 0, 0, 2], "src.policy.test", pki, ca).await, "origin", "from 127.0.0.2");
+    assert_eq!(seen(&proxy, local, "src.policy.test", pki, ca).await, "tollgate", "from elsewhere");
+    let tunnel = proxy.wait_log("tunnel", |v| v["action"] == "tunnel" && v["host"] == "bank.policy.test");
+    assert_eq!((tunnel["rule"].as_str(), tunnel["listener"].as_str()), (Some("finance-exempt"), Some("lab")));
+    // ... and the glob on the list tunnelled it rather than decrypting.
+    proxy.wait_log("glob on the list", |v| v["host"] == "a.broker.test" && v["rule"] == "finance-exempt");
+    assert!(tunnel["bytes_down"].as_u64() > Some(0), "{tunnel}");
+    proxy.wait_log("block", |v| v["error"].as_str().is_some_and(|e| e.contains("\"lab-blocked\"")));
+
+    // Proxy authentication on the explicit listener: 407 without credentials or with wrong ones.
+    let explicit = format!("http://{}", proxy.explicit);
+    let root = pki.bundle();
+    let tollgate_ca = policy.setup.token.path("trust.pem");
+    for auth in [None, Some("alice:wrong"), Some("nobody:x")] {
+        let mut args = vec!["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--proxy", &explicit];
+        if let Some(auth) = auth {
+            args.extend(["--proxy-user", auth]);
+        }
+        args.extend(["--cacert", tollgate_ca.to_str().unwrap(), "https://www.policy.test/"]);
+        let out = run("curl", &args).await;
+        assert!(text(&out).contains("407"), "{auth:?}: {}", text(&out));
+        let out = run("curl", &["-sS", "-i", "--proxy", &explicit, "http://www.policy.test/plain"]).await;
+        assert!(
+            text(&out).contains("407") && text(&out).to_lowercase().contains("proxy-authenticate: basic"),
+            "{}",
+            text(&out)
+        );
+    }
+    // Alice's hosts are not decrypted (her client sees the origin); Bob's are.
+    let alice = format!("alice:{ALICE}");
+    let bob = format!("bob:{BOB}");
+    let via = |user: &str, ca: &Path, url: &str| {
+        let (user, ca, url, explicit) = (user.to_string(), ca.to_path_buf(), url.to_string(), explicit.clone());
+        async move {
+            let args = ["-sS", "--proxy", &explicit, "--proxy-user", &user, "--cacert", ca.to_str().unwrap(), &url];
+            run("curl", &args).await
+        }
+    };
+    let out = via(&alice, &root, "https://www.alice.test/a").await;
+    assert!(out.status.success() && text(&out).contains("path=/a"), "alice tunnelled: {}", text(&out));
+    let out = via(&bob, &tollgate_ca, "https://www.alice.test/b").await;
+    assert!(out.status.success() && text(&out).contains("path=/b"), "bob decrypted: {}", text(&out));
+    let line = proxy.wait_log("bob's request", |v| v["message"] == "request" && v["path"] == "/b");
+    assert_eq!((line["user"].as_str(), line["listener"].as_str()), (Some("bob"), Some("users")), "{line}");
+    let out = via(&bob, &tollgate_ca, "http://www.policy.test/headers").await;
+    assert!(out.status.success() && text(&out).contains("headers="), "{}", text(&out));
+    assert!(!text(&out).contains("proxy-authorization"), "the header reached the origin: {}", text(&out));
+    proxy.wait_log("plain", |v| v["path"] == "/headers" && v["user"] == "bob");
+
+    // Python requests, the same way.
+    let script = format!(
+        "import requests\n\
+         r = requests.get('https://www.policy.test/py', proxies={{'https': 'http://alice:{ALICE}@{addr}'}}, verify='{ca}')\n\
+         print(r.status_code, r.text)\n\
+         try:\n    requests.get('https://www.policy.test/py', proxies={{'https': 'http://alice:nope@{addr}'}}, verify='{ca}')\n\
+         except requests.exceptions.ProxyError as e:\n    print('refused', '407' in str(e))\n",
+        addr = proxy.explicit,
+        ca = tollgate_ca.display()
+    );
+    let out = run("/usr/bin/python3", &["-c", &script]).await;
+    let printed = text(&out);
+    assert!(printed.contains("200") && printed.contains("path=/py") && printed.contains("refused True"), "{printed}");
+
+    // No password in any log line, and none reached the origin.
+    let logs = proxy.logs.lock().join("\n");
+    for secret in [ALICE.to_string(), BOB.to_string(), base64(alice.as_bytes()), base64(b"alice:wrong")] {
+        assert!(!logs.contains(&secret), "{secret} logged");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_list_edited_while_running_takes_effect_and_a_broken_one_keeps_the_last() {
+    let policy = Policy::new().await;
+    let proxy = policy.setup.start();
+    let (pki, ca) = (&policy.pki, &policy.setup.trust_ca);
+    let local = [127, 0, 0, 1];
+    assert_eq!(seen(&proxy, local, "payments.policy.test", pki, ca).await, "tollgate");
+    std::fs::write(&policy.list, "bank.policy.test\npayments.policy.test\n").unwrap();
+    let started = Instant::now();
+    while seen(&proxy, local, "payments.policy.test", pki, ca).await != "origin" {
+        assert!(started.elapsed() < Duration::from_secs(5), "the edit took no effect within 5 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A broken version: refused loudly, the last good one stays.
+    std::fs::write(&policy.list, "bank.policy.test\nnot a host name\n").unwrap();
+    let error =
+        proxy.wait_log("list error", |v| v["message"].as_str().is_some_and(|m| m.contains("last good version stays")));
+    assert!(error["error"].as_str().unwrap().contains("line 2"), "{error}");
+    assert_eq!(seen(&proxy, local, "payments.policy.test", pki, ca).await, "origin", "the last good version");
+    let list = policy.list.display().to_string();
+    let metrics = http_get(proxy.management, "/metrics").await;
+    assert!(metrics.contains(&format!("tollgate_host_list_errors_total{{list=\"{list}\"}} 1")), "{metrics}");
+    assert!(metrics.contains(&format!("tollgate_host_list_entries{{list=\"{list}\"}} 2")), "{metrics}");
+
+    // The users file reloads itself too.
+    std::fs::write(&policy.users_file, format!("carol:{}\n", bcrypt::hash("carol-pw", 4).unwrap())).unwrap();
+    let explicit = format!("http://{}", proxy.explicit);
+    let started = Instant::now();
+    loop {
+        let out =
+            run("curl", &["-sS", "--proxy", &explicit, "--proxy-user", "carol:carol-pw", "http://www.policy.test/c"])
+                .await;
+        if text(&out).contains("path=/c") {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "carol not admitted: {}", text(&out));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[test]
+fn bad_policy_input_names_the_file_the_line_and_the_reason() {
+    let token = Token::new();
+    let config = token.path("tollgate.toml");
+    write_config(&token, &config, &ProxyOptions::default());
+    let base = std::fs::read_to_string(&config).unwrap();
+    let list = token.path("list.txt");
+    std::fs::write(&list, "ok.test\nbad entry\n").unwrap();
+    let users = token.path("users.htpasswd");
+    std::fs::write(&users, format!("alice:{}\nbob:$apr1$abc$def\n", bcrypt::hash("x", 4).unwrap())).unwrap();
+    let cases = [
+        ("[[decryption.rule]]\nlisteners = [\"nope\"]\naction = \"block\"\n", "decryption.rule[0].listeners", "nope"),
+        (
+            "[[decryption.rule]]\nsources = [\"10.0.0.0/33\"]\naction = \"block\"\n",
+            "decryption.rule[0].sources",
+            "CIDR",
+        ),
+        ("[[decryption.rule]]\nhost_lists = [\"missing.txt\"]\naction = \"block\"\n", "missing.txt", "No such file"),
+        (
+            &format!("[[decryption.rule]]\nhost_lists = [\"{}\"]\naction = \"block\"\n", list.display()),
+            "line 2",
+            "not a host",
+        ),
+        (&format!("[auth]\nusers_file = \"{}\"\n", users.display()), "line 2", "unsupported hash"),
+        ("[[decryption.rule]]\naction = \"tunnel-maybe\"\n", "decryption.rule[0].action", "no-decrypt"),
+    ];
+    for (extra, where_, why) in cases {
+        std::fs::write(&config, format!("{base}\n{extra}")).unwrap();
+        let out = token.cmd(tollgate_bin()).args(["run", "--check", "--config"]).arg(&config).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{extra}: {err}");
+        assert!(err.contains(where_) && err.contains(why), "{extra}: {err}");
+    }
+}
