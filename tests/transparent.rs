@@ -26,6 +26,7 @@ enum Kind {
 
 /// Three namespaces wired client ↔ gateway ↔ origin (IPv4 and IPv6); removed on drop.
 struct Net {
+    kind: Kind,
     client: String,
     gateway: String,
     origin: String,
@@ -39,6 +40,7 @@ impl Net {
         let n = (std::process::id() % 10_000) * 10 + kind as u32;
         let (client, gateway, origin) = (format!("tgc{n}"), format!("tgg{n}"), format!("tgo{n}"));
         let net = Self {
+            kind,
             hosts_dir: PathBuf::from(format!("/etc/netns/{client}")),
             client,
             gateway,
@@ -143,6 +145,68 @@ impl Net {
         }
     }
 
+    /// A UDP echo on port 443 in the origin namespace (IPv4 and IPv6), with forwarding on in the
+    /// gateway: without the shipped rulesets' reject, QUIC would reach it.
+    fn start_udp_origin(&mut self) {
+        sh(&["ip", "netns", "exec", &self.gateway, "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"]);
+        sh(&["ip", "netns", "exec", &self.gateway, "sh", "-c", "echo 1 > /proc/sys/net/ipv6/conf/all/forwarding"]);
+        // One dual-stack socket: IPv4 clients arrive v4-mapped.
+        let echo = "import socket\ns = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n\
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)\ns.bind(('::', 443))\n\
+                    while True:\n    data, peer = s.recvfrom(2048)\n    s.sendto(data, peer)\n";
+        let child = self
+            .exec(&self.origin, "/usr/bin/python3")
+            .args(["-c", echo])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.processes.push(child);
+    }
+
+    /// A UDP datagram to port 443 of `addr` from the client namespace: "refused" (ICMP port
+    /// unreachable, and how soon), "answered" or "timeout".
+    fn udp_443(&self, addr: &str) -> String {
+        let probe = format!(
+            "import socket, time\n\
+             s = socket.socket(socket.AF_INET6 if ':' in '{addr}' else socket.AF_INET, socket.SOCK_DGRAM)\n\
+             s.settimeout(3)\ns.connect(('{addr}', 443))\nstart = time.monotonic()\n\
+             try:\n    s.send(b'quic?')\n    s.recv(64)\n    print('answered')\n\
+             except ConnectionRefusedError:\n    print('refused %.3f' % (time.monotonic() - start))\n\
+             except socket.timeout:\n    print('timeout')\n"
+        );
+        let out = self.exec(&self.client, "/usr/bin/python3").args(["-c", &probe]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// Asserts UDP 443 is rejected at once, over IPv4 and IPv6, while the origin would answer.
+    fn assert_quic_rejected(&self) {
+        for addr in ["10.231.2.2", "fd31:2::2"] {
+            // The first datagram on fresh veths can wait out neighbour discovery (IPv6 link-local
+            // addresses still in DAD): a gateway in service has its neighbours. Measure the next.
+            self.udp_443(addr);
+            let seen = self.udp_443(addr);
+            let secs: f64 = match seen.strip_prefix("refused ") {
+                Some(secs) => secs.parse().unwrap(),
+                None => panic!("UDP 443 to {addr} from the client namespace: {seen}"),
+            };
+            assert!(secs < 1.0, "{addr}: rejected after {secs} s: browsers would wait that long to fall back");
+        }
+        // Without the reject the datagram would have been answered: the origin listens.
+        let gateway = &self.gateway;
+        sh(&["ip", "netns", "exec", gateway, "nft", "delete", "chain", "inet", self.table(), "forward"]);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let seen = self.udp_443("10.231.2.2");
+            if seen == "answered" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the origin's UDP echo never answered: {seen}");
+        }
+    }
+
     /// Plain curl in the client namespace, retried until the path is up.
     fn curl(&self, url: &str, ca: &std::path::Path, proxy: &Proxy) -> String {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -164,6 +228,16 @@ impl Net {
                 proxy.logs.lock()
             );
             std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Net {
+    /// The nftables table the ruleset of this kind makes.
+    fn table(&self) -> &'static str {
+        match self.kind {
+            Kind::Redirect => "tollgate",
+            Kind::Tproxy => "tollgate_tproxy",
         }
     }
 }
@@ -252,6 +326,9 @@ fn redirected_clients_are_intercepted_over_ipv4_and_ipv6() {
         proxy.log_json().iter().any(|v| v["message"] == "request" && v["host"] == "origin6.test"),
         "the IPv6 request went through tollgate"
     );
+    // QUIC has no side door: UDP 443 gets ICMP port-unreachable, TCP 443 (above) is intercepted.
+    net.start_udp_origin();
+    net.assert_quic_rejected();
 }
 
 #[test]
@@ -261,6 +338,8 @@ fn tproxy_clients_are_intercepted() {
     let body = net.curl("https://origin.test/index.html", &token.path("ca.pem"), &proxy);
     assert_eq!(body, "hello from the origin namespace\n");
     proxy.wait_log("tproxy access log", |v| v["message"] == "request" && v["mode"] == "transparent");
+    net.start_udp_origin();
+    net.assert_quic_rejected();
 }
 
 /// Happy Eyeballs and the deny list, in a namespace of their own: `dual.test` resolves (through
