@@ -137,7 +137,7 @@ fn cache(c: &mut Criterion) {
     let soft = Arc::new(software_ca());
     let up = upstream_leaf();
     let cache = LeafCache::new(10_000);
-    let key = LeafKey { host: "origin.test".into(), upstream: [1; 32], trusted: true };
+    let key = LeafKey { host: Some("origin.test".into()), upstream: [1; 32], trusted: true };
     let minted = Arc::new(soft.mint("origin.test", &up).unwrap());
     runtime.block_on(cache.get_or_mint(key.clone(), async { Ok(minted) })).unwrap();
     c.bench_function("cache/hit", |b| {

@@ -47,12 +47,45 @@ pub struct Metrics {
     hsm_queue_depth: Family<Library, Gauge>,
     host_list_entries: Family<List, Gauge>,
     host_list_errors: Family<List, Counter>,
+    refused: Family<Reason, Counter>,
     registry: Registry,
+}
+
+/// Why a connection was refused before it was served.
+#[derive(Clone, Copy, Debug)]
+pub enum Refused {
+    MaxConnections,
+    PerClientConnections,
+    /// A mint a client was not allowed to cause (its connection is refused).
+    PerClientMints,
+    /// No valid PROXY protocol header, or one from a peer not trusted to send it.
+    ProxyProtocol,
+}
+
+impl Refused {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::MaxConnections => "max_connections",
+            Self::PerClientConnections => "per_client_connections",
+            Self::PerClientMints => "per_client_mints",
+            Self::ProxyProtocol => "proxy_protocol",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct List {
     list: String,
+}
+
+/// `tollgate_connections_refused_total{reason}`.
+pub fn refused(reason: Refused) -> Counter {
+    METRICS.refused.get_or_create_owned(&Reason { reason: reason.as_str() })
 }
 
 /// A host list's metrics: (entries in its current version, failed loads).
@@ -114,6 +147,7 @@ impl Metrics {
             hsm_queue_depth: Family::default(),
             host_list_entries: Family::default(),
             host_list_errors: Family::default(),
+            refused: Family::default(),
             registry: Registry::default(),
         };
         metrics.registered()
@@ -187,6 +221,11 @@ impl Metrics {
             "tollgate_host_list_errors",
             "Host list loads that failed (the last good version stayed)",
             self.host_list_errors.clone(),
+        );
+        r.register(
+            "tollgate_connections_refused",
+            "Client connections refused before they were served, by reason",
+            self.refused.clone(),
         );
         r.register_collector(Box::new(ProcessMetrics));
         self

@@ -9,20 +9,6 @@ use std::time::Duration;
 
 use support::*;
 
-/// TLS through the sni listener from the local address `client`.
-async fn tls_via_sni_from(
-    client: [u8; 4],
-    proxy: std::net::SocketAddr,
-    host: &str,
-    config: std::sync::Arc<rustls::ClientConfig>,
-) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.bind((std::net::Ipv4Addr::from(client), 0).into())?;
-    let tcp = socket.connect(proxy).await?;
-    let name = rustls::pki_types::ServerName::try_from(host.to_string()).unwrap();
-    tokio_rustls::TlsConnector::from(config).connect(name, tcp).await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_pin_get_a_bypass_and_operators_can_clear_it() {
     let pki = TestPki::new();

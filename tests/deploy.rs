@@ -102,7 +102,7 @@ fn the_systemd_unit_verifies() {
 
 /// Every program a test or the image build starts, and the PKCS#11 modules they load: what a
 /// bare Debian must have once `deploy/install-test-deps` has run.
-const PROGRAMS: [&str; 28] = [
+const PROGRAMS: [&str; 29] = [
     "base64",
     "bash",
     "chown",
@@ -111,6 +111,7 @@ const PROGRAMS: [&str; 28] = [
     "curl",
     "debootstrap",
     "h2load",
+    "haproxy",
     "ip",
     "iptables",
     "kill",

@@ -279,3 +279,54 @@ async fn not_ready_without_a_forward_trust_ca() {
     assert_eq!(report["failing"], serde_json::json!(["no forward-trust CA loaded"]), "{report}");
     assert_eq!((report["listeners_bound"].as_bool(), report["hsm_member_up"].as_bool()), (Some(true), Some(true)));
 }
+
+/// One client cannot mint without limit: random subdomains under a wildcard certificate cost
+/// one signature in all (the leaf mirrors the upstream's names, so it serves every one of them),
+/// and hosts with certificates of their own stop being minted for a client past its burst while
+/// another client is still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wildcard_costs_one_signature_and_one_client_cannot_mint_without_limit() {
+    let pki = TestPki::new();
+    let (chain, key) = pki.leaf(&LeafSpec::new(&["*.wild.test"]));
+    let wild = Origin::start("wild", chain, key, &["http/1.1"]).await;
+    let mut resolve = vec![("*.wild.test:443".to_string(), wild.addr)];
+    let mut origins = vec![wild];
+    for i in 0..6 {
+        let name = format!("site{i}.test");
+        let (chain, key) = pki.leaf(&LeafSpec::new(&[&name]));
+        let origin = Origin::start(&name, chain, key, &["http/1.1"]).await;
+        resolve.push((format!("{name}:443"), origin.addr));
+        origins.push(origin);
+    }
+    let options = ProxyOptions {
+        ca_bundles: vec![pki.bundle()],
+        resolve,
+        extra: "[limits]\nper_client_mints_per_sec = 1\nper_client_mint_burst = 3\n".into(),
+        ..Default::default()
+    };
+    let setup = Setup::new(&options);
+    let proxy = setup.start();
+    let trusting = || trusting_client(&setup.trust_ca, &["http/1.1"]);
+    let (one, other) = ([127, 0, 0, 5], [127, 0, 0, 6]);
+
+    let signs = proxy.metric("tollgate_hsm_sign_total").await;
+    for i in 0..30 {
+        let host = format!("r{i}-{}.wild.test", std::process::id());
+        tls_via_sni_from(one, proxy.sni, &host, trusting()).await.unwrap_or_else(|e| panic!("{host}: {e}"));
+    }
+    assert_eq!(proxy.metric("tollgate_hsm_sign_total").await - signs, 1, "one signature for 30 subdomains");
+
+    // Two tokens left of the burst (and perhaps one refilled): most of the six sites are refused.
+    let mut served = 0;
+    for i in 0..6 {
+        served += usize::from(tls_via_sni_from(one, proxy.sni, &format!("site{i}.test"), trusting()).await.is_ok());
+    }
+    assert!((2..=3).contains(&served), "{served} of 6 new leaves minted for one client");
+    proxy.wait_log("mint limit", |v| {
+        v["error"].as_str().is_some_and(|e| e.contains("may cause no new certificate") && e.contains("127.0.0.5"))
+    });
+    tls_via_sni_from(other, proxy.sni, "site5.test", trusting()).await.expect("another client is served");
+    tls_via_sni_from(one, proxy.sni, "site0.test", trusting()).await.expect("a cached leaf costs no mint");
+    let metrics = http_get(proxy.management, "/metrics").await;
+    assert!(metrics.contains("tollgate_connections_refused_total{reason=\"per_client_mints\"}"), "{metrics}");
+}

@@ -20,20 +20,6 @@ fn text(out: &std::process::Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
-/// TLS through the sni listener from the local address `client`.
-async fn tls_from(
-    client: [u8; 4],
-    proxy: std::net::SocketAddr,
-    host: &str,
-    config: std::sync::Arc<rustls::ClientConfig>,
-) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.bind((std::net::Ipv4Addr::from(client), 0).into())?;
-    let tcp = socket.connect(proxy).await?;
-    let name = rustls::pki_types::ServerName::try_from(host.to_string()).unwrap();
-    tokio_rustls::TlsConnector::from(config).connect(name, tcp).await
-}
-
 /// Whose certificate a client through the sni listener sees for `host` from `client`: the
 /// origin's (tunnelled), tollgate's (decrypted), or none (refused).
 async fn seen(
@@ -43,10 +29,10 @@ async fn seen(
     pki: &TestPki,
     ca: &rustls::pki_types::CertificateDer<'static>,
 ) -> &'static str {
-    if tls_from(client, proxy.sni, host, trusting_client(&pki.root_der(), &["http/1.1"])).await.is_ok() {
+    if tls_via_sni_from(client, proxy.sni, host, trusting_client(&pki.root_der(), &["http/1.1"])).await.is_ok() {
         return "origin";
     }
-    match tls_from(client, proxy.sni, host, trusting_client(ca, &["http/1.1"])).await {
+    match tls_via_sni_from(client, proxy.sni, host, trusting_client(ca, &["http/1.1"])).await {
         Ok(_) => "tollgate",
         Err(_) => "refused",
     }
@@ -210,6 +196,21 @@ async fn a_host_list_edited_while_running_takes_effect_and_a_broken_one_keeps_th
     assert!(metrics.contains(&format!("tollgate_host_list_errors_total{{list=\"{list}\"}} 1")), "{metrics}");
     assert!(metrics.contains(&format!("tollgate_host_list_entries{{list=\"{list}\"}} 2")), "{metrics}");
 
+    // A reload naming a list that does not parse is refused with the file, the line and the
+    // reason; the running rules stay.
+    let bad = policy.setup.token.path("bad-list.txt");
+    std::fs::write(&bad, "ok.policy.test\nexample..test\n").unwrap();
+    let config = std::fs::read_to_string(&policy.setup.config).unwrap();
+    let broken = config.replace(&list, &bad.display().to_string());
+    std::fs::write(&policy.setup.config, broken).unwrap();
+    proxy.signal("-HUP");
+    let refused =
+        proxy.wait_log("reload refused", |v| v["message"] == "reload refused; the running configuration stays");
+    let reason = refused["error"].as_str().unwrap();
+    assert!(reason.contains("bad-list.txt") && reason.contains("line 2"), "{reason}");
+    assert_eq!(seen(&proxy, local, "payments.policy.test", pki, ca).await, "origin", "the running rules");
+    std::fs::write(&policy.setup.config, config).unwrap();
+
     // The users file reloads itself too.
     std::fs::write(&policy.users_file, format!("carol:{}\n", bcrypt::hash("carol-pw", 4).unwrap())).unwrap();
     let explicit = format!("http://{}", proxy.explicit);
@@ -259,4 +260,128 @@ fn bad_policy_input_names_the_file_the_line_and_the_reason() {
         assert_eq!(out.status.code(), Some(64), "{extra}: {err}");
         assert!(err.contains(where_) && err.contains(why), "{extra}: {err}");
     }
+}
+
+/// What the list server answers, and what it was asked.
+#[derive(Default)]
+struct Served {
+    body: String,
+    etag: String,
+    /// Answer this instead of the list.
+    fail: Option<u16>,
+    /// `If-None-Match` of each request.
+    conditional: Vec<Option<String>>,
+    not_modified: usize,
+}
+
+/// An https:// server of one host list, honouring `If-None-Match` like a PAN-OS EDL source.
+async fn list_server(pki: &TestPki, served: std::sync::Arc<parking_lot::Mutex<Served>>) -> std::net::SocketAddr {
+    use hyper::{Response, StatusCode};
+    let (chain, key) = pki.leaf(&LeafSpec::new(&["127.0.0.1"]));
+    let config =
+        rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (acceptor, served) = (acceptor.clone(), served.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else { return };
+                let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let mut s = served.lock();
+                    let asked = req.headers().get("if-none-match").map(|v| v.to_str().unwrap().to_string());
+                    s.conditional.push(asked.clone());
+                    let response = match (s.fail, asked) {
+                        (Some(status), _) => Response::builder().status(status).body(String::new()),
+                        (None, Some(tag)) if tag == s.etag => {
+                            s.not_modified += 1;
+                            Response::builder().status(StatusCode::NOT_MODIFIED).body(String::new())
+                        }
+                        _ => Response::builder()
+                            .header("etag", s.etag.clone())
+                            .header("last-modified", "Tue, 01 Dec 2026 10:00:00 GMT")
+                            .body(s.body.clone()),
+                    };
+                    std::future::ready(Ok::<_, std::convert::Infallible>(response.unwrap()))
+                });
+                let io = hyper_util::rt::TokioIo::new(tls);
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+            });
+        }
+    });
+    addr
+}
+
+/// An https:// host list (a PAN-OS style external dynamic list) is fetched at once, then on
+/// its interval with `If-None-Match`; a new version takes effect; a failing fetch keeps the last
+/// good version, counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_list_is_fetched_conditionally_and_a_failing_fetch_keeps_the_last() {
+    let pki = TestPki::new();
+    let (chain, key) = pki.leaf(&LeafSpec::new(&["*.edl.test"]));
+    let origin = Origin::start("edl", chain, key, &["http/1.1"]).await;
+    let served = std::sync::Arc::new(parking_lot::Mutex::new(Served {
+        body: "# finance\nbank.edl.test\n".into(),
+        etag: "\"v1\"".into(),
+        ..Default::default()
+    }));
+    let url = format!("https://127.0.0.1:{}/finance.txt", list_server(&pki, served.clone()).await.port());
+    let options = ProxyOptions {
+        ca_bundles: vec![pki.bundle()],
+        resolve: vec![("*.edl.test:443".into(), origin.addr)],
+        extra: format!(
+            "[[decryption.rule]]\nname = \"edl\"\nhost_lists = [\"{url}\"]\naction = \"no-decrypt\"\n\
+             [decryption]\nlist_refresh_secs = 1\nlist_poll_secs = 1\n"
+        ),
+        ..Default::default()
+    };
+    let setup = Setup::new(&options);
+    let proxy = setup.start();
+    let (ca, local) = (&setup.trust_ca, [127, 0, 0, 1]);
+    let wait_for = |host: &'static str, want: &'static str| {
+        let proxy = &proxy;
+        let pki = &pki;
+        async move {
+            let started = Instant::now();
+            loop {
+                let seen = seen(proxy, local, host, pki, ca).await;
+                if seen == want {
+                    return;
+                }
+                assert!(started.elapsed() < Duration::from_secs(5), "{host}: {seen}, not {want}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    wait_for("bank.edl.test", "origin").await;
+    assert_eq!(seen(&proxy, local, "pay.edl.test", &pki, ca).await, "tollgate");
+    // Unchanged: answered 304 to the tag it sent.
+    let started = Instant::now();
+    while served.lock().not_modified == 0 {
+        assert!(started.elapsed() < Duration::from_secs(5), "no conditional fetch: {:?}", served.lock().conditional);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(served.lock().conditional.last().cloned().flatten().as_deref(), Some("\"v1\""));
+    // A new version.
+    {
+        let mut s = served.lock();
+        (s.body, s.etag) = ("bank.edl.test\npay.edl.test\n".into(), "\"v2\"".into());
+    }
+    wait_for("pay.edl.test", "origin").await;
+    // The source fails: loudly, counted, and the last good version stays.
+    served.lock().fail = Some(503);
+    let error = proxy.wait_log("fetch error", |v| {
+        v["message"].as_str().is_some_and(|m| m.contains("last good version stays")) && v["list"] == url.as_str()
+    });
+    assert!(error["error"].as_str().unwrap().contains("503"), "{error}");
+    assert_eq!(seen(&proxy, local, "pay.edl.test", &pki, ca).await, "origin", "the last good version");
+    let metrics = http_get(proxy.management, "/metrics").await;
+    assert!(metrics.contains(&format!("tollgate_host_list_entries{{list=\"{url}\"}} 2")), "{metrics}");
+    assert!(!metrics.contains(&format!("tollgate_host_list_errors_total{{list=\"{url}\"}} 0")), "{metrics}");
 }

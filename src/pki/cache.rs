@@ -1,4 +1,5 @@
-//! The leaf cache: minted leaves keyed by (host, upstream certificate, trust verdict).
+//! The leaf cache: minted leaves keyed by (host, upstream certificate, trust verdict) — without
+//! the host when the leaf mirrors the upstream's names, so one leaf serves them all.
 //!
 //! Concurrent misses for one key wait on a single mint (moka's `or_try_insert_with`), so a
 //! flash crowd costs one HSM signature. An entry never outlives its certificate.
@@ -17,8 +18,9 @@ use crate::telemetry::METRICS;
 /// What a minted leaf depends on.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct LeafKey {
-    /// Lower-cased host name (or IP literal) the client asked for.
-    pub host: String,
+    /// Lower-cased host name (or IP literal) the client asked for; `None` when the leaf does
+    /// not depend on it (the upstream certificate names its hosts itself).
+    pub host: Option<String>,
     /// SHA-256 of the upstream end-entity certificate.
     pub upstream: [u8; 32],
     /// Whether the upstream certificate validated (trusted CA) or not (untrust CA).

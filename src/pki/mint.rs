@@ -139,8 +139,14 @@ impl Ca {
         let mut params = CertificateParams::default();
         params.subject_alt_names = mirrored_sans(&up, host)?;
         let mut dn = DistinguishedName::new();
-        let cn = up.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok());
-        dn.push(DnType::CommonName, cn.unwrap_or(host));
+        // The upstream's CN, else its first DNS name: the host only when it names none itself
+        // (so a leaf with mirrored names is the same whatever host it was minted for).
+        let cn = up.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()).map(str::to_string);
+        let first_dns = params.subject_alt_names.iter().find_map(|san| match san {
+            SanType::DnsName(name) => Some(name.as_str().to_string()),
+            _ => None,
+        });
+        dn.push(DnType::CommonName, cn.or(first_dns).unwrap_or_else(|| host.to_string()));
         params.distinguished_name = dn;
 
         // Inside both the CA's and the upstream's validity; an upstream window that does not
@@ -194,6 +200,18 @@ fn sign_error(e: rcgen::Error) -> MintError {
 }
 
 /// DNS and IP SANs of the upstream, each as its own type; the host when there are none.
+/// Whether a leaf minted for `upstream` (DER) mirrors its names — DNS names or IP addresses in
+/// its subjectAltName — and so is the same leaf for every host it is minted for.
+pub fn mirrors_names(upstream: &[u8]) -> bool {
+    let Ok((_, up)) = x509_parser::parse_x509_certificate(upstream) else { return false };
+    let Ok(Some(ext)) = up.subject_alternative_name() else { return false };
+    ext.value.general_names.iter().any(|name| match name {
+        GeneralName::DNSName(_) => true,
+        GeneralName::IPAddress(bytes) => matches!(bytes.len(), 4 | 16),
+        _ => false,
+    })
+}
+
 fn mirrored_sans(up: &x509_parser::certificate::X509Certificate<'_>, host: &str) -> Result<Vec<SanType>, MintError> {
     let mut sans = Vec::new();
     if let Ok(Some(ext)) = up.subject_alternative_name() {

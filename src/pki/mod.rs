@@ -616,7 +616,7 @@ mod tests {
             let ca = ca.clone();
             async move { ca.mint("origin.test", &up).map(Arc::new) }
         };
-        let key = |b: u8| cache::LeafKey { host: "origin.test".into(), upstream: [b; 32], trusted: false };
+        let key = |b: u8| cache::LeafKey { host: Some("origin.test".into()), upstream: [b; 32], trusted: false };
 
         // A leaf valid for days is cached: the second lookup does not mint.
         let valid = upstream_cert(vec![], (-1, 10));

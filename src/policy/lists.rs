@@ -33,6 +33,19 @@ pub enum ListError {
     Parse { list: String, line: usize, reason: String },
 }
 
+/// Why `entry` (lower-case) is not a host name, IP literal or glob of one: characters outside
+/// names and glob syntax, or an empty label.
+fn check_entry(entry: &str) -> Result<(), &'static str> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || "-_.:*?[]{},!".contains(c);
+    if !entry.chars().all(allowed) {
+        return Err("a character no host name has");
+    }
+    if entry.split('.').any(str::is_empty) {
+        return Err("an empty label");
+    }
+    Ok(())
+}
+
 /// One version of a list, compiled for matching.
 #[derive(Debug, Default)]
 pub struct HostSet {
@@ -51,12 +64,14 @@ impl HostSet {
         let mut other = 0;
         for (i, line) in text.lines().enumerate() {
             let entry = line.split('#').next().unwrap_or_default().trim().to_ascii_lowercase();
+            // A fully qualified spelling ("example.com.") is the same host.
+            let entry = entry.strip_suffix('.').unwrap_or(&entry).to_string();
             if entry.is_empty() {
                 continue;
             }
             let parse_err = |reason: String| ListError::Parse { list: source.into(), line: i + 1, reason };
-            if entry.contains(char::is_whitespace) || entry.contains('/') {
-                return Err(parse_err(format!("{entry:?} is not a host or host glob")));
+            if let Err(why) = check_entry(&entry) {
+                return Err(parse_err(format!("{entry:?} is not a host or host glob: {why}")));
             }
             match entry.strip_prefix("*.") {
                 Some(suffix) if !suffix.contains(['*', '?', '[', '{']) && !suffix.is_empty() => {
@@ -84,6 +99,7 @@ impl HostSet {
 
     /// Whether `host` (lower-case) is on the list.
     pub fn contains(&self, host: &str) -> bool {
+        let host = host.strip_suffix('.').unwrap_or(host);
         if self.exact.contains(host) {
             return true;
         }
@@ -298,5 +314,11 @@ mod tests {
         assert!(set.contains("web1.shop.test") && !set.contains("web10.shop.test"));
         let err = HostSet::parse("ok.test\nnot a host\n", "lists/x.txt").unwrap_err().to_string();
         assert!(err.contains("lists/x.txt") && err.contains("line 2"), "{err}");
+        for bad in ["example..test", ".example.test", "https://example.test/", "ex ample.test", "bäck.test"] {
+            assert!(HostSet::parse(bad, "l").is_err(), "{bad}");
+        }
+        let set = HostSet::parse("fqdn.test.\n2001:db8::1\n10.0.0.1\n", "l").unwrap();
+        assert!(set.contains("fqdn.test") && set.contains("fqdn.test.") && set.contains("2001:db8::1"));
+        assert!(set.contains("10.0.0.1"));
     }
 }

@@ -10,7 +10,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 
-use super::http::{AccessLog, prepare_request, strip_hop_by_hop};
+use super::http::{AccessLog, prepare_request, relay_response_headers};
 use super::respond::Refusal;
 use super::{Body, ConnCtx, Proxy, ProxyError, Target};
 use crate::policy::Who;
@@ -118,6 +118,6 @@ async fn send_plain(proxy: &Proxy, req: Request<Incoming>, target: &Target) -> R
     tokio::spawn(connection);
     let req = prepare_request(req, target, false, false);
     let mut response = sender.send_request(req).await.map_err(http_err)?;
-    strip_hop_by_hop(response.headers_mut(), false);
+    relay_response_headers(response.headers_mut());
     Ok(response.map(BodyExt::boxed_unsync))
 }

@@ -157,7 +157,7 @@ impl Relay {
             }
             return Ok(response.map(BodyExt::boxed_unsync));
         }
-        strip_hop_by_hop(response.headers_mut(), false);
+        relay_response_headers(response.headers_mut());
         let Some(sender) = h1 else { return Ok(response.map(BodyExt::boxed_unsync)) };
         // The HTTP/1.1 connection is free again once the response body has been read. One that
         // carries connection-based authentication stays with this client; others are shared.
@@ -391,6 +391,58 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
+/// Prepares an upstream response's headers for the client: hop-by-hop headers removed, and
+/// HTTP/3 dropped from `Alt-Svc` — a client told of h3 would go around us over QUIC.
+pub fn relay_response_headers(headers: &mut HeaderMap) {
+    strip_hop_by_hop(headers, false);
+    if headers.contains_key(header::ALT_SVC) {
+        strip_quic_alternatives(headers);
+    }
+}
+
+/// Removes the `h3`, `h3-*` (drafts) and `quic` (Google QUIC) alternatives from `Alt-Svc`
+/// (RFC 7838), and the header when none is left. `clear` and TCP alternatives stay.
+fn strip_quic_alternatives(headers: &mut HeaderMap) {
+    let is_quic = |entry: &str| {
+        let id = entry.split('=').next().unwrap_or("").trim().to_ascii_lowercase();
+        id == "h3" || id.starts_with("h3-") || id == "quic"
+    };
+    let kept: Vec<String> = headers
+        .get_all(header::ALT_SVC)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(alt_svc_entries)
+        .filter(|entry| !is_quic(entry))
+        .map(str::to_string)
+        .collect();
+    headers.remove(header::ALT_SVC);
+    if let Ok(value) = HeaderValue::from_str(&kept.join(", "))
+        && !kept.is_empty()
+    {
+        headers.insert(header::ALT_SVC, value);
+    }
+}
+
+/// The comma-separated entries of an `Alt-Svc` value, commas inside quoted strings kept.
+fn alt_svc_entries(value: &str) -> Vec<&str> {
+    let (mut entries, mut start, mut quoted, mut escaped) = (Vec::new(), 0, false, false);
+    for (i, c) in value.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            ',' if !quoted => {
+                entries.push(value[start..i].trim());
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    entries.push(value[start..].trim());
+    entries.retain(|e| !e.is_empty());
+    entries
+}
+
 /// The facts of one request, logged as one JSON line when its response body ends.
 pub struct AccessLog {
     started: Instant,
@@ -525,6 +577,25 @@ mod tests {
         strip_hop_by_hop(&mut headers, false);
         let left: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, ["x-kept"]);
+    }
+
+    #[test]
+    fn http3_is_dropped_from_alt_svc() {
+        let relayed = |values: &[&str]| {
+            let mut headers = HeaderMap::new();
+            for v in values {
+                headers.append(header::ALT_SVC, HeaderValue::from_str(v).unwrap());
+            }
+            relay_response_headers(&mut headers);
+            headers.get_all(header::ALT_SVC).iter().map(|v| v.to_str().unwrap().to_string()).collect::<Vec<_>>()
+        };
+        assert_eq!(relayed(&["h3=\":443\"; ma=86400, h3-29=\":443\"; ma=86400"]), Vec::<String>::new());
+        assert_eq!(
+            relayed(&["h3=\":443\"; ma=86400, h2=\"alt.example:443\"; ma=60", "quic=\":443\", H3-Q050=\":443\""]),
+            ["h2=\"alt.example:443\"; ma=60"]
+        );
+        assert_eq!(relayed(&["clear"]), ["clear"]);
+        assert_eq!(relayed(&["h2=\"a,b.example:443\", h3=\":443\""]), ["h2=\"a,b.example:443\""]);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use crate::pki::CaRole;
 use crate::pki::cache::LeafKey;
 use crate::pki::mint::{MintError, Minted};
 use crate::policy::{TlsAction, TlsDecision, Who};
-use crate::telemetry::METRICS;
+use crate::telemetry::{METRICS, Refused, refused};
 
 /// Serves one client TLS connection; `hint` is the destination when the listener knows it
 /// (CONNECT authority, original destination).
@@ -107,7 +107,7 @@ where
             return Err(refuse(proxy, accepted, io, e).await);
         }
     }
-    let minted = match mint(proxy, &target, &lease.peer, verdict.is_trusted()).await {
+    let minted = match mint(proxy, &target, &lease.peer, verdict.is_trusted(), &ctx).await {
         Ok(minted) => minted,
         Err(e) => {
             proxy.upstreams.give_back(&key, lease);
@@ -156,8 +156,26 @@ fn learn(proxy: &Proxy, target: &Target, ctx: &ConnCtx, e: &std::io::Error) {
     }
 }
 
-async fn mint(proxy: &Proxy, target: &Target, peer: &Peer, trusted: bool) -> Result<Arc<Minted>, ProxyError> {
-    let key = LeafKey { host: target.host.clone(), upstream: peer.fingerprint, trusted };
+/// The leaf for `target`: cached, or minted if the client may cause one more mint now. A leaf
+/// that mirrors the upstream certificate's names serves every host that certificate does (one
+/// signature for a wildcard's subdomains), so it is cached without the host.
+async fn mint(
+    proxy: &Proxy,
+    target: &Target,
+    peer: &Peer,
+    trusted: bool,
+    ctx: &ConnCtx,
+) -> Result<Arc<Minted>, ProxyError> {
+    let host = (!peer.names_cover_host).then(|| target.host.clone());
+    let key = LeafKey { host, upstream: peer.fingerprint, trusted };
+    if let Some(minted) = proxy.cache.get(&key).await {
+        METRICS.cache_hits_total.inc();
+        return Ok(minted);
+    }
+    if !proxy.fairness.may_mint(ctx.client.ip()) {
+        refused(Refused::PerClientMints).inc();
+        return Err(ProxyError::MintLimited { host: target.host.clone(), client: ctx.client.ip() });
+    }
     let mint_err = |source: Arc<MintError>| ProxyError::Mint { host: target.host.clone(), source };
     let ca = if trusted { proxy.cas.trust.clone() } else { proxy.cas.untrust.clone() };
     let host = target.host.clone();
@@ -186,11 +204,14 @@ mod tests {
 
     fn ctx(mode: ListenerMode) -> ConnCtx {
         let semaphore = std::sync::Arc::new(tokio::sync::Semaphore::new(1));
+        let fairness = crate::proxy::fairness::Fairness::new(&Default::default());
+        let client: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
         let ticket = std::sync::Arc::new(crate::proxy::Admission::new(
             mode.as_str().into(),
             semaphore.try_acquire_owned().unwrap(),
+            fairness.admit(client.ip()).unwrap(),
         ));
-        ConnCtx { client: "127.0.0.1:1".parse().unwrap(), mode, upstream_port: 8443, ticket, user: None }
+        ConnCtx { client, mode, upstream_port: 8443, ticket, user: None }
     }
 
     fn hello(sni: Option<&str>) -> ClientHelloInfo {

@@ -4,10 +4,12 @@
 
 pub mod bypass;
 pub mod connect;
+pub mod fairness;
 pub mod http;
 pub mod idle;
 pub mod inbound;
 pub mod intercept;
+pub mod proxy_protocol;
 pub mod respond;
 pub mod tls;
 pub mod transparent;
@@ -27,7 +29,7 @@ use crate::net::ATTEMPT_DELAY;
 use crate::pki::cache::LeafCache;
 use crate::pki::mint::{Ca, MintError};
 use crate::policy::Policy;
-use crate::telemetry::ConnectionGuard;
+use crate::telemetry::{ConnectionGuard, Refused, refused};
 use tls::{HelloError, ServerTls, UpstreamTls};
 
 /// Body type of everything tollgate sends, relayed or its own.
@@ -81,6 +83,8 @@ pub enum ProxyError {
         #[source]
         source: Arc<MintError>,
     },
+    #[error("client {client} may cause no new certificate for {host} now (per_client_mints_per_sec)")]
+    MintLimited { host: String, client: std::net::IpAddr },
     #[error("TLS handshake with the client: {0}")]
     ClientTls(#[source] io::Error),
     #[error("HTTP to upstream {target}: {reason}")]
@@ -100,6 +104,7 @@ impl ProxyError {
             | Self::NameMismatch { .. }
             | Self::Forbidden(_)
             | Self::Denied { .. }
+            | Self::MintLimited { .. }
             | Self::ClientTls(_) => Side::Client,
             Self::Timeout { side, .. } => *side,
             Self::Connect { .. }
@@ -209,6 +214,8 @@ pub struct Proxy {
     shutdown: tokio::sync::watch::Receiver<bool>,
     /// Hosts learned to be pinned by their clients; shared across reloads.
     pub bypass: Arc<bypass::Bypass>,
+    /// Per-client connection and mint limits.
+    pub fairness: Arc<fairness::Fairness>,
     /// Whether a forward listener (explicit, sni, transparent) is configured: it mints with the
     /// forward-trust CA.
     forward: bool,
@@ -256,6 +263,7 @@ impl Proxy {
             max_header_bytes: config.limits.max_header_bytes,
             shutdown: tokio::sync::watch::channel(false).1,
             bypass: Arc::new(bypass::Bypass::from_config(config)),
+            fairness: fairness::Fairness::new(&config.limits),
             forward: config.listeners.iter().any(|l| l.mode.is_forward()),
         })
     }
@@ -422,25 +430,64 @@ pub async fn serve_listener(
         };
         let proxy = proxies.borrow().clone();
         let Ok(permit) = proxy.limit.clone().try_acquire_owned() else {
+            refused(Refused::MaxConnections).inc();
             tracing::warn!(client = %peer, "connection refused: max_connections reached");
             continue;
         };
-        let ticket = Arc::new(Admission::new(name.clone(), permit));
-        let _ = stream.set_nodelay(true);
-        let stream = idle::Deadlines::new(stream).write_deadline(proxy.send_timeout);
-        let proxy = proxy.clone();
-        let config = config.clone();
+        let (name, config) = (name.clone(), config.clone());
         tokio::spawn(async move {
-            let ctx =
-                ConnCtx { client: peer, mode: config.mode, upstream_port: config.upstream_port, ticket, user: None };
+            let Some((stream, ctx)) = admit(&proxy, stream, peer, &config, name, permit).await else { return };
+            let stream = idle::Deadlines::new(stream).write_deadline(proxy.send_timeout);
             match config.mode {
                 ListenerMode::Explicit => connect::serve(proxy, stream, ctx, config.auth.is_some()).await,
                 ListenerMode::Sni => intercept::serve(proxy, stream, None, ctx).await,
                 ListenerMode::Inbound => inbound::serve(proxy, stream, ctx).await,
-                ListenerMode::Transparent => transparent::serve(proxy, stream, ctx, config.tproxy).await,
+                ListenerMode::Transparent => {
+                    if let Some(target) = transparent::target(&stream, &ctx, config.tproxy) {
+                        intercept::serve(proxy, stream, Some(target), ctx).await
+                    }
+                }
             }
         });
     }
+}
+
+/// Admits a connection from `peer`: its PROXY header taken off (on a listener that requires
+/// one), then its place among the client's connections. `None`, logged, when it is refused.
+async fn admit(
+    proxy: &Proxy,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    config: &ListenerConfig,
+    listener: Arc<str>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> Option<(TcpStream, ConnCtx)> {
+    let _ = stream.set_nodelay(true);
+    let carried = match config.proxy_protocol {
+        false => None,
+        true => {
+            let header = proxy_protocol::accept(&mut stream, peer, &config.trusted_proxies, proxy.handshake_timeout);
+            match header.await {
+                Ok(carried) => carried,
+                Err(e) => {
+                    refused(Refused::ProxyProtocol).inc();
+                    tracing::info!(peer = %peer, listener = %listener, error = %e, "connection refused");
+                    return None;
+                }
+            }
+        }
+    };
+    let client = carried.map_or(peer, |c| c.client);
+    let Some(slot) = proxy.fairness.admit(client.ip()) else {
+        refused(Refused::PerClientConnections).inc();
+        tracing::warn!(client = %client, listener = %listener, "connection refused: per_client_connections reached");
+        return None;
+    };
+    let mut admission = Admission::new(listener, permit, slot);
+    admission.destination = carried.map(|c| c.destination);
+    let ticket = Arc::new(admission);
+    let ctx = ConnCtx { client, mode: config.mode, upstream_port: config.upstream_port, ticket, user: None };
+    Some((stream, ctx))
 }
 
 /// Drives a client-facing hyper connection to its end: on shutdown it finishes its in-flight
@@ -549,6 +596,12 @@ impl ConnCtx {
     pub fn listener(&self) -> &Arc<str> {
         &self.ticket.listener
     }
+
+    /// The destination the client connected to, as a PROXY protocol header gave it (what a
+    /// transparent listener behind a load balancer intercepts for).
+    pub fn carried_destination(&self) -> Option<SocketAddr> {
+        self.ticket.destination
+    }
 }
 
 /// A client connection's admission: its place under `max_connections` and in
@@ -562,14 +615,18 @@ pub type Ticket = Arc<Admission>;
 pub struct Admission {
     /// The listener the connection came through, by name.
     listener: Arc<str>,
+    /// The destination a PROXY protocol header carried.
+    destination: Option<SocketAddr>,
     _permit: tokio::sync::OwnedSemaphorePermit,
+    _slot: fairness::Slot,
     _counted: ConnectionGuard,
 }
 
 impl Admission {
-    /// A connection to `listener` admitted under `permit`, counted from now.
-    pub fn new(listener: Arc<str>, permit: tokio::sync::OwnedSemaphorePermit) -> Self {
-        Self { listener, _permit: permit, _counted: ConnectionGuard::new() }
+    /// A connection to `listener` admitted under `permit` and in the client's `slot`, counted
+    /// from now.
+    pub fn new(listener: Arc<str>, permit: tokio::sync::OwnedSemaphorePermit, slot: fairness::Slot) -> Self {
+        Self { listener, destination: None, _permit: permit, _slot: slot, _counted: ConnectionGuard::new() }
     }
 }
 
@@ -617,9 +674,9 @@ mod tests {
         type Io = Client;
         let sni = future4(intercept::serve::<Io>);
         let inbound = future3(inbound::serve::<Io>);
-        let transparent = future4(transparent::serve);
         let explicit = future4(connect::serve);
-        for (mode, size) in [("sni", sni), ("inbound", inbound), ("transparent", transparent), ("explicit", explicit)] {
+        // Transparent connections run `intercept::serve` too, once their destination is known.
+        for (mode, size) in [("sni and transparent", sni), ("inbound", inbound), ("explicit", explicit)] {
             assert!(size <= 1024, "{mode}: a connection's outer future is {size} bytes");
         }
     }

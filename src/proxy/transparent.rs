@@ -6,25 +6,26 @@
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
 
 use nix::sys::socket::{getsockopt, setsockopt, sockopt};
 use tokio::net::{TcpSocket, TcpStream};
 
-use super::{ConnCtx, Proxy, Target};
+use super::{ConnCtx, Target};
 use crate::config::{ListenerConfig, ListenerMode};
 
-/// Serves one redirected connection.
-pub async fn serve(proxy: Arc<Proxy>, stream: super::Client, ctx: ConnCtx, tproxy: bool) {
-    let dst = match original_destination(stream.get_ref(), tproxy) {
-        Ok(dst) => dst,
+/// Where a redirected connection was going: the original destination, or, behind a load
+/// balancer speaking the PROXY protocol, the one its header carried. `None` (logged) for a
+/// connection the kernel did not redirect. The connection then goes through
+/// `intercept::serve` like an sni one.
+pub fn target(stream: &super::Client, ctx: &ConnCtx, tproxy: bool) -> Option<Target> {
+    let found = ctx.carried_destination().map(Ok).unwrap_or_else(|| original_destination(stream.get_ref(), tproxy));
+    match found {
+        Ok(dst) => Some(Target { host: dst.ip().to_string(), port: dst.port(), addr: Some(dst) }),
         Err(e) => {
             tracing::warn!(client = %ctx.client, error = %e, "transparent connection without an original destination (not redirected by the kernel?)");
-            return;
+            None
         }
-    };
-    let target = Target { host: dst.ip().to_string(), port: dst.port(), addr: Some(dst) };
-    super::intercept::serve(proxy, stream, Some(target), ctx).await;
+    }
 }
 
 /// Binds a listener socket on `addr` (SO_REUSEPORT, so every data-plane thread can bind its

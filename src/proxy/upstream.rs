@@ -111,6 +111,9 @@ pub struct Peer {
     pub fingerprint: [u8; 32],
     /// The ALPN protocol the upstream chose.
     pub alpn: Option<Vec<u8>>,
+    /// Whether a leaf minted for this certificate mirrors its names, whatever host it is
+    /// minted for (`pki::mint::mirrors_names`).
+    pub names_cover_host: bool,
     verdict: Mutex<(Verdict, Instant)>,
 }
 
@@ -300,7 +303,7 @@ impl Peer {
     fn inbound(chain: Vec<CertificateDer<'static>>, alpn: Option<Vec<u8>>) -> Arc<Self> {
         let fingerprint = chain.first().map_or([0; 32], |leaf| sha256(leaf));
         let verdict = Mutex::new((Verdict::Trusted, Instant::now()));
-        Arc::new(Peer { name: None, chain, fingerprint, alpn, verdict })
+        Arc::new(Peer { name: None, chain, fingerprint, alpn, names_cover_host: false, verdict })
     }
 
     /// An inbound origin reached over plain HTTP.
@@ -342,9 +345,10 @@ async fn dial_forward(proxy: &Proxy, target: &Target, client_alpn: &[Vec<u8>]) -
     let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
     let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
     let verdict = proxy.upstream_tls.handshake_verdict(&name, &chain, resumed);
-    let fingerprint = sha256(chain.first().map(|c| c.as_ref()).unwrap_or_default());
-    let peer =
-        Arc::new(Peer { name: Some(name), chain, fingerprint, alpn, verdict: Mutex::new((verdict, Instant::now())) });
+    let leaf = chain.first().map(|c| c.as_ref()).unwrap_or_default();
+    let (fingerprint, names_cover_host) = (sha256(leaf), crate::pki::mint::mirrors_names(leaf));
+    let verdict = Mutex::new((verdict, Instant::now()));
+    let peer = Arc::new(Peer { name: Some(name), chain, fingerprint, alpn, names_cover_host, verdict });
     let sender = http_handshake(target, TokioIo::new(stream), peer.alpn.as_deref() == Some(H2)).await?;
     Ok(Lease { sender, peer })
 }

@@ -791,6 +791,20 @@ pub async fn tls_via_sni(
     tokio_rustls::TlsConnector::from(config).connect(ServerName::try_from(host.to_string()).unwrap(), tcp).await
 }
 
+/// TLS through the sni listener to `host`, from the local address `client` (127.0.0.0/8 is
+/// all local: distinct clients without a network of their own).
+pub async fn tls_via_sni_from(
+    client: [u8; 4],
+    proxy: SocketAddr,
+    host: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind((std::net::Ipv4Addr::from(client), 0).into())?;
+    let tcp = socket.connect(proxy).await?;
+    tokio_rustls::TlsConnector::from(config).connect(ServerName::try_from(host.to_string()).unwrap(), tcp).await
+}
+
 /// `CONNECT authority` on the explicit listener; returns the tunnel after a 200.
 pub async fn connect_tunnel(proxy: SocketAddr, authority: &str) -> TcpStream {
     let mut tcp = TcpStream::connect(proxy).await.unwrap();
