@@ -12,11 +12,19 @@ use support::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_pin_get_a_bypass_and_operators_can_clear_it() {
     let pki = TestPki::new();
-    let (chain, key) = pki.leaf(&LeafSpec::new(&["pinned.test", "reset.test"]));
+    let (chain, key) = pki.leaf(&LeafSpec::new(&["pinned.test", "reset.test", "never.test"]));
     let origin = Origin::start("pinned", chain, key, &["http/1.1"]).await;
     let options = ProxyOptions {
         ca_bundles: vec![pki.bundle()],
-        resolve: vec![("pinned.test:443".into(), origin.addr), ("reset.test:443".into(), origin.addr)],
+        resolve: vec![
+            ("pinned.test:443".into(), origin.addr),
+            ("reset.test:443".into(), origin.addr),
+            ("never.test:443".into(), origin.addr),
+        ],
+        // This rule's hosts are always decrypted: however many clients reject, none is learned.
+        extra: "[[decryption.rule]]\nname = \"always\"\nhosts = [\"never.test\"]\naction = \"decrypt\"\n\
+                learn_bypass = false\n"
+            .into(),
         ..Default::default()
     };
     let setup = Setup::new(&options);
@@ -37,7 +45,11 @@ async fn clients_that_pin_get_a_bypass_and_operators_can_clear_it() {
     }
     let list = http_get(proxy.management, "/api/v1/bypass").await;
     assert_eq!(list.trim(), "[]", "one client taught a bypass: {list}");
-    // Two more client addresses agree: now the host is excluded.
+    // Two more client addresses agree: now the host is excluded (but not never.test, whose
+    // rule turned learning off, though the same three clients reject it).
+    for client in [[127, 0, 0, 1], [127, 0, 0, 2], [127, 0, 0, 3]] {
+        assert!(tls_via_sni_from(client, proxy.sni, "never.test", pinning.clone()).await.is_err());
+    }
     for client in [[127, 0, 0, 2], [127, 0, 0, 3]] {
         assert!(tls_via_sni_from(client, proxy.sni, "pinned.test", pinning.clone()).await.is_err());
     }

@@ -2,7 +2,8 @@
 //! htpasswd file of bcrypt (`$2y$`, `$2b$`, `$2a$`) or argon2 (`$argon2id$`, `$argon2i$`,
 //! `$argon2d$`) hashes, which reloads itself when it changes. A hash costs tens of milliseconds
 //! to check, so it is checked off the async workers, and a user whose password checked out is
-//! remembered for a few minutes (by a digest of the password, never the password). Failed
+//! remembered for a few minutes (by an HMAC of the password under a key made at start, never
+//! the password, and nothing a memory dump could test guesses against offline). Failed
 //! attempts are counted per client address: past `MAX_FAILURES` in `FAILURE_WINDOW`, its
 //! requests are refused without checking anything. Passwords are never logged or kept.
 
@@ -67,8 +68,9 @@ pub struct Users {
     file: PathBuf,
     users: RwLock<Arc<HashMap<String, Hash>>>,
     seen: Mutex<Option<(SystemTime, u64)>>,
-    /// (user, SHA-256 of the password) checked recently.
+    /// (user, HMAC-SHA-256 of the password under `remember_key`) checked recently.
     verified: moka::sync::Cache<(String, [u8; 32]), ()>,
+    remember_key: aws_lc_rs::hmac::Key,
     failures: moka::sync::Cache<IpAddr, u32>,
 }
 
@@ -81,6 +83,7 @@ impl Users {
             seen: Mutex::default(),
             verified: moka::sync::Cache::builder().max_capacity(10_000).time_to_live(VERIFIED_FOR).build(),
             failures: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(FAILURE_WINDOW).build(),
+            remember_key: aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &crate::keys::random::<32>()),
         };
         users.reload(true)?;
         Ok(Arc::new(users))
@@ -118,12 +121,20 @@ impl Users {
             return Err(Refused::RateLimited);
         }
         let (user, password) = header.and_then(basic).ok_or(Refused::Missing)?;
-        let key = (user.clone(), crate::keys::sha256(password.as_bytes()));
+        let tag = aws_lc_rs::hmac::sign(&self.remember_key, password.as_bytes());
+        let key = (user.clone(), tag.as_ref().try_into().expect("HMAC-SHA-256 is 32 bytes"));
         if self.verified.contains_key(&key) {
             return Ok(user.into());
         }
-        let hash = self.users.read().get(&user).cloned();
-        let ok = tokio::task::spawn_blocking(move || verify(hash.as_ref(), &password)).await.unwrap_or(false);
+        let (hash, dummy) = {
+            let users = self.users.read();
+            // An unknown user is checked against a real user's hash: the same cost, so timing
+            // does not tell which names exist.
+            (users.get(&user).cloned(), users.values().next().cloned())
+        };
+        let ok = tokio::task::spawn_blocking(move || verify(hash.as_ref(), dummy.as_ref(), &password))
+            .await
+            .unwrap_or(false);
         if ok {
             self.verified.insert(key, ());
             return Ok(user.into());
@@ -150,24 +161,23 @@ fn basic(header: &http::HeaderValue) -> Option<(String, Zeroizing<String>)> {
     (!user.is_empty()).then(|| (user.to_string(), Zeroizing::new(password.to_string())))
 }
 
-/// Whether `password` matches `hash`; an unknown user costs a hash check all the same, so
-/// timing does not tell which user names exist.
-fn verify(hash: Option<&Hash>, password: &str) -> bool {
-    /// A bcrypt hash of nothing anyone knows, checked for unknown users.
-    static DUMMY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-        let random: [u8; 16] = crate::keys::random();
-        bcrypt::hash(random, 10).unwrap_or_default()
-    });
-    match hash {
-        Some(Hash::Bcrypt(hash)) => bcrypt::verify(password, hash).unwrap_or(false),
-        Some(Hash::Argon2(hash)) => {
+/// Whether `password` matches `hash`. With no hash (an unknown user) `dummy` is checked all
+/// the same, its result thrown away.
+fn verify(hash: Option<&Hash>, dummy: Option<&Hash>, password: &str) -> bool {
+    let check = |hash: &Hash| match hash {
+        Hash::Bcrypt(hash) => bcrypt::verify(password, hash).unwrap_or(false),
+        Hash::Argon2(hash) => {
             use argon2::PasswordVerifier;
             argon2::Argon2::default().verify_password(password.as_bytes(), hash.as_str()).is_ok()
         }
-        None => {
-            let _ = bcrypt::verify(password, DUMMY.as_str());
+    };
+    match (hash, dummy) {
+        (Some(hash), _) => check(hash),
+        (None, Some(dummy)) => {
+            let _ = check(dummy);
             false
         }
+        (None, None) => false,
     }
 }
 
@@ -205,13 +215,41 @@ mod tests {
     #[test]
     fn only_bcrypt_and_argon2_are_accepted_with_the_line_named() {
         let bcrypt = bcrypt::hash("s3cret", 4).unwrap();
-        let users = parse(&format!("# team\nalice:{bcrypt}\n"), "u").unwrap();
-        assert!(verify(users.get("alice"), "s3cret") && !verify(users.get("alice"), "nope"));
-        assert!(!verify(None, "s3cret"));
+        let argon2 = {
+            use argon2::PasswordHasher;
+            argon2::Argon2::default().hash_password_with_salt(b"an0ther", b"sixteen byte salt").unwrap().to_string()
+        };
+        let users = parse(&format!("# team\nalice:{bcrypt}\ndave:{argon2}\n"), "u").unwrap();
+        let alice = users.get("alice");
+        assert!(verify(alice, None, "s3cret") && !verify(alice, None, "nope"));
+        assert!(verify(users.get("dave"), None, "an0ther") && !verify(users.get("dave"), None, "s3cret"));
+        assert!(!verify(None, alice, "s3cret"), "an unknown user with alice's password");
         let err = parse(&format!("alice:{bcrypt}\nbob:$apr1$abc$def\n"), "users.htpasswd").unwrap_err().to_string();
         assert!(err.contains("users.htpasswd") && err.contains("line 2") && err.contains("unsupported"), "{err}");
         let err = parse("carol:{SHA}abc\n", "u").unwrap_err().to_string();
         assert!(err.contains("unsupported"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn failures_are_limited_per_client_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("users");
+        std::fs::write(&file, format!("alice:{}\n", bcrypt::hash("s3cret", 4).unwrap())).unwrap();
+        let users = Users::load(&file).unwrap();
+        let basic = |pair: &str| {
+            use base64::Engine;
+            let encoded = base64::engine::general_purpose::STANDARD.encode(pair);
+            http::HeaderValue::from_str(&format!("Basic {encoded}")).unwrap()
+        };
+        let (guesser, other): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        assert_eq!(users.check(guesser, None).await, Err(Refused::Missing));
+        assert_eq!(users.check(guesser, Some(&basic("alice:s3cret"))).await.as_deref(), Ok("alice"));
+        for _ in 0..MAX_FAILURES {
+            assert_eq!(users.check(guesser, Some(&basic("alice:guess"))).await, Err(Refused::Wrong));
+        }
+        let right = basic("alice:s3cret");
+        assert_eq!(users.check(guesser, Some(&right)).await, Err(Refused::RateLimited), "even the right password");
+        assert_eq!(users.check(other, Some(&right)).await.as_deref(), Ok("alice"), "another address is not affected");
     }
 
     #[test]
