@@ -174,5 +174,57 @@ fn client_hello(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, mint, cache, client_hello);
+/// A 100,000-entry host list (as blocklists come: most entries exact names, a third whole
+/// domains `*.example`, a few globs): how long it takes to load, and what a lookup costs for a
+/// hit, a hit under a domain entry and a miss. Then a whole TLS decision with three rules, the
+/// list on the last, against a configuration with no rules at all.
+fn host_lists(c: &mut Criterion) {
+    use tollgate::policy::lists::HostSet;
+    let mut text = String::from("# 100k entries\n");
+    for i in 0..100_000 {
+        match i % 3 {
+            0 => text.push_str(&format!("*.domain{i}.example\n")),
+            _ if i % 1000 == 1 => text.push_str(&format!("web?{i}.glob.example\n")),
+            _ => text.push_str(&format!("host{i}.exact.example\n")),
+        }
+    }
+    let mut group = c.benchmark_group("host_list");
+    group.sample_size(10);
+    group.bench_function("load_100k", |b| b.iter(|| black_box(HostSet::parse(&text, "bench").unwrap())));
+    group.finish();
+    let set = HostSet::parse(&text, "bench").unwrap();
+    assert_eq!(set.len(), 100_000);
+    let hosts = [
+        ("hit_exact", "host50000.exact.example"),
+        ("hit_under_domain", "a.b.c.www.domain99999.example"),
+        ("miss", "www.not-on-the-list.example.org"),
+    ];
+    for (name, host) in hosts {
+        assert_eq!(set.contains(host), name != "miss", "{host}");
+        c.bench_function(&format!("host_list/lookup_{name}"), |b| b.iter(|| black_box(set.contains(black_box(host)))));
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("list.txt");
+    std::fs::write(&list, &text).unwrap();
+    let config = |rules: &str| {
+        let text = format!("state_dir = \"s\"\n{rules}");
+        tollgate::config::Config::from_toml(&text, &dir.path().join("t.toml")).unwrap()
+    };
+    let three = format!(
+        "[[decryption.rule]]\nname = \"lab\"\nsources = [\"10.9.0.0/16\"]\naction = \"no-decrypt\"\n\
+         [[decryption.rule]]\nname = \"banks\"\nhosts = [\"*.bank.example\", \"*.broker.example\"]\naction = \"no-decrypt\"\n\
+         [[decryption.rule]]\nname = \"list\"\nhost_lists = [\"{}\"]\naction = \"block\"\n",
+        list.display()
+    );
+    let who = tollgate::policy::Who { client: "192.0.2.7".parse().unwrap(), user: None, listener: "sni" };
+    for (name, config) in [("no_rules", config("")), ("three_rules_100k_list", config(&three))] {
+        let policy = tollgate::policy::Sources::new().policy(&config).unwrap();
+        c.bench_function(&format!("decision/{name}"), |b| {
+            b.iter(|| black_box(policy.decide_tls(&who, black_box("www.origin.example"))))
+        });
+    }
+}
+
+criterion_group!(benches, mint, cache, client_hello, host_lists);
 criterion_main!(benches);
