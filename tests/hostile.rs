@@ -167,14 +167,7 @@ async fn stalling(kind: Stall, tls: tokio_rustls::TlsAcceptor) -> (SocketAddr, t
 
 fn acceptor(chain: Vec<CertificateDer<'static>>, key: &KeyPair) -> tokio_rustls::TlsAcceptor {
     let key = PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap();
-    let config =
-        rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .unwrap();
-    tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config))
+    tls_acceptor(chain, key, &[])
 }
 
 /// Every bad upstream, by host name, and what keeps them running.

@@ -278,14 +278,7 @@ struct Served {
 async fn list_server(pki: &TestPki, served: std::sync::Arc<parking_lot::Mutex<Served>>) -> std::net::SocketAddr {
     use hyper::{Response, StatusCode};
     let (chain, key) = pki.leaf(&LeafSpec::new(&["127.0.0.1"]));
-    let config =
-        rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let acceptor = tls_acceptor(chain, key, &[]);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {

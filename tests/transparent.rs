@@ -129,20 +129,17 @@ impl Net {
     /// The origin: openssl serving `www` over TLS on port 443, IPv4 and IPv6.
     fn start_origin(&mut self, cert: &std::path::Path, key: &std::path::Path, www: &std::path::Path) {
         for family in ["-4", "-6"] {
-            let child = self
-                .exec(&self.origin, "openssl")
-                .args(["s_server", "-quiet", "-WWW", family, "-accept", "443", "-cert"])
-                .arg(cert)
-                .arg("-key")
-                .arg(key)
-                .current_dir(www)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
-            self.processes.push(child);
+            let mut server = self.exec(&self.origin, "openssl");
+            server.args(["s_server", "-quiet", "-WWW", family, "-accept", "443", "-cert"]);
+            server.arg(cert).arg("-key").arg(key).current_dir(www);
+            self.spawn_quiet(server);
         }
+    }
+
+    /// Starts `cmd` without its output, stopped when the test ends.
+    fn spawn_quiet(&mut self, mut cmd: Command) {
+        let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        self.processes.push(child);
     }
 
     /// A UDP echo on port 443 in the origin namespace (IPv4 and IPv6), with forwarding on in the
@@ -154,15 +151,9 @@ impl Net {
         let echo = "import socket\ns = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n\
                     s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)\ns.bind(('::', 443))\n\
                     while True:\n    data, peer = s.recvfrom(2048)\n    s.sendto(data, peer)\n";
-        let child = self
-            .exec(&self.origin, "/usr/bin/python3")
-            .args(["-c", echo])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.processes.push(child);
+        let mut echo_server = self.exec(&self.origin, "/usr/bin/python3");
+        echo_server.args(["-c", echo]);
+        self.spawn_quiet(echo_server);
     }
 
     /// A UDP datagram to port 443 of `addr` from the client namespace: "refused" (ICMP port

@@ -586,16 +586,7 @@ impl Origin {
         key: PrivateKeyDer<'static>,
         alpn: &[&str],
     ) -> Self {
-        let mut config =
-            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_no_client_auth()
-                .with_single_cert(chain, key)
-                .unwrap();
-        config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        Self::listen(name, Some(acceptor)).await
+        Self::listen(name, Some(tls_acceptor(chain, key, alpn))).await
     }
 
     /// A plain-HTTP origin.
@@ -710,6 +701,23 @@ async fn origin_response(
         response.headers_mut().insert("www-authenticate", hyper::header::HeaderValue::from_static("NTLM"));
     }
     Ok(response)
+}
+
+/// A TLS server presenting `chain` and offering `alpn` (none: no ALPN).
+pub fn tls_acceptor(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    alpn: &[&str],
+) -> tokio_rustls::TlsAcceptor {
+    let mut config =
+        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+    config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
 }
 
 /// A TLS client config that records the server's chain instead of verifying it, so tests can
