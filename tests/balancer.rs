@@ -28,7 +28,7 @@ struct Namespace {
 
 impl Namespace {
     fn new() -> Self {
-        require(&["ip", "haproxy", "openssl", "curl"]);
+        require(&["ip", "haproxy", "curl"]);
         let name = format!("tgpp{}", std::process::id() % 100_000);
         sh(&["ip", "netns", "add", &name]);
         let ns = Self { name, processes: Vec::new() };
@@ -100,6 +100,15 @@ fn haproxy_config(dir: &Path, tollgate: SocketAddr) -> PathBuf {
     config
 }
 
+/// An HTTPS file server on 127.0.0.1:4443 serving the working directory, a thread per
+/// connection; certificate and key files as arguments.
+const THREADED_HTTPS: &str = "import http.server, ssl, sys\n\
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 4443), http.server.SimpleHTTPRequestHandler)\n\
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)\n\
+    context.load_cert_chain(sys.argv[1], sys.argv[2])\n\
+    server.socket = context.wrap_socket(server.socket, server_side=True)\n\
+    server.serve_forever()\n";
+
 #[test]
 fn behind_haproxy_rules_and_logs_see_the_real_client() {
     let mut ns = Namespace::new();
@@ -117,8 +126,10 @@ fn behind_haproxy_rules_and_logs_see_the_real_client() {
     std::fs::create_dir(&www).unwrap();
     std::fs::write(www.join("index.html"), "hello from the origin\n").unwrap();
     let (cert, key) = pki.leaf_files(&LeafSpec::new(&["origin.test"]), setup.token.dir.path());
-    let mut origin = ns.exec("openssl");
-    origin.args(["s_server", "-quiet", "-WWW", "-accept", "127.0.0.1:4443", "-cert"]).arg(&cert).arg("-key").arg(&key);
+    // A threaded origin: tollgate may keep an idle upstream connection open (pooled), which
+    // would hold a one-connection-at-a-time server such as `openssl s_server -WWW`.
+    let mut origin = ns.exec("/usr/bin/python3");
+    origin.args(["-c", THREADED_HTTPS]).arg(&cert).arg(&key);
     origin.current_dir(&www);
     ns.spawn(origin);
     let mut run = ns.exec(tollgate_bin());
@@ -131,12 +142,15 @@ fn behind_haproxy_rules_and_logs_see_the_real_client() {
     let (root, tollgate_ca) = (pki.bundle(), setup.token.path("trust.pem"));
     // From the exempt network: the origin's own certificate, through HAProxy (v2 and v1).
     for url in ["https://origin.test/index.html", "https://origin.test:8443/index.html"] {
-        let body = ns.curl("10.9.0.5", url, &root).unwrap_or_else(|e| panic!("{url}: {e}\n{:?}", proxy.logs.lock()));
+        let body =
+            ns.curl("10.9.0.5", url, &root).unwrap_or_else(|e| panic!("{url}: {e}\n{}", proxy.logs.lock().join("\n")));
         assert_eq!(body, "hello from the origin\n");
     }
     // From elsewhere: decrypted, tollgate's certificate.
     for url in ["https://origin.test/index.html", "https://origin.test:8443/index.html"] {
-        let body = ns.curl("10.20.0.5", url, &tollgate_ca).unwrap_or_else(|e| panic!("{url}: {e}"));
+        let body = ns
+            .curl("10.20.0.5", url, &tollgate_ca)
+            .unwrap_or_else(|e| panic!("{url}: {e}\n{}", proxy.logs.lock().join("\n")));
         assert_eq!(body, "hello from the origin\n");
         assert!(ns.curl("10.20.0.5", url, &root).is_err(), "{url}: not the origin's certificate");
     }

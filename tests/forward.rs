@@ -610,7 +610,9 @@ async fn the_upstream_pool_is_bounded_across_hosts() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let pooled = proxy.metric("tollgate_upstream_pooled_connections").await;
     assert!((1..=4).contains(&pooled), "pool holds at most upstream_pool_max connections: {pooled}");
-    assert_eq!(proxy.metric("tollgate_hsm_sign_total").await, 12, "one mint per distinct host");
+    // The origin's wildcard covers every host: one leaf, keyed by the upstream certificate,
+    // serves them all for one signature (random subdomains cannot drive the HSM).
+    assert_eq!(proxy.metric("tollgate_hsm_sign_total").await, 1, "one mint for the whole wildcard");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
