@@ -58,7 +58,11 @@ pub fn check(config: &Config) -> Result<(), ConfigError> {
 /// [`check`], its host lists and users file read through (and kept in) `sources`.
 fn check_with(config: &Config, sources: &Sources) -> Result<(), ConfigError> {
     Proxy::new(config, Cas::default(), Default::default(), policy(config, sources)?)?;
-    Ok(())
+    crate::logs::check(&config.log).map_err(|e| ConfigError::Invalid {
+        path: config.path.clone(),
+        field: "log.file".into(),
+        reason: e.to_string(),
+    })
 }
 
 /// The policy of `config`, its host lists and users file read through `sources`; what the
@@ -142,12 +146,15 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let mut term = signal(SignalKind::terminate()).map_err(AppError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(AppError::Signal)?;
     let mut hup = signal(SignalKind::hangup()).map_err(AppError::Signal)?;
+    let mut usr1 = signal(SignalKind::user_defined1()).map_err(AppError::Signal)?;
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
+            _ = usr1.recv() => crate::logs::reopen(),
             _ = hup.recv() => match reload(&current, &hsm, &sources, &shutdown_rx) {
                 Ok((next, proxy)) => {
+                    crate::logs::configure(&next.log);
                     if next.hsm.servers.iter().map(|s| &s.name).ne(current.hsm.servers.iter().map(|s| &s.name)) {
                         tracing::warn!("[hsm] servers changed: they take effect at the next restart");
                     }
@@ -174,7 +181,10 @@ pub async fn run(config: Config) -> Result<(), AppError> {
                     current = next;
                     tracing::info!(config = %current.path.display(), "configuration reloaded");
                 }
-                Err(e) => tracing::error!(error = %e, "reload refused; the running configuration stays"),
+                Err(e) => {
+                    crate::logs::reopen();
+                    tracing::error!(error = %e, "reload refused; the running configuration stays");
+                }
             },
         }
     }
@@ -226,6 +236,7 @@ fn reload(
     shutdown: &watch::Receiver<bool>,
 ) -> Result<(Config, Proxy), AppError> {
     let next = Config::load(&current.path)?;
+    check_with(&next, sources)?;
     let proxy = build_proxy(&next, hsm, sources, shutdown)?;
     Ok((next, proxy))
 }

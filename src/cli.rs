@@ -280,7 +280,7 @@ fn command() -> i32 {
             render(checked.map_err(ManageError::from), cli.json)
         }
         command => {
-            crate::telemetry::init(false);
+            crate::logs::init_stderr();
             dispatch(&Context::new(config), command, cli.json)
         }
     }
@@ -384,7 +384,10 @@ fn failure(error: &dyn std::fmt::Display, usage: bool) -> i32 {
 
 /// `tollgate run`: the service, until SIGTERM.
 fn run(config: Config) -> i32 {
-    crate::telemetry::init(true);
+    let _log = match crate::logs::init(&config.log) {
+        Ok(guard) => guard,
+        Err(e) => return failure(&e, true),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => return failure(&format!("starting the runtime: {e}"), false),

@@ -79,6 +79,33 @@ pub struct Config {
     /// `[bypass]`: the learned bypass for pinning clients.
     #[serde(default)]
     pub bypass: BypassConfig,
+    /// `[log]`: where the service's JSON lines go, and which.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// `[log]`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// One line per client TLS session (target `tollgate::decryption`).
+    pub decryption: bool,
+    /// A file to write to instead of standard output; rotated by size, reopened on SIGHUP
+    /// and SIGUSR1 (for logrotate).
+    pub file: Option<PathBuf>,
+    /// The file is rotated when it would grow past this.
+    pub max_file_bytes: u64,
+    /// Rotated files kept (`FILE.1` the newest).
+    pub keep_files: usize,
+    /// Lines waiting for the writer; beyond this, lines are dropped and counted
+    /// (`tollgate_log_lines_dropped_total`): the data plane never waits on its log.
+    pub buffer_lines: usize,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { decryption: true, file: None, max_file_bytes: 100 << 20, keep_files: 5, buffer_lines: 64 * 1024 }
+    }
 }
 
 /// `[auth]`.
@@ -778,6 +805,7 @@ impl Config {
         self.inbound.iter_mut().flat_map(|site| site.ca_bundle.as_mut()).for_each(resolve);
         self.management.token_file.iter_mut().for_each(resolve);
         self.auth.users_file.iter_mut().for_each(resolve);
+        self.log.file.iter_mut().for_each(resolve);
         for rule in &mut self.decryption.rules {
             for list in &mut rule.host_lists {
                 if let ListSource::File(path) = list {
@@ -865,6 +893,13 @@ impl Config {
         }
         if !(8192..=16 * 1024 * 1024).contains(&limits.max_header_bytes) {
             return Err(invalid("limits.max_header_bytes".into(), "must be between 8192 and 16777216"));
+        }
+        if self.log.max_file_bytes < 4096 {
+            return Err(invalid("log.max_file_bytes".into(), "must be at least 4096"));
+        }
+        if self.log.keep_files == 0 || self.log.buffer_lines == 0 {
+            let field = if self.log.keep_files == 0 { "log.keep_files" } else { "log.buffer_lines" };
+            return Err(invalid(field.into(), "must be at least 1"));
         }
         for (i, rule) in self.policy.rules.iter_mut().enumerate() {
             if rule.name.is_empty() {

@@ -2,13 +2,14 @@
 //! reached through PKCS#11.
 //!
 //! ```text
-//! main → cli → { app, manage, config }
-//! app → { proxy, manage, hsm, pki, vault, state, telemetry, config }
-//! manage → { hsm, pki, vault, proxy::{bypass, respond}, state, telemetry, config }
+//! main → cli → { app, manage, logs, config }
+//! app → { proxy, manage, hsm, pki, vault, state, logs, telemetry, config }
+//! manage → { hsm, pki, vault, proxy::{bypass, respond}, state, logs, telemetry, config }
 //! proxy → { policy, pki, hsm::WaitLimit, net, keys, telemetry, config }
 //! pki → { hsm, vault, keys, state, telemetry }       policy → config
 //! hsm → { vault, keys, telemetry, config }            vault → { config, state, keys, hex }
-//! leaves: config, state, keys, net, hex, telemetry    (no cycle: ../shared/tools/import-cycles.py)
+//! telemetry → logs                                  logs → config
+//! leaves: config, state, keys, net, hex              (no cycle: ../shared/tools/import-cycles.py)
 //! ```
 //!
 //! A connection: listener (explicit CONNECT | sni | transparent | inbound) →
@@ -27,6 +28,7 @@ pub mod config;
 pub mod hex;
 pub mod hsm;
 pub mod keys;
+pub mod logs;
 pub mod manage;
 pub mod net;
 pub mod pki;

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub requests_total: Counter,
     pub tunnels_total: Counter,
     pub untrusted_upstreams_total: Counter,
+    /// Synced from the log queue's own count at each scrape.
+    log_lines_dropped: Counter,
     pub upstream_pooled: Gauge,
     /// Seconds until the master key expires (negative: expired; 0 with no expiry set).
     pub master_key_expiry_seconds: Gauge,
@@ -139,6 +141,7 @@ impl Metrics {
             requests_total: Counter::default(),
             tunnels_total: Counter::default(),
             untrusted_upstreams_total: Counter::default(),
+            log_lines_dropped: Counter::default(),
             upstream_pooled: Gauge::default(),
             master_key_expiry_seconds: Gauge::default(),
             hsm_member_up: Family::default(),
@@ -175,6 +178,11 @@ impl Metrics {
                 "tollgate_upstream_untrusted",
                 "Upstream certificates that failed validation",
                 &self.untrusted_upstreams_total,
+            ),
+            (
+                "tollgate_log_lines_dropped",
+                "Log lines dropped because the log writer fell behind (the data plane never waits)",
+                &self.log_lines_dropped,
             ),
         ];
         for (name, help, counter) in counters {
@@ -233,6 +241,15 @@ impl Metrics {
 
     /// Renders the Prometheus text exposition format.
     pub fn render(&self) -> String {
+        {
+            // One scrape at a time brings the counter up to the queue's count.
+            static SYNC: Mutex<()> = Mutex::new(());
+            let _sync = SYNC.lock();
+            let (dropped, counted) = (crate::logs::dropped(), self.log_lines_dropped.get());
+            if dropped > counted {
+                self.log_lines_dropped.inc_by(dropped - counted);
+            }
+        }
         let mut out = String::with_capacity(4096);
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
@@ -350,64 +367,6 @@ impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         METRICS.connections_active.dec();
     }
-}
-
-/// How many of the service's last log lines the support file gets.
-const RECENT_LINES: usize = 500;
-
-static RECENT: Mutex<std::collections::VecDeque<String>> = Mutex::new(std::collections::VecDeque::new());
-
-/// The service's most recent log lines, oldest first (for the support file).
-pub fn recent_logs() -> Vec<String> {
-    RECENT.lock().iter().cloned().collect()
-}
-
-/// Standard output, with each line also kept in `RECENT` (the formatter writes one event per
-/// call).
-struct RecentTee;
-
-impl std::io::Write for RecentTee {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        {
-            // Every relayed request logs a line: once the ring is full, the oldest line's
-            // buffer is reused, so keeping lines costs no allocation in steady state.
-            let mut recent = RECENT.lock();
-            let mut line =
-                if recent.len() == RECENT_LINES { recent.pop_front().unwrap_or_default() } else { String::new() };
-            line.clear();
-            line.push_str(&String::from_utf8_lossy(buf));
-            recent.push_back(line);
-        }
-        std::io::stdout().write_all(buf)?;
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        std::io::stdout().flush()
-    }
-}
-
-/// Installs the tracing subscriber: JSON lines on stdout, filter from `TOLLGATE_LOG`
-/// (default `info`). Human commands (`cert`, `hsm`) log to stderr so stdout stays data.
-pub fn init(json: bool) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("TOLLGATE_LOG")
-        // cryptoki logs an error for every vendor mechanism it has no name for (`hsm info`).
-        .unwrap_or_else(|_| EnvFilter::new("info,cryptoki::mechanism=off"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    let result = if json {
-        builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(false)
-            .with_writer(|| RecentTee)
-            .try_init()
-    } else {
-        builder.with_writer(std::io::stderr).try_init()
-    };
-    // A second init (tests) keeps the first subscriber.
-    drop(result);
 }
 
 #[cfg(test)]

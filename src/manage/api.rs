@@ -202,7 +202,7 @@ async fn route(state: Arc<ApiState>, req: Request<Incoming>) -> Response<Full<By
         (Method::POST, "/api/v1/hsm/support-bundle") => match authorized(&state, &req) {
             Some(refusal) => refusal,
             None => {
-                let logs = Ok(crate::telemetry::recent_logs());
+                let logs = Ok(crate::logs::recent());
                 reply(blocking(&state, move |ctx| super::support::build(ctx, logs)).await, |bytes| {
                     tracing::info!(bytes = bytes.len(), "support file built");
                     text(StatusCode::OK, "application/gzip", bytes)

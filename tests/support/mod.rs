@@ -278,6 +278,7 @@ pub fn pem_cert(path: &Path) -> CertificateDer<'static> {
 pub struct Proxy {
     child: Child,
     pub logs: Arc<Mutex<Vec<String>>>,
+    paused: Arc<std::sync::atomic::AtomicBool>,
     pub explicit: SocketAddr,
     pub sni: SocketAddr,
     pub management: SocketAddr,
@@ -292,21 +293,33 @@ impl Proxy {
     /// Starts `cmd run --config CONFIG`, waiting for `listeners` "listening" lines
     /// (management included).
     pub fn start_with(mut cmd: Command, config: &Path, listeners: usize) -> Self {
+        Self::start_reading(cmd.stdout(Stdio::piped()), config, listeners, None)
+    }
+
+    /// Like `start_with`, for a service logging to `file` (`[log] file`): the file is
+    /// followed, across rotations, instead of standard output.
+    pub fn start_following(mut cmd: Command, config: &Path, listeners: usize, file: &Path) -> Self {
+        Self::start_reading(cmd.stdout(Stdio::null()), config, listeners, Some(file.to_path_buf()))
+    }
+
+    fn start_reading(cmd: &mut Command, config: &Path, listeners: usize, file: Option<PathBuf>) -> Self {
         let mut child = cmd
             .args(["run", "--config"])
             .arg(config)
             .env("TOLLGATE_LOG", "info")
-            .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
+        let lines: Box<dyn Iterator<Item = String> + Send> = match file {
+            Some(path) => Box::new(Follow { path, reader: None, inode: 0, partial: String::new() }),
+            None => Box::new(BufReader::new(child.stdout.take().unwrap()).lines().map_while(Result::ok)),
+        };
         let logs = Arc::new(Mutex::new(Vec::new()));
+        let paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (tx, rx) = std::sync::mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
-        let sink = logs.clone();
+        let (sink, pause) = (logs.clone(), paused.clone());
         std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
+            for line in lines {
                 if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
                     && v["message"] == "listening"
                 {
@@ -316,6 +329,9 @@ impl Proxy {
                     ));
                 }
                 sink.lock().push(line);
+                while pause.load(std::sync::atomic::Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
             }
         });
         let mut addrs = HashMap::new();
@@ -329,7 +345,14 @@ impl Proxy {
         }
         let none = SocketAddr::from(([0, 0, 0, 0], 0));
         let addr = |mode: &str| addrs.get(mode).copied().unwrap_or(none);
-        Self { child, logs, explicit: addr("explicit"), sni: addr("sni"), management: addr("management"), addrs }
+        let (explicit, sni, management) = (addr("explicit"), addr("sni"), addr("management"));
+        Self { child, logs, paused, explicit, sni, management, addrs }
+    }
+
+    /// Stops (`true`) or resumes reading the service's log: a stopped reader leaves its
+    /// standard output pipe full, as a stuck log collector would.
+    pub fn pause_log_reader(&self, paused: bool) {
+        self.paused.store(paused, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The address of the listener of `mode`.
@@ -441,6 +464,42 @@ impl Drop for Proxy {
 }
 
 /// A plain HTTP/1.1 GET: (status, body).
+/// The lines of a log file as it is written, following it to a new file at the same path
+/// when it is rotated.
+struct Follow {
+    path: PathBuf,
+    reader: Option<BufReader<std::fs::File>>,
+    inode: u64,
+    partial: String,
+}
+
+impl Iterator for Follow {
+    type Item = String;
+
+    fn next(&mut self) -> Option<String> {
+        use std::os::unix::fs::MetadataExt;
+        loop {
+            let inode = std::fs::metadata(&self.path).map(|m| m.ino()).unwrap_or(0);
+            if let Some(reader) = &mut self.reader {
+                match reader.read_line(&mut self.partial) {
+                    Ok(n) if n > 0 && self.partial.ends_with('\n') => {
+                        let line = std::mem::take(&mut self.partial);
+                        return Some(line.trim_end().to_string());
+                    }
+                    Ok(_) if inode != self.inode => self.reader = None,
+                    Ok(_) => std::thread::sleep(Duration::from_millis(20)),
+                    Err(_) => return None,
+                }
+            } else if let Ok(file) = std::fs::File::open(&self.path) {
+                self.inode = file.metadata().map(|m| m.ino()).unwrap_or(0);
+                self.reader = Some(BufReader::new(file));
+            } else {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
 pub async fn http_status(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     stream
