@@ -273,8 +273,14 @@ ca_bundles = ["{w}/root.pem"]
 "*.mint.test:443" = "127.0.0.1:{p['origin']}"
 [limits]
 max_connections = 100000
+# One load generator, one address: the per-client mint limit would cap the mint row.
+per_client_mints_per_sec = 1000000
+per_client_mint_burst = 1000000
 [mint]
 cache_capacity = 1000000
+# The mint row measures one HSM signature per new host: the origin's *.mint.test leaf
+# would otherwise be minted once and shared by every subdomain.
+share_leaves = false
 """)
         sh(TOLLGATE, "hsm", "init-token", "--config", config, "--server", "softhsm", "--so-pin-file", w / "so.pin", env=self.env)
         sh(TOLLGATE, "cert", "generate-ca", "--config", config, "--name", "bench-trust", "--on-hsm", "--forward-trust",

@@ -251,6 +251,7 @@ enum CertCommand {
 pub fn main() -> i32 {
     let code = command();
     manage::close_hsm();
+    crate::logs::flush();
     code
 }
 
@@ -384,22 +385,21 @@ fn failure(error: &dyn std::fmt::Display, usage: bool) -> i32 {
 
 /// `tollgate run`: the service, until SIGTERM.
 fn run(config: Config) -> i32 {
-    let _log = match crate::logs::init(&config.log) {
-        Ok(guard) => guard,
-        Err(e) => return failure(&e, true),
-    };
+    if let Err(e) = crate::logs::init(&config.log) {
+        return failure(&e, true);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => return failure(&format!("starting the runtime: {e}"), false),
     };
     let result = runtime.block_on(crate::app::run(config));
     crate::app::stop_runtime(runtime);
+    if let Err(e) = &result {
+        tracing::error!(error = %e, "tollgate stopped");
+    }
     match result {
         Ok(()) => 0,
-        Err(e) => {
-            tracing::error!(error = %e, "tollgate stopped");
-            failure(&e, e.is_usage())
-        }
+        Err(e) => failure(&e, e.is_usage()),
     }
 }
 

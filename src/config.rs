@@ -426,13 +426,51 @@ impl ListenerMode {
 pub struct UpstreamConfig {
     /// PEM bundles trusted in addition to the system and webpki roots.
     pub ca_bundles: Vec<PathBuf>,
-    /// What to do when an upstream certificate fails validation.
+    /// What to do when an upstream certificate fails validation: the default of every
+    /// `on_error` key left out (but `revoked`).
     pub untrusted: UntrustedAction,
+    /// `[upstream.on_error]`: the action for each kind of failure.
+    pub on_error: OnErrorConfig,
 }
 
 impl Default for UpstreamConfig {
     fn default() -> Self {
-        Self { ca_bundles: Vec::new(), untrusted: UntrustedAction::ForwardUntrust }
+        Self { ca_bundles: Vec::new(), untrusted: UntrustedAction::ForwardUntrust, on_error: OnErrorConfig::default() }
+    }
+}
+
+/// `[upstream.on_error]`: `untrust` or `block` per failure; a key left out follows
+/// `[upstream] untrusted`, except `revoked`, which blocks.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OnErrorConfig {
+    pub expired: Option<ErrorAction>,
+    pub not_yet_valid: Option<ErrorAction>,
+    pub untrusted_issuer: Option<ErrorAction>,
+    pub name_mismatch: Option<ErrorAction>,
+    /// RSA keys under 2048 bits, SHA-1 or MD5 signatures.
+    pub weak: Option<ErrorAction>,
+    pub revoked: Option<ErrorAction>,
+    /// Revocation could not be checked (fetch failed or timed out).
+    pub revocation_unknown: Option<ErrorAction>,
+}
+
+/// What a failed upstream certificate gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorAction {
+    /// A leaf from the forward-untrust CA: the client sees the problem.
+    Untrust,
+    /// A TLS alert (a 502 with `tollgate-error` inside a decrypted session).
+    Block,
+}
+
+impl From<UntrustedAction> for ErrorAction {
+    fn from(action: UntrustedAction) -> Self {
+        match action {
+            UntrustedAction::ForwardUntrust => Self::Untrust,
+            UntrustedAction::Block => Self::Block,
+        }
     }
 }
 
@@ -707,11 +745,14 @@ impl Default for LimitsConfig {
 pub struct MintConfig {
     /// Leaves kept in the cache.
     pub cache_capacity: u64,
+    /// A leaf that mirrors an upstream certificate's names serves every host those names
+    /// cover (one signature for a wildcard's subdomains); `false` mints one per host name.
+    pub share_leaves: bool,
 }
 
 impl Default for MintConfig {
     fn default() -> Self {
-        Self { cache_capacity: 10_000 }
+        Self { cache_capacity: 10_000, share_leaves: true }
     }
 }
 

@@ -33,9 +33,8 @@ static PENDING: Mutex<Option<LogConfig>> = Mutex::new(None);
 /// Set by `reopen` and `configure`; taken by the writer thread.
 static REOPEN: AtomicBool = AtomicBool::new(false);
 
-/// Keeps the writer thread; dropping it flushes the queued lines (at exit).
-#[must_use = "dropping the guard stops the log writer"]
-pub struct Guard(#[allow(dead_code)] WorkerGuard);
+/// The writer thread's guard: dropping it writes out the queued lines (`flush`).
+static WRITER: Mutex<Option<WorkerGuard>> = Mutex::new(None);
 
 /// A log file that cannot be written.
 #[derive(Debug, thiserror::Error)]
@@ -61,7 +60,7 @@ pub fn init_stderr() {
 
 /// Installs the service's subscriber: JSON lines through the bounded queue to `config`'s
 /// output; the filter from `TOLLGATE_LOG` (default `info`).
-pub fn init(config: &LogConfig) -> Result<Guard, OpenError> {
+pub fn init(config: &LogConfig) -> Result<(), OpenError> {
     let output = Output::open(config.clone())?;
     let (writer, guard) = NonBlockingBuilder::default()
         .lossy(true)
@@ -79,7 +78,15 @@ pub fn init(config: &LogConfig) -> Result<Guard, OpenError> {
         .try_init();
     // A second init (tests) keeps the first subscriber.
     drop(result);
-    Ok(Guard(guard))
+    *WRITER.lock() = Some(guard);
+    Ok(())
+}
+
+/// Writes out the lines still queued and stops the writer (at exit, or before an abort):
+/// later lines are dropped.
+pub fn flush() {
+    let guard = WRITER.lock().take();
+    drop(guard);
 }
 
 /// Checks that `config`'s file can be opened for appending (`run --check`, reload).

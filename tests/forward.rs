@@ -616,6 +616,18 @@ async fn the_upstream_pool_is_bounded_across_hosts() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_share_leaves_off_every_host_gets_its_own_leaf() {
+    let extra = "\n[mint]\nshare_leaves = false\n";
+    let (_pki, _origin, setup, proxy) = one_origin("own", &["*.own.test"], &["http/1.1"], extra).await;
+    for i in 0..3 {
+        let host = format!("site{i}.own.test");
+        let mut client = h1_client(&proxy, &setup, &host).await;
+        assert_eq!(send(&mut client, get(&host, "/", false)).await.0, 200);
+    }
+    assert_eq!(proxy.metric("tollgate_hsm_sign_total").await, 3, "one mint per host name");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inspection_rules_block_with_a_clear_page() {
     let rules = "\n[[policy.rule]]\nname = \"no admin\"\npath_prefix = \"/admin\"\naction = \"block\"\n\n\
                  [[policy.rule]]\nname = \"no uploads\"\nhost = \"*.test\"\nmethods = [\"POST\"]\naction = \"block\"\n";

@@ -242,13 +242,18 @@ async fn bad_upstreams() -> BadUpstreams {
 
 /// A proxy with policy `untrusted` in front of `bad`, with short deadlines.
 fn proxy_for(bad: &BadUpstreams, untrusted: &'static str, more: &[(&str, SocketAddr)]) -> (Setup, Proxy) {
+    proxy_with(bad, untrusted, more, "")
+}
+
+/// `proxy_for` with more configuration (`[upstream.on_error]`).
+fn proxy_with(bad: &BadUpstreams, untrusted: &'static str, more: &[(&str, SocketAddr)], extra: &str) -> (Setup, Proxy) {
     let mut resolve: Vec<_> = bad.hosts.iter().map(|(h, a)| (format!("{h}:443"), *a)).collect();
     resolve.extend(more.iter().map(|(h, a)| (format!("{h}:443"), *a)));
     let setup = Setup::new(&ProxyOptions {
         untrusted,
         ca_bundles: vec![bad.bundle.clone()],
         resolve,
-        extra: "\n[limits]\nconnect_timeout_secs = 2\nupstream_read_timeout_secs = 2\n".into(),
+        extra: format!("\n[limits]\nconnect_timeout_secs = 2\nupstream_read_timeout_secs = 2\n{extra}"),
         ..Default::default()
     });
     let proxy = setup.start();
@@ -294,6 +299,47 @@ async fn hostile_upstream_certificates_are_never_trusted() {
         let (config, seen) = capturing_client(&["http/1.1"]);
         assert!(tls_via_sni(proxy.sni, host, config).await.is_err(), "{host}: blocked");
         assert!(seen.lock().is_empty(), "{host}: no certificate presented");
+    }
+}
+
+/// What a client that trusts nothing sees for `host`: `untrust` (a forward-untrust leaf) or
+/// `refused` (no certificate at all).
+async fn outcome(proxy: &Proxy, setup: &Setup, host: &str) -> &'static str {
+    let (config, seen) = capturing_client(&["http/1.1"]);
+    match tls_via_sni(proxy.sni, host, config).await {
+        Ok(_) => {
+            assert_eq!(parse(&seen.lock()[0]).issuer(), parse(&setup.untrust_ca).subject(), "{host}");
+            "untrust"
+        }
+        Err(_) => {
+            assert!(seen.lock().is_empty(), "{host}: refused before any certificate");
+            "refused"
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_kind_of_failure_takes_its_own_action() {
+    let bad = bad_upstreams().await;
+    let on_error = "\n[upstream.on_error]\nnot_yet_valid = \"block\"\nweak = \"block\"\n";
+    let (setup, proxy) = proxy_with(&bad, "forward-untrust", &[], on_error);
+    for (host, want, code) in [
+        ("notyet.test", "refused", "not_yet_valid"),
+        ("sha1.test", "refused", "weak"),
+        ("ipsan.test", "untrust", "name_mismatch"),
+        ("incomplete.test", "untrust", "untrusted_issuer"),
+    ] {
+        assert_eq!(outcome(&proxy, &setup, host).await, want, "{host}");
+        if want == "refused" {
+            let line = proxy.wait_log(host, |v| v["error"].as_str().is_some_and(|e| e.contains(host)));
+            assert!(line["error"].as_str().unwrap().contains(&format!("untrusted: {code} (")), "{line}");
+        }
+    }
+    // The other way round: everything blocked but a name mismatch.
+    let on_error = "\n[upstream.on_error]\nname_mismatch = \"untrust\"\n";
+    let (setup, proxy) = proxy_with(&bad, "block", &[], on_error);
+    for (host, want) in [("ipsan.test", "untrust"), ("notyet.test", "refused"), ("incomplete.test", "refused")] {
+        assert_eq!(outcome(&proxy, &setup, host).await, want, "{host}");
     }
 }
 

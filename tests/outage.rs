@@ -106,8 +106,8 @@ impl Group {
         std::fs::write(&ca_pem, ca_cert.pem()).unwrap();
 
         let pki = TestPki::new();
-        let (chain, leaf_key) = pki.leaf(&LeafSpec::new(&["*.ha.test"]));
-        let origin = Origin::start("ha", chain, leaf_key, &["http/1.1"]).await;
+        // A certificate per host: every new host is a mint, an HSM signature.
+        let origin = Origin::start_per_host("ha", &pki, &["http/1.1"]).await;
         let config = b.path("tollgate.toml");
         std::fs::write(
             &config,
@@ -115,7 +115,8 @@ impl Group {
                 "state_dir = \"{state}\"\n\n[hsm]\ncall_timeout_ms = 1000\n\n[hsm.ha]\ngroup = \"ha-test\"\nauto_recovery_interval_secs = 1\n{extra}\n\
                  [[hsm.server]]\nname = \"hsm-a\"\nmodule = \"{P11_KIT_CLIENT}\"\ntoken = \"{label}\"\npin_file = \"{pin}\"\naddress = \"unix:{sock}\"\n\n\
                  [[hsm.server]]\nname = \"hsm-b\"\nmodule = \"{bmod}\"\ntoken = \"{label}\"\npin_file = \"{pin}\"\n\n\
-                 [[listener]]\nmode = \"sni\"\nlisten = \"127.0.0.1:0\"\n\n[management]\nlisten = \"127.0.0.1:0\"\n\n\
+                 [[listener]]\nmode = \"sni\"\nlisten = \"127.0.0.1:0\"\n\n\
+                 [limits]\nper_client_mints_per_sec = 10000\nper_client_mint_burst = 10000\n\n[management]\nlisten = \"127.0.0.1:0\"\n\n\
                  [upstream]\nca_bundles = [\"{bundle}\"]\n\n[resolve]\n\"*.ha.test:443\" = \"{origin}\"\n",
                 state = b.path("state").display(),
                 label = b.label,

@@ -211,20 +211,20 @@ async fn a_host_list_edited_while_running_takes_effect_and_a_broken_one_keeps_th
     assert_eq!(seen(&proxy, local, "payments.policy.test", pki, ca).await, "origin", "the running rules");
     std::fs::write(&policy.setup.config, config).unwrap();
 
-    // The users file reloads itself too.
+    // The users file reloads itself too (waited for: attempts before it count as failures,
+    // and enough of those lock the address out).
+    let loaded = || proxy.log_json().iter().filter(|v| v["message"] == "proxy users loaded").count();
+    let before = loaded();
     std::fs::write(&policy.users_file, format!("carol:{}\n", bcrypt::hash("carol-pw", 4).unwrap())).unwrap();
-    let explicit = format!("http://{}", proxy.explicit);
     let started = Instant::now();
-    loop {
-        let out =
-            run("curl", &["-sS", "--proxy", &explicit, "--proxy-user", "carol:carol-pw", "http://www.policy.test/c"])
-                .await;
-        if text(&out).contains("path=/c") {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(5), "carol not admitted: {}", text(&out));
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    while loaded() == before {
+        assert!(started.elapsed() < Duration::from_secs(5), "the users file was not reloaded within 5 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let explicit = format!("http://{}", proxy.explicit);
+    let out =
+        run("curl", &["-sS", "--proxy", &explicit, "--proxy-user", "carol:carol-pw", "http://www.policy.test/c"]).await;
+    assert!(text(&out).contains("path=/c"), "carol admitted: {}", text(&out));
 }
 
 #[test]

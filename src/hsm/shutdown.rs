@@ -78,6 +78,7 @@ pub fn shutdown() {
                 waited_ms = patience.as_millis() as u64,
                 "PKCS#11 calls never came back (a hung HSM?): ending the process without library teardown"
             );
+            crate::logs::flush();
             eprintln!("error: {} PKCS#11 call(s) never came back; aborting", state.busy);
             std::process::abort();
         }

@@ -9,12 +9,13 @@
 
 pub mod auth;
 pub mod lists;
+pub mod trust;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::config::{Config, DecryptAction, HostGlobs, ListSource, RuleAction, RuleConfig, UntrustedAction};
+use crate::config::{Config, DecryptAction, HostGlobs, ListSource, RuleAction, RuleConfig};
 use auth::{Users, UsersError};
 use lists::{HostList, ListError, Lists};
 
@@ -126,8 +127,8 @@ pub struct Policy {
     decryption: Vec<Rule>,
     no_decrypt: HostGlobs,
     rules: Vec<RuleConfig>,
-    /// What to do with upstreams whose certificate does not validate.
-    pub untrusted: UntrustedAction,
+    /// What each kind of upstream certificate failure gets.
+    pub on_error: trust::OnError,
 }
 
 /// A decryption rule, its host lists resolved.
@@ -185,7 +186,7 @@ impl Policy {
             decryption,
             no_decrypt: config.policy.no_decrypt.clone(),
             rules: config.policy.rules.clone(),
-            untrusted: config.upstream.untrusted,
+            on_error: trust::OnError::new(&config.upstream),
         })
     }
 

@@ -9,10 +9,10 @@ use tokio_rustls::StartHandshake;
 
 use super::bypass::Learned;
 use super::respond::refuse_handshake as refuse;
-use super::tls::{ClientHelloInfo, Verdict};
+use super::tls::ClientHelloInfo;
 use super::upstream::{Peer, Route, Upstreams};
 use super::{ConnCtx, Proxy, ProxyError, Relaying, Side, Target};
-use crate::config::{ListenerMode, UntrustedAction};
+use crate::config::{ErrorAction, ListenerMode};
 use crate::pki::CaRole;
 use crate::pki::cache::LeafKey;
 use crate::pki::mint::{MintError, Minted};
@@ -100,10 +100,10 @@ where
         Err(e) => return Err(refuse(proxy, accepted, io, e).await),
     };
     let verdict = lease.peer.verdict(&proxy.upstream_tls);
-    if let Verdict::Untrusted(reason) = &verdict {
+    if !verdict.is_trusted() {
         METRICS.untrusted_upstreams_total.inc();
-        if proxy.policy.untrusted == UntrustedAction::Block {
-            let e = ProxyError::UpstreamUntrusted { target: target.to_string(), reason: reason.clone() };
+        if proxy.policy.on_error.action(verdict.status) == ErrorAction::Block {
+            let e = ProxyError::UpstreamUntrusted { target: target.to_string(), reason: verdict.describe() };
             return Err(refuse(proxy, accepted, io, e).await);
         }
     }
@@ -136,7 +136,7 @@ where
         }
     };
     let pin = Some(lease.peer.fingerprint);
-    let label = verdict.as_str().to_string();
+    let label = verdict.describe();
     let upstream = super::http::Upstream { route, key, first: Some(lease), pin, label, rule: decision.rule };
     Ok(super::http::relay(proxy.clone(), client, upstream, target, ctx))
 }
@@ -166,7 +166,7 @@ async fn mint(
     trusted: bool,
     ctx: &ConnCtx,
 ) -> Result<Arc<Minted>, ProxyError> {
-    let host = (!peer.names_cover_host).then(|| target.host.clone());
+    let host = (!(proxy.share_leaves && peer.names_cover_host)).then(|| target.host.clone());
     let key = LeafKey { host, upstream: peer.fingerprint, trusted };
     if let Some(minted) = proxy.cache.get(&key).await {
         METRICS.cache_hits_total.inc();

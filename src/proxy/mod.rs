@@ -15,6 +15,7 @@ pub mod tls;
 pub mod transparent;
 pub mod tunnel;
 pub mod upstream;
+pub mod verdict;
 
 use std::io;
 use std::net::SocketAddr;
@@ -206,6 +207,9 @@ pub struct Proxy {
     /// A client accepting none of our bytes this long is cut (`proxy::idle`).
     pub send_timeout: Duration,
     pub mint_timeout: Duration,
+    /// `[mint] share_leaves`: whether a leaf mirroring its upstream's names is cached for all
+    /// the hosts they cover.
+    pub share_leaves: bool,
     /// A passthrough tunnel silent both ways this long is closed.
     pub tunnel_idle_timeout: Duration,
     header_timeout: Duration,
@@ -258,6 +262,7 @@ impl Proxy {
             read_timeout: Duration::from_secs(config.limits.upstream_read_timeout_secs),
             send_timeout: Duration::from_secs(config.limits.client_send_timeout_secs),
             mint_timeout: Duration::from_secs(config.limits.mint_timeout_secs),
+            share_leaves: config.mint.share_leaves,
             tunnel_idle_timeout: Duration::from_secs(config.limits.tunnel_idle_timeout_secs),
             header_timeout: Duration::from_secs(config.limits.header_timeout_secs),
             max_header_bytes: config.limits.max_header_bytes,

@@ -15,9 +15,11 @@ use rustls::sign::CertifiedKey;
 use rustls::{CipherSuite, ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
-use crate::config::{ConfigError, UntrustedAction, UpstreamConfig};
+use super::verdict::Verdict;
+use crate::config::{ConfigError, UpstreamConfig};
 use crate::keys::sha256;
 use crate::pki::mint::Minted;
+use crate::policy::trust::ChainStatus;
 
 /// The largest ClientHello we wait for.
 const MAX_CLIENT_HELLO: usize = 64 * 1024;
@@ -168,28 +170,6 @@ where
     }
 }
 
-/// The upstream verdict: did the upstream certificate validate for the name?
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Verdict {
-    Trusted,
-    Untrusted(String),
-}
-
-impl Verdict {
-    /// Whether the certificate validated.
-    pub fn is_trusted(&self) -> bool {
-        matches!(self, Self::Trusted)
-    }
-
-    /// For logs.
-    pub fn as_str(&self) -> &str {
-        match self {
-            Self::Trusted => "trusted",
-            Self::Untrusted(reason) => reason,
-        }
-    }
-}
-
 /// Upstream TLS: one client config per ALPN offer, sharing roots, verifier and the session
 /// cache (so a new client connection resumes the upstream session instead of paying a full
 /// upstream handshake).
@@ -220,7 +200,6 @@ impl UpstreamTls {
             })?;
         let verifier = Arc::new(RecordingVerifier {
             inner: webpki,
-            allow_untrusted: config.untrusted == UntrustedAction::ForwardUntrust,
             recent: moka::sync::Cache::builder().max_capacity(4096).time_to_live(Duration::from_secs(10)).build(),
         });
         let resumption = rustls::client::Resumption::in_memory_sessions(4096);
@@ -279,29 +258,26 @@ impl UpstreamTls {
     /// The verdict for a chain presented for `name`, computed now.
     pub fn verdict(&self, name: &ServerName<'_>, chain: &[CertificateDer<'_>]) -> Verdict {
         let Some((end_entity, intermediates)) = chain.split_first() else {
-            return Verdict::Untrusted("upstream sent no certificate".into());
+            return Verdict::failed(ChainStatus::UntrustedIssuer, "upstream sent no certificate");
         };
-        match self.verifier.inner.verify_server_cert(end_entity, intermediates, name, &[], UnixTime::now()) {
-            Ok(_) => Verdict::Trusted,
-            Err(e) => Verdict::Untrusted(describe(&e)),
-        }
+        let result = self.verifier.inner.verify_server_cert(end_entity, intermediates, name, &[], UnixTime::now());
+        judge(end_entity, result.map(drop))
     }
 }
 
-/// Validates upstream certificates with webpki. When the policy sends untrusted upstreams to
-/// the forward-untrust CA, a failed validation lets the handshake finish (signatures are still
-/// checked) and the verdict, recorded here, picks the untrust CA; with the `block` policy the
-/// handshake fails.
+/// Validates upstream certificates with webpki. A failed validation lets the handshake finish
+/// (the handshake signature is still checked): the verdict, recorded here, then decides by
+/// `[upstream.on_error]` between a forward-untrust leaf and a refusal, and the decryption log
+/// can say what the certificate was.
 struct RecordingVerifier {
     inner: Arc<WebPkiServerVerifier>,
-    allow_untrusted: bool,
     /// Verdicts of the last seconds by (name, certificate hash), read right after the handshake.
     recent: moka::sync::Cache<(ServerName<'static>, [u8; 32]), Verdict>,
 }
 
 impl std::fmt::Debug for RecordingVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RecordingVerifier").field("allow_untrusted", &self.allow_untrusted).finish_non_exhaustive()
+        f.debug_struct("RecordingVerifier").finish_non_exhaustive()
     }
 }
 
@@ -315,14 +291,11 @@ impl ServerCertVerifier for RecordingVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let result = self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now);
-        let verdict = match &result {
-            Ok(_) => Verdict::Trusted,
-            Err(e) => Verdict::Untrusted(describe(e)),
-        };
+        let verdict = judge(end_entity, result.as_ref().map(drop).map_err(Clone::clone));
         self.recent.insert((server_name.to_owned(), sha256(end_entity)), verdict);
         match result {
             Ok(verified) => Ok(verified),
-            Err(rustls::Error::InvalidCertificate(_)) if self.allow_untrusted => Ok(ServerCertVerified::assertion()),
+            Err(rustls::Error::InvalidCertificate(_)) => Ok(ServerCertVerified::assertion()),
             Err(e) => Err(e),
         }
     }
@@ -350,10 +323,15 @@ impl ServerCertVerifier for RecordingVerifier {
     }
 }
 
-fn describe(e: &rustls::Error) -> String {
-    match e {
-        rustls::Error::InvalidCertificate(c) => format!("untrusted: {c:?}"),
-        other => format!("untrusted: {other}"),
+/// The verdict on a chain webpki has checked: its failure, or, for a chain it accepted, a
+/// key below policy.
+fn judge(end_entity: &[u8], result: Result<(), rustls::Error>) -> Verdict {
+    match result {
+        Ok(()) => match super::verdict::weak_key(end_entity) {
+            Some(weak) => Verdict::failed(ChainStatus::Weak, weak),
+            None => Verdict::TRUSTED,
+        },
+        Err(e) => Verdict::of(&Err(e)),
     }
 }
 

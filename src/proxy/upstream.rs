@@ -17,7 +17,8 @@ use parking_lot::Mutex;
 use rustls::pki_types::{CertificateDer, ServerName};
 
 use super::idle::Deadlines;
-use super::tls::{H2, UpstreamTls, Verdict};
+use super::tls::{H2, UpstreamTls};
+use super::verdict::Verdict;
 use super::{Body, Proxy, ProxyError, Side, Target};
 use crate::keys::sha256;
 use crate::telemetry::METRICS;
@@ -302,7 +303,7 @@ impl Peer {
     /// roots, or plain HTTP): never a verdict of its own.
     fn inbound(chain: Vec<CertificateDer<'static>>, alpn: Option<Vec<u8>>) -> Arc<Self> {
         let fingerprint = chain.first().map_or([0; 32], |leaf| sha256(leaf));
-        let verdict = Mutex::new((Verdict::Trusted, Instant::now()));
+        let verdict = Mutex::new((Verdict::TRUSTED, Instant::now()));
         Arc::new(Peer { name: None, chain, fingerprint, alpn, names_cover_host: false, verdict })
     }
 

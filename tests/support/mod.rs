@@ -520,7 +520,7 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> String {
 /// A test PKI: a root CA that issues origin certificates.
 pub struct TestPki {
     pub root: rcgen::Certificate,
-    issuer: Issuer<'static, KeyPair>,
+    issuer: Arc<Issuer<'static, KeyPair>>,
     pub dir: tempfile::TempDir,
 }
 
@@ -545,7 +545,7 @@ impl TestPki {
         let (root, issuer) = make_root("tollgate test root");
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("root.pem"), root.pem()).unwrap();
-        Self { root, issuer, dir }
+        Self { root, issuer: Arc::new(issuer), dir }
     }
 
     /// The root certificate.
@@ -565,7 +565,7 @@ impl TestPki {
         params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
         let now = time::OffsetDateTime::now_utc();
         (params.not_before, params.not_after) = (now - time::Duration::days(1), now + time::Duration::days(365));
-        params.signed_by(key, &self.issuer).unwrap().pem()
+        params.signed_by(key, &*self.issuer).unwrap().pem()
     }
 
     /// A leaf as PEM files in `dir`: (certificate, private key).
@@ -599,7 +599,7 @@ impl TestPki {
             let (_, other) = make_root("unknown root");
             params.signed_by(&key, &other).unwrap()
         } else {
-            params.signed_by(&key, &self.issuer).unwrap()
+            params.signed_by(&key, &*self.issuer).unwrap()
         };
         (cert, key)
     }
@@ -618,6 +618,35 @@ fn make_root(cn: &str) -> (rcgen::Certificate, Issuer<'static, KeyPair>) {
     let key = KeyPair::generate().unwrap();
     let cert = params.self_signed(&key).unwrap();
     (cert, Issuer::new(params, key))
+}
+
+/// Issues a certificate for each SNI on first sight.
+struct PerHost {
+    issuer: Arc<Issuer<'static, KeyPair>>,
+    certs: Mutex<HashMap<String, Arc<rustls::sign::CertifiedKey>>>,
+}
+
+impl std::fmt::Debug for PerHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PerHost").finish_non_exhaustive()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for PerHost {
+    fn resolve(&self, hello: rustls::server::ClientHello<'_>) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let name = hello.server_name()?.to_string();
+        let mut certs = self.certs.lock();
+        let certified = certs.entry(name.clone()).or_insert_with(|| {
+            let mut params = CertificateParams::new(vec![name.clone()]).unwrap();
+            params.distinguished_name.push(DnType::CommonName, name.as_str());
+            let key = KeyPair::generate().unwrap();
+            let cert = params.signed_by(&key, &*self.issuer).unwrap();
+            let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+            let signer = rustls::crypto::aws_lc_rs::sign::any_supported_type(&key_der).unwrap();
+            Arc::new(rustls::sign::CertifiedKey::new(vec![cert.der().clone()], signer))
+        });
+        Some(certified.clone())
+    }
 }
 
 /// An in-process HTTPS origin. Answers `origin=NAME method path host version`, and echoes
@@ -646,6 +675,21 @@ impl Origin {
         alpn: &[&str],
     ) -> Self {
         Self::listen(name, Some(tls_acceptor(chain, key, alpn))).await
+    }
+
+    /// An origin with a certificate of its own for every name it is asked for (issued by
+    /// `pki`'s root on first use): each host costs the proxy a mint of its own, where one
+    /// wildcard certificate would be mirrored once for all.
+    pub async fn start_per_host(name: &str, pki: &TestPki, alpn: &[&str]) -> Self {
+        let resolver = PerHost { issuer: pki.issuer.clone(), certs: Mutex::new(HashMap::new()) };
+        let mut config =
+            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_cert_resolver(Arc::new(resolver));
+        config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+        Self::listen(name, Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))).await
     }
 
     /// A plain-HTTP origin.
