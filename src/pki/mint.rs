@@ -62,6 +62,8 @@ pub struct Minted {
     pub not_after: OffsetDateTime,
     /// Which CA signed it.
     pub ca: String,
+    /// How long the CA signature took (an HSM round trip for a key on the HSM).
+    pub sign_ms: f64,
     /// Server configs built for this leaf, one per ALPN choice (none, http/1.1, h2) in
     /// tollgate's suite order, then the same three in the client's.
     pub(crate) configs: [OnceLock<Arc<ServerConfig>>; 6],
@@ -169,13 +171,16 @@ impl Ca {
         // loader costs two more point multiplications per mint (it tries RSA first, and each
         // parse re-derives and checks the public key).
         let leaf_key: Arc<dyn PrivateKey> = Arc::new(SoftwareKey::generate(KeyAlgorithm::EcdsaP256)?);
+        let signing = std::time::Instant::now();
         let cert = params.signed_by(&RcgenKey::new(leaf_key.clone())?, &self.issuer).map_err(sign_error)?;
+        let sign_ms = signing.elapsed().as_secs_f64() * 1000.0;
         let signing_key = Arc::new(RustlsKey::new(leaf_key));
         let chain = vec![cert.der().clone(), self.cert.clone()];
         Ok(Minted {
             certified: Arc::new(CertifiedKey::new(chain, signing_key)),
             not_after: params.not_after,
             ca: self.name.clone(),
+            sign_ms,
             configs: Default::default(),
         })
     }

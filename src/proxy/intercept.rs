@@ -8,6 +8,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::StartHandshake;
 
 use super::bypass::Learned;
+use super::decryption::{Decision, Record, Stage, TlsFacts};
 use super::respond::refuse_handshake as refuse;
 use super::tls::ClientHelloInfo;
 use super::upstream::{Peer, Route, Upstreams};
@@ -29,18 +30,42 @@ where
 }
 
 /// The handshake phase: ClientHello, policy, then a tunnel, or upstream, mint and client
-/// handshake; it returns the relay, not yet started.
+/// handshake; it returns the relay, not yet started. The session's decryption log line is
+/// written when the phase ends, whichever way.
 async fn handshake_phase<IO>(
     proxy: &Arc<Proxy>,
-    mut io: IO,
+    io: IO,
     hint: Option<Target>,
     ctx: ConnCtx,
 ) -> Result<Relaying, ProxyError>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let mut record = Record::default();
+    let result = decide(proxy, io, hint, &ctx, &mut record).await;
+    if proxy.log_decryption {
+        if let Err(e) = &result {
+            record.decision = if record.decision == Decision::Block { Decision::Block } else { Decision::Error };
+            record.error = Some(e.to_string());
+        }
+        record.emit(&ctx);
+    }
+    result
+}
+
+async fn decide<IO>(
+    proxy: &Arc<Proxy>,
+    mut io: IO,
+    hint: Option<Target>,
+    ctx: &ConnCtx,
+    record: &mut Record,
+) -> Result<Relaying, ProxyError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let (accepted, hello, raw) = super::client_hello(proxy, &mut io).await?;
-    let target = match bind_target(hint, &hello, &ctx) {
+    record.sni.clone_from(&hello.sni);
+    let target = match bind_target(hint, &hello, ctx) {
         Ok(target) => target,
         Err(e) => return Err(refuse(proxy, accepted, io, e).await),
     };
@@ -49,13 +74,20 @@ where
     if decision.action == TlsAction::Intercept && decision.learn && proxy.bypass.contains(&target.host) {
         decision = TlsDecision { action: TlsAction::Tunnel, rule: Some(LEARNED.into()), learn: true };
     }
+    record.rule.clone_from(&decision.rule);
+    let ctx = ctx.clone();
     match decision.action {
-        TlsAction::Tunnel => Ok(Box::pin(super::tunnel::run(proxy.clone(), io, raw, target, ctx, decision.rule))),
+        TlsAction::Tunnel => {
+            let learned = decision.rule.as_deref() == Some(LEARNED);
+            record.decision = if learned { Decision::TunnelLearned } else { Decision::NoDecrypt };
+            Ok(Box::pin(super::tunnel::run(proxy.clone(), io, raw, target, ctx, decision.rule)))
+        }
         TlsAction::Block => {
+            record.decision = Decision::Block;
             let rule = decision.rule.unwrap_or_default().to_string();
             Err(refuse(proxy, accepted, io, ProxyError::Blocked { host: target.host, rule }).await)
         }
-        TlsAction::Intercept => intercept(proxy, io, accepted, hello, target, ctx, decision).await,
+        TlsAction::Intercept => intercept(proxy, io, accepted, hello, target, ctx, decision, record).await,
     }
 }
 
@@ -81,6 +113,7 @@ fn bind_target(hint: Option<Target>, hello: &ClientHelloInfo, ctx: &ConnCtx) -> 
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn intercept<IO>(
     proxy: &Arc<Proxy>,
     io: IO,
@@ -89,31 +122,47 @@ async fn intercept<IO>(
     target: Target,
     ctx: ConnCtx,
     decision: TlsDecision,
+    record: &mut Record,
 ) -> Result<Relaying, ProxyError>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let key = Upstreams::key(&target, &hello.alpn);
     let route = Route::Forward { target: target.clone(), client_alpn: hello.alpn.clone() };
+    record.stage = Stage::UpstreamConnect;
     let lease = match proxy.upstreams.checkout(proxy, &route, &key, None).await {
         Ok(lease) => lease,
-        Err(e) => return Err(refuse(proxy, accepted, io, e).await),
+        Err(e) => {
+            record.stage = e.stage();
+            return Err(refuse(proxy, accepted, io, e).await);
+        }
     };
+    record.upstream = lease.peer.tls.clone();
+    record.cert = lease.peer.cert_facts();
     let verdict = lease.peer.verdict(&proxy.upstream_tls);
+    record.verdict = Some(verdict.clone());
+    record.stage = Stage::Validation;
     if !verdict.is_trusted() {
         METRICS.untrusted_upstreams_total.inc();
         if proxy.policy.on_error.action(verdict.status) == ErrorAction::Block {
+            record.decision = Decision::Block;
             let e = ProxyError::UpstreamUntrusted { target: target.to_string(), reason: verdict.describe() };
             return Err(refuse(proxy, accepted, io, e).await);
         }
     }
+    record.stage = Stage::Mint;
     let minted = match mint(proxy, &target, &lease.peer, verdict.is_trusted(), &ctx).await {
-        Ok(minted) => minted,
+        Ok((minted, cached)) => {
+            (record.leaf, record.hsm_sign_ms) =
+                if cached { ("cached", None) } else { ("minted", Some(minted.sign_ms)) };
+            minted
+        }
         Err(e) => {
             proxy.upstreams.give_back(&key, lease);
             return Err(refuse(proxy, accepted, io, e).await);
         }
     };
+    record.stage = Stage::ClientHandshake;
     let alpn = super::tls::client_alpn(&hello.alpn, lease.peer.alpn.as_deref());
     let config = proxy.server_tls.config(&minted, verdict.is_trusted(), alpn, hello.suite_order);
     let secs = proxy.handshake_timeout.as_secs();
@@ -135,6 +184,8 @@ where
             return Err(ProxyError::Timeout { phase: "client TLS handshake", secs, side: Side::Client });
         }
     };
+    record.client = TlsFacts::of(client.get_ref().1);
+    record.decision = Decision::Decrypt;
     let pin = Some(lease.peer.fingerprint);
     let label = verdict.describe();
     let upstream = super::http::Upstream { route, key, first: Some(lease), pin, label, rule: decision.rule };
@@ -156,21 +207,22 @@ fn learn(proxy: &Proxy, target: &Target, ctx: &ConnCtx, e: &std::io::Error) {
     }
 }
 
-/// The leaf for `target`: cached, or minted if the client may cause one more mint now. A leaf
-/// that mirrors the upstream certificate's names serves every host that certificate does (one
-/// signature for a wildcard's subdomains), so it is cached without the host.
+/// The leaf for `target`, and whether it came from the cache: cached, or minted if the client
+/// may cause one more mint now. A leaf that mirrors the upstream certificate's names serves
+/// every host that certificate does (one signature for a wildcard's subdomains), so it is
+/// cached without the host.
 async fn mint(
     proxy: &Proxy,
     target: &Target,
     peer: &Peer,
     trusted: bool,
     ctx: &ConnCtx,
-) -> Result<Arc<Minted>, ProxyError> {
+) -> Result<(Arc<Minted>, bool), ProxyError> {
     let host = (!(proxy.share_leaves && peer.names_cover_host)).then(|| target.host.clone());
     let key = LeafKey { host, upstream: peer.fingerprint, trusted };
     if let Some(minted) = proxy.cache.get(&key).await {
         METRICS.cache_hits_total.inc();
-        return Ok(minted);
+        return Ok((minted, true));
     }
     if !proxy.fairness.may_mint(ctx.client.ip()) {
         refused(Refused::PerClientMints).inc();
@@ -195,6 +247,7 @@ async fn mint(
         .inspect_err(|_| {
             METRICS.mint_errors_total.inc();
         })
+        .map(|minted| (minted, false))
         .map_err(mint_err)
 }
 

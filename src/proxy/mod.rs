@@ -4,6 +4,7 @@
 
 pub mod bypass;
 pub mod connect;
+pub mod decryption;
 pub mod fairness;
 pub mod http;
 pub mod idle;
@@ -95,6 +96,15 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
+    /// The stage of a session an upstream checkout failed in (the decryption log).
+    pub fn stage(&self) -> decryption::Stage {
+        match self {
+            Self::UpstreamTls { .. } | Self::UpstreamHttp { .. } => decryption::Stage::UpstreamHandshake,
+            Self::Timeout { phase, .. } if phase.contains("TLS") => decryption::Stage::UpstreamHandshake,
+            _ => decryption::Stage::UpstreamConnect,
+        }
+    }
+
     /// Who failed.
     pub fn side(&self) -> Side {
         match self {
@@ -210,6 +220,8 @@ pub struct Proxy {
     /// `[mint] share_leaves`: whether a leaf mirroring its upstream's names is cached for all
     /// the hosts they cover.
     pub share_leaves: bool,
+    /// `[log] decryption`: a line per client TLS session.
+    pub log_decryption: bool,
     /// A passthrough tunnel silent both ways this long is closed.
     pub tunnel_idle_timeout: Duration,
     header_timeout: Duration,
@@ -263,6 +275,7 @@ impl Proxy {
             send_timeout: Duration::from_secs(config.limits.client_send_timeout_secs),
             mint_timeout: Duration::from_secs(config.limits.mint_timeout_secs),
             share_leaves: config.mint.share_leaves,
+            log_decryption: config.log.decryption,
             tunnel_idle_timeout: Duration::from_secs(config.limits.tunnel_idle_timeout_secs),
             header_timeout: Duration::from_secs(config.limits.header_timeout_secs),
             max_header_bytes: config.limits.max_header_bytes,

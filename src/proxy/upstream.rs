@@ -16,6 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use parking_lot::Mutex;
 use rustls::pki_types::{CertificateDer, ServerName};
 
+use super::decryption::{CertFacts, TlsFacts};
 use super::idle::Deadlines;
 use super::tls::{H2, UpstreamTls};
 use super::verdict::Verdict;
@@ -116,6 +117,10 @@ pub struct Peer {
     /// minted for (`pki::mint::mirrors_names`).
     pub names_cover_host: bool,
     verdict: Mutex<(Verdict, Instant)>,
+    /// What the upstream handshake settled on (the decryption log).
+    pub tls: TlsFacts,
+    /// The end entity's public fields, parsed on first use (the decryption log).
+    cert: std::sync::OnceLock<Option<Arc<CertFacts>>>,
 }
 
 /// A request sender on an upstream connection.
@@ -304,7 +309,8 @@ impl Peer {
     fn inbound(chain: Vec<CertificateDer<'static>>, alpn: Option<Vec<u8>>) -> Arc<Self> {
         let fingerprint = chain.first().map_or([0; 32], |leaf| sha256(leaf));
         let verdict = Mutex::new((Verdict::TRUSTED, Instant::now()));
-        Arc::new(Peer { name: None, chain, fingerprint, alpn, names_cover_host: false, verdict })
+        let (tls, cert) = (TlsFacts::default(), Default::default());
+        Arc::new(Peer { name: None, chain, fingerprint, alpn, names_cover_host: false, verdict, tls, cert })
     }
 
     /// An inbound origin reached over plain HTTP.
@@ -322,6 +328,11 @@ impl Peer {
             *cached = (tls.verdict(name, &self.chain), Instant::now());
         }
         cached.0.clone()
+    }
+
+    /// The end entity's subject, issuer, serial, fingerprint and validity.
+    pub fn cert_facts(&self) -> Option<Arc<CertFacts>> {
+        self.cert.get_or_init(|| super::decryption::cert_facts(&self.chain)).clone()
     }
 
     /// The end-entity certificate.
@@ -349,7 +360,8 @@ async fn dial_forward(proxy: &Proxy, target: &Target, client_alpn: &[Vec<u8>]) -
     let leaf = chain.first().map(|c| c.as_ref()).unwrap_or_default();
     let (fingerprint, names_cover_host) = (sha256(leaf), crate::pki::mint::mirrors_names(leaf));
     let verdict = Mutex::new((verdict, Instant::now()));
-    let peer = Arc::new(Peer { name: Some(name), chain, fingerprint, alpn, names_cover_host, verdict });
+    let (tls, cert) = (TlsFacts::of(conn), Default::default());
+    let peer = Arc::new(Peer { name: Some(name), chain, fingerprint, alpn, names_cover_host, verdict, tls, cert });
     let sender = http_handshake(target, TokioIo::new(stream), peer.alpn.as_deref() == Some(H2)).await?;
     Ok(Lease { sender, peer })
 }
