@@ -431,12 +431,31 @@ pub struct UpstreamConfig {
     pub untrusted: UntrustedAction,
     /// `[upstream.on_error]`: the action for each kind of failure.
     pub on_error: OnErrorConfig,
+    /// Upstreams that cannot be intercepted (they ask for a client certificate, speak only
+    /// TLS 1.1 or older, share no cipher suite with us).
+    pub unsupported: UnsupportedAction,
 }
 
 impl Default for UpstreamConfig {
     fn default() -> Self {
-        Self { ca_bundles: Vec::new(), untrusted: UntrustedAction::ForwardUntrust, on_error: OnErrorConfig::default() }
+        Self {
+            ca_bundles: Vec::new(),
+            untrusted: UntrustedAction::ForwardUntrust,
+            on_error: OnErrorConfig::default(),
+            unsupported: UnsupportedAction::Tunnel,
+        }
     }
+}
+
+/// What an upstream that cannot be intercepted gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UnsupportedAction {
+    /// The client's connection is passed through untouched, and the host remembered (the
+    /// learned bypass) so later connections skip the failed attempt.
+    Tunnel,
+    /// A TLS alert.
+    Block,
 }
 
 /// `[upstream.on_error]`: `untrust` or `block` per failure; a key left out follows

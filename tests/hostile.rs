@@ -96,10 +96,15 @@ struct SServer {
 
 impl SServer {
     fn start(cert: &str, key: &str) -> Self {
+        Self::start_with(cert, key, &["-cipher", "DEFAULT@SECLEVEL=0"])
+    }
+
+    /// With `args` for s_server (protocol versions, ciphers, client authentication).
+    fn start_with(cert: &str, key: &str, args: &[&str]) -> Self {
         let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
         let child = std::process::Command::new("openssl")
             .args(["s_server", "-quiet", "-www", "-accept", &addr.to_string(), "-cert", cert, "-key", key])
-            .args(["-cipher", "DEFAULT@SECLEVEL=0"])
+            .args(args)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .spawn()
@@ -247,6 +252,17 @@ fn proxy_for(bad: &BadUpstreams, untrusted: &'static str, more: &[(&str, SocketA
 
 /// `proxy_for` with more configuration (`[upstream.on_error]`).
 fn proxy_with(bad: &BadUpstreams, untrusted: &'static str, more: &[(&str, SocketAddr)], extra: &str) -> (Setup, Proxy) {
+    proxy_upstream(bad, untrusted, more, extra, "")
+}
+
+/// `proxy_with`, and `upstream` lines in `[upstream]`.
+fn proxy_upstream(
+    bad: &BadUpstreams,
+    untrusted: &'static str,
+    more: &[(&str, SocketAddr)],
+    extra: &str,
+    upstream: &str,
+) -> (Setup, Proxy) {
     let mut resolve: Vec<_> = bad.hosts.iter().map(|(h, a)| (format!("{h}:443"), *a)).collect();
     resolve.extend(more.iter().map(|(h, a)| (format!("{h}:443"), *a)));
     let setup = Setup::new(&ProxyOptions {
@@ -254,6 +270,7 @@ fn proxy_with(bad: &BadUpstreams, untrusted: &'static str, more: &[(&str, Socket
         ca_bundles: vec![bad.bundle.clone()],
         resolve,
         extra: format!("\n[limits]\nconnect_timeout_secs = 2\nupstream_read_timeout_secs = 2\n{extra}"),
+        upstream: upstream.into(),
         ..Default::default()
     });
     let proxy = setup.start();
@@ -341,6 +358,83 @@ async fn each_kind_of_failure_takes_its_own_action() {
     for (host, want) in [("ipsan.test", "untrust"), ("notyet.test", "refused"), ("incomplete.test", "refused")] {
         assert_eq!(outcome(&proxy, &setup, host).await, want, "{host}");
     }
+}
+
+/// `openssl s_client` through the sni listener to `host` with `args`: its output, whether the
+/// handshake completed or not.
+async fn s_client(proxy: &Proxy, host: &str, args: &[&str]) -> String {
+    let connect = proxy.sni.to_string();
+    let mut base = vec!["s_client", "-connect", connect.as_str(), "-servername", host, "-ign_eof"];
+    base.extend(args);
+    let mut child = tokio::process::Command::new("openssl")
+        .args(&base)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+    drop(stdin);
+    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output()).await.unwrap().unwrap();
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstreams_that_cannot_be_intercepted_are_tunnelled_and_remembered_or_blocked() {
+    let mut bad = bad_upstreams().await;
+    let dir = bad._dir.path().to_path_buf();
+    let root = Root::new();
+    std::fs::write(&bad.bundle, &root.cert_pem).unwrap();
+    let ec = ["ecparam", "-name", "prime256v1", "-genkey", "-noout"];
+    let rsa = ["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"];
+    let (cert, key) = openssl_leaf(&root, &dir, "clientauth.test", &ec, "-sha256");
+    let clientauth = SServer::start_with(&cert, &key, &["-Verify", "1"]);
+    let (cert, key) = openssl_leaf(&root, &dir, "old.test", &ec, "-sha256");
+    let old = SServer::start_with(&cert, &key, &["-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0"]);
+    let (cert, key) = openssl_leaf(&root, &dir, "nocipher.test", &rsa, "-sha256");
+    let nocipher = SServer::start_with(&cert, &key, &["-tls1_2", "-cipher", "AES128-SHA"]);
+    bad.hosts = vec![("clientauth.test", clientauth.addr), ("old.test", old.addr), ("nocipher.test", nocipher.addr)];
+
+    let (_setup, proxy) = proxy_for(&bad, "forward-untrust", &[]);
+    // Tunnelled: each client reaches the server itself, with what it can speak.
+    let out = s_client(&proxy, "old.test", &["-cipher", "DEFAULT@SECLEVEL=0"]).await;
+    assert!(
+        out.contains("TLSv1.1") && out.contains("i:CN = hostile test root"),
+        "{out}{}",
+        proxy.logs.lock().join("\n")
+    );
+    let out = s_client(&proxy, "nocipher.test", &["-tls1_2", "-cipher", "AES128-SHA"]).await;
+    assert!(out.contains("AES128-SHA") && out.contains("i:CN = hostile test root"), "{out}");
+    let out = s_client(&proxy, "clientauth.test", &[]).await;
+    assert!(out.contains("i:CN = hostile test root"), "the server's own certificate: {out}");
+    for (host, why) in [
+        ("old.test", "older than 1.2"),
+        ("nocipher.test", "no cipher suite"),
+        ("clientauth.test", "client certificate"),
+    ] {
+        let line = proxy.wait_log(host, |v| v["target"] == "tollgate::decryption" && v["sni"] == host);
+        assert_eq!(
+            (line["decision"].as_str(), line["chain_status"].as_str()),
+            (Some("tunnel-learned"), Some("unsupported"))
+        );
+        assert!(line["chain_detail"].as_str().unwrap().contains(why), "{line}");
+    }
+    // Remembered, with the reason and an expiry: the next connection skips the attempt.
+    let learned: serde_json::Value = serde_json::from_str(&http_get(proxy.management, "/api/v1/bypass").await).unwrap();
+    let old_entry = learned.as_array().unwrap().iter().find(|e| e["host"] == "old.test").expect("old.test remembered");
+    assert!(old_entry["reason"].as_str().unwrap().starts_with("unsupported: "), "{old_entry}");
+    assert!(old_entry["expires"].as_str().is_some_and(|e| !e.is_empty()));
+    s_client(&proxy, "old.test", &["-cipher", "DEFAULT@SECLEVEL=0"]).await;
+    proxy.wait_log("the remembered host", |v| v["sni"] == "old.test" && v["rule"] == "learned bypass");
+
+    // Blocked: an alert, no tunnel, the reason in the log.
+    let (_setup, proxy) = proxy_upstream(&bad, "forward-untrust", &[], "", "unsupported = \"block\"\n");
+    let out = s_client(&proxy, "old.test", &["-cipher", "DEFAULT@SECLEVEL=0"]).await;
+    assert!(!out.contains("i:CN = hostile test root"), "{out}");
+    let line = proxy.wait_log("blocked", |v| v["target"] == "tollgate::decryption" && v["sni"] == "old.test");
+    assert_eq!((line["decision"].as_str(), line["stage"].as_str()), (Some("block"), Some("upstream_handshake")));
+    assert!(http_get(proxy.management, "/api/v1/bypass").await.trim() == "[]", "nothing remembered when blocking");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -129,6 +129,8 @@ pub struct Policy {
     rules: Vec<RuleConfig>,
     /// What each kind of upstream certificate failure gets.
     pub on_error: trust::OnError,
+    /// What upstreams that cannot be intercepted get.
+    pub unsupported: crate::config::UnsupportedAction,
 }
 
 /// A decryption rule, its host lists resolved.
@@ -187,6 +189,7 @@ impl Policy {
             no_decrypt: config.policy.no_decrypt.clone(),
             rules: config.policy.rules.clone(),
             on_error: trust::OnError::new(&config.upstream),
+            unsupported: config.upstream.unsupported,
         })
     }
 

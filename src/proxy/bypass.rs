@@ -121,6 +121,25 @@ impl Bypass {
         Some(Learned::Excluded { reason, clients })
     }
 
+    /// Remembers `host` as one that cannot be intercepted (`reason`): later connections are
+    /// tunnelled without a failed attempt first, until the entry expires. Nothing is
+    /// remembered with learning off (`learn_bypass_secs = 0`).
+    pub fn remember_unsupported(&self, host: &str, listener: &str, reason: &str) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        let at = SystemTime::now();
+        let entry = Entry {
+            host: host.to_string(),
+            reason: format!("unsupported: {reason}"),
+            clients: 1,
+            listeners: vec![listener.to_string()],
+            since: rfc3339(at),
+            expires: rfc3339(at + self.ttl),
+        };
+        self.entries.insert(host.to_string(), entry);
+    }
+
     /// Every entry, sorted by host.
     pub fn list(&self) -> Vec<Entry> {
         let mut entries: Vec<Entry> = self.entries.iter().map(|(_, e)| e).collect();

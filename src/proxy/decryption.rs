@@ -135,6 +135,8 @@ pub struct Record {
     /// The stage under way; what failed when the session ends in an error.
     pub stage: Stage,
     pub error: Option<String>,
+    /// Why the upstream could not be intercepted (the session was tunnelled or blocked).
+    pub unsupported: Option<String>,
 }
 
 impl Default for Record {
@@ -153,6 +155,7 @@ impl Default for Record {
             hsm_sign_ms: None,
             stage: Stage::ClientHello,
             error: None,
+            unsupported: None,
         }
     }
 }
@@ -164,8 +167,15 @@ impl Record {
         let failed = self.error.is_some();
         let stage = failed.then(|| self.stage.as_str());
         let cert = self.cert.as_deref();
-        let status = self.verdict.as_ref().map(|v| v.status.as_str());
-        let detail = self.verdict.as_ref().filter(|v| !v.is_trusted()).map(|v| v.detail.as_str());
+        let status = match &self.unsupported {
+            Some(_) => Some("unsupported"),
+            None => self.verdict.as_ref().map(|v| v.status.as_str()),
+        };
+        let detail = self.unsupported.as_deref().or(self
+            .verdict
+            .as_ref()
+            .filter(|v| !v.is_trusted())
+            .map(|v| v.detail.as_str()));
         tracing::info!(
             target: "tollgate::decryption",
             client = %ctx.client,

@@ -13,7 +13,7 @@ use super::respond::refuse_handshake as refuse;
 use super::tls::ClientHelloInfo;
 use super::upstream::{Peer, Route, Upstreams};
 use super::{ConnCtx, Proxy, ProxyError, Relaying, Side, Target};
-use crate::config::{ErrorAction, ListenerMode};
+use crate::config::{ErrorAction, ListenerMode, UnsupportedAction};
 use crate::pki::CaRole;
 use crate::pki::cache::LeafKey;
 use crate::pki::mint::{MintError, Minted};
@@ -87,12 +87,76 @@ where
             let rule = decision.rule.unwrap_or_default().to_string();
             Err(refuse(proxy, accepted, io, ProxyError::Blocked { host: target.host, rule }).await)
         }
-        TlsAction::Intercept => intercept(proxy, io, accepted, hello, target, ctx, decision, record).await,
+        TlsAction::Intercept => {
+            let learn = decision.learn;
+            match intercept(proxy, io, accepted, hello, target, ctx, decision, record).await {
+                Err(Unsupported(held)) => unsupported(proxy, *held, raw, learn, record).await,
+                Err(Failed(e)) => Err(e),
+                Ok(relay) => Ok(relay),
+            }
+        }
     }
+}
+
+/// How an interception attempt ended when it did not become a relay.
+enum NotIntercepted<IO> {
+    /// The upstream cannot be intercepted: the client's connection is still untouched (its
+    /// ClientHello unanswered), to be tunnelled or refused.
+    Unsupported(Box<Held<IO>>),
+    Failed(ProxyError),
+}
+
+/// A client connection held back from an upstream that cannot be intercepted.
+struct Held<IO> {
+    target: Target,
+    reason: String,
+    accepted: Accepted,
+    io: IO,
+    ctx: ConnCtx,
+}
+use NotIntercepted::{Failed, Unsupported};
+
+impl<IO> From<ProxyError> for NotIntercepted<IO> {
+    fn from(e: ProxyError) -> Self {
+        Failed(e)
+    }
+}
+
+/// An upstream that cannot be intercepted (`[upstream] unsupported`): the client's connection
+/// is passed through untouched, its ClientHello replayed, and the host remembered so that the
+/// next connections skip the attempt (unless the rule turned learning off); or refused.
+async fn unsupported<IO>(
+    proxy: &Arc<Proxy>,
+    held: Held<IO>,
+    raw: Vec<u8>,
+    learn: bool,
+    record: &mut Record,
+) -> Result<Relaying, ProxyError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Held { target, reason, accepted, io, ctx } = held;
+    record.verdict = None;
+    record.unsupported = Some(reason.clone());
+    record.stage = Stage::UpstreamHandshake;
+    if proxy.policy.unsupported == UnsupportedAction::Block {
+        record.decision = Decision::Block;
+        let e = ProxyError::Unsupported { target: target.to_string(), reason };
+        return Err(refuse(proxy, accepted, io, e).await);
+    }
+    tracing::info!(host = %target.host, reason = %reason, client = %ctx.client, "upstream cannot be intercepted: tunnelled");
+    if learn {
+        proxy.bypass.remember_unsupported(&target.host, ctx.listener(), &reason);
+    }
+    record.decision = Decision::TunnelLearned;
+    drop(accepted);
+    Ok(Box::pin(super::tunnel::run(proxy.clone(), io, raw, target, ctx, Some(UNSUPPORTED.into()))))
 }
 
 /// The rule name a learned bypass decision carries.
 const LEARNED: &str = "learned bypass";
+/// The rule name a tunnel for an upstream that cannot be intercepted carries.
+const UNSUPPORTED: &str = "unsupported upstream";
 
 /// The destination: the listener's hint and the SNI must name the same host. In transparent
 /// mode the hint is the original destination address: the SNI names the host (validated and
@@ -123,7 +187,7 @@ async fn intercept<IO>(
     ctx: ConnCtx,
     decision: TlsDecision,
     record: &mut Record,
-) -> Result<Relaying, ProxyError>
+) -> Result<Relaying, NotIntercepted<IO>>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -132,9 +196,12 @@ where
     record.stage = Stage::UpstreamConnect;
     let lease = match proxy.upstreams.checkout(proxy, &route, &key, None).await {
         Ok(lease) => lease,
+        Err(ProxyError::Unsupported { reason, .. }) => {
+            return Err(Unsupported(Box::new(Held { target, reason, accepted, io, ctx })));
+        }
         Err(e) => {
             record.stage = e.stage();
-            return Err(refuse(proxy, accepted, io, e).await);
+            return Err(refuse(proxy, accepted, io, e).await.into());
         }
     };
     record.upstream = lease.peer.tls.clone();
@@ -147,7 +214,7 @@ where
         if proxy.policy.on_error.action(verdict.status) == ErrorAction::Block {
             record.decision = Decision::Block;
             let e = ProxyError::UpstreamUntrusted { target: target.to_string(), reason: verdict.describe() };
-            return Err(refuse(proxy, accepted, io, e).await);
+            return Err(refuse(proxy, accepted, io, e).await.into());
         }
     }
     record.stage = Stage::Mint;
@@ -159,7 +226,7 @@ where
         }
         Err(e) => {
             proxy.upstreams.give_back(&key, lease);
-            return Err(refuse(proxy, accepted, io, e).await);
+            return Err(refuse(proxy, accepted, io, e).await.into());
         }
     };
     record.stage = Stage::ClientHandshake;
@@ -177,11 +244,11 @@ where
             if verdict.is_trusted() && decision.learn {
                 learn(proxy, &target, &ctx, &e);
             }
-            return Err(ProxyError::ClientTls(e));
+            return Err(ProxyError::ClientTls(e).into());
         }
         Err(_) => {
             proxy.upstreams.give_back(&key, lease);
-            return Err(ProxyError::Timeout { phase: "client TLS handshake", secs, side: Side::Client });
+            return Err(ProxyError::Timeout { phase: "client TLS handshake", secs, side: Side::Client }.into());
         }
     };
     record.client = TlsFacts::of(client.get_ref().1);

@@ -79,6 +79,8 @@ pub enum ProxyError {
     },
     #[error("upstream {target} certificate rejected by policy: {reason}")]
     UpstreamUntrusted { target: String, reason: String },
+    #[error("upstream {target} cannot be intercepted: {reason}")]
+    Unsupported { target: String, reason: String },
     #[error("minting a leaf for {host}: {source}")]
     Mint {
         host: String,
@@ -99,7 +101,9 @@ impl ProxyError {
     /// The stage of a session an upstream checkout failed in (the decryption log).
     pub fn stage(&self) -> decryption::Stage {
         match self {
-            Self::UpstreamTls { .. } | Self::UpstreamHttp { .. } => decryption::Stage::UpstreamHandshake,
+            Self::UpstreamTls { .. } | Self::UpstreamHttp { .. } | Self::Unsupported { .. } => {
+                decryption::Stage::UpstreamHandshake
+            }
             Self::Timeout { phase, .. } if phase.contains("TLS") => decryption::Stage::UpstreamHandshake,
             _ => decryption::Stage::UpstreamConnect,
         }
@@ -121,6 +125,7 @@ impl ProxyError {
             Self::Connect { .. }
             | Self::UpstreamTls { .. }
             | Self::UpstreamUntrusted { .. }
+            | Self::Unsupported { .. }
             | Self::UpstreamHttp { .. } => Side::Upstream,
             Self::Mint { source, .. } => match **source {
                 MintError::Key(_) | MintError::Sign(_) | MintError::Timeout(_) => Side::Hsm,

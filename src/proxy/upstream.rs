@@ -349,8 +349,20 @@ type Tcp = Deadlines<tokio::net::TcpStream>;
 async fn dial_forward(proxy: &Proxy, target: &Target, client_alpn: &[Vec<u8>]) -> Result<Lease, ProxyError> {
     let tcp = Deadlines::new(proxy.dial(target).await?).read_deadline(proxy.read_timeout);
     let name = server_name(target)?;
-    let config = proxy.upstream_tls.config_for(client_alpn);
-    let stream = tls_connect(proxy, target, config, name.clone(), tcp).await?;
+    // A config of this connection's own, to see whether the server asks for a client
+    // certificate (an exchange tollgate cannot take part in for the client).
+    let probe = Arc::new(ClientAuthProbe::default());
+    let mut config = (*proxy.upstream_tls.config_for(client_alpn)).clone();
+    config.client_auth_cert_resolver = probe.clone();
+    let connected = tls_connect(proxy, target, Arc::new(config), name.clone(), tcp).await;
+    let unsupported = |reason: &str| ProxyError::Unsupported { target: target.to_string(), reason: reason.into() };
+    if probe.asked.load(std::sync::atomic::Ordering::Acquire) {
+        return Err(unsupported("the server asks for a client certificate"));
+    }
+    let stream = match connected {
+        Ok(stream) => stream,
+        Err(e) => return Err(incompatible(&e).map_or(e, unsupported)),
+    };
     let conn = stream.get_ref().1;
     let chain: Vec<CertificateDer<'static>> =
         conn.peer_certificates().unwrap_or_default().iter().map(|c| c.clone().into_owned()).collect();
@@ -382,6 +394,42 @@ async fn dial_origin(proxy: &Proxy, origin: &Origin) -> Result<Lease, ProxyError
     let peer = Peer::inbound(chain, conn.alpn_protocol().map(<[u8]>::to_vec));
     let sender = http_handshake(&target, TokioIo::new(stream), peer.alpn.as_deref() == Some(H2)).await?;
     Ok(Lease { sender, peer })
+}
+
+/// Records whether the server asked for a client certificate; presents none.
+#[derive(Debug, Default)]
+struct ClientAuthProbe {
+    asked: std::sync::atomic::AtomicBool,
+}
+
+impl rustls::client::ResolvesClientCert for ClientAuthProbe {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.asked.store(true, std::sync::atomic::Ordering::Release);
+        None
+    }
+
+    fn has_certs(&self) -> bool {
+        false
+    }
+}
+
+/// Why an upstream handshake failure means the server and tollgate have no TLS in common
+/// (rather than a fault of the moment), if it does.
+fn incompatible(e: &ProxyError) -> Option<&'static str> {
+    use rustls::AlertDescription::{HandshakeFailure, InsufficientSecurity, ProtocolVersion};
+    let ProxyError::UpstreamTls { source, .. } = e else { return None };
+    match source.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::AlertReceived(ProtocolVersion) => Some("the server speaks only TLS versions older than 1.2"),
+        rustls::Error::AlertReceived(HandshakeFailure | InsufficientSecurity) => {
+            Some("the server shares no cipher suite or group with tollgate")
+        }
+        rustls::Error::PeerIncompatible(_) => Some("the server shares no TLS version or cipher suite with tollgate"),
+        _ => None,
+    }
 }
 
 fn server_name(target: &Target) -> Result<ServerName<'static>, ProxyError> {

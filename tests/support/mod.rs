@@ -143,6 +143,8 @@ pub struct ProxyOptions {
     /// Lines added to the explicit and to the sni `[[listener]]`.
     pub explicit_listener: String,
     pub sni_listener: String,
+    /// Lines added to `[upstream]`.
+    pub upstream: String,
     pub extra: String,
 }
 
@@ -157,6 +159,7 @@ impl Default for ProxyOptions {
             trust_algorithm: "ecdsa-p256",
             explicit_listener: String::new(),
             sni_listener: String::new(),
+            upstream: String::new(),
             extra: String::new(),
         }
     }
@@ -252,7 +255,7 @@ pub fn write_config(token: &Token, path: &Path, options: &ProxyOptions) {
     let mut text = format!(
         "state_dir = \"{}\"\n\n[[hsm.server]]\nname = \"hsm-a\"\nmodule = \"{SOFTHSM_MODULE}\"\ntoken = \"{}\"\npin_file = \"{}\"\n\n\
          [[listener]]\nmode = \"explicit\"\nlisten = \"127.0.0.1:0\"\n{}\n[[listener]]\nmode = \"sni\"\nlisten = \"127.0.0.1:0\"\n{}\n\
-         [management]\nlisten = \"127.0.0.1:0\"\n\n[upstream]\nuntrusted = \"{}\"\nca_bundles = [{}]\n\n[policy]\nno_decrypt = [{}]\n\n[resolve]\n",
+         [management]\nlisten = \"127.0.0.1:0\"\n\n[upstream]\nuntrusted = \"{}\"\nca_bundles = [{}]\n{}\n[policy]\nno_decrypt = [{}]\n\n[resolve]\n",
         token.path("state").display(),
         token.label,
         pin.display(),
@@ -260,6 +263,7 @@ pub fn write_config(token: &Token, path: &Path, options: &ProxyOptions) {
         options.sni_listener,
         options.untrusted,
         options.ca_bundles.iter().map(|p| format!("\"{}\"", p.display())).collect::<Vec<_>>().join(", "),
+        options.upstream,
         options.no_decrypt.iter().map(|g| format!("\"{g}\"")).collect::<Vec<_>>().join(", "),
     );
     for (host, addr) in &options.resolve {
