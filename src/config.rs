@@ -434,6 +434,12 @@ pub struct UpstreamConfig {
     /// Upstreams that cannot be intercepted (they ask for a client certificate, speak only
     /// TLS 1.1 or older, share no cipher suite with us).
     pub unsupported: UnsupportedAction,
+    /// Revocation checks of upstream certificates.
+    pub revocation: RevocationMode,
+    /// A CRL not fetched within this is unknown status (`revocation_unknown`).
+    pub revocation_timeout_ms: u64,
+    /// A larger CRL is refused (unknown status).
+    pub revocation_max_crl_bytes: usize,
 }
 
 impl Default for UpstreamConfig {
@@ -443,8 +449,21 @@ impl Default for UpstreamConfig {
             untrusted: UntrustedAction::ForwardUntrust,
             on_error: OnErrorConfig::default(),
             unsupported: UnsupportedAction::Tunnel,
+            revocation: RevocationMode::Crl,
+            revocation_timeout_ms: 2000,
+            revocation_max_crl_bytes: 10 << 20,
         }
     }
+}
+
+/// `[upstream] revocation`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RevocationMode {
+    Off,
+    /// CRLs from the end entity's distribution points (http://), cached until their
+    /// nextUpdate.
+    Crl,
 }
 
 /// What an upstream that cannot be intercepted gets.
@@ -953,6 +972,9 @@ impl Config {
         }
         if !(8192..=16 * 1024 * 1024).contains(&limits.max_header_bytes) {
             return Err(invalid("limits.max_header_bytes".into(), "must be between 8192 and 16777216"));
+        }
+        if !(100..=30_000).contains(&self.upstream.revocation_timeout_ms) {
+            return Err(invalid("upstream.revocation_timeout_ms".into(), "must be between 100 and 30000"));
         }
         if self.log.max_file_bytes < 4096 {
             return Err(invalid("log.max_file_bytes".into(), "must be at least 4096"));

@@ -155,41 +155,62 @@ pub struct Fetched {
     pub last_modified: Option<String>,
 }
 
-/// GETs `url` (`https://` only) over a validated TLS connection, with `If-None-Match` /
-/// `If-Modified-Since` from the last answer, at most `max_bytes` of body, everything within
-/// `timeout`.
+/// GETs `url` — `https://` over a TLS connection validated by `tls`, or, without `tls`,
+/// plain `http://` (CRLs: signed data, fetched the way their issuers publish them) — with
+/// `If-None-Match` / `If-Modified-Since` from the last answer, at most `max_bytes` of body,
+/// everything within `timeout`.
 pub async fn fetch(
     url: &str,
-    tls: Arc<rustls::ClientConfig>,
+    tls: Option<Arc<rustls::ClientConfig>>,
     last: (Option<&str>, Option<&str>),
     max_bytes: usize,
     timeout: Duration,
 ) -> io::Result<Fetched> {
     tokio::time::timeout(timeout, get(url, tls, last, max_bytes))
         .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {} s", timeout.as_secs())))?
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {} ms", timeout.as_millis())))?
 }
 
 async fn get(
     url: &str,
-    tls: Arc<rustls::ClientConfig>,
-    (etag, last_modified): (Option<&str>, Option<&str>),
+    tls: Option<Arc<rustls::ClientConfig>>,
+    last: (Option<&str>, Option<&str>),
     max_bytes: usize,
 ) -> io::Result<Fetched> {
-    use http_body_util::BodyExt;
     let invalid = |what: String| io::Error::new(io::ErrorKind::InvalidInput, what);
     let uri: http::Uri = url.parse().map_err(|e| invalid(format!("{e}")))?;
-    if uri.scheme_str() != Some("https") {
-        return Err(invalid("only https:// is fetched".into()));
+    let (scheme, default_port) = if tls.is_some() { ("https", 443) } else { ("http", 80) };
+    if uri.scheme_str() != Some(scheme) {
+        return Err(invalid(format!("only {scheme}:// is fetched here")));
     }
     let host = uri.host().ok_or_else(|| invalid("no host".into()))?.trim_start_matches('[').trim_end_matches(']');
-    let port = uri.port_u16().unwrap_or(443);
+    let port = uri.port_u16().unwrap_or(default_port);
     let addrs: Vec<SocketAddr> = interleave(tokio::net::lookup_host((host, port)).await?.collect());
     let tcp = happy_eyeballs(&addrs, ATTEMPT_DELAY).await?;
-    let name = rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|e| invalid(e.to_string()))?;
-    let stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await?;
+    match tls {
+        Some(tls) => {
+            let name = rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|e| invalid(e.to_string()))?;
+            let stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await?;
+            exchange(stream, &uri, host, last, max_bytes).await
+        }
+        None => exchange(tcp, &uri, host, last, max_bytes).await,
+    }
+}
+
+/// One GET over an open connection.
+async fn exchange<IO>(
+    io: IO,
+    uri: &http::Uri,
+    host: &str,
+    (etag, last_modified): (Option<&str>, Option<&str>),
+    max_bytes: usize,
+) -> io::Result<Fetched>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use http_body_util::BodyExt;
     let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.map_err(io::Error::other)?;
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await.map_err(io::Error::other)?;
     tokio::spawn(connection);
     let mut request = http::Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
         .header(http::header::HOST, uri.authority().map_or(host, |a| a.as_str()))

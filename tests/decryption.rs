@@ -53,7 +53,8 @@ async fn every_session_gets_a_line_saying_what_became_of_it() {
         ("upstream_issuer", "CN=tollgate test root"),
         ("upstream_root", "CN=tollgate test root"),
         ("chain_status", "trusted"),
-        ("revocation", "off"),
+        ("revocation", "unknown"),
+        ("revocation_source", "none"),
     ] {
         assert_eq!(first[field], want, "{field}: {first}");
     }

@@ -205,9 +205,10 @@ impl HostList {
             let seen = self.seen.lock();
             (seen.etag.clone(), seen.last_modified.clone())
         };
-        let fetched = crate::net::fetch(url, tls, (etag.as_deref(), since.as_deref()), MAX_LIST_BYTES, FETCH_TIMEOUT)
-            .await
-            .map_err(|e| read_err(e.to_string()))?;
+        let fetched =
+            crate::net::fetch(url, Some(tls), (etag.as_deref(), since.as_deref()), MAX_LIST_BYTES, FETCH_TIMEOUT)
+                .await
+                .map_err(|e| read_err(e.to_string()))?;
         match fetched.status {
             304 => return Ok(false),
             200 => {}

@@ -10,13 +10,16 @@ use tokio_rustls::StartHandshake;
 use super::bypass::Learned;
 use super::decryption::{Decision, Record, Stage, TlsFacts};
 use super::respond::refuse_handshake as refuse;
+use super::revocation::Status;
 use super::tls::ClientHelloInfo;
 use super::upstream::{Peer, Route, Upstreams};
+use super::verdict::Verdict;
 use super::{ConnCtx, Proxy, ProxyError, Relaying, Side, Target};
 use crate::config::{ErrorAction, ListenerMode, UnsupportedAction};
 use crate::pki::CaRole;
 use crate::pki::cache::LeafKey;
 use crate::pki::mint::{MintError, Minted};
+use crate::policy::trust::ChainStatus;
 use crate::policy::{TlsAction, TlsDecision, Who};
 use crate::telemetry::{METRICS, Refused, refused};
 
@@ -206,7 +209,17 @@ where
     };
     record.upstream = lease.peer.tls.clone();
     record.cert = lease.peer.cert_facts();
-    let verdict = lease.peer.verdict(&proxy.upstream_tls);
+    let mut verdict = lease.peer.verdict(&proxy.upstream_tls);
+    if verdict.is_trusted() {
+        record.stage = Stage::Validation;
+        let status = lease.peer.revocation(&proxy.revocation).await;
+        (record.revocation, record.revocation_source) = (status.as_str(), status.source());
+        match status {
+            Status::Revoked(why) => verdict = Verdict::failed(ChainStatus::Revoked, why),
+            Status::Unknown(why) => verdict = Verdict::failed(ChainStatus::RevocationUnknown, why),
+            Status::Off | Status::NotPublished | Status::Good => {}
+        }
+    }
     record.verdict = Some(verdict.clone());
     record.stage = Stage::Validation;
     if !verdict.is_trusted() {

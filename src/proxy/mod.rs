@@ -12,6 +12,7 @@ pub mod inbound;
 pub mod intercept;
 pub mod proxy_protocol;
 pub mod respond;
+pub mod revocation;
 pub mod tls;
 pub mod transparent;
 pub mod tunnel;
@@ -204,6 +205,8 @@ pub struct Proxy {
     pub cas: Cas,
     pub cache: LeafCache,
     pub upstream_tls: UpstreamTls,
+    /// Upstream certificates' revocation (CRLs), with its cache.
+    pub revocation: revocation::Revocation,
     pub server_tls: ServerTls,
     pub upstreams: upstream::Upstreams,
     pub inbound: inbound::InboundSites,
@@ -256,13 +259,15 @@ impl Proxy {
             field: "tls".into(),
             reason: e.to_string(),
         })?;
+        let upstream_tls = UpstreamTls::new(&config.upstream, &config.path, &provider)?;
         let mut own: Vec<SocketAddr> = config.listeners.iter().map(|l| l.listen).collect();
         own.push(config.management.listen);
         Ok(Self {
             policy,
             cas,
             cache: LeafCache::new(config.mint.cache_capacity),
-            upstream_tls: UpstreamTls::new(&config.upstream, &config.path, &provider)?,
+            revocation: revocation::Revocation::new(&config.upstream, upstream_tls.roots(), &provider),
+            upstream_tls,
             server_tls,
             inbound,
             upstreams: upstream::Upstreams::new(

@@ -176,6 +176,7 @@ where
 pub struct UpstreamTls {
     configs: [Arc<ClientConfig>; 3],
     verifier: Arc<RecordingVerifier>,
+    roots: Arc<rustls::RootCertStore>,
 }
 
 impl UpstreamTls {
@@ -190,8 +191,9 @@ impl UpstreamTls {
             field: format!("upstream.ca_bundles[{i}]"),
             reason,
         })?;
+        let roots = Arc::new(roots);
         let webpki =
-            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build().map_err(|e| {
+            WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone()).build().map_err(|e| {
                 ConfigError::Invalid {
                     path: config_path.to_path_buf(),
                     field: "upstream.ca_bundles".into(),
@@ -217,7 +219,13 @@ impl UpstreamTls {
         Ok(Self {
             configs: [build(vec![]), build(vec![HTTP11.to_vec()]), build(vec![H2.to_vec(), HTTP11.to_vec()])],
             verifier,
+            roots,
         })
+    }
+
+    /// The roots upstream certificates are validated against.
+    pub fn roots(&self) -> Arc<rustls::RootCertStore> {
+        self.roots.clone()
     }
 
     /// The client config offering what the client offered, limited to what we relay. A client

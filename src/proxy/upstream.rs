@@ -18,6 +18,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 
 use super::decryption::{CertFacts, TlsFacts};
 use super::idle::Deadlines;
+use super::revocation::{Revocation, Status};
 use super::tls::{H2, UpstreamTls};
 use super::verdict::Verdict;
 use super::{Body, Proxy, ProxyError, Side, Target};
@@ -121,6 +122,8 @@ pub struct Peer {
     pub tls: TlsFacts,
     /// The end entity's public fields, parsed on first use (the decryption log).
     cert: std::sync::OnceLock<Option<Arc<CertFacts>>>,
+    /// The last revocation check, and when.
+    revocation: Mutex<Option<(Status, Instant)>>,
 }
 
 /// A request sender on an upstream connection.
@@ -309,8 +312,9 @@ impl Peer {
     fn inbound(chain: Vec<CertificateDer<'static>>, alpn: Option<Vec<u8>>) -> Arc<Self> {
         let fingerprint = chain.first().map_or([0; 32], |leaf| sha256(leaf));
         let verdict = Mutex::new((Verdict::TRUSTED, Instant::now()));
-        let (tls, cert) = (TlsFacts::default(), Default::default());
-        Arc::new(Peer { name: None, chain, fingerprint, alpn, names_cover_host: false, verdict, tls, cert })
+        let (tls, cert, revocation) = (TlsFacts::default(), Default::default(), Default::default());
+        let names_cover_host = false;
+        Arc::new(Peer { name: None, chain, fingerprint, alpn, names_cover_host, verdict, tls, cert, revocation })
     }
 
     /// An inbound origin reached over plain HTTP.
@@ -328,6 +332,19 @@ impl Peer {
             *cached = (tls.verdict(name, &self.chain), Instant::now());
         }
         cached.0.clone()
+    }
+
+    /// The certificate's revocation status: checked again when older than a minute, like the
+    /// verdict (a pooled connection outlives a CRL update).
+    pub async fn revocation(&self, revocation: &Revocation) -> Status {
+        if let Some((status, at)) = &*self.revocation.lock()
+            && at.elapsed() < VERDICT_MAX_AGE
+        {
+            return status.clone();
+        }
+        let status = revocation.check(&self.chain).await;
+        *self.revocation.lock() = Some((status.clone(), Instant::now()));
+        status
     }
 
     /// The end entity's subject, issuer, serial, fingerprint and validity.
@@ -372,8 +389,9 @@ async fn dial_forward(proxy: &Proxy, target: &Target, client_alpn: &[Vec<u8>]) -
     let leaf = chain.first().map(|c| c.as_ref()).unwrap_or_default();
     let (fingerprint, names_cover_host) = (sha256(leaf), crate::pki::mint::mirrors_names(leaf));
     let verdict = Mutex::new((verdict, Instant::now()));
-    let (tls, cert) = (TlsFacts::of(conn), Default::default());
-    let peer = Arc::new(Peer { name: Some(name), chain, fingerprint, alpn, names_cover_host, verdict, tls, cert });
+    let (tls, cert, revocation) = (TlsFacts::of(conn), Default::default(), Default::default());
+    let name = Some(name);
+    let peer = Arc::new(Peer { name, chain, fingerprint, alpn, names_cover_host, verdict, tls, cert, revocation });
     let sender = http_handshake(target, TokioIo::new(stream), peer.alpn.as_deref() == Some(H2)).await?;
     Ok(Lease { sender, peer })
 }
