@@ -224,6 +224,11 @@ async fn full_handshakes_sign_on_the_hsm_and_resumed_ones_do_not() {
     assert_eq!(proxy.metric("tollgate_hsm_sign_total").await - before, 1);
     let line = proxy.wait_log("inbound access log", |v| v["message"] == "request" && v["mode"] == "inbound");
     assert_eq!(line["upstream"], "inbound");
+    // Each session has its decryption log line: the client's side of it.
+    let session =
+        proxy.wait_log("inbound session", |v| v["target"] == "tollgate::decryption" && v["mode"] == "inbound");
+    assert_eq!((session["decision"].as_str(), session["sni"].as_str()), (Some("decrypt"), Some("www.inbound.test")));
+    assert!(session["client_tls_version"].as_str().is_some_and(|v| v.starts_with("TLSv1_")), "{session}");
 
     // Inspection rules apply on the inbound path too: the same relay.
     let tls = tls_via_sni(addr, "www.inbound.test", config.clone()).await.unwrap();

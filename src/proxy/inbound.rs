@@ -16,6 +16,7 @@ use rustls::sign::CertifiedKey;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::StartHandshake;
 
+use super::decryption::{Decision, Record, Stage, TlsFacts};
 use super::http::Upstream;
 use super::tls::{H2, HTTP11, SuiteOrder, server_config};
 use super::upstream::{Origin, Route, Upstreams};
@@ -114,12 +115,36 @@ where
     super::serve_phases(Box::pin(handshake_phase(&proxy, io, ctx.clone())), ctx).await;
 }
 
-/// ClientHello, site, client handshake (the site's key signs); then the relay, not yet started.
-async fn handshake_phase<IO>(proxy: &Arc<Proxy>, mut io: IO, ctx: ConnCtx) -> Result<Relaying, ProxyError>
+/// ClientHello, site, client handshake (the site's key signs); then the relay, not yet
+/// started. The session's decryption log line says how the client's side went (the origin
+/// is reached per request, over the site's own validated connection).
+async fn handshake_phase<IO>(proxy: &Arc<Proxy>, io: IO, ctx: ConnCtx) -> Result<Relaying, ProxyError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut record = Record::default();
+    let result = terminate(proxy, io, ctx.clone(), &mut record).await;
+    if proxy.log_decryption {
+        if let Err(e) = &result {
+            record.error = Some(e.to_string());
+        }
+        record.emit(&ctx);
+    }
+    result
+}
+
+async fn terminate<IO>(
+    proxy: &Arc<Proxy>,
+    mut io: IO,
+    ctx: ConnCtx,
+    record: &mut Record,
+) -> Result<Relaying, ProxyError>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (accepted, hello, _) = super::client_hello(proxy, &mut io).await?;
+    record.sni.clone_from(&hello.sni);
+    record.stage = Stage::ClientHandshake;
     let site = hello.sni.as_deref().and_then(|sni| proxy.inbound.get(sni)).cloned();
     let Some(site) = site else {
         let host = hello.sni.clone().unwrap_or_default();
@@ -136,6 +161,8 @@ where
         side: Side::Client,
     })?
     .map_err(ProxyError::ClientTls)?;
+    record.client = TlsFacts::of(client.get_ref().1);
+    record.decision = Decision::Decrypt;
     let target = Target { host: site.host.clone(), port: 443, addr: None };
     let upstream = Upstream {
         key: Upstreams::origin_key(&site.origin),
