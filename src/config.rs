@@ -462,8 +462,12 @@ impl Default for UpstreamConfig {
 pub enum RevocationMode {
     Off,
     /// CRLs from the end entity's distribution points (http://), cached until their
-    /// nextUpdate.
+    /// nextUpdate; a stapled OCSP response is honoured.
     Crl,
+    /// As `crl`, and an OCSP query to the end entity's responder when neither a staple nor
+    /// a CRL settles it.
+    #[serde(rename = "crl+ocsp")]
+    CrlOcsp,
 }
 
 /// What an upstream that cannot be intercepted gets.

@@ -215,9 +215,9 @@ where
         let status = lease.peer.revocation(&proxy.revocation).await;
         (record.revocation, record.revocation_source) = (status.as_str(), status.source());
         match status {
-            Status::Revoked(why) => verdict = Verdict::failed(ChainStatus::Revoked, why),
-            Status::Unknown(why) => verdict = Verdict::failed(ChainStatus::RevocationUnknown, why),
-            Status::Off | Status::NotPublished | Status::Good => {}
+            Status::Revoked(_, why) => verdict = Verdict::failed(ChainStatus::Revoked, why),
+            Status::Unknown(_, why) => verdict = Verdict::failed(ChainStatus::RevocationUnknown, why),
+            Status::Off | Status::NotPublished | Status::Good(_) => {}
         }
     }
     record.verdict = Some(verdict.clone());

@@ -10,6 +10,7 @@ pub mod http;
 pub mod idle;
 pub mod inbound;
 pub mod intercept;
+pub mod ocsp;
 pub mod proxy_protocol;
 pub mod respond;
 pub mod revocation;

@@ -1,4 +1,5 @@
-//! Revocation of upstream certificates (`[upstream] revocation = "crl"`). Interception takes
+//! Revocation of upstream certificates (`[upstream] revocation = "crl"` or `"crl+ocsp"`; an
+//! OCSP response the upstream staples is honoured in both, see `ocsp`). Interception takes
 //! the client's own revocation check away, so tollgate does it: the end entity's CRL
 //! distribution points (http://) are fetched within `revocation_timeout_ms` and at most
 //! `revocation_max_crl_bytes`, kept until their nextUpdate (at most a day), and the chain is
@@ -28,12 +29,23 @@ const STALE_KEEP: Duration = Duration::from_secs(60);
 pub enum Status {
     /// Checks are off.
     Off,
-    /// The certificate names no CRL to check (nothing to go on; no action follows).
+    /// The certificate names no CRL (nor, with `crl+ocsp`, an OCSP responder) and no response
+    /// was stapled: nothing to go on, no action follows.
     NotPublished,
-    Good,
-    Revoked(String),
-    /// A CRL was to be checked and could not be: `revocation_unknown` decides.
-    Unknown(String),
+    Good(Source),
+    Revoked(Source, String),
+    /// A check was to be made and could not be: `revocation_unknown` decides.
+    Unknown(Source, String),
+}
+
+/// Where a revocation answer came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    Crl,
+    /// A response the upstream stapled (or one stapled earlier, for a resumed session).
+    OcspStaple,
+    /// A query to the certificate's responder.
+    Ocsp,
 }
 
 impl Status {
@@ -41,19 +53,44 @@ impl Status {
     pub fn as_str(&self) -> &'static str {
         match self {
             Self::Off => "off",
-            Self::NotPublished | Self::Unknown(_) => "unknown",
-            Self::Good => "good",
-            Self::Revoked(_) => "revoked",
+            Self::NotPublished | Self::Unknown(..) => "unknown",
+            Self::Good(_) => "good",
+            Self::Revoked(..) => "revoked",
         }
     }
 
     /// Where the answer came from (the decryption log's `revocation_source`).
     pub fn source(&self) -> Option<&'static str> {
-        match self {
-            Self::Off => None,
-            Self::NotPublished => Some("none"),
-            _ => Some("crl"),
-        }
+        let source = match self {
+            Self::Off => return None,
+            Self::NotPublished => return Some("none"),
+            Self::Good(source) | Self::Revoked(source, _) | Self::Unknown(source, _) => source,
+        };
+        Some(match source {
+            Source::Crl => "crl",
+            Source::OcspStaple => "ocsp-staple",
+            Source::Ocsp => "ocsp",
+        })
+    }
+
+    /// Whether the answer settles the question (good or revoked).
+    fn settled(&self) -> bool {
+        matches!(self, Self::Good(_) | Self::Revoked(..))
+    }
+}
+
+/// An OCSP answer kept for a certificate, and for how long.
+#[derive(Clone)]
+struct Kept {
+    status: Status,
+    keep: Duration,
+}
+
+struct KeepAnswer;
+
+impl moka::Expiry<[u8; 32], Kept> for KeepAnswer {
+    fn expire_after_create(&self, _key: &[u8; 32], kept: &Kept, _at: std::time::Instant) -> Option<Duration> {
+        Some(kept.keep)
     }
 }
 
@@ -71,6 +108,9 @@ pub struct Revocation {
     roots: Arc<RootCertStore>,
     algorithms: &'static [&'static dyn SignatureVerificationAlgorithm],
     crls: moka::future::Cache<String, Arc<Fetched>>,
+    /// OCSP answers by end-entity SHA-256: stapled ones (so a resumed session, which carries
+    /// no staple, is decided the same way) and queried ones.
+    answers: moka::future::Cache<[u8; 32], Kept>,
 }
 
 struct KeepFor;
@@ -93,16 +133,76 @@ impl Revocation {
             roots,
             algorithms: provider.signature_verification_algorithms.all,
             crls: moka::future::Cache::builder().max_capacity(1024).expire_after(KeepFor).build(),
+            answers: moka::future::Cache::builder().max_capacity(100_000).expire_after(KeepAnswer).build(),
         }
     }
 
-    /// Checks a chain (end entity first) that validated: by the CRLs its end entity names.
-    pub async fn check(&self, chain: &[CertificateDer<'static>]) -> Status {
+    /// Checks a chain (end entity first) that validated: by the response the upstream
+    /// stapled, else one stapled before, else the CRLs its end entity names, and with
+    /// `crl+ocsp` its OCSP responder when the CRLs settle nothing.
+    pub async fn check(&self, chain: &[CertificateDer<'static>], staple: Option<&[u8]>) -> Status {
         if self.mode == RevocationMode::Off {
             return Status::Off;
         }
         let Some(end_entity) = chain.first() else { return Status::NotPublished };
-        let urls = distribution_points(end_entity);
+        let fingerprint = crate::keys::sha256(end_entity);
+        if let Some(staple) = staple {
+            match super::ocsp::verify(staple, chain, &self.roots, self.algorithms) {
+                Ok((answer, keep)) => {
+                    let status = from_answer(answer, Source::OcspStaple);
+                    self.answers.insert(fingerprint, Kept { status: status.clone(), keep }).await;
+                    return status;
+                }
+                Err(why) => tracing::warn!(error = %why, "stapled OCSP response ignored"),
+            }
+        }
+        if let Some(kept) = self.answers.get(&fingerprint).await {
+            return kept.status;
+        }
+        let by_crl = self.by_crl(chain).await;
+        if by_crl.settled() || self.mode != RevocationMode::CrlOcsp {
+            return by_crl;
+        }
+        let Some(url) = super::ocsp::responder(end_entity) else { return by_crl };
+        let query = self.query(url, chain.to_vec());
+        match tokio::time::timeout(self.timeout, self.answers.get_with(fingerprint, query)).await {
+            Ok(kept) if kept.status.settled() || by_crl == Status::NotPublished => kept.status,
+            Ok(_) => by_crl,
+            Err(_) => Status::Unknown(
+                Source::Ocsp,
+                format!("the OCSP responder gave no answer within {} ms", self.timeout.as_millis()),
+            ),
+        }
+    }
+
+    /// Asks the certificate's OCSP responder (a GET, as RFC 6960 allows for small requests).
+    async fn query(&self, url: String, chain: Vec<CertificateDer<'static>>) -> Kept {
+        let failed = |why: String| {
+            tracing::warn!(url = %url, error = %why, "OCSP query failed: revocation status unknown");
+            Kept { status: Status::Unknown(Source::Ocsp, why), keep: RETRY_FAILED }
+        };
+        let request = match super::ocsp::request(&chain, &self.roots) {
+            Ok(request) => request,
+            Err(why) => return failed(why),
+        };
+        use base64::Engine;
+        let encoded = base64::engine::general_purpose::STANDARD.encode(request);
+        let escaped = encoded.replace('+', "%2B").replace('/', "%2F").replace('=', "%3D");
+        let get = format!("{}/{escaped}", url.trim_end_matches('/'));
+        let body = match crate::net::fetch(&get, None, (None, None), 64 * 1024, self.timeout).await {
+            Ok(f) if f.status == 200 => f.body,
+            Ok(f) => return failed(format!("HTTP {}", f.status)),
+            Err(e) => return failed(e.to_string()),
+        };
+        match super::ocsp::verify(&body, &chain, &self.roots, self.algorithms) {
+            Ok((answer, keep)) => Kept { status: from_answer(answer, Source::Ocsp), keep },
+            Err(why) => failed(why),
+        }
+    }
+
+    /// Checks by the CRLs the end entity names.
+    async fn by_crl(&self, chain: &[CertificateDer<'static>]) -> Status {
+        let urls = distribution_points(&chain[0]);
         if urls.is_empty() {
             return Status::NotPublished;
         }
@@ -123,17 +223,17 @@ impl Revocation {
                 Fetched::Failed(why) => failures.push(format!("{url}: {why}")),
             }
         }
-        Status::Unknown(format!("no CRL could be fetched ({})", failures.join("; ")))
+        Status::Unknown(Source::Crl, format!("no CRL could be fetched ({})", failures.join("; ")))
     }
 
     /// The chain checked against one CRL.
     fn against(&self, chain: &[CertificateDer<'static>], crl: &CertRevocationList<'static>) -> Status {
         let Ok(end_entity) = webpki::EndEntityCert::try_from(&chain[0]) else {
-            return Status::Unknown("the certificate could not be parsed".into());
+            return Status::Unknown(Source::Crl, "the certificate could not be parsed".into());
         };
         let crls = [crl];
         let Ok(options) = webpki::RevocationOptionsBuilder::new(&crls) else {
-            return Status::Unknown("no CRL".into());
+            return Status::Unknown(Source::Crl, "no CRL".into());
         };
         let options = options
             .with_depth(webpki::RevocationCheckDepth::EndEntity)
@@ -149,14 +249,15 @@ impl Revocation {
             Some(options),
             None,
         );
+        let unknown = |why: String| Status::Unknown(Source::Crl, why);
         match verified {
-            Ok(_) => Status::Good,
-            Err(webpki::Error::CertRevoked) => Status::Revoked("listed in its issuer's CRL".into()),
+            Ok(_) => Status::Good(Source::Crl),
+            Err(webpki::Error::CertRevoked) => Status::Revoked(Source::Crl, "listed in its issuer's CRL".into()),
             Err(webpki::Error::UnknownRevocationStatus) => {
-                Status::Unknown("the CRL fetched is not its issuer's (or not for it)".into())
+                unknown("the CRL fetched is not its issuer's (or not for it)".into())
             }
-            Err(webpki::Error::CrlExpired { .. }) => Status::Unknown("the CRL is past its nextUpdate".into()),
-            Err(e) => Status::Unknown(format!("the CRL could not be used: {e:?}")),
+            Err(webpki::Error::CrlExpired { .. }) => unknown("the CRL is past its nextUpdate".into()),
+            Err(e) => unknown(format!("the CRL could not be used: {e:?}")),
         }
     }
 
@@ -175,6 +276,14 @@ impl Revocation {
                 Fetched::Failed(why)
             }
         })
+    }
+}
+
+fn from_answer(answer: super::ocsp::Answer, source: Source) -> Status {
+    match answer {
+        super::ocsp::Answer::Good => Status::Good(source),
+        super::ocsp::Answer::Revoked => Status::Revoked(source, "revoked, says its issuer's OCSP responder".into()),
+        super::ocsp::Answer::Unknown => Status::Unknown(source, "the OCSP responder does not know it".into()),
     }
 }
 

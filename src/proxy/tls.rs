@@ -245,22 +245,18 @@ impl UpstreamTls {
         }
     }
 
-    /// The verdict for a completed upstream handshake. After a full handshake it is what the
-    /// verifier just found for that name and certificate; a resumed session (the verifier did
-    /// not run) carries its chain, and the verdict is recomputed from it, never assumed.
-    pub fn handshake_verdict(
-        &self,
-        name: &ServerName<'static>,
-        chain: &[CertificateDer<'_>],
-        resumed: bool,
-    ) -> Verdict {
+    /// The verdict for a completed upstream handshake, and the OCSP response the upstream
+    /// stapled. After a full handshake the verdict is what the verifier just found for that
+    /// name and certificate; a resumed session (the verifier did not run, nothing stapled)
+    /// carries its chain, and the verdict is recomputed from it, never assumed.
+    pub fn handshake_verdict(&self, name: &ServerName<'static>, chain: &[CertificateDer<'_>], resumed: bool) -> Seen {
         if !resumed
             && let Some(end_entity) = chain.first()
-            && let Some(verdict) = self.verifier.recent.get(&(name.clone(), sha256(end_entity)))
+            && let Some(seen) = self.verifier.recent.get(&(name.clone(), sha256(end_entity)))
         {
-            return verdict;
+            return seen;
         }
-        self.verdict(name, chain)
+        (self.verdict(name, chain), None)
     }
 
     /// The verdict for a chain presented for `name`, computed now.
@@ -273,6 +269,9 @@ impl UpstreamTls {
     }
 }
 
+/// What the verifier saw of a handshake: its verdict and the OCSP response stapled.
+type Seen = (Verdict, Option<Arc<[u8]>>);
+
 /// Validates upstream certificates with webpki. A failed validation lets the handshake finish
 /// (the handshake signature is still checked): the verdict, recorded here, then decides by
 /// `[upstream.on_error]` between a forward-untrust leaf and a refusal, and the decryption log
@@ -280,7 +279,7 @@ impl UpstreamTls {
 struct RecordingVerifier {
     inner: Arc<WebPkiServerVerifier>,
     /// Verdicts of the last seconds by (name, certificate hash), read right after the handshake.
-    recent: moka::sync::Cache<(ServerName<'static>, [u8; 32]), Verdict>,
+    recent: moka::sync::Cache<(ServerName<'static>, [u8; 32]), Seen>,
 }
 
 impl std::fmt::Debug for RecordingVerifier {
@@ -300,7 +299,8 @@ impl ServerCertVerifier for RecordingVerifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         let result = self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now);
         let verdict = judge(end_entity, result.as_ref().map(drop).map_err(Clone::clone));
-        self.recent.insert((server_name.to_owned(), sha256(end_entity)), verdict);
+        let staple = (!ocsp_response.is_empty()).then(|| Arc::from(ocsp_response));
+        self.recent.insert((server_name.to_owned(), sha256(end_entity)), (verdict, staple));
         match result {
             Ok(verified) => Ok(verified),
             Err(rustls::Error::InvalidCertificate(_)) => Ok(ServerCertVerified::assertion()),

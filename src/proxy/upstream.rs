@@ -124,6 +124,8 @@ pub struct Peer {
     cert: std::sync::OnceLock<Option<Arc<CertFacts>>>,
     /// The last revocation check, and when.
     revocation: Mutex<Option<(Status, Instant)>>,
+    /// The OCSP response the upstream stapled in the handshake.
+    staple: Option<Arc<[u8]>>,
 }
 
 /// A request sender on an upstream connection.
@@ -313,8 +315,19 @@ impl Peer {
         let fingerprint = chain.first().map_or([0; 32], |leaf| sha256(leaf));
         let verdict = Mutex::new((Verdict::TRUSTED, Instant::now()));
         let (tls, cert, revocation) = (TlsFacts::default(), Default::default(), Default::default());
-        let names_cover_host = false;
-        Arc::new(Peer { name: None, chain, fingerprint, alpn, names_cover_host, verdict, tls, cert, revocation })
+        let (names_cover_host, staple) = (false, None);
+        Arc::new(Peer {
+            name: None,
+            chain,
+            fingerprint,
+            alpn,
+            names_cover_host,
+            verdict,
+            tls,
+            cert,
+            revocation,
+            staple,
+        })
     }
 
     /// An inbound origin reached over plain HTTP.
@@ -342,7 +355,7 @@ impl Peer {
         {
             return status.clone();
         }
-        let status = revocation.check(&self.chain).await;
+        let status = revocation.check(&self.chain, self.staple.as_deref()).await;
         *self.revocation.lock() = Some((status.clone(), Instant::now()));
         status
     }
@@ -385,13 +398,14 @@ async fn dial_forward(proxy: &Proxy, target: &Target, client_alpn: &[Vec<u8>]) -
         conn.peer_certificates().unwrap_or_default().iter().map(|c| c.clone().into_owned()).collect();
     let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
     let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
-    let verdict = proxy.upstream_tls.handshake_verdict(&name, &chain, resumed);
+    let (verdict, staple) = proxy.upstream_tls.handshake_verdict(&name, &chain, resumed);
     let leaf = chain.first().map(|c| c.as_ref()).unwrap_or_default();
     let (fingerprint, names_cover_host) = (sha256(leaf), crate::pki::mint::mirrors_names(leaf));
     let verdict = Mutex::new((verdict, Instant::now()));
     let (tls, cert, revocation) = (TlsFacts::of(conn), Default::default(), Default::default());
     let name = Some(name);
-    let peer = Arc::new(Peer { name, chain, fingerprint, alpn, names_cover_host, verdict, tls, cert, revocation });
+    let peer =
+        Arc::new(Peer { name, chain, fingerprint, alpn, names_cover_host, verdict, tls, cert, revocation, staple });
     let sender = http_handshake(target, TokioIo::new(stream), peer.alpn.as_deref() == Some(H2)).await?;
     Ok(Lease { sender, peer })
 }
