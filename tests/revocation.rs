@@ -89,12 +89,16 @@ async fn revoked_upstreams_are_blocked_and_a_dead_crl_server_costs_one_deadline(
         next_update: now + time::Duration::days(1),
         crl_number: SerialNumber::from_slice(&[1]),
         issuing_distribution_point: None,
-        revoked_certs: vec![RevokedCertParams {
-            serial_number: SerialNumber::from_slice(&[2]),
-            revocation_time: now - time::Duration::hours(1),
-            reason_code: Some(rcgen::RevocationReason::KeyCompromise),
-            invalidity_date: None,
-        }],
+        // The leaf 0x02, and the intermediate CA 0x09.
+        revoked_certs: [2u8, 9]
+            .into_iter()
+            .map(|serial| RevokedCertParams {
+                serial_number: SerialNumber::from_slice(&[serial]),
+                revocation_time: now - time::Duration::hours(1),
+                reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            })
+            .collect(),
         key_identifier_method: KeyIdMethod::Sha256,
     }
     .signed_by(&issuer)
@@ -117,6 +121,33 @@ async fn revoked_upstreams_are_blocked_and_a_dead_crl_server_costs_one_deadline(
         resolve.push((format!("{name}:443"), origin.addr));
         origins.push(origin);
     }
+    // A leaf whose own CRL does not list it, issued by an intermediate the root revoked.
+    let mut inter = CertificateParams::default();
+    inter.distinguished_name.push(DnType::CommonName, "revoked intermediate");
+    inter.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    inter.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    inter.serial_number = Some(SerialNumber::from_slice(&[9]));
+    inter.crl_distribution_points = vec![CrlDistributionPoint { uris: vec![format!("http://{crl_addr}/root.crl")] }];
+    let inter_key = KeyPair::generate().unwrap();
+    let inter_cert = inter.signed_by(&inter_key, &issuer).unwrap();
+    let inter_issuer = Issuer::new(inter, inter_key);
+    let inter_crl = CertificateRevocationListParams {
+        this_update: now - time::Duration::hours(1),
+        next_update: now + time::Duration::days(1),
+        crl_number: SerialNumber::from_slice(&[1]),
+        issuing_distribution_point: None,
+        revoked_certs: vec![],
+        key_identifier_method: KeyIdMethod::Sha256,
+    }
+    .signed_by(&inter_issuer)
+    .unwrap();
+    let (inter_crl_addr, _) = crl_server(Some(inter_crl.der().to_vec())).await;
+    let (mut chain, key) = leaf(&inter_issuer, "badca.test", 5, Some(format!("http://{inter_crl_addr}/inter.crl")));
+    chain.push(inter_cert.der().clone());
+    let origin = Origin::start("badca.test", chain, key, &["http/1.1"]).await;
+    resolve.push(("badca.test:443".into(), origin.addr));
+    origins.push(origin);
+
     let options = ProxyOptions {
         ca_bundles: vec![dir.path().join("root.pem")],
         resolve,
@@ -142,6 +173,14 @@ async fn revoked_upstreams_are_blocked_and_a_dead_crl_server_costs_one_deadline(
     assert_eq!(revoked["decision"], "block", "{revoked}");
     assert_eq!((revoked["chain_status"].as_str(), revoked["revocation"].as_str()), (Some("revoked"), Some("revoked")));
     assert_eq!(fetches.load(Ordering::SeqCst), 1, "one fetch for both certificates that name the CRL");
+
+    // A revoked intermediate revokes the chain, though the leaf's own CRL is clean.
+    let (config, seen) = capturing_client(&["http/1.1"]);
+    assert!(tls_via_sni(proxy.sni, "badca.test", config).await.is_err());
+    assert!(seen.lock().is_empty(), "refused before any certificate");
+    let badca = decryption_line(&proxy, "badca.test");
+    assert_eq!(badca["chain_status"], "revoked", "{badca}");
+    assert!(badca["chain_detail"].as_str().unwrap().contains("intermediate"), "{badca}");
 
     // A CRL server that never answers: unknown status at the deadline, a forward-untrust leaf
     // (revocation_unknown follows untrusted) — and meanwhile a host without a CRL is served.

@@ -200,44 +200,101 @@ impl Revocation {
         }
     }
 
-    /// Checks by the CRLs the end entity names.
+    /// Checks by CRLs: the end entity's own CRL must cover it, and the intermediates the
+    /// upstream sent are checked against the CRLs they name (a revoked intermediate revokes
+    /// the chain; one whose CRL cannot be had makes the status unknown).
     async fn by_crl(&self, chain: &[CertificateDer<'static>]) -> Status {
-        let urls = distribution_points(&chain[0]);
-        if urls.is_empty() {
-            return Status::NotPublished;
-        }
         let started = Instant::now();
+        let leaf = self.first_crl(&distribution_points(&chain[0]), started).await;
+        let mut above = Vec::new();
+        let mut missing = Vec::new();
+        for cert in &chain[1..] {
+            match self.first_crl(&distribution_points(cert), started).await {
+                Some(Ok(crl)) => above.push(crl),
+                Some(Err(why)) => missing.push(format!("an intermediate's CRL: {why}")),
+                None => {}
+            }
+        }
+        let status = match &leaf {
+            None => Status::NotPublished,
+            Some(Err(why)) => Status::Unknown(Source::Crl, why.clone()),
+            Some(Ok(crl)) => self.against(chain, &[crl], webpki::RevocationCheckDepth::EndEntity),
+        };
+        if matches!(status, Status::Revoked(..)) {
+            return status;
+        }
+        if !above.is_empty() {
+            let mut all: Vec<&Fetched> = above.iter().map(|f| &**f).collect();
+            if let Some(Ok(crl)) = &leaf {
+                all.push(crl);
+            }
+            if let Status::Revoked(..) = self.against(chain, &all, webpki::RevocationCheckDepth::Chain) {
+                let why = "an intermediate CA of the chain is listed in its issuer's CRL";
+                return Status::Revoked(Source::Crl, why.into());
+            }
+        }
+        match status {
+            Status::Good(_) | Status::NotPublished if !missing.is_empty() => {
+                Status::Unknown(Source::Crl, missing.join("; "))
+            }
+            status => status,
+        }
+    }
+
+    /// The first CRL of `urls` that can be had within the deadline (counted from `started`):
+    /// `None` when there are no URLs.
+    async fn first_crl(&self, urls: &[String], started: Instant) -> Option<Result<Arc<Fetched>, String>> {
+        if urls.is_empty() {
+            return None;
+        }
         let mut failures = Vec::new();
         for url in urls {
             let Some(left) = self.timeout.checked_sub(started.elapsed()) else { break };
             let fetch = self.crls.get_with(url.clone(), self.fetch(url.clone()));
-            let fetched = match tokio::time::timeout(left, fetch).await {
-                Ok(fetched) => fetched,
+            match tokio::time::timeout(left, fetch).await {
+                Ok(fetched) if matches!(&*fetched, Fetched::Crl { .. }) => return Some(Ok(fetched)),
+                Ok(fetched) => {
+                    if let Fetched::Failed(why) = &*fetched {
+                        failures.push(format!("{url}: {why}"));
+                    }
+                }
                 Err(_) => {
                     failures.push(format!("{url}: no answer within {} ms", self.timeout.as_millis()));
                     break;
                 }
-            };
-            match &*fetched {
-                Fetched::Crl { crl, .. } => return self.against(chain, crl),
-                Fetched::Failed(why) => failures.push(format!("{url}: {why}")),
             }
         }
-        Status::Unknown(Source::Crl, format!("no CRL could be fetched ({})", failures.join("; ")))
+        Some(Err(format!("no CRL could be fetched ({})", failures.join("; "))))
     }
 
-    /// The chain checked against one CRL.
-    fn against(&self, chain: &[CertificateDer<'static>], crl: &CertRevocationList<'static>) -> Status {
+    /// The chain checked against `crls` to `depth`: the end entity must be covered by one
+    /// of them; above it, a certificate no CRL covers passes.
+    fn against(
+        &self,
+        chain: &[CertificateDer<'static>],
+        crls: &[&Fetched],
+        depth: webpki::RevocationCheckDepth,
+    ) -> Status {
         let Ok(end_entity) = webpki::EndEntityCert::try_from(&chain[0]) else {
             return Status::Unknown(Source::Crl, "the certificate could not be parsed".into());
         };
-        let crls = [crl];
+        let crls: Vec<&CertRevocationList<'static>> = crls
+            .iter()
+            .filter_map(|f| match f {
+                Fetched::Crl { crl, .. } => Some(&**crl),
+                Fetched::Failed(_) => None,
+            })
+            .collect();
         let Ok(options) = webpki::RevocationOptionsBuilder::new(&crls) else {
             return Status::Unknown(Source::Crl, "no CRL".into());
         };
+        let policy = match depth {
+            webpki::RevocationCheckDepth::EndEntity => webpki::UnknownStatusPolicy::Deny,
+            webpki::RevocationCheckDepth::Chain => webpki::UnknownStatusPolicy::Allow,
+        };
         let options = options
-            .with_depth(webpki::RevocationCheckDepth::EndEntity)
-            .with_status_policy(webpki::UnknownStatusPolicy::Deny)
+            .with_depth(depth)
+            .with_status_policy(policy)
             .with_expiration_policy(webpki::ExpirationPolicy::Enforce)
             .build();
         let verified = end_entity.verify_for_usage(
