@@ -205,7 +205,7 @@ http {{
     def start(self):
         w = self.work
         names = ("origin", "nginx-proxy", "tollgate", "mgmt", "mitmdump", "mitmdump-inbound", "inbound", "policy",
-                 "mgmt-policy")
+                 "mgmt-policy", "logged", "mgmt-logged")
         self.ports = {k: free_port() for k in names}
         p = self.ports
         self.origin = self.nginx("origin", f"""
@@ -311,19 +311,43 @@ share_leaves = false
         wait_port(p["tollgate"], "tollgate")
         wait_port(p["inbound"], "tollgate inbound listener")
         self.start_tollgate_policy(config.read_text())
+        self.start_tollgate_logged(config.read_text())
+
+    def copy_of_tollgate(self, config, name, port, mgmt):
+        """tollgate's config for another instance on `port` (management `mgmt`), with its own
+        copy of the state directory (the same token); no inbound listener."""
+        w, p = self.work, self.ports
+        shutil.copytree(w / "state", w / f"state-{name}")
+        return (config.replace(f'state_dir = "{w}/state"', f'state_dir = "{w}/state-{name}"')
+                .replace(f'listen = "127.0.0.1:{p["tollgate"]}"', f'listen = "127.0.0.1:{port}"')
+                .replace(f'listen = "127.0.0.1:{p["inbound"]}"', 'listen = "127.0.0.1:0"')
+                .replace(f'listen = "127.0.0.1:{p["mgmt"]}"', f'listen = "127.0.0.1:{mgmt}"'))
+
+    def start_tollgate_logged(self, config):
+        """The same tollgate logging as in production: an access line per request and a
+        decryption line per TLS session (TOLLGATE_LOG=info), written to a file by the log
+        writer thread. Against `tollgate` (warnings only), what logging costs."""
+        w, p = self.work, self.ports
+        config = self.copy_of_tollgate(config, "logged", p["logged"], p["mgmt-logged"])
+        config += f"""
+[log]
+file = "{w}/tollgate-logged.jsonl"
+"""
+        path = w / "tollgate-logged.toml"
+        path.write_text(config)
+        env = dict(self.env, TOLLGATE_LOG="info")
+        self.tollgate_logged = Service("tollgate-logged", [TOLLGATE, "run", "--config", path], env=env)
+        self.services.append(self.tollgate_logged)
+        wait_port(p["logged"], "tollgate with logging")
 
     def start_tollgate_policy(self, config):
         """The same tollgate with a policy: three decryption rules, the last with a host list of
         100,000 entries (none matching the benchmark's host, so it is decrypted as without them).
         Its own copy of the state directory; the same token."""
         w, p = self.work, self.ports
-        shutil.copytree(w / "state", w / "state-policy")
         entries = "".join(f"*.domain{i}.example\n" if i % 3 == 0 else f"host{i}.exact.example\n" for i in range(100_000))
         (w / "list.txt").write_text("# 100,000 entries\n" + entries)
-        config = (config.replace(f'state_dir = "{w}/state"', f'state_dir = "{w}/state-policy"')
-                  .replace(f'listen = "127.0.0.1:{p["tollgate"]}"', f'listen = "127.0.0.1:{p["policy"]}"')
-                  .replace(f'listen = "127.0.0.1:{p["inbound"]}"', 'listen = "127.0.0.1:0"')
-                  .replace(f'listen = "127.0.0.1:{p["mgmt"]}"', f'listen = "127.0.0.1:{p["mgmt-policy"]}"'))
+        config = self.copy_of_tollgate(config, "policy", p["policy"], p["mgmt-policy"])
         config += f"""
 [[decryption.rule]]
 name = "lab"
@@ -383,6 +407,7 @@ action = "block"
             ("nginx-proxy", p["nginx-proxy"], w / "root.pem", self.nginx_proxy),
             ("tollgate", p["tollgate"], w / "tollgate-ca.pem", self.tollgate),
             ("tollgate-policy", p["policy"], w / "tollgate-ca.pem", self.tollgate_policy),
+            ("tollgate-logged", p["logged"], w / "tollgate-ca.pem", self.tollgate_logged),
         ]
         if self.mitm:
             out.append(("mitmdump", p["mitmdump"], w / "mitm" / "mitmproxy-ca-cert.pem", self.mitm))
@@ -675,6 +700,10 @@ def targets(rows, mint_micro):
         t, p = rps.get(("tollgate", workload)), rps.get(("tollgate-policy", workload))
         if t and p:
             add(f"{workload}: three rules and a 100k-entry list within 3 % of none", f"{p / t:.3f}x", p >= 0.97 * t)
+        logged = rps.get(("tollgate-logged", workload))
+        if t and logged:
+            add(f"{workload}: access and decryption logs on within 5 % of off", f"{logged / t:.3f}x",
+                logged >= 0.95 * t)
     for (system, workload), t in rps.items():
         m = rps.get(("mitmdump", workload))
         if system not in ("tollgate", "tollgate-inbound") or not m:
@@ -784,7 +813,7 @@ def main():
     parser.add_argument("--no-mitmproxy", action="store_true", help="skip the mitmdump reference")
     parser.add_argument("--no-criterion", action="store_true", help="skip the criterion micro-benchmarks")
     parser.add_argument("--systems",
-                        help="comma-separated subset: nginx-origin,nginx-proxy,tollgate,tollgate-policy,mitmdump")
+                        help="comma-separated subset: nginx-origin,nginx-proxy,tollgate,tollgate-policy,tollgate-logged,mitmdump")
     parser.add_argument("--workloads", help="only workloads whose name contains this text (development)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()

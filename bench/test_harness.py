@@ -42,6 +42,13 @@ class Targets(unittest.TestCase):
         self.assertEqual(goals[f"{NEW}: three rules and a 100k-entry list within 3 % of none"]["measured"], "0.950x")
         self.assertFalse(goals[f"{NEW}: three rules and a 100k-entry list within 3 % of none"]["met"])
 
+    def test_logging_costs_at_most_five_percent(self):
+        goals = verdicts([row("tollgate", H2, 30_000), row("tollgate-logged", H2, 29_000),
+                          row("tollgate", NEW, 2_000), row("tollgate-logged", NEW, 1_800)])
+        self.assertTrue(goals[f"{H2}: access and decryption logs on within 5 % of off"]["met"])
+        self.assertEqual(goals[f"{NEW}: access and decryption logs on within 5 % of off"]["measured"], "0.900x")
+        self.assertFalse(goals[f"{NEW}: access and decryption logs on within 5 % of off"]["met"])
+
     def test_a_miss_within_the_machines_reach_has_no_excuse(self):
         # Client + 2 x origin = 0.2 ms per request: 2 cores allow 10,000/s, above 20x mitmdump.
         goals = verdicts([row("tollgate", H2, 5_000), row("mitmdump", H2, 300)])

@@ -127,13 +127,19 @@ fn open_append(path: &Path) -> std::io::Result<File> {
 struct Output {
     config: LogConfig,
     file: Option<File>,
-    /// Bytes in the current file.
+    /// Bytes in the current file, `pending` included.
     written: u64,
+    /// Lines not yet written: written out in one call when the queue runs empty (its worker
+    /// flushes then) or this fills, not one system call per line.
+    pending: Vec<u8>,
 }
+
+/// `pending` is written out past this.
+const PENDING_MAX: usize = 64 * 1024;
 
 impl Output {
     fn open(config: LogConfig) -> Result<Self, OpenError> {
-        let mut output = Self { config, file: None, written: 0 };
+        let mut output = Self { config, file: None, written: 0, pending: Vec::with_capacity(PENDING_MAX) };
         output.open_file()?;
         Ok(output)
     }
@@ -156,6 +162,7 @@ impl Output {
         if !REOPEN.swap(false, Ordering::AcqRel) {
             return;
         }
+        let _ = self.write_pending();
         let previous = (self.config.clone(), self.file.take(), self.written);
         if let Some(config) = PENDING.lock().take() {
             self.config = config;
@@ -168,6 +175,7 @@ impl Output {
 
     /// FILE → FILE.1 → … → FILE.keep_files (the oldest falls off), then a fresh FILE.
     fn rotate(&mut self, path: &Path) {
+        let _ = self.write_pending();
         let numbered = |n: usize| {
             let mut name = path.as_os_str().to_owned();
             name.push(format!(".{n}"));
@@ -193,29 +201,45 @@ impl Output {
     }
 }
 
+impl Output {
+    /// Writes `pending` to the file (standard error if it could not be opened) or standard
+    /// output.
+    fn write_pending(&mut self) -> std::io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let result = match (&self.config.file, &mut self.file) {
+            (None, _) => std::io::stdout().lock().write_all(&self.pending),
+            (Some(_), Some(file)) => file.write_all(&self.pending),
+            (Some(_), None) => std::io::stderr().write_all(&self.pending),
+        };
+        self.pending.clear();
+        result
+    }
+}
+
 impl Write for Output {
     /// One formatted line per call (the queue carries whole lines).
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.take_requests();
         Self::remember(buf);
-        let Some(path) = self.config.file.clone() else {
-            std::io::stdout().write_all(buf)?;
-            return Ok(buf.len());
-        };
-        if self.written > 0 && self.written + buf.len() as u64 > self.config.max_file_bytes {
+        if let Some(path) = self.config.file.clone()
+            && self.written > 0
+            && self.written + buf.len() as u64 > self.config.max_file_bytes
+        {
             self.rotate(&path);
         }
-        match &mut self.file {
-            Some(file) => {
-                file.write_all(buf)?;
-                self.written += buf.len() as u64;
-            }
-            None => std::io::stderr().write_all(buf)?,
+        self.pending.extend_from_slice(buf);
+        self.written += buf.len() as u64;
+        if self.pending.len() >= PENDING_MAX {
+            self.write_pending()?;
         }
         Ok(buf.len())
     }
 
+    /// Called by the queue's worker whenever the queue runs empty.
     fn flush(&mut self) -> std::io::Result<()> {
+        self.write_pending()?;
         match &mut self.file {
             Some(file) => file.flush(),
             None => std::io::stdout().flush(),
@@ -240,6 +264,7 @@ mod tests {
         for i in 0..10 {
             output.write_all(format!("{{\"line\":{i:04}}}......................\n").as_bytes()).unwrap();
         }
+        output.flush().unwrap();
         // 35-byte lines, two per 100-byte file: the current file, .1 and .2; .3 never.
         assert_eq!(lines(&path), 2);
         assert_eq!(lines(&dir.path().join("tollgate.log.1")), 2);
