@@ -58,6 +58,11 @@ pub fn check(config: &Config) -> Result<(), ConfigError> {
 /// [`check`], its host lists and users file read through (and kept in) `sources`.
 fn check_with(config: &Config, sources: &Sources) -> Result<(), ConfigError> {
     Proxy::new(config, Cas::default(), Default::default(), policy(config, sources)?)?;
+    check_log(config)
+}
+
+/// Whether `[log] file` can be written.
+fn check_log(config: &Config) -> Result<(), ConfigError> {
     crate::logs::check(&config.log).map_err(|e| ConfigError::Invalid {
         path: config.path.clone(),
         field: "log.file".into(),
@@ -236,7 +241,8 @@ fn reload(
     shutdown: &watch::Receiver<bool>,
 ) -> Result<(Config, Proxy), AppError> {
     let next = Config::load(&current.path)?;
-    check_with(&next, sources)?;
+    // What --check adds to building the state: the log file.
+    check_log(&next)?;
     let proxy = build_proxy(&next, hsm, sources, shutdown)?;
     Ok((next, proxy))
 }

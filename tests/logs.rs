@@ -94,4 +94,13 @@ async fn a_log_file_rotates_by_size_and_is_reopened_after_logrotate() {
     proxy.wait_log("a line in the new file", |v| v["path"] == "/reopened0");
     assert!(std::fs::read_to_string(&file).unwrap().contains("/reopened0"));
     assert!(!std::fs::read_to_string(&moved).unwrap().contains("/reopened0"));
+
+    // A reload naming a log file that cannot be written is refused; logging goes on.
+    let config = std::fs::read_to_string(&setup.config).unwrap();
+    std::fs::write(&setup.config, config.replace(&file.display().to_string(), "/nonexistent/dir/tollgate.log"))
+        .unwrap();
+    proxy.signal("-HUP");
+    let refused =
+        proxy.wait_log("reload refused", |v| v["message"] == "reload refused; the running configuration stays");
+    assert!(refused["error"].as_str().unwrap().contains("log.file"), "{refused}");
 }
