@@ -440,6 +440,14 @@ pub struct UpstreamConfig {
     pub revocation_timeout_ms: u64,
     /// A larger CRL is refused (unknown status).
     pub revocation_max_crl_bytes: usize,
+    /// A parent proxy every upstream connection goes through (`http://host:port`): CONNECT
+    /// for TLS and tunnels, absolute-form requests for plain HTTP.
+    pub parent: Option<ParentUrl>,
+    /// `user:password` for the parent (Basic), one line, 0600.
+    pub parent_auth_file: Option<PathBuf>,
+    /// Destinations that go direct: host globs, and networks (CIDRs) matched against
+    /// address literals and transparent mode's original destinations.
+    pub no_parent: Destinations,
 }
 
 impl Default for UpstreamConfig {
@@ -452,7 +460,81 @@ impl Default for UpstreamConfig {
             revocation: RevocationMode::Crl,
             revocation_timeout_ms: 2000,
             revocation_max_crl_bytes: 10 << 20,
+            parent: None,
+            parent_auth_file: None,
+            no_parent: Destinations::default(),
         }
+    }
+}
+
+/// `[upstream] parent`: where the parent proxy listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParentUrl {
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::fmt::Display for ParentUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.host.contains(':') {
+            true => write!(f, "http://[{}]:{}", self.host, self.port),
+            false => write!(f, "http://{}:{}", self.host, self.port),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ParentUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        let bad = |why: &str| serde::de::Error::custom(format!("{text:?}: {why}"));
+        let uri: http::Uri = text.parse().map_err(|_| bad("not a URL such as http://proxy.corp:3128"))?;
+        if uri.scheme_str() != Some("http") {
+            return Err(bad("only http:// parents are supported (tollgate speaks plain HTTP to its parent)"));
+        }
+        if uri.path_and_query().is_some_and(|p| p.as_str() != "/") || text.contains('@') {
+            return Err(bad("give only scheme, host and port; credentials go in parent_auth_file"));
+        }
+        let host = uri.host().ok_or_else(|| bad("no host"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+        Ok(Self { host, port: uri.port_u16().unwrap_or(3128) })
+    }
+}
+
+/// Destinations named by host glob or by network, in one list (`no_parent`).
+#[derive(Clone, Debug, Default)]
+pub struct Destinations {
+    pub hosts: HostGlobs,
+    pub networks: Vec<ipnet::IpNet>,
+}
+
+impl Destinations {
+    /// Whether `host` (lower-case; an address literal is matched against the networks) or the
+    /// address the connection goes to is listed.
+    pub fn contains(&self, host: &str, addr: Option<std::net::IpAddr>) -> bool {
+        let literal = host.parse::<std::net::IpAddr>().ok();
+        self.hosts.is_match(host)
+            || [literal, addr]
+                .into_iter()
+                .flatten()
+                .any(|ip| self.networks.iter().any(|n| n.contains(&ip.to_canonical())))
+    }
+}
+
+impl<'de> Deserialize<'de> for Destinations {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let mut globs = Vec::new();
+        let mut networks = Vec::new();
+        for entry in Vec::<String>::deserialize(d)? {
+            match entry.parse::<ipnet::IpNet>().or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from)) {
+                Ok(net) => networks.push(net),
+                Err(_) if entry.contains('/') => {
+                    return Err(serde::de::Error::custom(format!("{entry:?} is neither a host glob nor a CIDR")));
+                }
+                Err(_) => globs.push(entry),
+            }
+        }
+        let hosts = HostGlobs::deserialize(serde::de::value::SeqDeserializer::<_, D::Error>::new(globs.into_iter()))?;
+        Ok(Self { hosts, networks })
     }
 }
 
@@ -885,6 +967,7 @@ impl Config {
             server.state_dir = self.state_dir.clone();
         }
         self.upstream.ca_bundles.iter_mut().for_each(resolve);
+        self.upstream.parent_auth_file.iter_mut().for_each(resolve);
         self.inbound.iter_mut().flat_map(|site| site.ca_bundle.as_mut()).for_each(resolve);
         self.management.token_file.iter_mut().for_each(resolve);
         self.auth.users_file.iter_mut().for_each(resolve);
@@ -956,6 +1039,9 @@ impl Config {
             if rule.name.is_empty() {
                 rule.name = format!("decryption rule {i}");
             }
+        }
+        if self.upstream.parent_auth_file.is_some() && self.upstream.parent.is_none() {
+            return Err(invalid("upstream.parent_auth_file".into(), "credentials for no parent: set upstream.parent"));
         }
         if self.bypass.min_clients == 0 {
             return Err(invalid("bypass.min_clients".into(), "must be at least 1"));
@@ -1190,5 +1276,30 @@ mod tests {
     fn secret_sources_show_where_they_live_only() {
         assert_eq!(format!("{:?}", SecretSource::Env("HSM_PIN".into())), "Env(\"HSM_PIN\")");
         assert_eq!(SecretSource::Env("HSM_PIN".into()).to_string(), "environment variable HSM_PIN");
+    }
+
+    #[test]
+    fn a_parent_is_an_http_url_and_no_parent_mixes_globs_and_networks() {
+        let config = parse(
+            "state_dir = \"x\"\n[upstream]\nparent = \"http://proxy.corp:8080\"\nno_parent = [\"*.corp\", \"10.0.0.0/8\", \"192.0.2.7\"]\n",
+        )
+        .unwrap();
+        assert_eq!(config.upstream.parent.as_ref().unwrap().to_string(), "http://proxy.corp:8080");
+        let direct = &config.upstream.no_parent;
+        assert!(direct.contains("intranet.corp", None) && direct.contains("10.1.2.3", None));
+        assert!(direct.contains("www.example", Some("192.0.2.7".parse().unwrap())));
+        assert!(!direct.contains("www.example", Some("192.0.2.8".parse().unwrap())));
+        for (value, says) in [
+            ("https://proxy.corp:8080", "only http://"),
+            ("http://user:pw@proxy.corp:8080", "parent_auth_file"),
+            ("proxy corp", "not a URL"),
+        ] {
+            let err = parse(&format!("state_dir = \"x\"\n[upstream]\nparent = \"{value}\"\n")).unwrap_err().to_string();
+            assert!(err.contains("upstream.parent") && err.contains(says), "{value}: {err}");
+        }
+        let err = parse("state_dir = \"x\"\n[upstream]\nparent_auth_file = \"p\"\n").unwrap_err().to_string();
+        assert!(err.contains("upstream.parent_auth_file"), "{err}");
+        let err = parse("state_dir = \"x\"\n[upstream]\nno_parent = [\"10.0.0.0/33\"]\n").unwrap_err().to_string();
+        assert!(err.contains("upstream.no_parent") && err.contains("CIDR"), "{err}");
     }
 }

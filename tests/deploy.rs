@@ -102,7 +102,7 @@ fn the_systemd_unit_verifies() {
 
 /// Every program a test or the image build starts, and the PKCS#11 modules they load: what a
 /// bare Debian must have once `deploy/install-test-deps` has run.
-const PROGRAMS: [&str; 29] = [
+const PROGRAMS: [&str; 30] = [
     "base64",
     "bash",
     "chown",
@@ -125,6 +125,7 @@ const PROGRAMS: [&str; 29] = [
     "runc",
     "sh",
     "softhsm2-util",
+    "squid",
     "systemd-analyze",
     "tar",
     "testssl",
@@ -133,7 +134,8 @@ const PROGRAMS: [&str; 29] = [
     "mount",
     "umount",
 ];
-const FILES: [&str; 5] = [
+const FILES: [&str; 6] = [
+    "/usr/lib/squid/basic_ncsa_auth",
     "/usr/lib/softhsm/libsofthsm2.so",
     "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so",
     "/usr/lib/x86_64-linux-gnu/pkcs11/pkcs11-spy.so",

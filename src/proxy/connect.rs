@@ -55,7 +55,7 @@ async fn authenticate(proxy: &Proxy, req: &Request<Incoming>, mut ctx: ConnCtx) 
 
 async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>, ctx: ConnCtx) -> Result<Response<Body>, Infallible> {
     if req.method() == Method::CONNECT {
-        return Ok(connect(proxy, req, ctx));
+        return Ok(connect(proxy, req, ctx).await);
     }
     if req.uri().scheme_str() == Some("http") {
         return Ok(plain(proxy, req, ctx).await);
@@ -68,12 +68,18 @@ async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>, ctx: ConnCtx) -> Resu
     Ok(refusal.into_response())
 }
 
-/// Answers 200 and runs the TLS pipeline on the upgraded connection.
-fn connect(proxy: Arc<Proxy>, mut req: Request<Incoming>, ctx: ConnCtx) -> Response<Body> {
+/// Answers 200 and runs the TLS pipeline on the upgraded connection. Through a parent proxy,
+/// only once the parent has opened the tunnel: its refusal is the answer otherwise.
+async fn connect(proxy: Arc<Proxy>, mut req: Request<Incoming>, ctx: ConnCtx) -> Response<Body> {
     let Some(target) = req.uri().authority().and_then(|a| Target::parse(a.as_str(), 443)) else {
         return Refusal::new(StatusCode::BAD_REQUEST, "bad-connect", "CONNECT needs host:port".into()).into_response();
     };
     if let Err(e) = proxy.check_literal(&target) {
+        return Refusal::upstream(e).into_response();
+    }
+    if let Some(parent) = proxy.parent_for(&target)
+        && let Err(e) = parent.prepare(&proxy, &target).await
+    {
         return Refusal::upstream(e).into_response();
     }
     let on_upgrade = hyper::upgrade::on(&mut req);
@@ -111,13 +117,39 @@ async fn plain(proxy: Arc<Proxy>, req: Request<Incoming>, ctx: ConnCtx) -> Respo
     AccessLog::attach(log, response)
 }
 
+/// Sends a plain-HTTP request to its origin, or in absolute form to the parent proxy.
 async fn send_plain(proxy: &Proxy, req: Request<Incoming>, target: &Target) -> Result<Response<Body>, ProxyError> {
-    let stream = proxy.dial(target).await?;
+    let parent = proxy.parent_for(target);
+    let stream = match parent {
+        Some(parent) => {
+            proxy.check_literal(target)?;
+            parent.connect(proxy).await?
+        }
+        None => proxy.dial(target).await?,
+    };
     let http_err = |e: hyper::Error| ProxyError::UpstreamHttp { target: target.to_string(), reason: e.to_string() };
     let (mut sender, connection) = http1::handshake(TokioIo::new(stream)).await.map_err(http_err)?;
     tokio::spawn(connection);
-    let req = prepare_request(req, target, false, false);
+    let mut req = prepare_request(req, target, false, false);
+    if let Some(parent) = parent {
+        let absolute = format!("http://{target}{}", req.uri().path_and_query().map_or("/", |p| p.as_str()));
+        *req.uri_mut() = absolute.parse().map_err(|_| ProxyError::UpstreamHttp {
+            target: target.to_string(),
+            reason: "the request cannot be written in absolute form".into(),
+        })?;
+        if let Some(authorization) = parent.authorization() {
+            req.headers_mut().insert(http::header::PROXY_AUTHORIZATION, authorization.clone());
+        }
+    }
     let mut response = sender.send_request(req).await.map_err(http_err)?;
+    if let Some(parent) = parent
+        && response.status() == StatusCode::PROXY_AUTHENTICATION_REQUIRED
+    {
+        // Always the parent's (an origin has no business asking for proxy credentials): never
+        // relayed, or the client would be asked for the parent's password.
+        let reason = response.status().canonical_reason().unwrap_or_default().to_string();
+        return Err(parent.refused(target, 407, reason));
+    }
     relay_response_headers(response.headers_mut());
     Ok(response.map(BodyExt::boxed_unsync))
 }

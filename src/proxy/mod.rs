@@ -11,6 +11,7 @@ pub mod idle;
 pub mod inbound;
 pub mod intercept;
 pub mod ocsp;
+pub mod parent;
 pub mod proxy_protocol;
 pub mod respond;
 pub mod revocation;
@@ -73,6 +74,8 @@ pub enum ProxyError {
         #[source]
         source: io::Error,
     },
+    #[error("the parent proxy {parent} refused {target}: {}", parent_answer(*status, reason))]
+    ParentRefused { parent: String, target: String, status: u16, reason: String },
     #[error("TLS to upstream {target}: {source}")]
     UpstreamTls {
         target: String,
@@ -128,6 +131,7 @@ impl ProxyError {
             | Self::UpstreamTls { .. }
             | Self::UpstreamUntrusted { .. }
             | Self::Unsupported { .. }
+            | Self::ParentRefused { .. }
             | Self::UpstreamHttp { .. } => Side::Upstream,
             Self::Mint { source, .. } => match **source {
                 MintError::Key(_) | MintError::Sign(_) | MintError::Timeout(_) => Side::Hsm,
@@ -138,8 +142,17 @@ impl ProxyError {
     }
 }
 
+/// What a parent's refusal says, with a hint where one helps.
+fn parent_answer(status: u16, reason: &str) -> String {
+    match status {
+        0 => reason.to_string(),
+        407 => format!("{status} {reason} (check [upstream] parent_auth_file)"),
+        _ => format!("{status} {reason}"),
+    }
+}
+
 /// Where a connection goes.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Target {
     /// Lower-case host name or IP literal (no brackets): the name validated and minted for.
     pub host: String,
@@ -216,6 +229,8 @@ pub struct Proxy {
     resolver: crate::net::Resolver,
     /// Our own sockets: never a destination (no loops, no reaching management via the proxy).
     own: Vec<SocketAddr>,
+    /// The parent proxy upstream connections go through, if any.
+    pub parent: Option<parent::Parent>,
     /// Networks clients may not reach (`[policy] deny_destinations`).
     deny: Vec<ipnet::IpNet>,
     limit: Arc<Semaphore>,
@@ -278,6 +293,7 @@ impl Proxy {
             resolve: config.resolve.clone(),
             resolver: crate::net::Resolver::new(),
             own,
+            parent: parent::Parent::from_config(&config.upstream, &config.path)?,
             deny: config.policy.deny_destinations.clone(),
             limit: Arc::new(Semaphore::new(config.limits.max_connections)),
             handshake_timeout: Duration::from_secs(config.limits.handshake_timeout_secs),
@@ -355,8 +371,26 @@ impl Proxy {
     /// never dialling our own sockets or `[policy] deny_destinations` (checked on every resolved
     /// address: a name that resolves only into denied networks is refused; `[resolve]` overrides
     /// are exempt).
+    /// Through the parent proxy unless `no_parent` lists the target (then only address
+    /// literals and original destinations are checked: the parent resolves names).
     pub async fn dial(&self, target: &Target) -> Result<TcpStream, ProxyError> {
-        self.dial_checked(target, true).await
+        match self.parent_for(target) {
+            Some(parent) => {
+                self.check_literal(target)?;
+                if let Some(refused) = target.addr.and_then(|addr| self.refused(target, addr, true)) {
+                    return Err(refused);
+                }
+                let stream = parent.tunnel(self, target).await?;
+                let _ = stream.set_nodelay(true);
+                Ok(stream)
+            }
+            None => self.dial_checked(target, true).await,
+        }
+    }
+
+    /// The parent proxy a connection to `target` goes through, if any.
+    pub fn parent_for(&self, target: &Target) -> Option<&parent::Parent> {
+        self.parent.as_ref().filter(|parent| parent.routes(target))
     }
 
     /// Opens a TCP connection to an origin the operator configured (`[[inbound]]`): only our

@@ -56,6 +56,8 @@ impl Refusal {
         let (status, code) = match e {
             ProxyError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream-unreachable"),
             ProxyError::Forbidden(_) | ProxyError::Denied { .. } => (StatusCode::FORBIDDEN, "destination-denied"),
+            ProxyError::ParentRefused { status: 407, .. } => (StatusCode::BAD_GATEWAY, "parent-auth-failed"),
+            ProxyError::ParentRefused { .. } => (StatusCode::BAD_GATEWAY, "parent-refused"),
             _ => (StatusCode::BAD_GATEWAY, "upstream-unreachable"),
         };
         match status {

@@ -1,0 +1,258 @@
+//! Egress through a parent proxy: a real Squid with `basic_ncsa_auth` in front of the
+//! origins. Intercepted, tunnelled and plain-HTTP traffic all go through it with tollgate's
+//! credentials; the origin's certificate is still validated end to end through the tunnel; the
+//! parent's refusals (a wrong password: 407, an ACL: 403) reach curl as a `tollgate-error`; and
+//! `no_parent` destinations go direct.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// A Squid on a free loopback port; killed on drop.
+struct Squid {
+    child: Child,
+    addr: SocketAddr,
+    dir: PathBuf,
+}
+
+impl Squid {
+    /// Squid requiring Basic credentials (`user`, `password`) for everything, denying
+    /// `banned.test`, resolving names from its own hosts file.
+    fn start(dir: &Path, hosts: &[(&str, &str)], user: &str, password: &str) -> Self {
+        require(&["squid", "openssl"]);
+        let dir = dir.join("squid");
+        std::fs::create_dir_all(&dir).unwrap();
+        // Squid drops root for its own user: its files must be readable, its logs writable.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        std::fs::set_permissions(dir.parent().unwrap(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let hash = Command::new("openssl").args(["passwd", "-apr1", password]).output().unwrap();
+        assert!(hash.status.success());
+        std::fs::write(dir.join("passwd"), format!("{user}:{}", String::from_utf8_lossy(&hash.stdout))).unwrap();
+        let hosts: String = hosts.iter().map(|(name, ip)| format!("{ip} {name}\n")).collect();
+        std::fs::write(dir.join("hosts"), hosts).unwrap();
+        let port = free_port();
+        let d = dir.display();
+        let config = format!(
+            "http_port 127.0.0.1:{port}\nvisible_hostname parent.test\npid_filename {d}/squid.pid\n\
+             cache_log {d}/cache.log\naccess_log stdio:{d}/access.log squid\ncache deny all\n\
+             hosts_file {d}/hosts\ncoredump_dir {d}\nshutdown_lifetime 0 seconds\npinger_enable off\n\
+             auth_param basic program /usr/lib/squid/basic_ncsa_auth {d}/passwd\nauth_param basic realm parent\n\
+             acl authed proxy_auth REQUIRED\nacl banned dstdomain banned.test\nacl CONNECT method CONNECT\n\
+             http_access deny !authed\nhttp_access deny banned\nhttp_access allow authed\nhttp_access deny all\n"
+        );
+        std::fs::write(dir.join("squid.conf"), config).unwrap();
+        let child = Command::new("squid")
+            // A service name of its own: two Squids at once must not share memory segments.
+            .args(["-N", "-n", &format!("tg{port}"), "-f"])
+            .arg(dir.join("squid.conf"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let squid = Self { child, addr: SocketAddr::from(([127, 0, 0, 1], port)), dir };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(squid.addr).is_err() {
+            assert!(Instant::now() < deadline, "squid did not listen: {}", squid.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        squid
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("cache.log")).unwrap_or_default()
+    }
+
+    /// Squid's access log (written as requests end).
+    fn access(&self) -> String {
+        std::fs::read_to_string(self.dir.join("access.log")).unwrap_or_default()
+    }
+
+    /// Waits for an access log line containing every one of `parts`.
+    fn wait_access(&self, parts: &[&str]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let access = self.access();
+            if let Some(line) = access.lines().find(|l| parts.iter().all(|p| l.contains(p))) {
+                return line.to_string();
+            }
+            assert!(Instant::now() < deadline, "no squid access line with {parts:?}:\n{access}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Squid {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+async fn curl(args: &[&str]) -> std::process::Output {
+    let mut cmd = tokio::process::Command::new("curl");
+    cmd.args(["-sS", "--max-time", "20"]).args(args);
+    tokio::time::timeout(Duration::from_secs(30), cmd.output()).await.expect("curl timed out").unwrap()
+}
+
+fn text(out: &std::process::Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// tollgate with `parent` and a credentials file holding `credentials`, trusting `pki`.
+fn proxy_through(
+    pki: &TestPki,
+    squid: &Squid,
+    credentials: &str,
+    extra_upstream: &str,
+    resolve: Vec<(String, SocketAddr)>,
+) -> (Setup, Proxy) {
+    let options = ProxyOptions {
+        ca_bundles: vec![pki.bundle()],
+        no_decrypt: vec!["tunnel.test".into()],
+        resolve,
+        upstream: format!("parent = \"http://{}\"\nparent_auth_file = \"PARENT_AUTH\"\n{extra_upstream}", squid.addr),
+        ..Default::default()
+    };
+    let setup = Setup::new(&options);
+    let auth_file = setup.token.path("parent.auth");
+    std::fs::write(&auth_file, format!("{credentials}\n")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&auth_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let config = std::fs::read_to_string(&setup.config).unwrap().replace("PARENT_AUTH", auth_file.to_str().unwrap());
+    std::fs::write(&setup.config, config).unwrap();
+    let proxy = setup.start();
+    (setup, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn everything_goes_through_an_authenticating_squid_and_its_refusals_are_clear() {
+    let work = tempfile::tempdir().unwrap();
+    let pki = TestPki::new();
+    let (chain, key) = pki.leaf(&LeafSpec::new(&["origin.test", "tunnel.test", "banned.test", "direct.test"]));
+    let origin = Origin::start("tls", chain, key, &["h2", "http/1.1"]).await;
+    let (chain, key) = pki.leaf(&LeafSpec { self_signed: true, ..LeafSpec::new(&["selfsigned.test"]) });
+    let self_signed = Origin::start("self", chain, key, &["http/1.1"]).await;
+    let plain = Origin::start_plain("plain").await;
+    let hosts = [
+        ("origin.test", "127.0.0.1"),
+        ("tunnel.test", "127.0.0.1"),
+        ("banned.test", "127.0.0.1"),
+        ("selfsigned.test", "127.0.0.1"),
+        ("plain.test", "127.0.0.1"),
+    ];
+    let squid = Squid::start(work.path(), &hosts, "tollgate", "right horse battery");
+    // direct.test is not in Squid's hosts file: it can only work by going around the parent.
+    let direct = vec![(format!("direct.test:{}", origin.addr.port()), origin.addr)];
+    let (setup, proxy) = proxy_through(
+        &pki,
+        &squid,
+        "tollgate:right horse battery",
+        "no_parent = [\"direct.test\", \"192.0.2.0/24\"]",
+        direct,
+    );
+    let explicit = format!("http://{}", proxy.explicit);
+    let trust = setup.token.path("trust.pem");
+    let (trust, root) = (trust.to_str().unwrap(), pki.bundle());
+    let root = root.to_str().unwrap();
+    let port = origin.addr.port();
+
+    // Intercepted through the parent: tollgate's certificate, the origin's answer, and the
+    // origin's own certificate validated through the tunnel (trusted verdict).
+    let url = format!("https://origin.test:{port}/through");
+    let out = curl(&["--proxy", &explicit, "--cacert", trust, &url]).await;
+    assert!(out.status.success(), "{}\n{}\n{}", text(&out), proxy.logs.lock().join("\n"), squid.log());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("path=/through"), "{}", text(&out));
+    let session = proxy.wait_log("decryption", |v| v["sni"] == "origin.test" && v["decision"] == "decrypt");
+    assert_eq!(session["chain_status"], "trusted", "{session}");
+
+    // Validation is unchanged through the tunnel: a self-signed origin gets an untrusted leaf.
+    let url = format!("https://selfsigned.test:{}/x", self_signed.addr.port());
+    let out = curl(&["--proxy", &explicit, "--cacert", trust, &url]).await;
+    assert!(!out.status.success(), "a self-signed origin was vouched for through the parent: {}", text(&out));
+    let session = proxy.wait_log("untrusted", |v| v["sni"] == "selfsigned.test" && v["chain_status"].is_string());
+    assert_eq!(session["chain_status"], "untrusted_issuer", "{session}");
+
+    // Tunnelled (no-decrypt) through the parent: the origin's own certificate.
+    let url = format!("https://tunnel.test:{port}/tunnelled");
+    let out = curl(&["--proxy", &explicit, "--cacert", root, &url]).await;
+    assert!(out.status.success(), "{}", text(&out));
+
+    // Plain HTTP: an absolute-form request to the parent.
+    let url = format!("http://plain.test:{}/plain?q=1", plain.addr.port());
+    let out = curl(&["--proxy", &explicit, &url]).await;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("origin=plain path=/plain "), "{}", text(&out));
+
+    // no_parent: straight to the origin; Squid never hears of it.
+    let url = format!("https://direct.test:{port}/direct");
+    let out = curl(&["--proxy", &explicit, "--cacert", trust, &url]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!squid.access().contains("direct.test"), "{}", squid.access());
+
+    // The parent's ACL refuses: a 502 naming the parent's 403, on the client's CONNECT.
+    let url = format!("https://banned.test:{port}/");
+    let out = curl(&["--proxy", &explicit, "--cacert", trust, "-D", "-", &url]).await;
+    let said = text(&out).to_ascii_lowercase();
+    assert!(said.contains("502") && said.contains("tollgate-error: parent-refused"), "{said}");
+    let url = format!("http://banned.test:{}/", plain.addr.port());
+    let out = curl(&["--proxy", &explicit, "-i", &url]).await;
+    assert!(String::from_utf8_lossy(&out.stdout).contains(" 403 "), "absolute-form: the parent's page: {}", text(&out));
+
+    // Credentials never reach a log.
+    let logs = proxy.logs.lock().join("\n");
+    assert!(!logs.contains("right horse") && !logs.contains("cmlnaHQgaG9yc2"), "credentials in the log");
+
+    // Squid logs a transaction when it ends: once tollgate has closed its pooled connections,
+    // each went through the parent, as the user tollgate authenticated as.
+    drop(proxy);
+    let line = squid.wait_access(&["CONNECT", &format!("origin.test:{port}"), "tollgate"]);
+    assert!(line.contains("/200 "), "{line}");
+    squid.wait_access(&["CONNECT", &format!("tunnel.test:{port}"), "tollgate"]);
+    squid.wait_access(&["GET", &format!("http://plain.test:{}/plain?", plain.addr.port()), "tollgate"]);
+    assert!(!squid.access().contains("direct.test"), "{}", squid.access());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_parent_password_is_a_clear_error_not_a_407_to_the_client() {
+    let work = tempfile::tempdir().unwrap();
+    let pki = TestPki::new();
+    let (chain, key) = pki.leaf(&LeafSpec::new(&["origin.test"]));
+    let origin = Origin::start("tls", chain, key, &["http/1.1"]).await;
+    let plain = Origin::start_plain("plain").await;
+    let hosts = [("origin.test", "127.0.0.1"), ("plain.test", "127.0.0.1")];
+    let squid = Squid::start(work.path(), &hosts, "tollgate", "right");
+    let (setup, proxy) = proxy_through(&pki, &squid, "tollgate:wrong", "", vec![]);
+    let explicit = format!("http://{}", proxy.explicit);
+    let trust = setup.token.path("trust.pem");
+
+    let url = format!("https://origin.test:{}/", origin.addr.port());
+    let out = curl(&["--proxy", &explicit, "--cacert", trust.to_str().unwrap(), "-D", "-", &url]).await;
+    let said = text(&out).to_ascii_lowercase();
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("502") && said.contains("tollgate-error: parent-auth-failed"), "{said}");
+    let refused = proxy.wait_log("refusal", |v| v["error"].as_str().is_some_and(|e| e.contains("407")));
+    assert!(refused["error"].as_str().unwrap().contains("parent_auth_file"), "{refused}");
+
+    let url = format!("http://plain.test:{}/", plain.addr.port());
+    let out = curl(&["--proxy", &explicit, "-i", &url]).await;
+    let said = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+    assert!(said.starts_with("http/1.1 502") && said.contains("tollgate-error: parent-auth-failed"), "{said}");
+    assert!(!said.contains("proxy-authenticate"), "the parent's challenge reached the client: {said}");
+    assert_eq!(origin.requests.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+    // A parent that is not there: a clear 502 too, and tollgate keeps serving.
+    drop(squid);
+    let out = curl(&["--proxy", &explicit, "-i", &url]).await;
+    let said = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+    assert!(said.starts_with("http/1.1 502") && said.contains("parent proxy"), "{said}");
+}
