@@ -82,6 +82,79 @@ pub struct Config {
     /// `[log]`: where the service's JSON lines go, and which.
     #[serde(default)]
     pub log: LogConfig,
+    /// `[icap]`: content scanning of decrypted traffic.
+    #[serde(default)]
+    pub icap: IcapConfig,
+}
+
+/// `[icap]`: decrypted requests (REQMOD) and responses (RESPMOD) handed to a scanner.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IcapConfig {
+    /// The service requests go to, e.g. `icap://127.0.0.1:1344/avscan`.
+    pub reqmod: Option<IcapUrl>,
+    /// The service responses go to.
+    pub respmod: Option<IcapUrl>,
+    /// When the scanner is down, too slow or answers nonsense: `block` (a 503 page) or `allow`
+    /// (the message passes unscanned).
+    pub on_error: IcapFallback,
+    /// Connecting, and each wait for the scanner's answer or its next bytes.
+    pub timeout_secs: u64,
+    /// A body declared larger than this is not scanned; `oversize` says whether it passes.
+    pub max_body_bytes: u64,
+    pub oversize: IcapFallback,
+    /// A body declared no larger than this is kept while it is scanned, so the scanner may
+    /// answer `204` after the whole of it; larger ones are streamed through the scanner.
+    pub buffer_bytes: usize,
+    /// Connections to each service at most (the service's `Max-Connections` may lower it).
+    pub max_connections: usize,
+}
+
+impl Default for IcapConfig {
+    fn default() -> Self {
+        Self {
+            reqmod: None,
+            respmod: None,
+            on_error: IcapFallback::Block,
+            timeout_secs: 10,
+            max_body_bytes: 100 << 20,
+            oversize: IcapFallback::Allow,
+            buffer_bytes: 1 << 20,
+            max_connections: 32,
+        }
+    }
+}
+
+/// What a message the scanner cannot judge gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IcapFallback {
+    Block,
+    Allow,
+}
+
+/// An ICAP service: `icap://host[:port]/service`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IcapUrl {
+    pub host: String,
+    pub port: u16,
+    /// As written (ICAP requests carry it).
+    pub url: String,
+}
+
+impl<'de> Deserialize<'de> for IcapUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        let bad = |why: &str| serde::de::Error::custom(format!("{text:?}: {why}"));
+        let rest = text.strip_prefix("icap://").ok_or_else(|| bad("expected icap://host[:port]/service"))?;
+        let (authority, path) = rest.split_once('/').ok_or_else(|| bad("no service path"))?;
+        if path.is_empty() || authority.is_empty() || text.contains(char::is_whitespace) {
+            return Err(bad("expected icap://host[:port]/service"));
+        }
+        let authority: http::uri::Authority = authority.parse().map_err(|_| bad("bad host or port"))?;
+        let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+        Ok(Self { host, port: authority.port_u16().unwrap_or(1344), url: text })
+    }
 }
 
 /// `[log]`.
@@ -166,6 +239,9 @@ pub struct DecryptionRule {
     /// this rule decrypts.
     #[serde(default = "yes")]
     pub learn_bypass: bool,
+    /// Whether decrypted traffic this rule matches is handed to the `[icap]` scanner.
+    #[serde(default = "yes")]
+    pub icap: bool,
 }
 
 fn yes() -> bool {
@@ -1042,6 +1118,9 @@ impl Config {
         }
         if self.upstream.parent_auth_file.is_some() && self.upstream.parent.is_none() {
             return Err(invalid("upstream.parent_auth_file".into(), "credentials for no parent: set upstream.parent"));
+        }
+        if self.icap.timeout_secs == 0 || self.icap.max_connections == 0 {
+            return Err(invalid("icap".into(), "timeout_secs and max_connections must be at least 1"));
         }
         if self.bypass.min_clients == 0 {
             return Err(invalid("bypass.min_clients".into(), "must be at least 1"));

@@ -5,11 +5,12 @@
 //! main → cli → { app, manage, logs, config }
 //! app → { proxy, manage, hsm, pki, vault, state, logs, telemetry, config }
 //! manage → { hsm, pki, vault, proxy::{bypass, respond}, state, logs, telemetry, config }
-//! proxy → { policy, pki, hsm::WaitLimit, net, keys, telemetry, config }
+//! proxy → { policy, icap, pki, hsm::WaitLimit, net, keys, body, telemetry, config }
+//! icap → { body, config }
 //! pki → { hsm, vault, keys, state, telemetry }       policy → config
 //! hsm → { vault, keys, telemetry, config }            vault → { config, state, keys, hex }
 //! telemetry → logs                                  logs → config
-//! leaves: config, state, keys, net, hex              (no cycle: ../shared/tools/import-cycles.py)
+//! leaves: config, state, keys, net, hex, body             (no cycle: ../shared/tools/import-cycles.py)
 //! ```
 //!
 //! A connection: listener (explicit CONNECT | sni | transparent | inbound) →
@@ -23,10 +24,12 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod body;
 pub mod cli;
 pub mod config;
 pub mod hex;
 pub mod hsm;
+pub mod icap;
 pub mod keys;
 pub mod logs;
 pub mod manage;

@@ -102,12 +102,14 @@ fn the_systemd_unit_verifies() {
 
 /// Every program a test or the image build starts, and the PKCS#11 modules they load: what a
 /// bare Debian must have once `deploy/install-test-deps` has run.
-const PROGRAMS: [&str; 30] = [
+const PROGRAMS: [&str; 33] = [
     "base64",
     "bash",
     "chown",
     "chroot",
+    "c-icap",
     "chromium",
+    "clamd",
     "curl",
     "debootstrap",
     "h2load",
@@ -124,6 +126,7 @@ const PROGRAMS: [&str; 30] = [
     "python3",
     "runc",
     "sh",
+    "sigtool",
     "softhsm2-util",
     "squid",
     "systemd-analyze",
@@ -134,7 +137,10 @@ const PROGRAMS: [&str; 30] = [
     "mount",
     "umount",
 ];
-const FILES: [&str; 6] = [
+const FILES: [&str; 9] = [
+    "/usr/lib/x86_64-linux-gnu/c_icap/virus_scan.so",
+    "/usr/lib/x86_64-linux-gnu/c_icap/clamd_mod.so",
+    "/etc/c-icap/c-icap.magic",
     "/usr/lib/squid/basic_ncsa_auth",
     "/usr/lib/softhsm/libsofthsm2.so",
     "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so",

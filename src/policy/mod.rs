@@ -98,6 +98,8 @@ pub struct TlsDecision {
     pub rule: Option<Arc<str>>,
     /// Whether clients rejecting our certificate may teach the learned bypass for this host.
     pub learn: bool,
+    /// Whether the decrypted traffic goes to the content scanner (`icap` of the rule).
+    pub scan: bool,
 }
 
 /// Who a connection is, as the rules see it.
@@ -144,6 +146,7 @@ struct Rule {
     lists: Vec<Arc<HostList>>,
     action: DecryptAction,
     learn: bool,
+    scan: bool,
 }
 
 /// The name decisions by `[policy] no_decrypt` carry.
@@ -180,6 +183,7 @@ impl Policy {
                     lists,
                     action: r.action,
                     learn: r.learn_bypass,
+                    scan: r.icap,
                 })
             })
             .collect::<Result<_, ListError>>()?;
@@ -201,12 +205,12 @@ impl Policy {
                 DecryptAction::NoDecrypt => TlsAction::Tunnel,
                 DecryptAction::Block => TlsAction::Block,
             };
-            return TlsDecision { action, rule: Some(rule.name.clone()), learn: rule.learn };
+            return TlsDecision { action, rule: Some(rule.name.clone()), learn: rule.learn, scan: rule.scan };
         }
         if self.no_decrypt.is_match(host) {
-            return TlsDecision { action: TlsAction::Tunnel, rule: Some(NO_DECRYPT.into()), learn: true };
+            return TlsDecision { action: TlsAction::Tunnel, rule: Some(NO_DECRYPT.into()), learn: true, scan: true };
         }
-        TlsDecision { action: TlsAction::Intercept, rule: None, learn: true }
+        TlsDecision { action: TlsAction::Intercept, rule: None, learn: true, scan: true }
     }
 
     /// The decryption rule that blocks plain HTTP from `who` to `host`, if one matches first
@@ -214,6 +218,12 @@ impl Policy {
     pub fn blocks_plain(&self, who: &Who<'_>, host: &str) -> Option<Arc<str>> {
         let rule = self.decryption.iter().find(|r| r.matches(who, host))?;
         (rule.action == DecryptAction::Block).then(|| rule.name.clone())
+    }
+
+    /// Whether plain HTTP from `who` to `host` goes to the content scanner: the first matching
+    /// decryption rule's `icap`, yes when none matches.
+    pub fn scans_plain(&self, who: &Who<'_>, host: &str) -> bool {
+        self.decryption.iter().find(|r| r.matches(who, host)).is_none_or(|rule| rule.scan)
     }
 
     /// Decides on a request: the first matching inspection rule, allow when none matches.

@@ -10,8 +10,9 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 
-use super::http::{AccessLog, prepare_request, relay_response_headers};
+use super::http::{AccessLog, absolute_uri, prepare_request, relay_response_headers};
 use super::respond::Refusal;
+use super::scan::{Asker, Scanner, Scans};
 use super::{Body, ConnCtx, Proxy, ProxyError, Target};
 use crate::policy::Who;
 
@@ -100,25 +101,56 @@ async fn plain(proxy: Arc<Proxy>, req: Request<Incoming>, ctx: ConnCtx) -> Respo
     };
     let who = Who { client: ctx.client.ip(), user: ctx.user.as_deref(), listener: ctx.listener() };
     let blocked_by = proxy.policy.blocks_plain(&who, &target.host);
-    let log = AccessLog::start(&req, &ctx, &target.host, "plain-http", blocked_by.clone());
+    let mut log = AccessLog::start(&req, &ctx, &target.host, "plain-http", blocked_by.clone());
     let action = match blocked_by {
         Some(rule) => crate::policy::HttpAction::Block(rule.to_string()),
         None => proxy.policy.decide_http(&target.host, req.method(), req.uri().path()),
     };
+    let mut scans = Scans::default();
     let response = match action {
         crate::policy::HttpAction::Block(rule) => {
             Refusal::blocked(&rule, req.method(), &target.host, req.uri().path()).into_response()
         }
-        crate::policy::HttpAction::Allow => match send_plain(&proxy, req, &target).await {
-            Ok(response) => response,
-            Err(e) => Refusal::upstream(e).into_response(),
-        },
+        crate::policy::HttpAction::Allow => {
+            let scanner = proxy.scanner.clone().filter(|_| proxy.policy.scans_plain(&who, &target.host));
+            scanned_plain(&proxy, scanner.as_deref(), req, &target, &ctx, &mut scans).await
+        }
     };
+    if let Some(log) = &mut log {
+        log.scans = scans;
+    }
     AccessLog::attach(log, response)
 }
 
+/// Sends a plain-HTTP request on, through the content scanner when there is one.
+async fn scanned_plain(
+    proxy: &Proxy,
+    scanner: Option<&Scanner>,
+    req: Request<Incoming>,
+    target: &Target,
+    ctx: &ConnCtx,
+    scans: &mut Scans,
+) -> Response<Body> {
+    let Some(scanner) = scanner else {
+        return send_plain(proxy, req.map(super::boxed), target)
+            .await
+            .unwrap_or_else(|e| Refusal::upstream(e).into_response());
+    };
+    let uri = absolute_uri(&req, target, "http");
+    let asked = scanner.asked(&req, &uri);
+    let asker = Asker { client: ctx.client.ip(), user: ctx.user.clone() };
+    let req = match scanner.request(&asker, &uri, req.map(super::boxed), scans).await {
+        Ok(req) => req,
+        Err(answer) => return answer,
+    };
+    match send_plain(proxy, req, target).await {
+        Ok(response) => scanner.response(&asker, asked, response, scans).await,
+        Err(e) => Refusal::upstream(e).into_response(),
+    }
+}
+
 /// Sends a plain-HTTP request to its origin, or in absolute form to the parent proxy.
-async fn send_plain(proxy: &Proxy, req: Request<Incoming>, target: &Target) -> Result<Response<Body>, ProxyError> {
+async fn send_plain(proxy: &Proxy, req: Request<Body>, target: &Target) -> Result<Response<Body>, ProxyError> {
     let parent = proxy.parent_for(target);
     let stream = match parent {
         Some(parent) => {
@@ -151,5 +183,5 @@ async fn send_plain(proxy: &Proxy, req: Request<Incoming>, target: &Target) -> R
         return Err(parent.refused(target, 407, reason));
     }
     relay_response_headers(response.headers_mut());
-    Ok(response.map(BodyExt::boxed_unsync))
+    Ok(response.map(super::boxed))
 }

@@ -13,7 +13,6 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body as _, Frame, SizeHint};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -21,9 +20,10 @@ use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::respond::Refusal;
+use super::scan::{Asker, Scans};
 use super::tls::H2;
 use super::upstream::{Lease, Peer, PoolKey, Route, Sender};
-use super::{Body, ConnCtx, Proxy, ProxyError, Target};
+use super::{Body, BoxError, ConnCtx, Proxy, ProxyError, Target};
 use crate::config::ListenerMode;
 use crate::policy::HttpAction;
 use crate::telemetry::METRICS;
@@ -44,7 +44,7 @@ where
 {
     let client_h2 = client.get_ref().1.alpn_protocol() == Some(H2);
     let peer = ctx.client;
-    let Upstream { route, key, first, pin, label, rule } = upstream;
+    let Upstream { route, key, first, pin, label, rule, scan } = upstream;
     let relay = Arc::new(Relay {
         first: Mutex::new(first.map(|lease| (lease.sender, lease.peer))),
         pinned: Mutex::new(None),
@@ -57,6 +57,7 @@ where
         ctx,
         label,
         rule,
+        scan,
     });
     let proxy = relay.proxy.clone();
     let service = hyper::service::service_fn(move |req| relay.clone().handle(req));
@@ -88,6 +89,8 @@ pub struct Upstream {
     pub label: String,
     /// For the access log: the decryption rule that matched, if one did.
     pub rule: Option<Arc<str>>,
+    /// Whether requests and responses go to the content scanner (`[icap]`).
+    pub scan: bool,
 }
 
 /// One client connection whose HTTP tollgate relays.
@@ -107,19 +110,29 @@ struct Relay {
     ctx: ConnCtx,
     label: String,
     rule: Option<Arc<str>>,
+    scan: bool,
 }
 
 impl Relay {
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
-        let log = AccessLog::start(&req, &self.ctx, &self.target.host, &self.label, self.rule.clone());
-        let response = match self.clone().forward(req).await {
+        let mut log = AccessLog::start(&req, &self.ctx, &self.target.host, &self.label, self.rule.clone());
+        let mut scans = Scans::default();
+        let response = match self.clone().forward(req, &mut scans).await {
             Ok(response) => response,
-            Err(refusal) => refusal.into_response(),
+            Err(Scanned::Refused(refusal)) => refusal.into_response(),
+            Err(Scanned::Answer(response)) => response,
         };
+        if let Some(log) = &mut log {
+            log.scans = scans;
+        }
         Ok(AccessLog::attach(log, response))
     }
 
-    async fn forward(self: Arc<Self>, mut req: Request<Incoming>) -> Result<Response<Body>, Refusal> {
+    async fn forward(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+        scans: &mut Scans,
+    ) -> Result<Response<Body>, Scanned> {
         match request_host(&req) {
             // Only a CONNECT names the upstream port; elsewhere the client's port is the listener's.
             Some(host) if same_host(host, &self.target, self.ctx.mode == ListenerMode::Explicit) => {}
@@ -128,21 +141,37 @@ impl Relay {
                     StatusCode::MISDIRECTED_REQUEST,
                     "authority-mismatch",
                     format!("request for {host} on a connection intercepted for {}", self.target.host),
-                ));
+                )
+                .into());
             }
             None if req.version() == Version::HTTP_11 => {
-                return Err(Refusal::new(StatusCode::BAD_REQUEST, "missing-host", "request has no Host header".into()));
+                return Err(
+                    Refusal::new(StatusCode::BAD_REQUEST, "missing-host", "request has no Host header".into()).into()
+                );
             }
             None => {}
         }
         if let HttpAction::Block(rule) =
             self.proxy.policy.decide_http(&self.target.host, req.method(), req.uri().path())
         {
-            return Err(Refusal::blocked(&rule, req.method(), &self.target.host, req.uri().path()));
+            return Err(Refusal::blocked(&rule, req.method(), &self.target.host, req.uri().path()).into());
         }
         let upgrade = is_upgrade(&req);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let connection_auth = connection_bound_auth(req.headers(), header::AUTHORIZATION);
+        // The content scanner sees the request before the upstream does (an upgrade's bytes
+        // after it are not HTTP: not scanned).
+        let scanner = self.proxy.scanner.as_ref().filter(|_| self.scan && !upgrade);
+        let mut asked = None;
+        let req = match scanner {
+            Some(scanner) => {
+                let uri = absolute_uri(&req, &self.target, "https");
+                asked = scanner.asked(&req, &uri);
+                let asker = Asker { client: self.ctx.client.ip(), user: self.ctx.user.clone() };
+                scanner.request(&asker, &uri, req.map(super::boxed), scans).await.map_err(Scanned::Answer)?
+            }
+            None => req.map(super::boxed),
+        };
         let (sender, peer) = self.ready_sender().await?;
         let req = prepare_request(req, &self.target, matches!(sender, Sender::H2(_)), upgrade);
         let (response, h1) = match sender {
@@ -155,15 +184,27 @@ impl Relay {
                 let upstream_upgrade = hyper::upgrade::on(&mut response);
                 tokio::spawn(splice_upgrade(client_upgrade, upstream_upgrade, self.ctx.ticket.clone()));
             }
-            return Ok(response.map(BodyExt::boxed_unsync));
+            return Ok(response.map(super::boxed));
         }
         relay_response_headers(response.headers_mut());
-        let Some(sender) = h1 else { return Ok(response.map(BodyExt::boxed_unsync)) };
-        // The HTTP/1.1 connection is free again once the response body has been read. One that
-        // carries connection-based authentication stays with this client; others are shared.
-        let pin = connection_auth || connection_bound_auth(response.headers(), header::WWW_AUTHENTICATE);
-        let home = if pin { Home::Pinned(Arc::downgrade(&self)) } else { Home::Local(Arc::downgrade(&self)) };
-        Ok(response.map(|body| Recycle::new(body.boxed_unsync(), sender, peer, home).boxed_unsync()))
+        let response = match h1 {
+            None => response.map(super::boxed),
+            Some(sender) => {
+                // The HTTP/1.1 connection is free again once the response body has been read.
+                // One that carries connection-based authentication stays with this client;
+                // others are shared.
+                let pin = connection_auth || connection_bound_auth(response.headers(), header::WWW_AUTHENTICATE);
+                let home = if pin { Home::Pinned(Arc::downgrade(&self)) } else { Home::Local(Arc::downgrade(&self)) };
+                response.map(|body| super::boxed(Recycle::new(super::boxed(body), sender, peer, home)))
+            }
+        };
+        Ok(match scanner {
+            Some(scanner) => {
+                let asker = Asker { client: self.ctx.client.ip(), user: self.ctx.user.clone() };
+                scanner.response(&asker, asked, response, scans).await
+            }
+            None => response,
+        })
     }
 
     /// A sender ready for a request: the pinned connection, the first one, this client's
@@ -267,9 +308,9 @@ impl Recycle {
 
 impl http_body::Body for Recycle {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         if matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream() {
             self.release();
@@ -303,14 +344,15 @@ async fn splice_upgrade(
 /// `Host`/`:authority` in the form the upstream protocol wants.
 pub fn prepare_request<B>(req: Request<B>, target: &Target, upstream_h2: bool, upgrade: bool) -> Request<Body>
 where
-    B: http_body::Body<Data = Bytes, Error = hyper::Error> + Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
 {
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers, upgrade);
     if !upstream_h2 && parts.uri.scheme().is_none() && parts.headers.contains_key(header::HOST) {
         // Already what an HTTP/1.1 origin wants: origin-form with a Host header.
         parts.version = Version::HTTP_11;
-        return Request::from_parts(parts, body.boxed_unsync());
+        return Request::from_parts(parts, super::boxed(body));
     }
     let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
     let authority = if target.port == 443 { bracketed(&target.host) } else { target.to_string() };
@@ -332,7 +374,28 @@ where
         }
         parts.uri = path.parse().unwrap_or_else(|_| Uri::from_static("/"));
     }
-    Request::from_parts(parts, body.boxed_unsync())
+    Request::from_parts(parts, super::boxed(body))
+}
+
+/// Why a request got tollgate's or the scanner's answer instead of the upstream's.
+pub enum Scanned {
+    Refused(Refusal),
+    /// The content scanner's answer (a block page, or a failure page).
+    Answer(Response<Body>),
+}
+
+impl From<Refusal> for Scanned {
+    fn from(refusal: Refusal) -> Self {
+        Self::Refused(refusal)
+    }
+}
+
+/// The absolute URI of a request on a connection to `target` (what a scanner is shown).
+pub fn absolute_uri<B>(req: &Request<B>, target: &Target, scheme: &str) -> String {
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let default_port = if scheme == "https" { 443 } else { 80 };
+    let authority = if target.port == default_port { bracketed(&target.host) } else { target.to_string() };
+    format!("{scheme}://{authority}{path}")
 }
 
 /// An HTTP failure on the upstream leg, as the client is told it.
@@ -456,6 +519,8 @@ pub struct AccessLog {
     path: String,
     version: Version,
     upstream: String,
+    /// What the content scanner made of the request and its response.
+    pub scans: Scans,
 }
 
 impl AccessLog {
@@ -483,6 +548,7 @@ impl AccessLog {
             path: req.uri().path().to_string(),
             version: req.version(),
             upstream: upstream.to_string(),
+            scans: Scans::default(),
         })
     }
 
@@ -490,7 +556,7 @@ impl AccessLog {
     pub fn attach(log: Option<Self>, response: Response<Body>) -> Response<Body> {
         let Some(log) = log else { return response };
         let status = response.status();
-        response.map(|inner| Logged { inner, bytes: 0, status, log: Some(log) }.boxed_unsync())
+        response.map(|inner| super::boxed(Logged { inner, bytes: 0, status, log: Some(log) }))
     }
 
     fn emit(self, status: StatusCode, bytes: u64) {
@@ -509,6 +575,11 @@ impl AccessLog {
             bytes,
             duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
             upstream = %self.upstream,
+            icap_reqmod = self.scans.reqmod,
+            icap_respmod = self.scans.respmod,
+            icap_threat = self.scans.threat.as_deref(),
+            icap_istag = self.scans.istag.as_deref(),
+            icap_ms = (self.scans.reqmod.is_some() || self.scans.respmod.is_some()).then_some(self.scans.ms),
             "request"
         );
     }
@@ -523,9 +594,9 @@ struct Logged {
 
 impl http_body::Body for Logged {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
@@ -614,7 +685,7 @@ mod tests {
         let req = Request::builder()
             .uri("/a?b=1")
             .header(header::HOST, "origin.test:8443")
-            .body(http_body_util::Full::new(Bytes::new()).map_err(|never: Infallible| match never {}).boxed_unsync())
+            .body(crate::proxy::boxed(http_body_util::Full::new(Bytes::new())))
             .unwrap();
         let h2 = prepare_request(req, &target, true, false);
         assert_eq!(h2.uri().to_string(), "https://origin.test:8443/a?b=1");

@@ -171,6 +171,7 @@ where
         pin: None,
         label: "inbound".into(),
         rule: None,
+        scan: true,
     };
     Ok(super::http::relay(proxy.clone(), client, upstream, target, ctx))
 }

@@ -75,7 +75,7 @@ where
     let who = Who { client: ctx.client.ip(), user: ctx.user.as_deref(), listener: ctx.listener() };
     let mut decision = proxy.policy.decide_tls(&who, &target.host);
     if decision.action == TlsAction::Intercept && decision.learn && proxy.bypass.contains(&target.host) {
-        decision = TlsDecision { action: TlsAction::Tunnel, rule: Some(LEARNED.into()), learn: true };
+        decision = TlsDecision { action: TlsAction::Tunnel, rule: Some(LEARNED.into()), learn: true, scan: true };
     }
     record.rule.clone_from(&decision.rule);
     let ctx = ctx.clone();
@@ -268,7 +268,8 @@ where
     record.decision = Decision::Decrypt;
     let pin = Some(lease.peer.fingerprint);
     let label = verdict.describe();
-    let upstream = super::http::Upstream { route, key, first: Some(lease), pin, label, rule: decision.rule };
+    let upstream =
+        super::http::Upstream { route, key, first: Some(lease), pin, label, rule: decision.rule, scan: decision.scan };
     Ok(super::http::relay(proxy.clone(), client, upstream, target, ctx))
 }
 

@@ -15,6 +15,7 @@ pub mod parent;
 pub mod proxy_protocol;
 pub mod respond;
 pub mod revocation;
+pub mod scan;
 pub mod tls;
 pub mod transparent;
 pub mod tunnel;
@@ -37,8 +38,7 @@ use crate::policy::Policy;
 use crate::telemetry::{ConnectionGuard, Refused, refused};
 use tls::{HelloError, ServerTls, UpstreamTls};
 
-/// Body type of everything tollgate sends, relayed or its own.
-pub type Body = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, hyper::Error>;
+pub use crate::body::{Body, BoxError, boxed};
 
 /// Which side of a connection an error came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -229,6 +229,8 @@ pub struct Proxy {
     resolver: crate::net::Resolver,
     /// Our own sockets: never a destination (no loops, no reaching management via the proxy).
     own: Vec<SocketAddr>,
+    /// The content scanner decrypted traffic is handed to (`[icap]`), if any.
+    pub scanner: Option<Arc<scan::Scanner>>,
     /// The parent proxy upstream connections go through, if any.
     pub parent: Option<parent::Parent>,
     /// Networks clients may not reach (`[policy] deny_destinations`).
@@ -294,6 +296,7 @@ impl Proxy {
             resolver: crate::net::Resolver::new(),
             own,
             parent: parent::Parent::from_config(&config.upstream, &config.path)?,
+            scanner: scan::Scanner::from_config(&config.icap).map(Arc::new),
             deny: config.policy.deny_destinations.clone(),
             limit: Arc::new(Semaphore::new(config.limits.max_connections)),
             handshake_timeout: Duration::from_secs(config.limits.handshake_timeout_secs),

@@ -51,6 +51,24 @@ impl Refusal {
         Self { page: Some("Blocked by policy"), ..Self::new(StatusCode::FORBIDDEN, "blocked-by-policy", message) }
     }
 
+    /// The content scanner could not judge a message and `[icap] on_error` blocks it.
+    pub fn scan_failed(scanner: &str, error: &str) -> Self {
+        let message = format!(
+            "The content scanner ({scanner}) could not check this content, so it is blocked ([icap] on_error = block): {error}"
+        );
+        Self {
+            page: Some("Content scanner unavailable"),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "scan-failed", message)
+        }
+    }
+
+    /// A body larger than the scanner takes, refused (`[icap] oversize = "block"`).
+    pub fn scan_oversize(uri: &str, length: u64, max: u64) -> Self {
+        let message =
+            format!("{uri}: {length} bytes is more than the content scanner takes ({max}, [icap] max_body_bytes).");
+        Self { page: Some("Too large to scan"), ..Self::new(StatusCode::FORBIDDEN, "scan-oversize", message) }
+    }
+
     /// The upstream could not be reached, or policy forbids the destination.
     pub fn upstream(e: ProxyError) -> Self {
         let (status, code) = match e {
