@@ -194,6 +194,17 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         }
     }
     api.readiness.set_draining();
+    let delay = current.limits.drain_delay_secs;
+    if delay > 0 {
+        // Load balancers see 503 and stop sending new connections while the listeners still
+        // take what is already on its way; a second SIGTERM or SIGINT cuts the wait short.
+        tracing::info!(delay_secs = delay, "shutting down: readiness 503, listeners open while load balancers notice");
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(delay)) => {}
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    }
     drain(listeners, &shutdown_tx, Duration::from_secs(current.limits.shutdown_grace_secs)).await;
     Ok(())
 }

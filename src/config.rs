@@ -907,6 +907,10 @@ pub struct LimitsConfig {
     pub max_header_bytes: usize,
     /// On SIGTERM, in-flight requests and open connections get this long to finish.
     pub shutdown_grace_secs: u64,
+    /// On SIGTERM, readiness turns 503 and the listeners keep accepting this long before they
+    /// close, so a load balancer checking `/readyz` stops sending first (a few of its check
+    /// intervals; 0 closes them at once).
+    pub drain_delay_secs: u64,
     /// Connections one client address may hold at once (after the PROXY protocol).
     pub per_client_connections: usize,
     /// New leaves (HSM signatures) one client address may cause per second, on average…
@@ -932,6 +936,7 @@ impl Default for LimitsConfig {
             header_timeout_secs: 30,
             max_header_bytes: 64 * 1024,
             shutdown_grace_secs: 30,
+            drain_delay_secs: 0,
             per_client_connections: 256,
             per_client_mints_per_sec: 20,
             per_client_mint_burst: 40,

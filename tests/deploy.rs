@@ -32,6 +32,49 @@ fn check_config(token: &Token, name: &str, text: &str) {
     assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// What install-test-deps puts kubernetes-validate (with the Kubernetes OpenAPI schemas) in.
+const KUBERNETES_VALIDATE: &str = "/opt/tollgate-test/kubernetes-validate/bin/kubernetes-validate";
+
+/// Runs kubernetes-validate, strict (unknown fields are errors), on `files`.
+fn kubernetes_validate(files: &[PathBuf]) -> std::process::Output {
+    Command::new(KUBERNETES_VALIDATE)
+        .args(["--strict", "--kubernetes-version", "1.30.0"])
+        .args(files)
+        .output()
+        .expect("kubernetes-validate: run `bash deploy/install-test-deps`")
+}
+
+/// Every manifest in deploy/k8s passes the Kubernetes 1.30 OpenAPI schemas, strictly; a broken
+/// copy of the Deployment does not (the check can fail).
+#[test]
+fn kubernetes_manifests_pass_the_openapi_schemas() {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(deploy("k8s"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 7, "{files:?}");
+    let out = kubernetes_validate(&files);
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{said}");
+    for file in &files {
+        assert!(said.contains(&format!("{} passed", file.display())), "{file:?} not validated: {said}");
+    }
+    let work = tempfile::tempdir().unwrap();
+    let broken = work.path().join("deployment.yaml");
+    let text = std::fs::read_to_string(deploy("k8s/deployment.yaml")).unwrap();
+    std::fs::write(
+        &broken,
+        text.replace("replicas: 3", "replicas: three")
+            .replace("runAsNonRoot: true", "runAsNonRoot: true\n        runAsRoot: false"),
+    )
+    .unwrap();
+    let out = kubernetes_validate(&[broken]);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && said.contains("spec.replicas"), "{said}");
+}
+
 #[test]
 fn kubernetes_manifests_scale_out_replicas_safely() {
     let kinds: Vec<(String, serde_json::Value)> = ["configmap", "secret", "deployment", "service", "hpa", "pdb"]
@@ -58,6 +101,21 @@ fn kubernetes_manifests_scale_out_replicas_safely() {
     assert!(get("PodDisruptionBudget")["spec"]["maxUnavailable"].as_u64().is_some());
     assert_eq!(get("Service")["spec"]["selector"]["app.kubernetes.io/name"], "tollgate");
     assert_eq!(get("Secret")["stringData"]["hsm-pin"], "REPLACE-ME", "no real secret is committed");
+    // The HSM traffic's own path: only the HSM network's port, and upstreams never there.
+    let policy = &yaml(&deploy("k8s/networkpolicy.yaml"))[0];
+    assert_eq!(policy["kind"], "NetworkPolicy");
+    let egress = policy["spec"]["egress"].as_array().unwrap();
+    let hsm = &egress[0];
+    assert_eq!(hsm["ports"][0]["port"], 1792);
+    let hsm_net = hsm["to"][0]["ipBlock"]["cidr"].as_str().unwrap();
+    let internet = egress.iter().find(|e| e["to"][0]["ipBlock"]["cidr"] == "0.0.0.0/0").unwrap();
+    let except: Vec<&str> =
+        internet["to"][0]["ipBlock"]["except"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+    let hsm_ip: std::net::Ipv4Addr = hsm_net.split('/').next().unwrap().parse().unwrap();
+    assert!(
+        except.iter().any(|c| c.parse::<ipnet::Ipv4Net>().unwrap().contains(&hsm_ip)),
+        "upstream traffic may reach the HSM network: {except:?}"
+    );
 
     // The replicas' config: valid, two HSM servers (HA), PIN from the mounted Secret.
     let token = Token::new();
@@ -137,7 +195,8 @@ const PROGRAMS: [&str; 33] = [
     "mount",
     "umount",
 ];
-const FILES: [&str; 9] = [
+const FILES: [&str; 10] = [
+    KUBERNETES_VALIDATE,
     "/usr/lib/x86_64-linux-gnu/c_icap/virus_scan.so",
     "/usr/lib/x86_64-linux-gnu/c_icap/clamd_mod.so",
     "/etc/c-icap/c-icap.magic",

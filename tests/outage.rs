@@ -6,76 +6,11 @@
 mod support;
 
 use std::path::PathBuf;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use support::*;
-
-const P11_KIT_CLIENT: &str = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so";
-
-/// A token behind `p11-kit server`: stop it to cut the HSM off, start it to bring it back.
-struct RemoteToken {
-    token: Token,
-    socket: PathBuf,
-    server: Option<Child>,
-}
-
-impl RemoteToken {
-    fn new() -> Self {
-        let token = Token::new();
-        let socket = token.path("p11kit.sock");
-        let mut remote = Self { token, socket, server: None };
-        remote.start();
-        remote
-    }
-
-    fn start(&mut self) {
-        use std::os::unix::process::CommandExt;
-        let _ = std::fs::remove_file(&self.socket);
-        let child = self
-            .token
-            .cmd("p11-kit")
-            .args(["server", "-f", "-n"])
-            .arg(&self.socket)
-            .args(["--provider", SOFTHSM_MODULE, &format!("pkcs11:token={}", self.token.label)])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .process_group(0)
-            .spawn()
-            .expect("p11-kit server (package p11-kit)");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.socket.exists() {
-            assert!(Instant::now() < deadline, "p11-kit server did not create its socket");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        self.server = Some(child);
-    }
-
-    /// Freezes (SIGSTOP) or thaws (SIGCONT) the server and its per-client processes: a network
-    /// HSM that stops answering without closing anything.
-    fn signal(&self, signal: &str) {
-        let pgid = self.server.as_ref().expect("running").id().to_string();
-        let status = Command::new("pkill").args([signal, "-g", &pgid]).status().unwrap();
-        assert!(status.success(), "pkill {signal} -g {pgid}");
-    }
-
-    /// Kills the listener and every per-client `p11-kit-remote` it forked (one process group).
-    fn stop(&mut self) {
-        if let Some(mut child) = self.server.take() {
-            // The group id is the listener's pid (process_group(0)). Not `kill -KILL -PGID`:
-            // procps kill reads that as pid -1 and kills every process.
-            let _ = Command::new("pkill").args(["-KILL", "-g", &child.id().to_string()]).status();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for RemoteToken {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 struct Group {
     a: RemoteToken,
