@@ -160,7 +160,7 @@ fn the_systemd_unit_verifies() {
 
 /// Every program a test or the image build starts, and the PKCS#11 modules they load: what a
 /// bare Debian must have once `deploy/install-test-deps` has run.
-const PROGRAMS: [&str; 33] = [
+const PROGRAMS: [&str; 34] = [
     "base64",
     "bash",
     "chown",
@@ -185,6 +185,7 @@ const PROGRAMS: [&str; 33] = [
     "runc",
     "sh",
     "sigtool",
+    "ss",
     "softhsm2-util",
     "squid",
     "systemd-analyze",
@@ -277,7 +278,14 @@ fn the_install_scripts_give_a_bare_debian_every_program_the_tests_start() {
     for script in ["install-deps", "install-test-deps", "apt-install"] {
         std::fs::copy(deploy(script), scripts.join(script)).unwrap();
     }
+    // The machine's network setup, as a fresh machine of this kind has it: its resolver and
+    // the CAs its network requires (apt's ca-certificates adds them to the system store).
     std::fs::copy("/etc/resolv.conf", root.join("etc/resolv.conf")).unwrap();
+    let local_cas = root.join("usr/local/share/ca-certificates");
+    std::fs::create_dir_all(&local_cas).unwrap();
+    for ca in std::fs::read_dir("/usr/local/share/ca-certificates").into_iter().flatten().flatten() {
+        std::fs::copy(ca.path(), local_cas.join(ca.file_name())).unwrap();
+    }
     let chroot = |command: &str| Command::new("chroot").arg(&root).args(["sh", "-c", command]).output().unwrap();
     let out = chroot("bash /opt/tollgate/deploy/install-test-deps");
     assert!(out.status.success(), "install-test-deps: {}", String::from_utf8_lossy(&out.stderr));

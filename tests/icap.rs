@@ -18,18 +18,6 @@ use support::*;
 
 const EICAR: &[u8] = br"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn wait_for(what: &str, within: Duration, mut ready: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !ready() {
-        assert!(Instant::now() < deadline, "{what} did not come up");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// clamd and c-icap with their own configuration in `dir`; killed on drop.
 struct Scanner {
     dir: PathBuf,
@@ -207,14 +195,16 @@ impl Drop for Files {
     }
 }
 
-async fn curl(args: &[&str]) -> std::process::Output {
-    let mut cmd = tokio::process::Command::new("curl");
-    cmd.args(["-sS", "--max-time", "60"]).args(args);
-    tokio::time::timeout(Duration::from_secs(90), cmd.output()).await.expect("curl timed out").unwrap()
-}
-
-fn said(out: &std::process::Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+/// The client ports of the connections open to c-icap now (from the kernel's socket table).
+fn icap_client_ports(scanner: &Scanner) -> Vec<u16> {
+    let out = Command::new("ss")
+        .args(["-Htn", "state", "established", &format!("( dport = :{} )", scanner.port)])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(2)?.rsplit(':').next()?.parse().ok())
+        .collect()
 }
 
 /// The peak resident memory of a process so far (VmHWM), in KiB.
@@ -262,7 +252,7 @@ impl Rig {
         }
         args.extend_from_slice(extra);
         args.push(url);
-        curl(&args).await
+        curl_for(60, &args).await
     }
 
     fn put_file(&self, name: &str, bytes: &[u8]) {
@@ -283,7 +273,7 @@ async fn eicar_is_blocked_both_ways_and_clean_content_streams_through_unchanged(
 
     // RESPMOD: the download is replaced by the scanner's page, naming what it found.
     let out = rig.get("https://files.test/eicar.com", &[]).await;
-    let page = said(&out);
+    let page = printed(&out);
     assert!(page.starts_with("HTTP/1.1 403") || page.starts_with("HTTP/2 403"), "{page}");
     assert!(page.to_ascii_lowercase().contains("tollgate-error: blocked-by-scanner"), "{page}");
     assert!(page.contains("Test.EICAR"), "the page names the verdict: {page}");
@@ -298,28 +288,38 @@ async fn eicar_is_blocked_both_ways_and_clean_content_streams_through_unchanged(
     let eicar_file = rig.scanner.dir.join("eicar.com");
     let upload = format!("@{}", eicar_file.display());
     let out = rig.get("https://files.test/upload", &["--data-binary", &upload]).await;
-    let page = said(&out);
+    let page = printed(&out);
     assert!(page.contains(" 403") && page.contains("Test.EICAR"), "{page}");
     let line = proxy.wait_log("blocked upload", |v| v["path"] == "/upload" && v["status"] == 403);
     assert_eq!(line["icap_reqmod"], "blocked", "{line}");
     // A clean upload goes through, whole.
     let out = rig.get("https://files.test/upload-clean", &["--data-binary", "hello, origin"]).await;
-    assert!(said(&out).contains("received 13 bytes"), "{}", said(&out));
+    assert!(printed(&out).contains("received 13 bytes"), "{}", printed(&out));
     assert_eq!(rig.files.posts(), "/upload-clean 13\n", "the origin saw the infected upload");
 
     // Clean: the origin's bytes, exactly, on the 204 fast path.
     let body = rig.setup.token.path("clean.out");
     let out = rig.get("https://files.test/clean.txt", &["-o", body.to_str().unwrap()]).await;
-    assert!(out.status.success(), "{}", said(&out));
+    assert!(out.status.success(), "{}", printed(&out));
     assert!(std::fs::read(&body).unwrap() == clean, "the clean file changed on its way");
     let line = proxy.wait_log("clean", |v| v["path"] == "/clean.txt");
     assert_eq!((line["icap_respmod"].as_str(), line["status"].as_u64()), (Some("clean"), Some(200)), "{line}");
 
     // A rule with icap = false: not scanned at all.
     let out = rig.get("https://video.test/eicar.com", &[]).await;
-    assert!(said(&out).contains("EICAR-STANDARD-ANTIVIRUS-TEST-FILE"), "{}", said(&out));
+    assert!(printed(&out).contains("EICAR-STANDARD-ANTIVIRUS-TEST-FILE"), "{}", printed(&out));
     let line = proxy.wait_log("unscanned", |v| v["host"] == "video.test" && v["path"] == "/eicar.com");
     assert!(line["icap_respmod"].is_null(), "{line}");
+
+    // The scanner's connections are pooled: a dozen more requests (each scanned twice) go over
+    // the same few connections (seen by their client ports) rather than two new ones each.
+    let mut ports = std::collections::BTreeSet::new();
+    for _ in 0..12 {
+        let out = rig.get("https://files.test/clean.txt", &["-o", "/dev/null"]).await;
+        assert!(out.status.success(), "{}", printed(&out));
+        ports.extend(icap_client_ports(&rig.scanner));
+    }
+    assert!(!ports.is_empty() && ports.len() <= 4, "ICAP connections used for 24 scans: {ports:?}");
 
     // 50 MiB, streamed: identical bytes, and tollgate's peak memory nowhere near the file's size.
     let mut big = Vec::with_capacity(50 << 20);
@@ -334,7 +334,7 @@ async fn eicar_is_blocked_both_ways_and_clean_content_streams_through_unchanged(
     let before = peak_rss_kib(proxy.pid());
     let body = rig.setup.token.path("big.out");
     let out = rig.get("https://files.test/big.bin", &["-o", body.to_str().unwrap()]).await;
-    assert!(out.status.success(), "{}", said(&out));
+    assert!(out.status.success(), "{}", printed(&out));
     let got = std::fs::read(&body).unwrap();
     assert!(got == big, "50 MiB came back different ({} bytes)", got.len());
     let line = proxy.wait_log("big", |v| v["path"] == "/big.bin");
@@ -348,11 +348,11 @@ async fn a_scanner_that_dies_freezes_or_talks_nonsense_blocks_until_it_is_back()
     let mut rig = Rig::start("");
     rig.put_file("page.txt", b"a page\n");
     let blocked = |out: &std::process::Output| {
-        let text = said(out);
+        let text = printed(out);
         assert!(text.contains(" 503") && text.to_ascii_lowercase().contains("tollgate-error: scan-failed"), "{text}");
     };
     let out = rig.get("https://files.test/page.txt", &[]).await;
-    assert!(said(&out).contains("a page"), "{}", said(&out));
+    assert!(printed(&out).contains("a page"), "{}", printed(&out));
 
     // Killed: block pages, and tollgate keeps serving them.
     rig.scanner.kill_icap();
@@ -365,10 +365,10 @@ async fn a_scanner_that_dies_freezes_or_talks_nonsense_blocks_until_it_is_back()
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let out = rig.get("https://files.test/page.txt", &[]).await;
-        if said(&out).contains("a page") {
+        if printed(&out).contains("a page") {
             break;
         }
-        assert!(Instant::now() < deadline, "the scanner came back but tollgate does not use it: {}", said(&out));
+        assert!(Instant::now() < deadline, "the scanner came back but tollgate does not use it: {}", printed(&out));
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 
@@ -387,7 +387,7 @@ async fn a_scanner_that_dies_freezes_or_talks_nonsense_blocks_until_it_is_back()
     rig.proxy.signal("-HUP");
     rig.proxy.wait_log("reload", |v| v["message"] == "configuration reloaded");
     let out = rig.get("https://files.test/page.txt", &[]).await;
-    assert!(said(&out).contains("a page"), "{}", said(&out));
+    assert!(printed(&out).contains("a page"), "{}", printed(&out));
     let line = rig.proxy.wait_log("unscanned", |v| v["path"] == "/page.txt" && v["icap_respmod"] == "error");
     assert_eq!(line["status"], 200, "{line}");
 
@@ -411,5 +411,5 @@ async fn a_scanner_that_dies_freezes_or_talks_nonsense_blocks_until_it_is_back()
     });
     let out = rig.get("https://files.test/page.txt", &[]).await;
     blocked(&out);
-    assert!(said(&out).contains("not an ICAP response"), "{}", said(&out));
+    assert!(printed(&out).contains("not an ICAP response"), "{}", printed(&out));
 }

@@ -9,7 +9,7 @@ mod support;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use support::*;
 
@@ -57,11 +57,7 @@ impl Squid {
             .spawn()
             .unwrap();
         let squid = Self { child, addr: SocketAddr::from(([127, 0, 0, 1], port)), dir };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(squid.addr).is_err() {
-            assert!(Instant::now() < deadline, "squid did not listen: {}", squid.log());
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_for("squid listening", Duration::from_secs(30), || std::net::TcpStream::connect(squid.addr).is_ok());
         squid
     }
 
@@ -76,15 +72,12 @@ impl Squid {
 
     /// Waits for an access log line containing every one of `parts`.
     fn wait_access(&self, parts: &[&str]) -> String {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let access = self.access();
-            if let Some(line) = access.lines().find(|l| parts.iter().all(|p| l.contains(p))) {
-                return line.to_string();
-            }
-            assert!(Instant::now() < deadline, "no squid access line with {parts:?}:\n{access}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let mut found = None;
+        wait_for(&format!("a squid access line with {parts:?}"), Duration::from_secs(10), || {
+            found = self.access().lines().find(|l| parts.iter().all(|p| l.contains(p))).map(str::to_string);
+            found.is_some()
+        });
+        found.unwrap()
     }
 }
 
@@ -93,20 +86,6 @@ impl Drop for Squid {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-async fn curl(args: &[&str]) -> std::process::Output {
-    let mut cmd = tokio::process::Command::new("curl");
-    cmd.args(["-sS", "--max-time", "20"]).args(args);
-    tokio::time::timeout(Duration::from_secs(30), cmd.output()).await.expect("curl timed out").unwrap()
-}
-
-fn text(out: &std::process::Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
 /// tollgate with `parent` and a credentials file holding `credentials`, trusting `pki`.
@@ -170,43 +149,47 @@ async fn everything_goes_through_an_authenticating_squid_and_its_refusals_are_cl
     // Intercepted through the parent: tollgate's certificate, the origin's answer, and the
     // origin's own certificate validated through the tunnel (trusted verdict).
     let url = format!("https://origin.test:{port}/through");
-    let out = curl(&["--proxy", &explicit, "--cacert", trust, &url]).await;
-    assert!(out.status.success(), "{}\n{}\n{}", text(&out), proxy.logs.lock().join("\n"), squid.log());
-    assert!(String::from_utf8_lossy(&out.stdout).contains("path=/through"), "{}", text(&out));
+    let out = curl_for(20, &["--proxy", &explicit, "--cacert", trust, &url]).await;
+    assert!(out.status.success(), "{}\n{}\n{}", printed(&out), proxy.logs.lock().join("\n"), squid.log());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("path=/through"), "{}", printed(&out));
     let session = proxy.wait_log("decryption", |v| v["sni"] == "origin.test" && v["decision"] == "decrypt");
     assert_eq!(session["chain_status"], "trusted", "{session}");
 
     // Validation is unchanged through the tunnel: a self-signed origin gets an untrusted leaf.
     let url = format!("https://selfsigned.test:{}/x", self_signed.addr.port());
-    let out = curl(&["--proxy", &explicit, "--cacert", trust, &url]).await;
-    assert!(!out.status.success(), "a self-signed origin was vouched for through the parent: {}", text(&out));
+    let out = curl_for(20, &["--proxy", &explicit, "--cacert", trust, &url]).await;
+    assert!(!out.status.success(), "a self-signed origin was vouched for through the parent: {}", printed(&out));
     let session = proxy.wait_log("untrusted", |v| v["sni"] == "selfsigned.test" && v["chain_status"].is_string());
     assert_eq!(session["chain_status"], "untrusted_issuer", "{session}");
 
     // Tunnelled (no-decrypt) through the parent: the origin's own certificate.
     let url = format!("https://tunnel.test:{port}/tunnelled");
-    let out = curl(&["--proxy", &explicit, "--cacert", root, &url]).await;
-    assert!(out.status.success(), "{}", text(&out));
+    let out = curl_for(20, &["--proxy", &explicit, "--cacert", root, &url]).await;
+    assert!(out.status.success(), "{}", printed(&out));
 
     // Plain HTTP: an absolute-form request to the parent.
     let url = format!("http://plain.test:{}/plain?q=1", plain.addr.port());
-    let out = curl(&["--proxy", &explicit, &url]).await;
-    assert!(String::from_utf8_lossy(&out.stdout).contains("origin=plain path=/plain "), "{}", text(&out));
+    let out = curl_for(20, &["--proxy", &explicit, &url]).await;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("origin=plain path=/plain "), "{}", printed(&out));
 
     // no_parent: straight to the origin; Squid never hears of it.
     let url = format!("https://direct.test:{port}/direct");
-    let out = curl(&["--proxy", &explicit, "--cacert", trust, &url]).await;
-    assert!(out.status.success(), "{}", text(&out));
+    let out = curl_for(20, &["--proxy", &explicit, "--cacert", trust, &url]).await;
+    assert!(out.status.success(), "{}", printed(&out));
     assert!(!squid.access().contains("direct.test"), "{}", squid.access());
 
     // The parent's ACL refuses: a 502 naming the parent's 403, on the client's CONNECT.
     let url = format!("https://banned.test:{port}/");
-    let out = curl(&["--proxy", &explicit, "--cacert", trust, "-D", "-", &url]).await;
-    let said = text(&out).to_ascii_lowercase();
+    let out = curl_for(20, &["--proxy", &explicit, "--cacert", trust, "-D", "-", &url]).await;
+    let said = printed(&out).to_ascii_lowercase();
     assert!(said.contains("502") && said.contains("tollgate-error: parent-refused"), "{said}");
     let url = format!("http://banned.test:{}/", plain.addr.port());
-    let out = curl(&["--proxy", &explicit, "-i", &url]).await;
-    assert!(String::from_utf8_lossy(&out.stdout).contains(" 403 "), "absolute-form: the parent's page: {}", text(&out));
+    let out = curl_for(20, &["--proxy", &explicit, "-i", &url]).await;
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(" 403 "),
+        "absolute-form: the parent's page: {}",
+        printed(&out)
+    );
 
     // Credentials never reach a log.
     let logs = proxy.logs.lock().join("\n");
@@ -236,15 +219,15 @@ async fn a_wrong_parent_password_is_a_clear_error_not_a_407_to_the_client() {
     let trust = setup.token.path("trust.pem");
 
     let url = format!("https://origin.test:{}/", origin.addr.port());
-    let out = curl(&["--proxy", &explicit, "--cacert", trust.to_str().unwrap(), "-D", "-", &url]).await;
-    let said = text(&out).to_ascii_lowercase();
+    let out = curl_for(20, &["--proxy", &explicit, "--cacert", trust.to_str().unwrap(), "-D", "-", &url]).await;
+    let said = printed(&out).to_ascii_lowercase();
     assert!(!out.status.success(), "{said}");
     assert!(said.contains("502") && said.contains("tollgate-error: parent-auth-failed"), "{said}");
     let refused = proxy.wait_log("refusal", |v| v["error"].as_str().is_some_and(|e| e.contains("407")));
     assert!(refused["error"].as_str().unwrap().contains("parent_auth_file"), "{refused}");
 
     let url = format!("http://plain.test:{}/", plain.addr.port());
-    let out = curl(&["--proxy", &explicit, "-i", &url]).await;
+    let out = curl_for(20, &["--proxy", &explicit, "-i", &url]).await;
     let said = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
     assert!(said.starts_with("http/1.1 502") && said.contains("tollgate-error: parent-auth-failed"), "{said}");
     assert!(!said.contains("proxy-authenticate"), "the parent's challenge reached the client: {said}");
@@ -252,7 +235,7 @@ async fn a_wrong_parent_password_is_a_clear_error_not_a_407_to_the_client() {
 
     // A parent that is not there: a clear 502 too, and tollgate keeps serving.
     drop(squid);
-    let out = curl(&["--proxy", &explicit, "-i", &url]).await;
+    let out = curl_for(20, &["--proxy", &explicit, "-i", &url]).await;
     let said = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
     assert!(said.starts_with("http/1.1 502") && said.contains("parent proxy"), "{said}");
 }

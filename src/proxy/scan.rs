@@ -96,10 +96,7 @@ impl Scanner {
             client: asker.client,
             user: asker.user.clone(),
         };
-        let started = std::time::Instant::now();
-        let scanned = self.icap.scan(service, message).await;
-        scans.ms += started.elapsed().as_secs_f64() * 1000.0;
-        match scanned {
+        match self.timed(service, message, scans).await {
             Ok((Scanned::Unmodified { body }, facts)) => {
                 note(scans, &facts, true);
                 Ok(Request::from_parts(parts, body.unwrap_or_else(empty)))
@@ -156,10 +153,7 @@ impl Scanner {
             client: asker.client,
             user: asker.user.clone(),
         };
-        let started = std::time::Instant::now();
-        let scanned = self.icap.scan(service, message).await;
-        scans.ms += started.elapsed().as_secs_f64() * 1000.0;
-        match scanned {
+        match self.timed(service, message, scans).await {
             Ok((Scanned::Unmodified { body }, facts)) => {
                 note(scans, &facts, false);
                 Response::from_parts(parts, body.unwrap_or_else(empty))
@@ -177,6 +171,19 @@ impl Scanner {
                 }
             }
         }
+    }
+
+    /// Scans `message`, adding the wait to the request's scan time.
+    async fn timed(
+        &self,
+        service: &Arc<Service>,
+        message: Message,
+        scans: &mut Scans,
+    ) -> Result<(Scanned, crate::icap::Facts), Failed> {
+        let started = std::time::Instant::now();
+        let scanned = self.icap.scan(service, message).await;
+        scans.ms += started.elapsed().as_secs_f64() * 1000.0;
+        scanned
     }
 
     /// A body declared larger than `max_body_bytes`: the refusal when `oversize` blocks; the

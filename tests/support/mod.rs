@@ -751,6 +751,10 @@ async fn origin_response(
     conn: u16,
     requests: Arc<std::sync::atomic::AtomicUsize>,
 ) -> Result<hyper::Response<Full<Bytes>>, std::convert::Infallible> {
+    if req.uri().path().starts_with("/slow") {
+        // A request still in flight a while (drain tests).
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
     if req.headers().get("upgrade").is_some_and(|v| v == "websocket") {
         requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let on_upgrade = hyper::upgrade::on(&mut req);
@@ -1134,4 +1138,30 @@ impl Drop for RemoteToken {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A loopback port free at the moment (for servers that must be told their port up front).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Polls `ready` every 100 ms until it holds; fails naming `what` after `within`.
+pub fn wait_for(what: &str, within: Duration, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !ready() {
+        assert!(Instant::now() < deadline, "{what} did not happen within {within:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Runs curl (`-sS`, at most `max_secs`) with `args`.
+pub async fn curl_for(max_secs: u64, args: &[&str]) -> std::process::Output {
+    let mut cmd = tokio::process::Command::new("curl");
+    cmd.args(["-sS", "--max-time", &max_secs.to_string()]).args(args);
+    tokio::time::timeout(Duration::from_secs(max_secs + 30), cmd.output()).await.expect("curl timed out").unwrap()
+}
+
+/// What a process printed, standard output then standard error.
+pub fn printed(out: &std::process::Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
