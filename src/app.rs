@@ -276,6 +276,7 @@ fn build_proxy(
     let inbound = crate::proxy::inbound::InboundSites::new(config, &store, &keys, &provider)?;
     let mut proxy = Proxy::new(config, cas, inbound, policy)?;
     proxy.set_shutdown(shutdown.clone());
+    sources.set_egress(proxy.parent.as_ref().map(|parent| parent.egress()));
     if let Some(scanner) = proxy.scanner.clone() {
         // What the scanner offers, logged once (or why it cannot be used): the proxy serves
         // either way, and messages follow [icap] on_error while it is away.

@@ -158,15 +158,17 @@ pub struct Fetched {
 /// GETs `url` — `https://` over a TLS connection validated by `tls`, or, without `tls`,
 /// plain `http://` (CRLs: signed data, fetched the way their issuers publish them) — with
 /// `If-None-Match` / `If-Modified-Since` from the last answer, at most `max_bytes` of body,
-/// everything within `timeout`.
+/// everything within `timeout`; through the parent proxy `via` when given (CONNECT for
+/// https, an absolute-form request for http).
 pub async fn fetch(
     url: &str,
     tls: Option<Arc<rustls::ClientConfig>>,
     last: (Option<&str>, Option<&str>),
     max_bytes: usize,
     timeout: Duration,
+    via: Option<&Via>,
 ) -> io::Result<Fetched> {
-    tokio::time::timeout(timeout, get(url, tls, last, max_bytes))
+    tokio::time::timeout(timeout, get(url, tls, last, max_bytes, via))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {} ms", timeout.as_millis())))?
 }
@@ -176,6 +178,7 @@ async fn get(
     tls: Option<Arc<rustls::ClientConfig>>,
     last: (Option<&str>, Option<&str>),
     max_bytes: usize,
+    via: Option<&Via>,
 ) -> io::Result<Fetched> {
     let invalid = |what: String| io::Error::new(io::ErrorKind::InvalidInput, what);
     let uri: http::Uri = url.parse().map_err(|e| invalid(format!("{e}")))?;
@@ -185,25 +188,139 @@ async fn get(
     }
     let host = uri.host().ok_or_else(|| invalid("no host".into()))?.trim_start_matches('[').trim_end_matches(']');
     let port = uri.port_u16().unwrap_or(default_port);
-    let addrs: Vec<SocketAddr> = interleave(tokio::net::lookup_host((host, port)).await?.collect());
-    let tcp = happy_eyeballs(&addrs, ATTEMPT_DELAY).await?;
+    let tcp = match via {
+        Some(via) => via.connect().await?,
+        None => {
+            happy_eyeballs(&interleave(tokio::net::lookup_host((host, port)).await?.collect()), ATTEMPT_DELAY).await?
+        }
+    };
     match tls {
         Some(tls) => {
+            let mut tcp = tcp;
+            if let Some(via) = via {
+                let authority = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+                via.tunnel(&mut tcp, &authority).await.map_err(ViaError::into_io)?;
+            }
             let name = rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|e| invalid(e.to_string()))?;
             let stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await?;
-            exchange(stream, &uri, host, last, max_bytes).await
+            exchange(stream, &uri, host, last, max_bytes, None).await
         }
-        None => exchange(tcp, &uri, host, last, max_bytes).await,
+        None => exchange(tcp, &uri, host, last, max_bytes, via).await,
     }
 }
 
-/// One GET over an open connection.
+/// A parent proxy tollgate's connections go through (`[upstream] parent`), with the
+/// `Proxy-Authorization` it takes.
+#[derive(Clone, Debug)]
+pub struct Via {
+    pub host: String,
+    pub port: u16,
+    /// Marked sensitive: never printed.
+    pub authorization: Option<http::HeaderValue>,
+}
+
+/// A parent proxy's CONNECT that did not open a tunnel.
+#[derive(Debug)]
+pub enum ViaError {
+    /// It answered, with this status.
+    Refused { status: u16, reason: String },
+    /// It could not be reached, or did not speak HTTP.
+    Io(io::Error),
+}
+
+impl ViaError {
+    pub fn into_io(self) -> io::Error {
+        match self {
+            Self::Refused { status, reason } => {
+                io::Error::new(io::ErrorKind::ConnectionRefused, format!("the parent proxy refused: {status} {reason}"))
+            }
+            Self::Io(e) => e,
+        }
+    }
+}
+
+/// The parent's response head may be no longer than this.
+const MAX_VIA_HEAD_BYTES: usize = 16 * 1024;
+
+impl Via {
+    /// A TCP connection to the parent itself (resolved and raced like any name).
+    pub async fn connect(&self) -> io::Result<TcpStream> {
+        let addrs = interleave(tokio::net::lookup_host((self.host.as_str(), self.port)).await?.collect());
+        let stream = happy_eyeballs(&addrs, ATTEMPT_DELAY)
+            .await
+            .map_err(|e| io::Error::new(e.kind(), format!("parent proxy {}:{}: {e}", self.host, self.port)))?;
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    /// Asks the parent, on `stream`, for a tunnel to `authority` (`host:port`). On success the
+    /// stream carries the tunnel: not one byte past the parent's answer was read.
+    pub async fn tunnel(&self, stream: &mut TcpStream, authority: &str) -> Result<(), ViaError> {
+        use tokio::io::AsyncWriteExt;
+        let mut request = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n").into_bytes();
+        if let Some(authorization) = &self.authorization {
+            request.extend_from_slice(b"Proxy-Authorization: ");
+            request.extend_from_slice(authorization.as_bytes());
+            request.extend_from_slice(b"\r\n");
+        }
+        request.extend_from_slice(b"\r\n");
+        stream.write_all(&request).await.map_err(ViaError::Io)?;
+        match read_head(stream).await.map_err(ViaError::Io)? {
+            (status, _) if (200..300).contains(&status) => Ok(()),
+            (status, reason) => Err(ViaError::Refused { status, reason }),
+        }
+    }
+}
+
+/// Reads an HTTP response head, and not one byte past it (what follows belongs to the tunnel):
+/// bytes are peeked, and only those of the head consumed. The status and reason.
+async fn read_head(stream: &mut TcpStream) -> io::Result<(u16, String)> {
+    use tokio::io::AsyncReadExt;
+    let invalid = |why: &str| io::Error::new(io::ErrorKind::InvalidData, why.to_string());
+    let mut head = Vec::with_capacity(256);
+    let mut peeked = [0u8; 2048];
+    loop {
+        let n = stream.peek(&mut peeked).await?;
+        if n == 0 {
+            return Err(invalid("the parent closed the connection without answering"));
+        }
+        // The head ends at the first blank line: consume up to it, or all that was peeked.
+        let searched_from = head.len().saturating_sub(3);
+        head.extend_from_slice(&peeked[..n]);
+        let end = head[searched_from..].windows(4).position(|w| w == b"\r\n\r\n").map(|i| searched_from + i + 4);
+        let take = match end {
+            Some(end) => n - (head.len() - end),
+            None => n,
+        };
+        head.truncate(head.len() - (n - take));
+        stream.read_exact(&mut peeked[..take]).await?;
+        if end.is_some() {
+            break;
+        }
+        if head.len() > MAX_VIA_HEAD_BYTES {
+            return Err(invalid("the parent's response head is too long"));
+        }
+    }
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut response = httparse::Response::new(&mut headers);
+    match response.parse(&head) {
+        Ok(httparse::Status::Complete(_)) => {
+            let status = response.code.ok_or_else(|| invalid("no status"))?;
+            Ok((status, response.reason.unwrap_or_default().to_string()))
+        }
+        _ => Err(invalid("the parent answered something that is not HTTP")),
+    }
+}
+
+/// One GET over an open connection; in absolute form, with the parent's credentials, when the
+/// connection is to the parent proxy `via`.
 async fn exchange<IO>(
     io: IO,
     uri: &http::Uri,
     host: &str,
     (etag, last_modified): (Option<&str>, Option<&str>),
     max_bytes: usize,
+    via: Option<&Via>,
 ) -> io::Result<Fetched>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -212,9 +329,16 @@ where
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await.map_err(io::Error::other)?;
     tokio::spawn(connection);
-    let mut request = http::Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
+    let target = match via {
+        Some(_) => uri.to_string(),
+        None => uri.path_and_query().map_or("/", |p| p.as_str()).to_string(),
+    };
+    let mut request = http::Request::get(target)
         .header(http::header::HOST, uri.authority().map_or(host, |a| a.as_str()))
         .header(http::header::USER_AGENT, concat!("tollgate/", env!("CARGO_PKG_VERSION")));
+    if let Some(authorization) = via.and_then(|v| v.authorization.as_ref()) {
+        request = request.header(http::header::PROXY_AUTHORIZATION, authorization.clone());
+    }
     if let Some(etag) = etag {
         request = request.header(http::header::IF_NONE_MATCH, etag);
     }
@@ -223,6 +347,9 @@ where
     }
     let request = request.body(http_body_util::Empty::<bytes::Bytes>::new()).map_err(io::Error::other)?;
     let response = sender.send_request(request).await.map_err(io::Error::other)?;
+    if via.is_some() && response.status() == http::StatusCode::PROXY_AUTHENTICATION_REQUIRED {
+        return Err(ViaError::Refused { status: 407, reason: "Proxy Authentication Required".into() }.into_io());
+    }
     let header = |name| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
     let (status, etag, last_modified) =
         (response.status().as_u16(), header(http::header::ETAG), header(http::header::LAST_MODIFIED));
@@ -264,6 +391,28 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(1), "not after the attempt delay: {:?}", started.elapsed());
         let err = happy_eyeballs(&[closed_addr, closed_addr], ATTEMPT_DELAY).await.unwrap_err();
         assert!(err.to_string().contains(&closed_addr.to_string()), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_parent_s_answer_is_read_without_the_tunnel_bytes_after_it() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            // Split across writes, with the first tunnel bytes in the same segment as the end.
+            s.write_all(b"HTTP/1.1 200 Connection established\r\nVia: x").await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            s.write_all(b"\r\n\r\nBANNER").await.unwrap();
+            s
+        });
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let (status, reason) = read_head(&mut client).await.unwrap();
+        assert_eq!((status, reason.as_str()), (200, "Connection established"));
+        let mut rest = [0u8; 6];
+        client.read_exact(&mut rest).await.unwrap();
+        assert_eq!(&rest, b"BANNER");
+        drop(server.await);
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -239,3 +239,89 @@ async fn a_wrong_parent_password_is_a_clear_error_not_a_407_to_the_client() {
     let said = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
     assert!(said.starts_with("http/1.1 502") && said.contains("parent proxy"), "{said}");
 }
+
+/// Where the only way out is the parent, tollgate's own fetches go through it too: a CRL whose
+/// host only Squid can resolve is fetched through Squid, so a good upstream stays trusted and a
+/// revoked one is blocked (rather than both becoming "revocation unknown").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crls_are_fetched_through_the_parent() {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertificateRevocationListParams, CrlDistributionPoint, DnType, IsCa,
+        Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevokedCertParams, SerialNumber,
+    };
+    let work = tempfile::tempdir().unwrap();
+    let mut ca = CertificateParams::default();
+    ca.distinguished_name.push(DnType::CommonName, "parent CRL test root");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_key = KeyPair::generate().unwrap();
+    let root = ca.self_signed(&ca_key).unwrap();
+    let bundle = work.path().join("root.pem");
+    std::fs::write(&bundle, root.pem()).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let now = time::OffsetDateTime::now_utc();
+    let crl = CertificateRevocationListParams {
+        this_update: now - time::Duration::hours(1),
+        next_update: now + time::Duration::days(1),
+        crl_number: SerialNumber::from_slice(&[1]),
+        issuing_distribution_point: None,
+        revoked_certs: vec![RevokedCertParams {
+            serial_number: SerialNumber::from_slice(&[2]),
+            revocation_time: now - time::Duration::hours(1),
+            reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+            invalidity_date: None,
+        }],
+        key_identifier_method: KeyIdMethod::Sha256,
+    }
+    .signed_by(&issuer)
+    .unwrap();
+    let (crl_addr, fetches) = crl_server(Some(crl.der().to_vec())).await;
+    // crl.test is in Squid's hosts file only: fetched directly, it would not resolve.
+    let crl_url = format!("http://crl.test:{}/root.crl", crl_addr.port());
+    let leaf = |name: &str, serial: u8| {
+        let mut params = CertificateParams::new(vec![name.to_string()]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.serial_number = Some(SerialNumber::from_slice(&[serial]));
+        params.crl_distribution_points = vec![CrlDistributionPoint { uris: vec![crl_url.clone()] }];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        (vec![cert.der().clone()], key)
+    };
+    let (chain, key) = leaf("good.test", 1);
+    let good = Origin::start("good", chain, key, &["http/1.1"]).await;
+    let (chain, key) = leaf("revoked.test", 2);
+    let revoked = Origin::start("revoked", chain, key, &["http/1.1"]).await;
+    let hosts = [("good.test", "127.0.0.1"), ("revoked.test", "127.0.0.1"), ("crl.test", "127.0.0.1")];
+    let squid = Squid::start(work.path(), &hosts, "tollgate", "pw");
+    let pki = TestPki::new();
+    let (setup, proxy) = proxy_through(&pki, &squid, "tollgate:pw", "", vec![]);
+    let config = std::fs::read_to_string(&setup.config).unwrap();
+    let bundles = format!("ca_bundles = [\"{}\"]", bundle.display());
+    std::fs::write(
+        &setup.config,
+        config.replacen(&format!("ca_bundles = [\"{}\"]", pki.bundle().display()), &bundles, 1),
+    )
+    .unwrap();
+    drop(proxy);
+    let proxy = setup.start();
+    let explicit = format!("http://{}", proxy.explicit);
+    let trust = setup.token.path("trust.pem");
+
+    let url = format!("https://good.test:{}/", good.addr.port());
+    let out = curl_for(20, &["--proxy", &explicit, "--cacert", trust.to_str().unwrap(), &url]).await;
+    assert!(out.status.success(), "{}", printed(&out));
+    let session = proxy.wait_log("good", |v| v["sni"] == "good.test" && v["revocation"].is_string());
+    assert_eq!(
+        (session["revocation"].as_str(), session["revocation_source"].as_str()),
+        (Some("good"), Some("crl")),
+        "{session}"
+    );
+    let url = format!("https://revoked.test:{}/", revoked.addr.port());
+    let out = curl_for(20, &["--proxy", &explicit, "--cacert", trust.to_str().unwrap(), &url]).await;
+    assert!(!out.status.success(), "a revoked upstream was served: {}", printed(&out));
+    let session = proxy.wait_log("revoked", |v| v["sni"] == "revoked.test" && v["chain_status"].is_string());
+    assert_eq!(session["chain_status"], "revoked", "{session}");
+    assert_eq!(fetches.load(std::sync::atomic::Ordering::SeqCst), 1, "one fetch, through the parent, for both");
+    squid.wait_access(&["GET", &crl_url, "tollgate"]);
+}

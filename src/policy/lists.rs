@@ -198,15 +198,20 @@ impl HostList {
         Ok(true)
     }
 
-    /// Fetches the URL (conditionally, after the first time).
-    async fn reload_url(&self, url: &str, tls: Arc<rustls::ClientConfig>) -> Result<bool, ListError> {
+    /// Fetches the URL (conditionally, after the first time), through `via` when given.
+    async fn reload_url(
+        &self,
+        url: &str,
+        tls: Arc<rustls::ClientConfig>,
+        via: Option<&crate::net::Via>,
+    ) -> Result<bool, ListError> {
         let read_err = |reason: String| ListError::Read { list: url.into(), reason };
         let (etag, since) = {
             let seen = self.seen.lock();
             (seen.etag.clone(), seen.last_modified.clone())
         };
         let fetched =
-            crate::net::fetch(url, Some(tls), (etag.as_deref(), since.as_deref()), MAX_LIST_BYTES, FETCH_TIMEOUT)
+            crate::net::fetch(url, Some(tls), (etag.as_deref(), since.as_deref()), MAX_LIST_BYTES, FETCH_TIMEOUT, via)
                 .await
                 .map_err(|e| read_err(e.to_string()))?;
         match fetched.status {
@@ -229,12 +234,14 @@ pub struct Lists {
     lists: Mutex<HashMap<ListSource, Arc<HostList>>>,
     /// TLS for URL lists: the upstream roots.
     tls: RwLock<Option<Arc<rustls::ClientConfig>>>,
+    /// The parent proxy URL lists are fetched through, and the hosts that go direct.
+    egress: RwLock<Option<(crate::net::Via, crate::config::Destinations)>>,
 }
 
 impl Lists {
     /// No list yet.
     pub fn new() -> Arc<Self> {
-        Arc::new(Self { lists: Mutex::default(), tls: RwLock::default() })
+        Arc::new(Self { lists: Mutex::default(), tls: RwLock::default(), egress: RwLock::default() })
     }
 
     /// The lists `config` names, files loaded now (an unreadable or malformed one is an error
@@ -276,6 +283,11 @@ impl Lists {
         Ok(loaded)
     }
 
+    /// Sets the parent proxy URL lists are fetched through (`None`: direct).
+    pub fn set_egress(&self, egress: Option<(crate::net::Via, crate::config::Destinations)>) {
+        *self.egress.write() = egress;
+    }
+
     /// Keeps the lists current until the task is dropped: files looked at every `poll`, URLs
     /// fetched at once and every `refresh`.
     pub async fn refresh(self: Arc<Self>, poll: Duration, refresh: Duration) {
@@ -289,7 +301,11 @@ impl Lists {
                         let due = fetched_at.get(list.source()).is_none_or(|at| at.elapsed() >= refresh);
                         let Some(tls) = self.tls.read().clone().filter(|_| due) else { continue };
                         fetched_at.insert(list.source().clone(), tokio::time::Instant::now());
-                        list.reload_url(url, tls).await
+                        let host = url.parse::<http::Uri>().ok().and_then(|u| u.host().map(str::to_ascii_lowercase));
+                        let via = self.egress.read().clone().and_then(|(via, direct)| {
+                            (!host.is_some_and(|h| direct.contains(&h, None))).then_some(via)
+                        });
+                        list.reload_url(url, tls, via.as_ref()).await
                     }
                 };
                 if let Err(e) = result {

@@ -62,6 +62,11 @@ impl Sources {
         Ok(Policy::new(config, &lists, users)?)
     }
 
+    /// Sets the parent proxy URL host lists are fetched through (`None`: direct).
+    pub fn set_egress(&self, egress: Option<(crate::net::Via, crate::config::Destinations)>) {
+        self.lists.set_egress(egress);
+    }
+
     /// Keeps the host lists and the users file current until the task is dropped; a source
     /// that fails to reload keeps its last good version, loudly.
     pub async fn refresh(self: Arc<Self>, poll: std::time::Duration, refresh: std::time::Duration) {

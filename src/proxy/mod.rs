@@ -232,7 +232,7 @@ pub struct Proxy {
     /// The content scanner decrypted traffic is handed to (`[icap]`), if any.
     pub scanner: Option<Arc<scan::Scanner>>,
     /// The parent proxy upstream connections go through, if any.
-    pub parent: Option<parent::Parent>,
+    pub parent: Option<Arc<parent::Parent>>,
     /// Networks clients may not reach (`[policy] deny_destinations`).
     deny: Vec<ipnet::IpNet>,
     limit: Arc<Semaphore>,
@@ -280,11 +280,12 @@ impl Proxy {
         let upstream_tls = UpstreamTls::new(&config.upstream, &config.path, &provider)?;
         let mut own: Vec<SocketAddr> = config.listeners.iter().map(|l| l.listen).collect();
         own.push(config.management.listen);
+        let parent = parent::Parent::from_config(&config.upstream, &config.path)?.map(Arc::new);
         Ok(Self {
             policy,
             cas,
             cache: LeafCache::new(config.mint.cache_capacity),
-            revocation: revocation::Revocation::new(&config.upstream, upstream_tls.roots(), &provider),
+            revocation: revocation::Revocation::new(&config.upstream, upstream_tls.roots(), &provider, parent.clone()),
             upstream_tls,
             server_tls,
             inbound,
@@ -295,7 +296,7 @@ impl Proxy {
             resolve: config.resolve.clone(),
             resolver: crate::net::Resolver::new(),
             own,
-            parent: parent::Parent::from_config(&config.upstream, &config.path)?,
+            parent,
             scanner: scan::Scanner::from_config(&config.icap).map(Arc::new),
             deny: config.policy.deny_destinations.clone(),
             limit: Arc::new(Semaphore::new(config.limits.max_connections)),
@@ -393,7 +394,7 @@ impl Proxy {
 
     /// The parent proxy a connection to `target` goes through, if any.
     pub fn parent_for(&self, target: &Target) -> Option<&parent::Parent> {
-        self.parent.as_ref().filter(|parent| parent.routes(target))
+        self.parent.as_deref().filter(|parent| parent.routes(target))
     }
 
     /// Opens a TCP connection to an origin the operator configured (`[[inbound]]`): only our

@@ -11,6 +11,8 @@
 //! An explicit client's CONNECT is answered only once the parent has opened the tunnel, so a
 //! refusal (407, 403, 502) reaches the client as an HTTP error on its CONNECT. That tunnel is
 //! kept briefly as a spare for the connection the pipeline opens next to the same target.
+//!
+//! tollgate's own fetches (CRLs, OCSP, host lists) go the same way (`net::Via`).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -19,12 +21,12 @@ use base64::Engine;
 use http::HeaderValue;
 use parking_lot::Mutex;
 use secrecy::{ExposeSecret, SecretString};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::{Proxy, ProxyError, Side, Target};
 use crate::config::{ConfigError, Destinations, ParentUrl, SecretSource, UpstreamConfig};
+use crate::net::{Via, ViaError};
 
 /// A spare tunnel older than this is not used (the parent may have given up on it).
 const SPARE_MAX_AGE: Duration = Duration::from_secs(5);
@@ -32,14 +34,12 @@ const SPARE_MAX_AGE: Duration = Duration::from_secs(5);
 /// Spare tunnels kept in all.
 const SPARES_MAX: usize = 256;
 
-/// The parent's response head may be no longer than this.
-const MAX_HEAD_BYTES: usize = 16 * 1024;
-
 /// The parent proxy and what goes around it.
 pub struct Parent {
     url: ParentUrl,
-    /// `Proxy-Authorization` for every request to the parent (marked sensitive: never logged).
-    authorization: Option<HeaderValue>,
+    /// Where it is, and the `Proxy-Authorization` for every request to it (marked sensitive:
+    /// never logged).
+    via: Via,
     direct: Destinations,
     spares: Mutex<HashMap<Target, Vec<(TcpStream, Instant)>>>,
 }
@@ -66,7 +66,8 @@ impl Parent {
             ),
             None => None,
         };
-        Ok(Some(Self { url, authorization, direct: upstream.no_parent.clone(), spares: Mutex::default() }))
+        let via = Via { host: url.host.clone(), port: url.port, authorization };
+        Ok(Some(Self { url, via, direct: upstream.no_parent.clone(), spares: Mutex::default() }))
     }
 
     /// Whether a connection to `target` goes through the parent.
@@ -74,14 +75,20 @@ impl Parent {
         !self.direct.contains(&target.host, target.addr.map(|a| a.ip()))
     }
 
-    /// The parent's address, as written in the configuration.
-    pub fn url(&self) -> &ParentUrl {
-        &self.url
+    /// The parent to fetch from `host` through (tollgate's own fetches), unless `no_parent`
+    /// lists it.
+    pub fn via_for(&self, host: &str) -> Option<&Via> {
+        (!self.direct.contains(host, None)).then_some(&self.via)
+    }
+
+    /// The parent and what goes around it, for fetches made outside the data plane (host lists).
+    pub fn egress(&self) -> (Via, Destinations) {
+        (self.via.clone(), self.direct.clone())
     }
 
     /// `Proxy-Authorization` for the parent, if it takes credentials.
     pub fn authorization(&self) -> Option<&HeaderValue> {
-        self.authorization.as_ref()
+        self.via.authorization.as_ref()
     }
 
     /// A TCP connection to the parent itself (plain HTTP requests are sent on it in absolute
@@ -135,29 +142,14 @@ impl Parent {
         let secs = proxy.connect_timeout.as_secs();
         let deadline = Instant::now() + proxy.connect_timeout;
         let mut stream = self.connect(proxy).await?;
-        let exchange = async {
-            stream.write_all(&self.connect_request(target)).await?;
-            read_head(&mut stream).await
-        };
-        let head = tokio::time::timeout_at(deadline, exchange)
+        let opened = tokio::time::timeout_at(deadline, self.via.tunnel(&mut stream, &target.to_string()))
             .await
-            .map_err(|_| ProxyError::Timeout { phase: "parent proxy CONNECT", secs, side: Side::Upstream })?
-            .map_err(|e| self.refused(target, 0, e.to_string()))?;
-        match head {
-            (status, _) if (200..300).contains(&status) => Ok(stream),
-            (status, reason) => Err(self.refused(target, status, reason)),
+            .map_err(|_| ProxyError::Timeout { phase: "parent proxy CONNECT", secs, side: Side::Upstream })?;
+        match opened {
+            Ok(()) => Ok(stream),
+            Err(ViaError::Refused { status, reason }) => Err(self.refused(target, status, reason)),
+            Err(ViaError::Io(e)) => Err(self.refused(target, 0, e.to_string())),
         }
-    }
-
-    fn connect_request(&self, target: &Target) -> Vec<u8> {
-        let mut request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n").into_bytes();
-        if let Some(authorization) = &self.authorization {
-            request.extend_from_slice(b"Proxy-Authorization: ");
-            request.extend_from_slice(authorization.as_bytes());
-            request.extend_from_slice(b"\r\n");
-        }
-        request.extend_from_slice(b"\r\n");
-        request
     }
 
     /// The parent refused `target` (status 0: it answered something that is not HTTP).
@@ -179,45 +171,6 @@ fn basic(secret: &SecretString) -> Result<HeaderValue, &'static str> {
     Ok(value)
 }
 
-/// Reads the parent's response head, and not one byte past it (what follows belongs to the
-/// tunnel): bytes are peeked, and only those of the head consumed. The status and reason.
-async fn read_head(stream: &mut TcpStream) -> std::io::Result<(u16, String)> {
-    let invalid = |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, why.to_string());
-    let mut head = Vec::with_capacity(256);
-    let mut peeked = [0u8; 2048];
-    loop {
-        let n = stream.peek(&mut peeked).await?;
-        if n == 0 {
-            return Err(invalid("the parent closed the connection without answering"));
-        }
-        // The head ends at the first blank line: consume up to it, or all that was peeked.
-        let searched_from = head.len().saturating_sub(3);
-        head.extend_from_slice(&peeked[..n]);
-        let end = head[searched_from..].windows(4).position(|w| w == b"\r\n\r\n").map(|i| searched_from + i + 4);
-        let take = match end {
-            Some(end) => n - (head.len() - end),
-            None => n,
-        };
-        head.truncate(head.len() - (n - take));
-        stream.read_exact(&mut peeked[..take]).await?;
-        if end.is_some() {
-            break;
-        }
-        if head.len() > MAX_HEAD_BYTES {
-            return Err(invalid("the parent's response head is too long"));
-        }
-    }
-    let mut headers = [httparse::EMPTY_HEADER; 64];
-    let mut response = httparse::Response::new(&mut headers);
-    match response.parse(&head) {
-        Ok(httparse::Status::Complete(_)) => {
-            let status = response.code.ok_or_else(|| invalid("no status"))?;
-            Ok((status, response.reason.unwrap_or_default().to_string()))
-        }
-        _ => Err(invalid("the parent answered something that is not HTTP")),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,26 +181,5 @@ mod tests {
         assert!(value.is_sensitive());
         assert_eq!(value, "Basic YWxpY2U6czNjcmV0OndpdGg6Y29sb25z");
         assert!(basic(&SecretString::from("no-colon")).is_err());
-    }
-
-    #[tokio::test]
-    async fn the_head_is_read_without_the_tunnel_bytes_after_it() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.unwrap();
-            // Split across writes, with the first tunnel bytes in the same segment as the end.
-            s.write_all(b"HTTP/1.1 200 Connection established\r\nVia: x").await.unwrap();
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            s.write_all(b"\r\n\r\nBANNER").await.unwrap();
-            s
-        });
-        let mut client = TcpStream::connect(addr).await.unwrap();
-        let (status, reason) = read_head(&mut client).await.unwrap();
-        assert_eq!((status, reason.as_str()), (200, "Connection established"));
-        let mut rest = [0u8; 6];
-        client.read_exact(&mut rest).await.unwrap();
-        assert_eq!(&rest, b"BANNER");
-        drop(server.await);
     }
 }

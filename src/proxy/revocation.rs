@@ -111,6 +111,8 @@ pub struct Revocation {
     /// OCSP answers by end-entity SHA-256: stapled ones (so a resumed session, which carries
     /// no staple, is decided the same way) and queried ones.
     answers: moka::future::Cache<[u8; 32], Kept>,
+    /// The parent proxy CRLs and OCSP answers are fetched through, when there is one.
+    parent: Option<Arc<super::parent::Parent>>,
 }
 
 struct KeepFor;
@@ -125,8 +127,14 @@ impl moka::Expiry<String, Arc<Fetched>> for KeepFor {
 }
 
 impl Revocation {
-    pub fn new(config: &UpstreamConfig, roots: Arc<RootCertStore>, provider: &rustls::crypto::CryptoProvider) -> Self {
+    pub fn new(
+        config: &UpstreamConfig,
+        roots: Arc<RootCertStore>,
+        provider: &rustls::crypto::CryptoProvider,
+        parent: Option<Arc<super::parent::Parent>>,
+    ) -> Self {
         Self {
+            parent,
             mode: config.revocation,
             timeout: Duration::from_millis(config.revocation_timeout_ms),
             max_bytes: config.revocation_max_crl_bytes,
@@ -189,7 +197,7 @@ impl Revocation {
         let encoded = base64::engine::general_purpose::STANDARD.encode(request);
         let escaped = encoded.replace('+', "%2B").replace('/', "%2F").replace('=', "%3D");
         let get = format!("{}/{escaped}", url.trim_end_matches('/'));
-        let body = match crate::net::fetch(&get, None, (None, None), 64 * 1024, self.timeout).await {
+        let body = match crate::net::fetch(&get, None, (None, None), 64 * 1024, self.timeout, self.via(&get)).await {
             Ok(f) if f.status == 200 => f.body,
             Ok(f) => return failed(format!("HTTP {}", f.status)),
             Err(e) => return failed(e.to_string()),
@@ -318,9 +326,16 @@ impl Revocation {
         }
     }
 
+    /// The parent proxy to fetch `url` through, if any (and `no_parent` does not list its host).
+    fn via(&self, url: &str) -> Option<&crate::net::Via> {
+        let host =
+            url.parse::<http::Uri>().ok()?.host()?.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+        self.parent.as_ref()?.via_for(&host)
+    }
+
     /// Fetches and parses one CRL (DER, or PEM).
     async fn fetch(&self, url: String) -> Arc<Fetched> {
-        let fetched = crate::net::fetch(&url, None, (None, None), self.max_bytes, self.timeout).await;
+        let fetched = crate::net::fetch(&url, None, (None, None), self.max_bytes, self.timeout, self.via(&url)).await;
         let result = match fetched {
             Ok(f) if f.status == 200 => parse(&f.body),
             Ok(f) => Err(format!("HTTP {}", f.status)),
