@@ -7,7 +7,7 @@
 //! manage → { hsm, pki, vault, proxy::{bypass, respond}, state, logs, telemetry, config }
 //! proxy → { policy, icap, pki, hsm::WaitLimit, net, keys, body, telemetry, config }
 //! icap → { body, config }
-//! pki → { hsm, vault, keys, state, telemetry }       policy → config
+//! pki → { hsm, vault, keys, state, telemetry }       policy → { config, net, keys, telemetry }
 //! hsm → { vault, keys, telemetry, config }            vault → { config, state, keys, hex }
 //! telemetry → logs                                  logs → config
 //! leaves: config, state, keys, net, hex, body             (no cycle: ../shared/tools/import-cycles.py)
