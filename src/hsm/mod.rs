@@ -274,7 +274,7 @@ impl Hsm {
     pub fn start_recovery(self: &Arc<Self>) {
         let hsm = Arc::downgrade(self);
         let interval = self.ha.interval;
-        let _ = std::thread::Builder::new().name("hsm-recovery".into()).spawn(move || {
+        let _ = shutdown::spawn("hsm-recovery".into(), move || {
             while shutdown::sleep(interval) {
                 let Some(hsm) = hsm.upgrade() else { return };
                 hsm.recover();

@@ -38,6 +38,47 @@ impl Drop for Busy {
     }
 }
 
+/// Threads that call into the libraries (workers, recovery), joined at shutdown.
+static THREADS: Mutex<Vec<std::thread::JoinHandle<()>>> = Mutex::new(Vec::new());
+
+/// How long `shutdown` waits for those threads to be gone once their calls are done.
+const THREADS_GONE: Duration = Duration::from_secs(1);
+
+/// Starts a thread that calls into a PKCS#11 library. `shutdown` waits for it to have
+/// exited, thread-local destructors included: a C library's per-thread cleanup (OpenSSL's,
+/// under SoftHSM2) racing its process-wide cleanup at exit freed the same memory twice, about
+/// once in 12,000 short commands.
+pub(super) fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
+    let handle = std::thread::Builder::new().name(name).spawn(f)?;
+    let mut threads = THREADS.lock();
+    threads.retain(|t| !t.is_finished());
+    threads.push(handle);
+    Ok(())
+}
+
+/// Joins the threads `spawn` started that have exited or exit within `THREADS_GONE`; one
+/// still running by then (sleeping in a library's own thread, say) is left.
+fn join_threads() {
+    let deadline = Instant::now() + THREADS_GONE;
+    loop {
+        let (finished, running): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut *THREADS.lock()).into_iter().partition(|t| t.is_finished());
+        for thread in finished {
+            let _ = thread.join();
+        }
+        if running.is_empty() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!(threads = running.len(), "HSM threads still running at exit");
+            THREADS.lock().extend(running);
+            return;
+        }
+        THREADS.lock().extend(running);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// Enters the libraries, unless the process is shutting down.
 pub(super) fn enter() -> Result<Busy, HsmError> {
     let mut state = STATE.lock();
@@ -84,5 +125,6 @@ pub fn shutdown() {
         }
     }
     drop(state);
+    join_threads();
     super::member::finalize_all();
 }

@@ -291,7 +291,7 @@ impl Executor {
         let name = format!("hsm-{}", self.spawned.load(Relaxed));
         // Awake from the start: it looks at the queue before it first sleeps.
         self.idle.join();
-        let spawned = std::thread::Builder::new().name(name).spawn(move || worker.run(here, busy));
+        let spawned = shutdown::spawn(name, move || worker.run(here, busy));
         if let Err(e) = spawned {
             self.idle.leave();
             tracing::error!(library = %self.library, error = %e, "cannot start an HSM worker");

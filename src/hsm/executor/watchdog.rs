@@ -60,6 +60,7 @@ impl Executor {
     /// Starts the watchdog thread; it ends with the executor.
     pub(super) fn start_watchdog(self: &Arc<Self>) {
         let watched = Arc::downgrade(self);
+        // Never calls into a library itself (it starts workers that do): not joined at exit.
         let _ = std::thread::Builder::new().name("hsm-watchdog".into()).spawn(move || {
             while let Some(executor) = watched.upgrade() {
                 if executor.is_closed() {
