@@ -245,49 +245,14 @@ async fn a_wrong_parent_password_is_a_clear_error_not_a_407_to_the_client() {
 /// revoked one is blocked (rather than both becoming "revocation unknown").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crls_are_fetched_through_the_parent() {
-    use rcgen::{
-        BasicConstraints, CertificateParams, CertificateRevocationListParams, CrlDistributionPoint, DnType, IsCa,
-        Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevokedCertParams, SerialNumber,
-    };
     let work = tempfile::tempdir().unwrap();
-    let mut ca = CertificateParams::default();
-    ca.distinguished_name.push(DnType::CommonName, "parent CRL test root");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_key = KeyPair::generate().unwrap();
-    let root = ca.self_signed(&ca_key).unwrap();
+    let (issuer, root_pem) = revoking_ca("parent CRL test root");
     let bundle = work.path().join("root.pem");
-    std::fs::write(&bundle, root.pem()).unwrap();
-    let issuer = Issuer::new(ca, ca_key);
-    let now = time::OffsetDateTime::now_utc();
-    let crl = CertificateRevocationListParams {
-        this_update: now - time::Duration::hours(1),
-        next_update: now + time::Duration::days(1),
-        crl_number: SerialNumber::from_slice(&[1]),
-        issuing_distribution_point: None,
-        revoked_certs: vec![RevokedCertParams {
-            serial_number: SerialNumber::from_slice(&[2]),
-            revocation_time: now - time::Duration::hours(1),
-            reason_code: Some(rcgen::RevocationReason::KeyCompromise),
-            invalidity_date: None,
-        }],
-        key_identifier_method: KeyIdMethod::Sha256,
-    }
-    .signed_by(&issuer)
-    .unwrap();
-    let (crl_addr, fetches) = crl_server(Some(crl.der().to_vec())).await;
+    std::fs::write(&bundle, root_pem).unwrap();
+    let (crl_addr, fetches) = crl_server(Some(crl_der(&issuer, &[2]))).await;
     // crl.test is in Squid's hosts file only: fetched directly, it would not resolve.
     let crl_url = format!("http://crl.test:{}/root.crl", crl_addr.port());
-    let leaf = |name: &str, serial: u8| {
-        let mut params = CertificateParams::new(vec![name.to_string()]).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.serial_number = Some(SerialNumber::from_slice(&[serial]));
-        params.crl_distribution_points = vec![CrlDistributionPoint { uris: vec![crl_url.clone()] }];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &issuer).unwrap();
-        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
-        (vec![cert.der().clone()], key)
-    };
+    let leaf = |name: &str, serial: u8| leaf_with_crl(&issuer, name, serial, Some(crl_url.clone()));
     let (chain, key) = leaf("good.test", 1);
     let good = Origin::start("good", chain, key, &["http/1.1"]).await;
     let (chain, key) = leaf("revoked.test", 2);

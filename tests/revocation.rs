@@ -10,28 +10,12 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateRevocationListParams, CrlDistributionPoint, DnType, IsCa, Issuer,
-    KeyIdMethod, KeyPair, KeyUsagePurpose, RevokedCertParams, SerialNumber,
+    BasicConstraints, CertificateParams, CrlDistributionPoint, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    SerialNumber,
 };
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use support::*;
-
-fn leaf(
-    issuer: &Issuer<'static, KeyPair>,
-    name: &str,
-    serial: u8,
-    crl: Option<String>,
-) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
-    let mut params = CertificateParams::new(vec![name.to_string()]).unwrap();
-    params.distinguished_name.push(DnType::CommonName, name);
-    params.serial_number = Some(SerialNumber::from_slice(&[serial]));
-    params.crl_distribution_points = crl.into_iter().map(|uri| CrlDistributionPoint { uris: vec![uri] }).collect();
-    let key = KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, issuer).unwrap();
-    (vec![cert.der().clone()], PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())))
-}
 
 fn decryption_line(proxy: &Proxy, sni: &str) -> serde_json::Value {
     proxy.wait_log(sni, |v| v["target"] == "tollgate::decryption" && v["sni"] == sni)
@@ -40,36 +24,11 @@ fn decryption_line(proxy: &Proxy, sni: &str) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoked_upstreams_are_blocked_and_a_dead_crl_server_costs_one_deadline() {
     let dir = tempfile::tempdir().unwrap();
-    let mut ca = CertificateParams::default();
-    ca.distinguished_name.push(DnType::CommonName, "revocation test root");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_key = KeyPair::generate().unwrap();
-    let root = ca.self_signed(&ca_key).unwrap();
-    std::fs::write(dir.path().join("root.pem"), root.pem()).unwrap();
-    let issuer = Issuer::new(ca, ca_key);
-
-    let now = time::OffsetDateTime::now_utc();
-    let crl = CertificateRevocationListParams {
-        this_update: now - time::Duration::hours(1),
-        next_update: now + time::Duration::days(1),
-        crl_number: SerialNumber::from_slice(&[1]),
-        issuing_distribution_point: None,
-        // The leaf 0x02, and the intermediate CA 0x09.
-        revoked_certs: [2u8, 9]
-            .into_iter()
-            .map(|serial| RevokedCertParams {
-                serial_number: SerialNumber::from_slice(&[serial]),
-                revocation_time: now - time::Duration::hours(1),
-                reason_code: Some(rcgen::RevocationReason::KeyCompromise),
-                invalidity_date: None,
-            })
-            .collect(),
-        key_identifier_method: KeyIdMethod::Sha256,
-    }
-    .signed_by(&issuer)
-    .unwrap();
-    let (crl_addr, fetches) = crl_server(Some(crl.der().to_vec())).await;
+    let (issuer, root_pem) = revoking_ca("revocation test root");
+    std::fs::write(dir.path().join("root.pem"), root_pem).unwrap();
+    // The leaf 0x02, and the intermediate CA 0x09.
+    let crl = crl_der(&issuer, &[2, 9]);
+    let (crl_addr, fetches) = crl_server(Some(crl)).await;
     let (dead_addr, _) = crl_server(None).await;
     let published = format!("http://{crl_addr}/root.crl");
     let dead = format!("http://{dead_addr}/root.crl");
@@ -82,7 +41,7 @@ async fn revoked_upstreams_are_blocked_and_a_dead_crl_server_costs_one_deadline(
         ("deadcrl.test", 3, Some(dead)),
         ("nocrl.test", 4, None),
     ] {
-        let (chain, key) = leaf(&issuer, name, serial, crl);
+        let (chain, key) = leaf_with_crl(&issuer, name, serial, crl);
         let origin = Origin::start(name, chain, key, &["http/1.1"]).await;
         resolve.push((format!("{name}:443"), origin.addr));
         origins.push(origin);
@@ -97,18 +56,10 @@ async fn revoked_upstreams_are_blocked_and_a_dead_crl_server_costs_one_deadline(
     let inter_key = KeyPair::generate().unwrap();
     let inter_cert = inter.signed_by(&inter_key, &issuer).unwrap();
     let inter_issuer = Issuer::new(inter, inter_key);
-    let inter_crl = CertificateRevocationListParams {
-        this_update: now - time::Duration::hours(1),
-        next_update: now + time::Duration::days(1),
-        crl_number: SerialNumber::from_slice(&[1]),
-        issuing_distribution_point: None,
-        revoked_certs: vec![],
-        key_identifier_method: KeyIdMethod::Sha256,
-    }
-    .signed_by(&inter_issuer)
-    .unwrap();
-    let (inter_crl_addr, _) = crl_server(Some(inter_crl.der().to_vec())).await;
-    let (mut chain, key) = leaf(&inter_issuer, "badca.test", 5, Some(format!("http://{inter_crl_addr}/inter.crl")));
+    let inter_crl = crl_der(&inter_issuer, &[]);
+    let (inter_crl_addr, _) = crl_server(Some(inter_crl)).await;
+    let (mut chain, key) =
+        leaf_with_crl(&inter_issuer, "badca.test", 5, Some(format!("http://{inter_crl_addr}/inter.crl")));
     chain.push(inter_cert.der().clone());
     let origin = Origin::start("badca.test", chain, key, &["http/1.1"]).await;
     resolve.push(("badca.test:443".into(), origin.addr));

@@ -1196,3 +1196,57 @@ pub async fn crl_server(body: Option<Vec<u8>>) -> (SocketAddr, Arc<std::sync::at
     });
     (addr, served)
 }
+
+/// A root CA that signs CRLs: its issuer, and its certificate as PEM.
+pub fn revoking_ca(name: &str) -> (Issuer<'static, KeyPair>, String) {
+    let mut ca = CertificateParams::default();
+    ca.distinguished_name.push(DnType::CommonName, name);
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let key = KeyPair::generate().unwrap();
+    let pem = ca.self_signed(&key).unwrap().pem();
+    (Issuer::new(ca, key), pem)
+}
+
+/// A CRL (DER) from `issuer` revoking `serials`, issued an hour ago, next update in a day.
+pub fn crl_der(issuer: &Issuer<'static, KeyPair>, serials: &[u8]) -> Vec<u8> {
+    let now = time::OffsetDateTime::now_utc();
+    rcgen::CertificateRevocationListParams {
+        this_update: now - time::Duration::hours(1),
+        next_update: now + time::Duration::days(1),
+        crl_number: rcgen::SerialNumber::from_slice(&[1]),
+        issuing_distribution_point: None,
+        revoked_certs: serials
+            .iter()
+            .map(|serial| rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from_slice(&[*serial]),
+                revocation_time: now - time::Duration::hours(1),
+                reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            })
+            .collect(),
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    }
+    .signed_by(issuer)
+    .unwrap()
+    .der()
+    .to_vec()
+}
+
+/// A leaf for `name` with serial `serial`, signed by `issuer`, naming `crl` as its CRL
+/// distribution point.
+pub fn leaf_with_crl(
+    issuer: &Issuer<'static, KeyPair>,
+    name: &str,
+    serial: u8,
+    crl: Option<String>,
+) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+    let mut params = CertificateParams::new(vec![name.to_string()]).unwrap();
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.serial_number = Some(rcgen::SerialNumber::from_slice(&[serial]));
+    params.crl_distribution_points =
+        crl.into_iter().map(|uri| rcgen::CrlDistributionPoint { uris: vec![uri] }).collect();
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, issuer).unwrap();
+    (vec![cert.der().clone()], PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())))
+}
