@@ -30,10 +30,19 @@ def verdicts(rows, mint_micro=None):
 class Targets(unittest.TestCase):
     def test_ratios_to_nginx_proxy_are_checked_against_the_same_run(self):
         goals = verdicts([row("nginx-proxy", H2, 20_000), row("tollgate", H2, 31_000),
-                          row("nginx-proxy", H1, 40_000), row("tollgate", H1, 39_000)])
+                          row("nginx-proxy", H1, 40_000), row("tollgate", H1, 43_000)])
         self.assertTrue(goals[f"{H2}: >= 1.5x nginx-proxy"]["met"])
         self.assertEqual(goals[f"{H2}: >= 1.5x nginx-proxy"]["measured"], "1.55x")
-        self.assertFalse(goals[f"{H1}: >= 1.0x nginx-proxy"]["met"])
+        # HTTP/1.1 keep-alive wants a margin over nginx, not parity.
+        self.assertFalse(goals[f"{H1}: >= 1.1x nginx-proxy"]["met"])
+
+    def test_logged_rows_compare_with_nginx_logging_too(self):
+        goals = verdicts([row("nginx-proxy-logged", H1, 30_000), row("tollgate-logged", H1, 31_000),
+                          row("nginx-proxy-logged", NEW, 2_000), row("tollgate-logged", NEW, 1_900),
+                          row("tollgate", H1, 32_000)])
+        self.assertTrue(goals[f"{H1}, logs on: >= 1.0x nginx-proxy logging too"]["met"])
+        self.assertFalse(goals[f"{NEW}, logs on: >= 1.0x nginx-proxy logging too"]["met"])
+        self.assertTrue(goals[f"{H1}: access and decryption logs on within 5 % of off"]["met"])
 
     def test_a_policy_costs_at_most_three_percent(self):
         goals = verdicts([row("tollgate", H2, 30_000), row("tollgate-policy", H2, 29_200),
