@@ -22,6 +22,8 @@ use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGua
 
 use crate::config::LogConfig;
 
+mod line;
+
 /// How many of the service's last log lines the support file gets.
 const RECENT_LINES: usize = 500;
 
@@ -70,10 +72,7 @@ pub fn init(config: &LogConfig) -> Result<(), OpenError> {
     let _ = DROPPED.set(writer.error_counter());
     let result = tracing_subscriber::fmt()
         .with_env_filter(filter())
-        .json()
-        .flatten_event(true)
-        .with_current_span(false)
-        .with_span_list(false)
+        .event_format(line::JsonLine)
         .with_writer(writer)
         .try_init();
     // A second init (tests) keeps the first subscriber.
@@ -223,9 +222,10 @@ impl Write for Output {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.take_requests();
         Self::remember(buf);
-        if let Some(path) = self.config.file.clone()
+        if self.config.file.is_some()
             && self.written > 0
             && self.written + buf.len() as u64 > self.config.max_file_bytes
+            && let Some(path) = self.config.file.clone()
         {
             self.rotate(&path);
         }
