@@ -161,6 +161,9 @@ struct Files {
     child: Child,
     dir: PathBuf,
     addr: SocketAddr,
+    /// The same files over plain HTTP (Python's http.server).
+    plain: Child,
+    plain_addr: SocketAddr,
 }
 
 impl Files {
@@ -181,8 +184,20 @@ impl Files {
             .spawn()
             .unwrap();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        wait_for("the origin", Duration::from_secs(10), || std::net::TcpStream::connect(addr).is_ok());
-        Self { child, dir: www, addr }
+        let plain_port = free_port();
+        let plain = Command::new("/usr/bin/python3")
+            .args(["-m", "http.server", "--bind", "127.0.0.1", &plain_port.to_string()])
+            .current_dir(&www)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let plain_addr = SocketAddr::from(([127, 0, 0, 1], plain_port));
+        wait_for("the origin", Duration::from_secs(10), || {
+            std::net::TcpStream::connect(addr).is_ok() && std::net::TcpStream::connect(plain_addr).is_ok()
+        });
+        Self { child, dir: www, addr, plain, plain_addr }
     }
 
     fn posts(&self) -> String {
@@ -192,8 +207,10 @@ impl Files {
 
 impl Drop for Files {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for child in [&mut self.child, &mut self.plain] {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -233,7 +250,11 @@ impl Rig {
         let files = Files::start(&pki, work.path());
         let options = ProxyOptions {
             ca_bundles: vec![pki.bundle()],
-            resolve: vec![("files.test:443".into(), files.addr), ("video.test:443".into(), files.addr)],
+            resolve: vec![
+                ("files.test:443".into(), files.addr),
+                ("video.test:443".into(), files.addr),
+                ("plain.test:80".into(), files.plain_addr),
+            ],
             extra: format!(
                 "\n[[decryption.rule]]\nname = \"video\"\nhosts = [\"video.test\"]\naction = \"decrypt\"\nicap = false\n\n\
                  [icap]\nreqmod = \"{url}\"\nrespmod = \"{url}\"\ntimeout_secs = 3\n{icap}",
@@ -306,6 +327,20 @@ async fn eicar_is_blocked_both_ways_and_clean_content_streams_through_unchanged(
     assert!(std::fs::read(&body).unwrap() == clean, "the clean file changed on its way");
     let line = proxy.wait_log("clean", |v| v["path"] == "/clean.txt");
     assert_eq!((line["icap_respmod"].as_str(), line["status"].as_u64()), (Some("clean"), Some(200)), "{line}");
+
+    // Plain http:// through the explicit listener: scanned the same way.
+    let out = rig.get("http://plain.test/eicar.com", &[]).await;
+    let page = printed(&out);
+    assert!(page.starts_with("HTTP/1.1 403"), "{page}");
+    assert!(page.to_ascii_lowercase().contains("tollgate-error: blocked-by-scanner"), "{page}");
+    assert!(!page.contains("EICAR-STANDARD-ANTIVIRUS-TEST-FILE"), "the file itself reached the client");
+    let line = proxy.wait_log("blocked plain download", |v| v["host"] == "plain.test" && v["path"] == "/eicar.com");
+    assert_eq!((line["icap_respmod"].as_str(), line["status"].as_u64()), (Some("blocked"), Some(403)), "{line}");
+    let out = rig.get("http://plain.test/clean.txt", &["-o", body.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{}", printed(&out));
+    assert!(std::fs::read(&body).unwrap() == clean, "the clean file changed on its plain-HTTP way");
+    let line = proxy.wait_log("clean plain", |v| v["host"] == "plain.test" && v["path"] == "/clean.txt");
+    assert_eq!(line["icap_respmod"], "clean", "{line}");
 
     // A rule with icap = false: not scanned at all.
     let out = rig.get("https://video.test/eicar.com", &[]).await;
