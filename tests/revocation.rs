@@ -112,9 +112,10 @@ async fn revoked_upstreams_are_blocked_and_a_dead_crl_server_costs_one_deadline(
     assert_eq!(status, 200);
     assert!(stuck.await.unwrap(), "the unknown status gets a forward-untrust leaf");
     let waited = started.elapsed();
+    eprintln!("a handshake behind a dead CRL server finished after {waited:?} (deadline 1500 ms)");
     assert!(
-        waited >= Duration::from_millis(1400) && waited < Duration::from_secs(4),
-        "bounded by the deadline: {waited:?}"
+        waited >= Duration::from_millis(1400) && waited < Duration::from_millis(1500 + 100),
+        "bounded by the deadline (revocation_timeout_ms + 100 ms): {waited:?}"
     );
     assert_eq!(parse(&seen.lock()[0]).issuer(), parse(&setup.untrust_ca).subject());
     let unknown = decryption_line(&proxy, "deadcrl.test");
