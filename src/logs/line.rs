@@ -156,7 +156,8 @@ fn timestamp(out: &mut impl Write, now: SystemTime) -> fmt::Result {
             text.clear();
             let (days, rest) = (secs / 86_400, secs % 86_400);
             let (year, month, day) = civil_from_days(days as i64);
-            let _ = write!(text, "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}", rest / 3600, rest / 60 % 60, rest % 60);
+            let _ =
+                write!(text, "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}", rest / 3600, rest / 60 % 60, rest % 60);
         }
         out.write_str(text)
     })?;

@@ -70,11 +70,8 @@ pub fn init(config: &LogConfig) -> Result<(), OpenError> {
         .thread_name("tollgate-log")
         .finish(output);
     let _ = DROPPED.set(writer.error_counter());
-    let result = tracing_subscriber::fmt()
-        .with_env_filter(filter())
-        .event_format(line::JsonLine)
-        .with_writer(writer)
-        .try_init();
+    let result =
+        tracing_subscriber::fmt().with_env_filter(filter()).event_format(line::JsonLine).with_writer(writer).try_init();
     // A second init (tests) keeps the first subscriber.
     drop(result);
     *WRITER.lock() = Some(guard);
