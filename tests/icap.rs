@@ -46,14 +46,7 @@ impl Scanner {
             ),
         )
         .unwrap();
-        let clamd = Command::new("clamd")
-            .arg("-c")
-            .arg(dir.join("clamd.conf"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let clamd = spawn_quiet(Command::new("clamd").arg("-c").arg(dir.join("clamd.conf")));
         let socket = dir.join("clamd.sock");
         wait_for("clamd", Duration::from_secs(60), || socket.exists());
         let port = free_port();
@@ -86,15 +79,9 @@ impl Scanner {
         use std::os::unix::process::CommandExt;
         // A process group of its own: c-icap serves from child processes, which must die (or
         // freeze) with it.
-        let child = Command::new("c-icap")
-            .args(["-N", "-D", "-f"])
-            .arg(self.dir.join("c-icap.conf"))
-            .process_group(0)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let child = spawn_quiet(
+            Command::new("c-icap").args(["-N", "-D", "-f"]).arg(self.dir.join("c-icap.conf")).process_group(0),
+        );
         self.icap = Some(child);
         let port = self.port;
         wait_for("c-icap", Duration::from_secs(30), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
@@ -185,14 +172,11 @@ impl Files {
             .unwrap();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let plain_port = free_port();
-        let plain = Command::new("/usr/bin/python3")
-            .args(["-m", "http.server", "--bind", "127.0.0.1", &plain_port.to_string()])
-            .current_dir(&www)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let plain = spawn_quiet(
+            Command::new("/usr/bin/python3")
+                .args(["-m", "http.server", "--bind", "127.0.0.1", &plain_port.to_string()])
+                .current_dir(&www),
+        );
         let plain_addr = SocketAddr::from(([127, 0, 0, 1], plain_port));
         wait_for("the origin", Duration::from_secs(10), || {
             std::net::TcpStream::connect(addr).is_ok() && std::net::TcpStream::connect(plain_addr).is_ok()

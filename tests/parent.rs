@@ -8,7 +8,7 @@ mod support;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use support::*;
@@ -47,15 +47,10 @@ impl Squid {
              http_access deny !authed\nhttp_access deny banned\nhttp_access allow authed\nhttp_access deny all\n"
         );
         std::fs::write(dir.join("squid.conf"), config).unwrap();
-        let child = Command::new("squid")
-            // A service name of its own: two Squids at once must not share memory segments.
-            .args(["-N", "-n", &format!("tg{port}"), "-f"])
-            .arg(dir.join("squid.conf"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        // A service name of its own: two Squids at once must not share memory segments.
+        let child = spawn_quiet(
+            Command::new("squid").args(["-N", "-n", &format!("tg{port}"), "-f"]).arg(dir.join("squid.conf")),
+        );
         let squid = Self { child, addr: SocketAddr::from(([127, 0, 0, 1], port)), dir };
         wait_for("squid listening", Duration::from_secs(30), || std::net::TcpStream::connect(squid.addr).is_ok());
         squid

@@ -117,14 +117,7 @@ impl Farm {
             ),
         )
         .unwrap();
-        let haproxy = Command::new("haproxy")
-            .args(["-db", "-f"])
-            .arg(&haproxy_cfg)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let haproxy = spawn_quiet(Command::new("haproxy").args(["-db", "-f"]).arg(&haproxy_cfg));
         let mut farm = Self { remote, replicas, haproxy, front, _pki: pki, _origin: origin };
         for i in 0..n {
             farm.start(i);
@@ -366,7 +359,9 @@ fn three_replicas_behind_haproxy_survive_a_kill_rejoin_and_drain() {
     let counts = load.join().unwrap();
     eprintln!("6 s run with a replica SIGTERMed at 1 s: {counts:?}");
     assert!(counts.succeeded > 1000, "{counts:?}");
-    assert!(counts.failed + counts.errored <= 12, "draining failed more than GOAWAY races: {counts:?}");
+    // HAProxy spreads the 12 connections over 3 replicas: 4 on the drained one, each with at
+    // most 4 streams open when the GOAWAY reaches h2load.
+    assert!(counts.failed + counts.errored <= 4 * 4, "draining failed more than GOAWAY races: {counts:?}");
     let mut drained = farm.replicas[2].proxy.take().unwrap();
     assert_eq!(drained.wait_exit(Duration::from_secs(20)), Some(0), "{:?}", drained.logs.lock());
     drained.wait_log("drained", |v| v["message"] == "drained; exiting");

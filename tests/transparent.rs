@@ -393,17 +393,14 @@ fn a_silent_ipv6_address_and_a_denied_one_do_not_hold_the_connection() {
         cmd.args(["netns", "exec", &ns, program]);
         cmd
     };
-    let origin = exec("openssl")
-        .args(["s_server", "-quiet", "-WWW", "-4", "-accept", "10.232.0.1:443", "-cert"])
-        .arg(&cert)
-        .arg("-key")
-        .arg(&key)
-        .current_dir(&www)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let origin = spawn_quiet(
+        exec("openssl")
+            .args(["s_server", "-quiet", "-WWW", "-4", "-accept", "10.232.0.1:443", "-cert"])
+            .arg(&cert)
+            .arg("-key")
+            .arg(&key)
+            .current_dir(&www),
+    );
     cleanup.2.push(origin);
     // On the denied address, a listener that accepts and never speaks: dialled, it would hang.
     let mute = exec("python3")

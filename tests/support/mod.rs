@@ -1140,6 +1140,13 @@ impl Drop for RemoteToken {
     }
 }
 
+/// Starts `cmd` with no standard input and its output thrown away (servers whose chatter
+/// would only bury the test's own output).
+pub fn spawn_quiet(cmd: &mut std::process::Command) -> std::process::Child {
+    use std::process::Stdio;
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap()
+}
+
 /// A loopback port free at the moment (for servers that must be told their port up front).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
