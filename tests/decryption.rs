@@ -123,3 +123,109 @@ async fn the_decryption_log_can_be_turned_off() {
     proxy.wait_log("the request", |v| v["path"] == "/quiet");
     assert!(!proxy.log_json().iter().any(|v| v["target"] == "tollgate::decryption"));
 }
+
+/// The bar, in one run: a revoked upstream, an expired one, one that asks for a client
+/// certificate and a good one get, respectively, a TLS alert, a forward-untrust leaf, a tunnel
+/// (the server's own certificate, listed by `tollgate bypass list`) and a trusted leaf — and
+/// each session exactly one decryption line with its chain status and decision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_expired_client_auth_and_good_upstreams_side_by_side() {
+    let dir = tempfile::tempdir().unwrap();
+    // Revocation: a CA that revoked serial 2, its CRL served in-process.
+    let (issuer, root_pem) = revoking_ca("bar test root");
+    std::fs::write(dir.path().join("revoking.pem"), root_pem).unwrap();
+    let (crl_addr, _) = crl_server(Some(crl_der(&issuer, &[2]))).await;
+    let crl = format!("http://{crl_addr}/root.crl");
+    let (chain, key) = leaf_with_crl(&issuer, "good.test", 1, Some(crl.clone()));
+    let good = Origin::start("good", chain, key, &["http/1.1"]).await;
+    let (chain, key) = leaf_with_crl(&issuer, "revoked.test", 2, Some(crl));
+    let revoked = Origin::start("revoked", chain, key, &["http/1.1"]).await;
+    // Expired: issued by a trusted root, but its validity ended yesterday.
+    let pki = TestPki::new();
+    let (chain, key) = pki.leaf(&LeafSpec { valid_days: (-30, -1), ..LeafSpec::new(&["expired.test"]) });
+    let expired = Origin::start("expired", chain, key, &["http/1.1"]).await;
+    // Client authentication: openssl s_server insisting on a client certificate.
+    let (cert, key) = pki.leaf_files(&LeafSpec::new(&["clientauth.test"]), dir.path());
+    let port = free_port();
+    let mut clientauth = spawn_quiet(
+        std::process::Command::new("openssl")
+            .args(["s_server", "-www", "-Verify", "1", "-accept", &format!("127.0.0.1:{port}"), "-cert"])
+            .arg(&cert)
+            .arg("-key")
+            .arg(&key),
+    );
+    let clientauth_addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    wait_for("openssl s_server", std::time::Duration::from_secs(10), || {
+        std::net::TcpStream::connect(clientauth_addr).is_ok()
+    });
+
+    let options = ProxyOptions {
+        ca_bundles: vec![dir.path().join("revoking.pem"), pki.bundle()],
+        resolve: vec![
+            ("good.test:443".into(), good.addr),
+            ("revoked.test:443".into(), revoked.addr),
+            ("expired.test:443".into(), expired.addr),
+            ("clientauth.test:443".into(), clientauth_addr),
+        ],
+        ..Default::default()
+    };
+    let setup = Setup::new(&options);
+    let proxy = setup.start();
+    let root_subject = |der: &[u8]| parse(der).issuer().to_string();
+
+    // Revoked: a TLS alert before any certificate.
+    let (config, seen) = capturing_client(&["http/1.1"]);
+    assert!(tls_via_sni(proxy.sni, "revoked.test", config).await.is_err(), "the revoked upstream was served");
+    assert!(seen.lock().is_empty(), "a certificate was shown for the revoked upstream");
+
+    // Expired: a leaf from the forward-untrust CA, which the trusting client refuses.
+    let (config, seen) = capturing_client(&["http/1.1"]);
+    tls_via_sni(proxy.sni, "expired.test", config).await.expect("the expired upstream is served, untrusted");
+    assert_eq!(root_subject(&seen.lock()[0]), parse(&setup.untrust_ca).subject().to_string());
+
+    // Client certificate requested: the client reaches the server itself (its own certificate).
+    let (config, seen) = capturing_client(&["http/1.1"]);
+    let _ = tls_via_sni(proxy.sni, "clientauth.test", config).await;
+    let shown = seen.lock().first().cloned().expect("a certificate was shown for clientauth.test");
+    assert_eq!(shown, pem_cert(&cert), "the client must see the server's own certificate");
+
+    // Good: a trusted leaf, and the request answered.
+    let tls = tls_via_sni(proxy.sni, "good.test", trusting_client(&setup.trust_ca, &["http/1.1"])).await.unwrap();
+    let (status, _, _) = request(tls, false, get("good.test", "/", false)).await;
+    assert_eq!(status, 200);
+
+    for (sni, decision, chain_status) in [
+        ("revoked.test", "block", "revoked"),
+        ("expired.test", "decrypt", "expired"),
+        ("clientauth.test", "tunnel-learned", "unsupported"),
+        ("good.test", "decrypt", "trusted"),
+    ] {
+        let line = session(&proxy, sni, sni, |_| true);
+        assert_eq!(
+            (line["decision"].as_str(), line["chain_status"].as_str()),
+            (Some(decision), Some(chain_status)),
+            "{line}"
+        );
+        let lines =
+            proxy.log_json().into_iter().filter(|v| v["target"] == "tollgate::decryption" && v["sni"] == sni).count();
+        assert_eq!(lines, 1, "{sni}: one session, one decryption line");
+    }
+
+    // The tunnelled host is in `tollgate bypass list`, with the reason.
+    let cli_config = setup.token.path("cli.toml");
+    config_for_cli(&setup.config, proxy.management, &cli_config);
+    let out = setup
+        .token
+        .cmd(tollgate_bin())
+        .args(["bypass", "list", "--json"])
+        .arg("--config")
+        .arg(&cli_config)
+        .output()
+        .unwrap();
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", printed(&out)));
+    let entry =
+        list.as_array().unwrap().iter().find(|e| e["host"] == "clientauth.test").expect("clientauth.test listed");
+    assert!(entry["reason"].as_str().unwrap().contains("client certificate"), "{entry}");
+    let _ = clientauth.kill();
+    let _ = clientauth.wait();
+}
