@@ -10,6 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
+use tracing_log::NormalizeEvent;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
@@ -23,7 +24,10 @@ where
     N: for<'a> FormatFields<'a> + 'static,
 {
     fn format_event(&self, _ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
-        let meta = event.metadata();
+        // A `log` record (rustls logs through `log`) arrives as an event of target `log`, its
+        // own target and place in `log.*` fields: its line names its real target instead.
+        let normalized = event.normalized_metadata();
+        let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
         writer.write_str("{\"timestamp\":\"")?;
         timestamp(&mut writer, SystemTime::now())?;
         writer.write_str("\",\"level\":\"")?;
@@ -46,7 +50,7 @@ struct Fields<'a, 'w> {
 
 impl Fields<'_, '_> {
     fn put(&mut self, field: &Field, value: impl FnOnce(&mut Writer<'_>) -> fmt::Result) {
-        if self.result.is_ok() {
+        if self.result.is_ok() && !field.name().starts_with("log.") {
             self.result = (|| {
                 self.out.write_str(",\"")?;
                 // Field names are Rust identifiers: nothing to escape.
@@ -212,20 +216,24 @@ mod tests {
         assert_eq!(parsed, "a\"b\\c\nd\u{1}e\u{7f}é\u{2028}");
     }
 
+    /// Where a test subscriber's lines go.
+    #[derive(Clone, Default)]
+    struct Sink(std::sync::Arc<parking_lot::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
     /// Every kind of field a line carries, through a real subscriber, parsed back as JSON.
     #[test]
     fn lines_are_json_with_every_field() {
-        #[derive(Clone, Default)]
-        struct Sink(std::sync::Arc<parking_lot::Mutex<Vec<u8>>>);
-        impl std::io::Write for Sink {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().extend_from_slice(buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
         let sink = Sink::default();
         let writer = sink.clone();
         let subscriber = tracing_subscriber::fmt().event_format(JsonLine).with_writer(move || writer.clone()).finish();
@@ -266,5 +274,30 @@ mod tests {
         assert_eq!(line["error"], "disk \"full\"");
         let stamp = line["timestamp"].as_str().unwrap();
         assert!(time::OffsetDateTime::parse(stamp, &time::format_description::well_known::Rfc3339).is_ok(), "{stamp}");
+    }
+
+    /// A `log` record (rustls logs through `log`) is written under its own target, without
+    /// the bridge's `log.*` bookkeeping fields.
+    #[test]
+    fn log_records_keep_their_target() {
+        let sink = Sink::default();
+        let writer = sink.clone();
+        let subscriber = tracing_subscriber::fmt().event_format(JsonLine).with_writer(move || writer.clone()).finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let record = log::Record::builder()
+                .target("rustls::conn")
+                .level(log::Level::Warn)
+                .module_path_static(Some("rustls::conn"))
+                .line(Some(7))
+                .args(format_args!("Sending warning alert {}", "CloseNotify"))
+                .build();
+            tracing_log::format_trace(&record).unwrap();
+        });
+        let text = String::from_utf8(sink.0.lock().clone()).unwrap();
+        let line: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
+        assert_eq!(line["target"], "rustls::conn", "{line}");
+        assert_eq!(line["level"], "WARN", "{line}");
+        assert_eq!(line["message"], "Sending warning alert CloseNotify", "{line}");
+        assert!(line.as_object().unwrap().keys().all(|k| !k.starts_with("log.")), "{line}");
     }
 }
