@@ -284,14 +284,17 @@ mod tests {
         let writer = sink.clone();
         let subscriber = tracing_subscriber::fmt().event_format(JsonLine).with_writer(move || writer.clone()).finish();
         tracing::subscriber::with_default(subscriber, || {
-            let record = log::Record::builder()
-                .target("rustls::conn")
-                .level(log::Level::Warn)
-                .module_path_static(Some("rustls::conn"))
-                .line(Some(7))
-                .args(format_args!("Sending warning alert {}", "CloseNotify"))
-                .build();
-            tracing_log::format_trace(&record).unwrap();
+            // One statement: the record borrows the format_args! temporary.
+            tracing_log::format_trace(
+                &log::Record::builder()
+                    .target("rustls::conn")
+                    .level(log::Level::Warn)
+                    .module_path_static(Some("rustls::conn"))
+                    .line(Some(7))
+                    .args(format_args!("Sending warning alert {}", "CloseNotify"))
+                    .build(),
+            )
+            .unwrap();
         });
         let text = String::from_utf8(sink.0.lock().clone()).unwrap();
         let line: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
