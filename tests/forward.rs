@@ -598,6 +598,141 @@ async fn connection_bound_authentication_is_never_shared() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http11_clients_share_one_h2_upstream_connection() {
+    // One data-plane thread: its clients share that thread's upstream connection.
+    let extra = "\n[limits]\nio_threads = 1\n";
+    let (_pki, origin, setup, proxy) = one_origin("shared", &["shared.test"], &["h2", "http/1.1"], extra).await;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let tls = tls_via_sni(proxy.sni, "shared.test", trusting_client(&setup.trust_ca, &["http/1.1"])).await.unwrap();
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]), "the client keeps its protocol");
+        let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
+        tokio::spawn(conn);
+        clients.push(sender);
+    }
+    let mut conns = Vec::new();
+    for round in 0..2 {
+        // Concurrently: the requests are in flight on the h2 connection together.
+        let tasks: Vec<_> = clients
+            .drain(..)
+            .map(|mut c| {
+                tokio::spawn(async move {
+                    let sent = send(&mut c, get("shared.test", &format!("/{round}"), false)).await;
+                    (c, sent)
+                })
+            })
+            .collect();
+        for task in tasks {
+            let (client, (status, body)) = task.await.unwrap();
+            clients.push(client);
+            assert_eq!(status, 200);
+            assert!(body.contains("version=HTTP/2.0"), "{body}");
+            conns.push(conn_of(&body));
+        }
+    }
+    assert!(conns.iter().all(|c| *c == conns[0]), "one h2 connection carries every client's requests: {conns:?}");
+    assert_eq!(origin.accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_bound_authentication_keeps_an_http11_client_on_its_own_connection() {
+    // The origin speaks h2 too: the anonymous request may go over h2, but from the first
+    // NTLM token on, the client's requests stay on one HTTP/1.1 connection of its own.
+    let extra = "\n[limits]\nio_threads = 1\n";
+    let (_pki, _origin, setup, proxy) = one_origin("ntlm2", &["iis.test"], &["h2", "http/1.1"], extra).await;
+    let mut a = h1_client(&proxy, &setup, "iis.test").await;
+    let (status, anonymous) = send(&mut a, get("iis.test", "/ntlm", false)).await;
+    assert_eq!(status, 401);
+    assert!(anonymous.contains("version=HTTP/2.0"), "{anonymous}");
+    let with_token = |token: &str| {
+        let mut req = get("iis.test", "/ntlm", false);
+        req.headers_mut().insert("authorization", format!("NTLM {token}").parse().unwrap());
+        req
+    };
+    let (_, negotiate) = send(&mut a, with_token("TlRMTVNTUAABAAAA")).await;
+    let (_, authenticate) = send(&mut a, with_token("TlRMTVNTUAADAAAA")).await;
+    let (_, after) = send(&mut a, get("iis.test", "/after", false)).await;
+    for body in [&negotiate, &authenticate, &after] {
+        assert!(body.contains("version=HTTP/1.1"), "{body}");
+        assert_eq!(conn_of(body), conn_of(&negotiate), "the NTLM exchange and what follows share one connection");
+    }
+    let mut b = h1_client(&proxy, &setup, "iis.test").await;
+    let (_, other) = send(&mut b, get("iis.test", "/b", false)).await;
+    assert!(other.contains("version=HTTP/2.0"), "another client is not moved: {other}");
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut c = h1_client(&proxy, &setup, "iis.test").await;
+    for path in ["/c", "/d"] {
+        let (_, body) = send(&mut c, get("iis.test", path, false)).await;
+        assert_ne!(conn_of(&body), conn_of(&negotiate), "an authenticated connection is never handed on: {body}");
+    }
+}
+
+/// An origin that speaks h2 and HTTP/1.1 but refuses every h2 request with HTTP_1_1_REQUIRED
+/// (as IIS does for Windows authentication); `h2_streams` counts the refusals.
+async fn h1_required_origin(
+    pki: &TestPki,
+    host: &str,
+) -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let (chain, key) = pki.leaf(&LeafSpec::new(&[host]));
+    let acceptor = tls_acceptor(chain, key, &["h2", "http/1.1"]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let h2_streams = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let refused = h2_streams.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, refused) = (acceptor.clone(), refused.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                    let Ok(mut conn) = h2::server::handshake(tls).await else { return };
+                    while let Some(Ok((_, mut respond))) = conn.accept().await {
+                        refused.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        respond.send_reset(h2::Reason::HTTP_1_1_REQUIRED);
+                    }
+                    return;
+                }
+                let service = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                    let text = format!("version={:?} path={}", req.version(), req.uri().path());
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
+                        bytes::Bytes::from(text),
+                    )))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    (addr, h2_streams)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_requiring_http11_gets_it_from_http11_clients() {
+    let pki = TestPki::new();
+    let (addr, h2_streams) = h1_required_origin(&pki, "legacy.test").await;
+    let options = ProxyOptions {
+        ca_bundles: vec![pki.bundle()],
+        resolve: vec![(s("legacy.test:443"), addr)],
+        ..Default::default()
+    };
+    let setup = Setup::new(&options);
+    let proxy = setup.start();
+    // The first request is refused over h2 and sent again over HTTP/1.1; the origin is
+    // remembered, so later clients go straight to HTTP/1.1.
+    for (i, path) in ["/first", "/second", "/third"].into_iter().enumerate() {
+        let mut client = h1_client(&proxy, &setup, "legacy.test").await;
+        let (status, body) = send(&mut client, get("legacy.test", path, false)).await;
+        assert_eq!((status, body.as_str()), (200, format!("version=HTTP/1.1 path={path}").as_str()), "request {i}");
+    }
+    assert_eq!(h2_streams.load(std::sync::atomic::Ordering::SeqCst), 1, "h2 asked once, then remembered");
+    proxy.wait_log("the origin remembered", |v| {
+        v["message"].as_str().is_some_and(|m| m.contains("HTTP_1_1_REQUIRED")) && v["host"] == "legacy.test"
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_upstream_pool_is_bounded_across_hosts() {
     let (_pki, _origin, setup, proxy) =
         one_origin("crawl", &["*.crawl.test"], &["http/1.1"], "\n[limits]\nupstream_pool_max = 4\n").await;

@@ -8,6 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 struct Site {
     host: &'static str,
@@ -339,4 +340,36 @@ async fn h2load_works_and_overload_sheds_without_deadlock() {
     let tls = tls_via_sni(addr, "localhost", trusting_client(&ca, &["http/1.1"])).await.unwrap();
     let (status, _, _) = request(tls, false, get("localhost", "/", false)).await;
     assert_eq!(status, 200, "serving normally after the burst");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http11_clients_reach_an_h2_origin_and_upgrade_over_http11() {
+    let inbound = Inbound::new(&[Site { host: "ws.inbound.test", label: "ws-site", rsa: false }], "").await;
+    let proxy = inbound.start();
+    let ca = inbound.pki.root.der().clone();
+    let connect = || tls_via_sni(proxy.inbound(), "ws.inbound.test", trusting_client(&ca, &["http/1.1"]));
+
+    // Plain requests share the origin's h2 connection.
+    let (status, _, body) = request(connect().await.unwrap(), false, get("ws.inbound.test", "/", false)).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("version=HTTP/2.0"), "{body}");
+
+    // An upgrade cannot ride h2: it gets an HTTP/1.1 connection of its own.
+    let mut tls = connect().await.unwrap();
+    tls.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: ws.inbound.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tls.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    assert!(String::from_utf8_lossy(&head).starts_with("HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    tls.write_all(b"over the upgraded connection").await.unwrap();
+    let mut echo = vec![0u8; 28];
+    tokio::time::timeout(Duration::from_secs(5), tls.read_exact(&mut echo)).await.unwrap().unwrap();
+    assert_eq!(&echo, b"over the upgraded connection");
 }

@@ -244,7 +244,15 @@ async fn passthrough_tunnels_close_when_idle_and_sigterm_waits_for_them() {
     let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
     tokio::spawn(conn);
     proxy.signal("-TERM");
-    let ready = http_status(proxy.management, "/readyz").await;
+    // The signal is handled asynchronously: readiness turns within a moment, not at once.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let ready = loop {
+        let ready = http_status(proxy.management, "/readyz").await;
+        if ready.0 != 200 || Instant::now() > deadline {
+            break ready;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(ready.0, 503, "draining is not ready: {}", ready.1);
     assert!(ready.1.contains("draining"), "{}", ready.1);
     // Kept busy past the idle timeout, the tunnel holds the drain.

@@ -6,6 +6,7 @@
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -14,7 +15,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::http1;
+use hyper::client::conn::{http1, http2};
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -45,10 +46,14 @@ where
     let client_h2 = client.get_ref().1.alpn_protocol() == Some(H2);
     let peer = ctx.client;
     let Upstream { route, key, first, pin, label, rule, scan } = upstream;
+    let h1_only = !client_h2 && proxy.upstreams.h1_required(&key);
     let relay = Arc::new(Relay {
         first: Mutex::new(first.map(|lease| (lease.sender, lease.peer))),
+        h2: Mutex::new(None),
         pinned: Mutex::new(None),
         local: Mutex::new(Vec::new()),
+        client_h2,
+        h1_only: AtomicBool::new(h1_only),
         proxy,
         route,
         key,
@@ -93,6 +98,11 @@ pub struct Upstream {
     pub scan: bool,
 }
 
+/// Requests in flight on a shared h2 upstream connection beyond which an HTTP/1.1 client's
+/// next request gets an HTTP/1.1 connection instead: an origin's stream limit (often 100 or
+/// 128) must not queue one client's request behind the others'.
+const H1_CLIENT_STREAMS: usize = 64;
+
 /// One client connection whose HTTP tollgate relays.
 struct Relay {
     proxy: Arc<Proxy>,
@@ -101,11 +111,18 @@ struct Relay {
     pin: Option<[u8; 32]>,
     /// The connection the handshake was made on, for the first request.
     first: Mutex<Option<(Sender, Arc<Peer>)>>,
+    /// The shared h2 connection this client's requests went over last.
+    h2: Mutex<Option<(http2::SendRequest<Body>, Arc<Peer>)>>,
     /// An HTTP/1.1 connection bound to this client by connection-based authentication.
-    pinned: Mutex<Option<(http1::SendRequest<Body>, Arc<Peer>)>>,
+    pinned: Mutex<Option<Held>>,
     /// Idle HTTP/1.1 connections this client used last: kept here while it stays, so a
     /// keep-alive client does not go through the shared pool on every request.
-    local: Mutex<Vec<(http1::SendRequest<Body>, Arc<Peer>)>>,
+    local: Mutex<Vec<Held>>,
+    /// Whether the client speaks h2 (else HTTP/1.1).
+    client_h2: bool,
+    /// An HTTP/1.1 client whose requests stay on HTTP/1.1 upstream from now on: it used
+    /// connection-bound authentication, or the origin answered HTTP_1_1_REQUIRED.
+    h1_only: AtomicBool,
     target: Target,
     ctx: ConnCtx,
     label: String,
@@ -159,6 +176,12 @@ impl Relay {
         let upgrade = is_upgrade(&req);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let connection_auth = connection_bound_auth(req.headers(), header::AUTHORIZATION);
+        // What h2 cannot carry for an HTTP/1.1 client: an upgrade, and authentication bound to
+        // the connection (NTLM, Negotiate), which keeps the client on HTTP/1.1 for good.
+        if connection_auth && !self.client_h2 {
+            self.h1_only.store(true, Ordering::Relaxed);
+        }
+        let need_h1 = !self.client_h2 && (upgrade || self.h1_only.load(Ordering::Relaxed));
         // The content scanner sees the request before the upstream does (an upgrade's bytes
         // after it are not HTTP: not scanned).
         let scanner = self.proxy.scanner.as_ref().filter(|_| self.scan && !upgrade);
@@ -172,13 +195,7 @@ impl Relay {
             }
             None => req.map(super::boxed),
         };
-        let (sender, peer) = self.ready_sender().await?;
-        let req = prepare_request(req, &self.target, matches!(sender, Sender::H2(_)), upgrade);
-        let (response, h1) = match sender {
-            Sender::H1(mut s) => (s.send_request(req).await, Some(s)),
-            Sender::H2(mut s) => (s.send_request(req).await, None),
-        };
-        let mut response = response.map_err(|e| upstream_http(&self.target, e))?;
+        let Exchanged { mut response, h1, peer, h1_key } = self.exchange(req, need_h1, upgrade).await?;
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_upgrade) = client_upgrade {
                 let upstream_upgrade = hyper::upgrade::on(&mut response);
@@ -187,17 +204,18 @@ impl Relay {
             return Ok(response.map(super::boxed));
         }
         relay_response_headers(response.headers_mut());
-        let response = match h1 {
-            None => response.map(super::boxed),
+        let done = match h1 {
+            // The h2 stream counts as in flight until the response body is done.
+            None => Done::H2(peer),
             Some(sender) => {
                 // The HTTP/1.1 connection is free again once the response body has been read.
                 // One that carries connection-based authentication stays with this client;
                 // others are shared.
                 let pin = connection_auth || connection_bound_auth(response.headers(), header::WWW_AUTHENTICATE);
-                let home = if pin { Home::Pinned(Arc::downgrade(&self)) } else { Home::Local(Arc::downgrade(&self)) };
-                response.map(|body| super::boxed(Recycle::new(super::boxed(body), sender, peer, home)))
+                Done::H1 { held: Held { sender, peer, h1_key }, relay: Arc::downgrade(&self), pin }
             }
         };
+        let response = response.map(|body| super::boxed(Recycle::new(body, done)));
         Ok(match scanner {
             Some(scanner) => {
                 let asker = Asker { client: self.ctx.client.ip(), user: self.ctx.user.clone() };
@@ -207,33 +225,79 @@ impl Relay {
         })
     }
 
-    /// A sender ready for a request: the pinned connection, the first one, this client's
-    /// last one, or one from the shared pool; a connection that turns out closed is skipped.
-    async fn ready_sender(&self) -> Result<(Sender, Arc<Peer>), Refusal> {
+    /// Sends a request upstream and waits for the response head. An HTTP/1.1 client's
+    /// bodiless request refused over h2 with HTTP_1_1_REQUIRED is sent again over HTTP/1.1,
+    /// and the client and the origin stay on HTTP/1.1 from then on.
+    async fn exchange(&self, req: Request<Body>, need_h1: bool, upgrade: bool) -> Result<Exchanged, Refusal> {
+        let (sender, peer, h1_key) = self.ready_sender(need_h1).await?;
+        let replay = match sender {
+            Sender::H2(_) if !self.client_h2 && req.body().is_end_stream() => Some(replay_of(&req)),
+            _ => None,
+        };
+        let req = prepare_request(req, &self.target, matches!(sender, Sender::H2(_)), upgrade);
+        let sent = send(sender, &peer, req).await;
+        if let Err(e) = &sent
+            && !self.client_h2
+            && h1_required(e)
+        {
+            // A request with a body cannot be sent again; the client's next one goes over
+            // HTTP/1.1.
+            self.h1_only.store(true, Ordering::Relaxed);
+            self.proxy.upstreams.remember_h1_required(&self.key);
+        }
+        let (response, h1, peer, h1_key) = match (sent, replay) {
+            (Err(e), Some(replay)) if h1_required(&e) => {
+                let (sender, peer, h1_key) = self.ready_sender(true).await?;
+                let req = prepare_request(replay, &self.target, matches!(sender, Sender::H2(_)), false);
+                let (response, h1) = send(sender, &peer, req).await.map_err(|e| upstream_http(&self.target, e))?;
+                (response, h1, peer, h1_key)
+            }
+            (sent, _) => {
+                let (response, h1) = sent.map_err(|e| upstream_http(&self.target, e))?;
+                (response, h1, peer, h1_key)
+            }
+        };
+        Ok(Exchanged { response, h1, peer, h1_key })
+    }
+
+    /// A sender ready for a request, and whether it came from the HTTP/1.1-only pool key: the
+    /// pinned connection, this client's last HTTP/1.1 one, the first one, this client's shared
+    /// h2 one, or one from the shared pool. With `need_h1`, an HTTP/1.1 connection. A
+    /// connection that turns out closed is skipped.
+    async fn ready_sender(&self, need_h1: bool) -> Result<(Sender, Arc<Peer>, bool), Refusal> {
         for _ in 0..3 {
-            let local = || {
-                let held = self.pinned.lock().take().or_else(|| self.local.lock().pop());
-                held.map(|(s, peer)| (Sender::H1(s), peer))
-            };
-            let (sender, peer) = match local().or_else(|| self.first.lock().take()) {
+            // An HTTP/1.1 client whose h2 connection is busy gets HTTP/1.1 for this request.
+            let need_h1 = need_h1 || (!self.client_h2 && self.h2_busy());
+            let (sender, peer, h1_key) = match self.held(need_h1) {
                 Some(held) => held,
                 None => {
+                    let h1_only = need_h1 && self.key.offer() != self.key.h1_only().offer();
+                    let (route, key) = match h1_only {
+                        true => (&self.route.h1_only(), &self.key.h1_only()),
+                        false => (&self.route, &self.key),
+                    };
                     let lease = self
                         .proxy
                         .upstreams
-                        .checkout(&self.proxy, &self.route, &self.key, self.pin)
+                        .checkout(&self.proxy, route, key, self.pin)
                         .await
                         .map_err(Refusal::upstream)?;
-                    (lease.sender, lease.peer)
+                    if let Sender::H2(s) = &lease.sender {
+                        *self.h2.lock() = Some((s.clone(), lease.peer.clone()));
+                    }
+                    (lease.sender, lease.peer, h1_only)
                 }
             };
             match sender {
                 Sender::H1(mut s) => {
                     if s.ready().await.is_ok() {
-                        return Ok((Sender::H1(s), peer));
+                        return Ok((Sender::H1(s), peer, h1_key));
                     }
                 }
-                Sender::H2(s) => return Ok((Sender::H2(s), peer)),
+                // An h2 connection where HTTP/1.1 is needed (an origin that chose h2 on the
+                // HTTP/1.1-only key, which it must not): kept for later, and another tried.
+                Sender::H2(s) if !need_h1 => return Ok((Sender::H2(s), peer, false)),
+                Sender::H2(_) => {}
             }
         }
         Err(Refusal::upstream(ProxyError::UpstreamHttp {
@@ -241,6 +305,93 @@ impl Relay {
             reason: "no usable upstream connection".into(),
         }))
     }
+
+    /// A connection this client holds: pinned, its last HTTP/1.1 one, the first one, or (unless
+    /// `need_h1`) its shared h2 one while open.
+    fn held(&self, need_h1: bool) -> Option<(Sender, Arc<Peer>, bool)> {
+        if let Some(held) = self.pinned.lock().take().or_else(|| self.local.lock().pop()) {
+            return Some((Sender::H1(held.sender), held.peer, held.h1_key));
+        }
+        match self.first.lock().take() {
+            Some((Sender::H2(s), peer)) => {
+                *self.h2.lock() = Some((s.clone(), peer.clone()));
+                if !need_h1 {
+                    return Some((Sender::H2(s), peer, false));
+                }
+            }
+            Some((sender, peer)) => return Some((sender, peer, false)),
+            None => {}
+        }
+        if need_h1 {
+            return None;
+        }
+        let mut h2 = self.h2.lock();
+        match &*h2 {
+            Some((s, peer)) if !s.is_closed() => Some((Sender::H2(s.clone()), peer.clone(), false)),
+            Some(_) => {
+                *h2 = None;
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Whether this client's shared h2 connection has as many requests in flight as an
+    /// HTTP/1.1 client may add to.
+    fn h2_busy(&self) -> bool {
+        self.h2.lock().as_ref().is_some_and(|(_, peer)| peer.streams.load(Ordering::Relaxed) >= H1_CLIENT_STREAMS)
+    }
+}
+
+/// An upstream response head, and the connection it came over: an HTTP/1.1 sender to reuse
+/// (from the HTTP/1.1-only pool key or not), or none for h2.
+struct Exchanged {
+    response: Response<Incoming>,
+    h1: Option<http1::SendRequest<Body>>,
+    peer: Arc<Peer>,
+    h1_key: bool,
+}
+
+/// Sends a request on an upstream connection; an HTTP/1.1 sender comes back for reuse, an h2
+/// request counts in its connection's `streams` (until its `Recycle` ends).
+async fn send(
+    sender: Sender,
+    peer: &Peer,
+    req: Request<Body>,
+) -> Result<(Response<Incoming>, Option<http1::SendRequest<Body>>), hyper::Error> {
+    match sender {
+        Sender::H1(mut s) => Ok((s.send_request(req).await?, Some(s))),
+        Sender::H2(mut s) => {
+            peer.streams.fetch_add(1, Ordering::Relaxed);
+            let sent = s.send_request(req).await;
+            if sent.is_err() {
+                peer.streams.fetch_sub(1, Ordering::Relaxed);
+            }
+            Ok((sent?, None))
+        }
+    }
+}
+
+/// A copy of a bodiless request, to send again.
+fn replay_of(req: &Request<Body>) -> Request<Body> {
+    let mut copy = Request::new(super::boxed(http_body_util::Empty::<Bytes>::new()));
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    copy
+}
+
+/// Whether the upstream refused a request over h2 with HTTP_1_1_REQUIRED (RFC 9113 §7).
+fn h1_required(e: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        if let Some(h2) = cause.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::HTTP_1_1_REQUIRED);
+        }
+        source = cause.source();
+    }
+    false
 }
 
 impl Drop for Relay {
@@ -248,11 +399,12 @@ impl Drop for Relay {
         // The client is gone: its idle upstream connections serve other clients. A pinned
         // (authenticated) one closes with it.
         let first = match self.first.get_mut().take() {
-            Some((Sender::H1(sender), peer)) => Some((sender, peer)),
+            Some((Sender::H1(sender), peer)) => Some(Held { sender, peer, h1_key: false }),
             _ => None,
         };
-        for (sender, peer) in first.into_iter().chain(self.local.get_mut().drain(..)) {
-            self.proxy.upstreams.checkin(&self.key, sender, peer);
+        for held in first.into_iter().chain(self.local.get_mut().drain(..)) {
+            let key = if held.h1_key { self.key.h1_only() } else { self.key.clone() };
+            self.proxy.upstreams.checkin(&key, held.sender, held.peer);
         }
     }
 }
@@ -266,23 +418,32 @@ fn connection_bound_auth(headers: &HeaderMap, name: HeaderName) -> bool {
     })
 }
 
-/// Where an HTTP/1.1 connection goes when its response is done: back to its client
-/// connection (which hands it to the shared pool when it ends), or pinned to it.
-enum Home {
-    Local(std::sync::Weak<Relay>),
-    Pinned(std::sync::Weak<Relay>),
+/// An HTTP/1.1 upstream connection a client connection holds, and whether it came from the
+/// HTTP/1.1-only pool key (where it goes back when the client leaves).
+struct Held {
+    sender: http1::SendRequest<Body>,
+    peer: Arc<Peer>,
+    h1_key: bool,
 }
 
-/// A response body that returns its HTTP/1.1 connection when it ends.
+/// What ends with an upstream response.
+enum Done {
+    /// An HTTP/1.1 connection, free again: back to its client connection (which hands it to
+    /// the shared pool when it ends), or pinned to it.
+    H1 { held: Held, relay: std::sync::Weak<Relay>, pin: bool },
+    /// A request in flight on an h2 connection.
+    H2(Arc<Peer>),
+}
+
+/// A response body that releases what the response held when it ends.
 struct Recycle {
-    inner: Body,
-    sender: Option<(http1::SendRequest<Body>, Arc<Peer>)>,
-    home: Option<Home>,
+    inner: Incoming,
+    done: Option<Done>,
 }
 
 impl Recycle {
-    fn new(inner: Body, sender: http1::SendRequest<Body>, peer: Arc<Peer>, home: Home) -> Self {
-        let mut this = Self { inner, sender: Some((sender, peer)), home: Some(home) };
+    fn new(inner: Incoming, done: Done) -> Self {
+        let mut this = Self { inner, done: Some(done) };
         if this.inner.is_end_stream() {
             this.release();
         }
@@ -290,18 +451,29 @@ impl Recycle {
     }
 
     fn release(&mut self) {
-        let (Some(sender), Some(home)) = (self.sender.take(), self.home.take()) else { return };
-        match home {
-            Home::Local(relay) => {
+        match self.done.take() {
+            Some(Done::H1 { held, relay, pin }) => {
                 if let Some(relay) = relay.upgrade() {
-                    relay.local.lock().push(sender);
+                    match pin {
+                        true => *relay.pinned.lock() = Some(held),
+                        false => relay.local.lock().push(held),
+                    }
                 }
             }
-            Home::Pinned(relay) => {
-                if let Some(relay) = relay.upgrade() {
-                    *relay.pinned.lock() = Some(sender);
-                }
+            Some(Done::H2(peer)) => {
+                peer.streams.fetch_sub(1, Ordering::Relaxed);
             }
+            None => {}
+        }
+    }
+}
+
+impl Drop for Recycle {
+    fn drop(&mut self) {
+        // A response dropped before its end: its h2 stream is reset, no longer in flight. An
+        // HTTP/1.1 connection mid-response is unusable and closes with its sender.
+        if let Some(Done::H2(peer)) = self.done.take() {
+            peer.streams.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
@@ -315,7 +487,7 @@ impl http_body::Body for Recycle {
         if matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream() {
             self.release();
         }
-        polled
+        polled.map_err(Into::into)
     }
 
     fn is_end_stream(&self) -> bool {

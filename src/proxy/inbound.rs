@@ -164,15 +164,9 @@ where
     record.client = TlsFacts::of(client.get_ref().1);
     record.decision = Decision::Decrypt;
     let target = Target { host: site.host.clone(), port: 443, addr: None };
-    let upstream = Upstream {
-        key: Upstreams::origin_key(&site.origin),
-        route: Route::Origin(site.origin.clone()),
-        first: None,
-        pin: None,
-        label: "inbound".into(),
-        rule: None,
-        scan: true,
-    };
+    let key = Upstreams::origin_key(&site.origin);
+    let route = Route::Origin { origin: site.origin.clone(), offer: key.offer() };
+    let upstream = Upstream { key, route, first: None, pin: None, label: "inbound".into(), rule: None, scan: true };
     Ok(super::http::relay(proxy.clone(), client, upstream, target, ctx))
 }
 
@@ -197,13 +191,14 @@ fn certified_key(
     Ok(certified)
 }
 
-/// TLS to an inbound origin: the pinned bundle when given, else webpki and system roots.
+/// TLS to an inbound origin: the pinned bundle when given, else webpki and system roots; one
+/// config offering h2 and http/1.1, one http/1.1 only.
 fn origin_client(
     config: &Config,
     index: usize,
     site: &InboundConfig,
     provider: &Arc<CryptoProvider>,
-) -> Result<Arc<rustls::ClientConfig>, ConfigError> {
+) -> Result<[Arc<rustls::ClientConfig>; 2], ConfigError> {
     let field = format!("inbound[{index}].ca_bundle");
     let mut roots = rustls::RootCertStore::empty();
     match &site.ca_bundle {
@@ -222,8 +217,10 @@ fn origin_client(
         .map_err(|e| invalid(config, &field, e.to_string()))?
         .with_root_certificates(roots)
         .with_no_client_auth();
+    let mut h1_only = client.clone();
+    h1_only.alpn_protocols = vec![HTTP11.to_vec()];
     client.alpn_protocols = vec![H2.to_vec(), HTTP11.to_vec()];
-    Ok(Arc::new(client))
+    Ok([Arc::new(client), Arc::new(h1_only)])
 }
 
 fn invalid(config: &Config, field: &str, reason: String) -> ConfigError {

@@ -11,7 +11,7 @@ use super::bypass::Learned;
 use super::decryption::{Decision, Record, Stage, TlsFacts};
 use super::respond::refuse_handshake as refuse;
 use super::revocation::Status;
-use super::tls::ClientHelloInfo;
+use super::tls::{ClientHelloInfo, Offer};
 use super::upstream::{Peer, Route, Upstreams};
 use super::verdict::Verdict;
 use super::{ConnCtx, Proxy, ProxyError, Relaying, Side, Target};
@@ -194,8 +194,9 @@ async fn intercept<IO>(
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let key = Upstreams::key(&target, &hello.alpn);
-    let route = Route::Forward { target: target.clone(), client_alpn: hello.alpn.clone() };
+    let offer = Offer::for_client(&hello.alpn);
+    let key = Upstreams::key(&target, offer);
+    let route = Route::Forward { target: target.clone(), offer };
     record.stage = Stage::UpstreamConnect;
     let lease = match proxy.upstreams.checkout(proxy, &route, &key, None).await {
         Ok(lease) => lease,

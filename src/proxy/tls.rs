@@ -1,6 +1,6 @@
 //! TLS on both legs: reading the ClientHello before any decision, the upstream client configs
-//! (ALPN mirrored from the client, certificates always validated) and the server configs that
-//! present minted leaves.
+//! (an ALPN offer derived from the client's, certificates always validated) and the server
+//! configs that present minted leaves.
 
 use std::io;
 use std::sync::Arc;
@@ -170,6 +170,37 @@ where
     }
 }
 
+/// What tollgate offers an upstream in ALPN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Offer {
+    /// Nothing: the client offered no HTTP protocol (it may not speak HTTP at all).
+    None = 0,
+    /// http/1.1 only: for what h2 cannot carry (upgrades, connection-bound authentication,
+    /// an origin that answers HTTP_1_1_REQUIRED).
+    Http11 = 1,
+    /// h2 and http/1.1.
+    H2 = 2,
+}
+
+impl Offer {
+    /// The offer for a client's: h2 and http/1.1 whenever the client speaks HTTP. An HTTP/1.1
+    /// client's requests then share one h2 connection per thread with every other client of
+    /// that origin, where the origin speaks h2, so both ends read and write many requests at a
+    /// time; HTTP/1.1 upstream would need a connection, and a read and a write on each end, per
+    /// request in flight. An h2 client reaches an HTTP/1.1-only origin too (tollgate translates).
+    pub fn for_client(client_alpn: &[Vec<u8>]) -> Self {
+        if client_alpn.iter().any(|p| p == H2 || p == HTTP11) { Self::H2 } else { Self::None }
+    }
+
+    /// The same upstream with HTTP/1.1 only (no change when h2 was not offered).
+    pub fn h1_only(self) -> Self {
+        match self {
+            Self::H2 => Self::Http11,
+            other => other,
+        }
+    }
+}
+
 /// Upstream TLS: one client config per ALPN offer, sharing roots, verifier and the session
 /// cache (so a new client connection resumes the upstream session instead of paying a full
 /// upstream handshake).
@@ -228,21 +259,9 @@ impl UpstreamTls {
         self.roots.clone()
     }
 
-    /// The client config offering what the client offered, limited to what we relay. A client
-    /// offering h2 gets http/1.1 offered upstream too: tollgate translates h2 to an h1 origin.
-    pub fn config_for(&self, client_alpn: &[Vec<u8>]) -> Arc<ClientConfig> {
-        self.configs[Self::offer_class(client_alpn)].clone()
-    }
-
-    /// Which of the three upstream offers (none, http/1.1, h2 + http/1.1) a client offer maps to.
-    pub fn offer_class(client_alpn: &[Vec<u8>]) -> usize {
-        if client_alpn.iter().any(|p| p == H2) {
-            2
-        } else if client_alpn.iter().any(|p| p == HTTP11) {
-            1
-        } else {
-            0
-        }
+    /// The client config for an offer class (`Offer`).
+    pub fn config_for(&self, offer: Offer) -> Arc<ClientConfig> {
+        self.configs[offer as usize].clone()
     }
 
     /// The verdict for a completed upstream handshake, and the OCSP response the upstream
@@ -344,11 +363,13 @@ fn judge(end_entity: &[u8], result: Result<(), rustls::Error>) -> Verdict {
 }
 
 /// The protocol to present to the client: the upstream's choice when the client offered it
-/// (mirroring), else h2 when the client offered it (tollgate translates), else none.
+/// (mirroring), else h2 or else http/1.1 when the client offered it (tollgate translates),
+/// else none.
 pub fn client_alpn<'a>(client_offer: &[Vec<u8>], upstream_choice: Option<&'a [u8]>) -> Option<&'a [u8]> {
     match upstream_choice {
         Some(choice) if client_offer.iter().any(|p| p == choice) => Some(choice),
         Some(_) if client_offer.iter().any(|p| p == H2) => Some(H2),
+        Some(_) if client_offer.iter().any(|p| p == HTTP11) => Some(HTTP11),
         _ => None,
     }
 }
@@ -434,6 +455,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn http_clients_are_offered_h2_upstream_and_others_nothing() {
+        let offer = |protos: &[&[u8]]| Offer::for_client(&protos.iter().map(|p| p.to_vec()).collect::<Vec<_>>());
+        assert_eq!(offer(&[HTTP11]), Offer::H2);
+        assert_eq!(offer(&[H2]), Offer::H2);
+        assert_eq!(offer(&[b"imap"]), Offer::None);
+        assert_eq!(offer(&[]), Offer::None);
+        assert_eq!(Offer::H2.h1_only(), Offer::Http11);
+        assert_eq!(Offer::None.h1_only(), Offer::None);
+    }
+
+    #[test]
     fn client_alpn_mirrors_or_translates() {
         let both = vec![H2.to_vec(), HTTP11.to_vec()];
         let h2_only = vec![H2.to_vec()];
@@ -442,6 +474,7 @@ mod tests {
         assert_eq!(client_alpn(&both, Some(H2)), Some(H2));
         assert_eq!(client_alpn(&h2_only, Some(HTTP11)), Some(H2));
         assert_eq!(client_alpn(&h1_only, Some(HTTP11)), Some(HTTP11));
+        assert_eq!(client_alpn(&h1_only, Some(H2)), Some(HTTP11), "an HTTP/1.1 client over an h2 upstream");
         assert_eq!(client_alpn(&both, None), None);
     }
 

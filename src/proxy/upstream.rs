@@ -4,6 +4,12 @@
 //! and TLS again (what nginx's upstream keepalive does); the certificate verdict of a pooled
 //! connection is rechecked from its chain before reuse, at most a minute old.
 //!
+//! Every client that speaks HTTP is offered h2 upstream, HTTP/1.1 clients too: where the origin
+//! speaks h2, one connection per data-plane thread carries all their requests. What h2 cannot
+//! carry for an HTTP/1.1 client (an upgrade, connection-bound authentication, an origin that
+//! answers HTTP_1_1_REQUIRED) goes over connections offered HTTP/1.1 only, pooled under a key
+//! of their own (`PoolKey::h1_only`).
+//!
 //! Connections that carried connection-bound authentication (NTLM, Negotiate) are never
 //! returned to the shared pool: they stay pinned to their client connection (see `http.rs`).
 
@@ -19,7 +25,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use super::decryption::{CertFacts, TlsFacts};
 use super::idle::Deadlines;
 use super::revocation::{Revocation, Status};
-use super::tls::{H2, UpstreamTls};
+use super::tls::{H2, Offer, UpstreamTls};
 use super::verdict::Verdict;
 use super::{Body, Proxy, ProxyError, Side, Target};
 use crate::keys::sha256;
@@ -29,10 +35,16 @@ use crate::telemetry::METRICS;
 const MAX_IDLE_H1: usize = 64;
 /// A pooled connection's verdict is recomputed when older than this.
 const VERDICT_MAX_AGE: Duration = Duration::from_secs(60);
+/// How long an origin that answered HTTP_1_1_REQUIRED gets HTTP/1.1 from HTTP/1.1 clients
+/// without being asked over h2 first.
+const H1_REQUIRED_TTL: Duration = Duration::from_secs(3600);
 
 /// The shared pool.
 pub struct Upstreams {
     idle: Mutex<Pool>,
+    /// Origins (host, port) that refused a request over h2 with HTTP_1_1_REQUIRED (IIS does
+    /// for Windows authentication).
+    h1_required: moka::sync::Cache<(String, u16), ()>,
 }
 
 #[derive(Default)]
@@ -54,8 +66,8 @@ pub struct PoolKey {
     port: u16,
     /// The address chosen by the client (transparent mode), when it did.
     addr: Option<std::net::SocketAddr>,
-    /// Forward: index of the ALPN offer class (none, http/1.1, h2+http/1.1).
-    offer: usize,
+    /// What was offered in ALPN.
+    offer: Offer,
     /// Configured origins: the origin's index (its own TLS settings).
     site: Option<usize>,
     /// Forward: the data-plane thread asking. Each thread keeps its own upstream connections
@@ -67,12 +79,34 @@ pub struct PoolKey {
 /// How to reach an upstream.
 #[derive(Clone)]
 pub enum Route {
-    /// Forward interception: TLS to the target with the client's ALPN offer, always
-    /// validated; the verdict picks the CA.
-    Forward { target: Target, client_alpn: Vec<Vec<u8>> },
+    /// Forward interception: TLS to the target with an ALPN offer derived from the client's,
+    /// always validated; the verdict picks the CA.
+    Forward { target: Target, offer: Offer },
     /// Inbound inspection: an origin the operator configured, over TLS validated with its own
-    /// roots (system or a pinned CA), or plain HTTP.
-    Origin(Arc<Origin>),
+    /// roots (system or a pinned CA), or plain HTTP. `Offer::Http11` when h2 must not be offered.
+    Origin { origin: Arc<Origin>, offer: Offer },
+}
+
+impl Route {
+    /// The same upstream, offered HTTP/1.1 only.
+    pub fn h1_only(&self) -> Self {
+        match self {
+            Self::Forward { target, offer } => Self::Forward { target: target.clone(), offer: offer.h1_only() },
+            Self::Origin { origin, offer } => Self::Origin { origin: origin.clone(), offer: offer.h1_only() },
+        }
+    }
+}
+
+impl PoolKey {
+    /// What its connections were offered in ALPN.
+    pub fn offer(&self) -> Offer {
+        self.offer
+    }
+
+    /// The key of the same upstream's connections offered HTTP/1.1 only.
+    pub fn h1_only(&self) -> Self {
+        Self { offer: self.offer.h1_only(), ..self.clone() }
+    }
 }
 
 /// An origin the operator configured (an `[[inbound]]` site's), as the pool knows it.
@@ -81,8 +115,9 @@ pub struct Origin {
     pub index: usize,
     pub host: String,
     pub port: u16,
-    /// TLS to it, validated with its own roots; `None` for plain HTTP.
-    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// TLS to it, validated with its own roots, offering h2 and http/1.1 and then http/1.1
+    /// only; `None` for plain HTTP.
+    pub tls: Option<[Arc<rustls::ClientConfig>; 2]>,
 }
 
 #[derive(Default)]
@@ -126,6 +161,8 @@ pub struct Peer {
     revocation: Mutex<Option<(Status, Instant)>>,
     /// The OCSP response the upstream stapled in the handshake.
     staple: Option<Arc<[u8]>>,
+    /// h2: requests in flight on the connection.
+    pub streams: std::sync::atomic::AtomicUsize,
 }
 
 /// A request sender on an upstream connection.
@@ -143,12 +180,12 @@ pub struct Lease {
 impl Upstreams {
     /// An empty pool holding at most `max` connections, each for at most `idle_timeout`.
     pub fn new(max: usize, idle_timeout: Duration) -> Self {
-        Self { idle: Mutex::new(Pool { max, idle_timeout, ..Pool::default() }) }
+        let h1_required = moka::sync::Cache::builder().max_capacity(10_000).time_to_live(H1_REQUIRED_TTL).build();
+        Self { idle: Mutex::new(Pool { max, idle_timeout, ..Pool::default() }), h1_required }
     }
 
-    /// The pool key for a target and a client's ALPN offer.
-    pub fn key(target: &Target, client_alpn: &[Vec<u8>]) -> PoolKey {
-        let offer = UpstreamTls::offer_class(client_alpn);
+    /// The pool key for a target and an ALPN offer.
+    pub fn key(target: &Target, offer: Offer) -> PoolKey {
         let home = Some(std::thread::current().id());
         PoolKey { host: target.host.clone(), port: target.port, addr: target.addr, offer, site: None, home }
     }
@@ -156,7 +193,19 @@ impl Upstreams {
     /// The pool key of a configured origin.
     pub fn origin_key(origin: &Origin) -> PoolKey {
         let (host, port) = (origin.host.clone(), origin.port);
-        PoolKey { host, port, addr: None, offer: 0, site: Some(origin.index), home: None }
+        let offer = if origin.tls.is_some() { Offer::H2 } else { Offer::None };
+        PoolKey { host, port, addr: None, offer, site: Some(origin.index), home: None }
+    }
+
+    /// Whether `key`'s origin refused h2 for HTTP/1.1 clients lately (HTTP_1_1_REQUIRED).
+    pub fn h1_required(&self, key: &PoolKey) -> bool {
+        key.offer == Offer::H2 && self.h1_required.contains_key(&(key.host.clone(), key.port))
+    }
+
+    /// Remembers that `key`'s origin answered HTTP_1_1_REQUIRED.
+    pub fn remember_h1_required(&self, key: &PoolKey) {
+        tracing::info!(host = %key.host, port = key.port, "origin requires HTTP/1.1 (HTTP_1_1_REQUIRED): its HTTP/1.1 clients stay on HTTP/1.1");
+        self.h1_required.insert((key.host.clone(), key.port), ());
     }
 
     /// A sender to `key`'s upstream: a pooled one when available (matching `fingerprint` when
@@ -172,8 +221,8 @@ impl Upstreams {
             return Ok(lease);
         }
         let lease = match route {
-            Route::Forward { target, client_alpn } => dial_forward(proxy, target, client_alpn).await?,
-            Route::Origin(origin) => dial_origin(proxy, origin).await?,
+            Route::Forward { target, offer } => dial_forward(proxy, target, *offer).await?,
+            Route::Origin { origin, offer } => dial_origin(proxy, origin, *offer).await?,
         };
         if let Some(expected) = fingerprint
             && lease.peer.fingerprint != expected
@@ -315,7 +364,7 @@ impl Peer {
         let fingerprint = chain.first().map_or([0; 32], |leaf| sha256(leaf));
         let verdict = Mutex::new((Verdict::TRUSTED, Instant::now()));
         let (tls, cert, revocation) = (TlsFacts::default(), Default::default(), Default::default());
-        let (names_cover_host, staple) = (false, None);
+        let (names_cover_host, staple, streams) = (false, None, Default::default());
         Arc::new(Peer {
             name: None,
             chain,
@@ -327,6 +376,7 @@ impl Peer {
             cert,
             revocation,
             staple,
+            streams,
         })
     }
 
@@ -376,13 +426,13 @@ type Tcp = Deadlines<tokio::net::TcpStream>;
 
 /// Connects and handshakes upstream for forward interception: TLS with the client's SNI and
 /// ALPN offer, the verdict from the verifier, then HTTP.
-async fn dial_forward(proxy: &Proxy, target: &Target, client_alpn: &[Vec<u8>]) -> Result<Lease, ProxyError> {
+async fn dial_forward(proxy: &Proxy, target: &Target, offer: Offer) -> Result<Lease, ProxyError> {
     let tcp = Deadlines::new(proxy.dial(target).await?).read_deadline(proxy.read_timeout);
     let name = server_name(target)?;
     // A config of this connection's own, to see whether the server asks for a client
     // certificate (an exchange tollgate cannot take part in for the client).
     let probe = Arc::new(ClientAuthProbe::default());
-    let mut config = (*proxy.upstream_tls.config_for(client_alpn)).clone();
+    let mut config = (*proxy.upstream_tls.config_for(offer)).clone();
     config.client_auth_cert_resolver = probe.clone();
     let connected = tls_connect(proxy, target, Arc::new(config), name.clone(), tcp).await;
     let unsupported = |reason: &str| ProxyError::Unsupported { target: target.to_string(), reason: reason.into() };
@@ -403,22 +453,34 @@ async fn dial_forward(proxy: &Proxy, target: &Target, client_alpn: &[Vec<u8>]) -
     let (fingerprint, names_cover_host) = (sha256(leaf), crate::pki::mint::mirrors_names(leaf));
     let verdict = Mutex::new((verdict, Instant::now()));
     let (tls, cert, revocation) = (TlsFacts::of(conn), Default::default(), Default::default());
-    let name = Some(name);
-    let peer =
-        Arc::new(Peer { name, chain, fingerprint, alpn, names_cover_host, verdict, tls, cert, revocation, staple });
+    let (name, streams) = (Some(name), Default::default());
+    let peer = Arc::new(Peer {
+        name,
+        chain,
+        fingerprint,
+        alpn,
+        names_cover_host,
+        verdict,
+        tls,
+        cert,
+        revocation,
+        staple,
+        streams,
+    });
     let sender = http_handshake(target, TokioIo::new(stream), peer.alpn.as_deref() == Some(H2)).await?;
     Ok(Lease { sender, peer })
 }
 
 /// Connects to a configured origin: TLS validated by its own config (a failure is an error,
 /// never a verdict), or plain HTTP.
-async fn dial_origin(proxy: &Proxy, origin: &Origin) -> Result<Lease, ProxyError> {
+async fn dial_origin(proxy: &Proxy, origin: &Origin, offer: Offer) -> Result<Lease, ProxyError> {
     let target = Target { host: origin.host.clone(), port: origin.port, addr: None };
     let tcp = Deadlines::new(proxy.dial_origin(&target).await?).read_deadline(proxy.read_timeout);
-    let Some(config) = &origin.tls else {
+    let Some([h2, h1_only]) = &origin.tls else {
         let sender = http_handshake(&target, TokioIo::new(tcp), false).await?;
         return Ok(Lease { sender, peer: Peer::plain() });
     };
+    let config = if offer == Offer::Http11 { h1_only } else { h2 };
     let stream = tls_connect(proxy, &target, config.clone(), server_name(&target)?, tcp).await?;
     let conn = stream.get_ref().1;
     let chain: Vec<CertificateDer<'static>> =
@@ -507,7 +569,7 @@ mod tests {
     use super::*;
 
     fn key(i: usize) -> PoolKey {
-        PoolKey { host: format!("site{i}.test"), port: 443, addr: None, offer: 1, site: None, home: None }
+        PoolKey { host: format!("site{i}.test"), port: 443, addr: None, offer: Offer::H2, site: None, home: None }
     }
 
     #[tokio::test]
