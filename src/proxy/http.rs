@@ -191,7 +191,7 @@ impl Relay {
                 let uri = absolute_uri(&req, &self.target, "https");
                 asked = scanner.asked(&req, &uri);
                 let asker = Asker { client: self.ctx.client.ip(), user: self.ctx.user.clone() };
-                scanner.request(&asker, &uri, req.map(super::boxed), scans).await.map_err(Scanned::Answer)?
+                Box::pin(scanner.request(&asker, &uri, req.map(super::boxed), scans)).await.map_err(Scanned::Answer)?
             }
             None => req.map(super::boxed),
         };
@@ -219,7 +219,7 @@ impl Relay {
         Ok(match scanner {
             Some(scanner) => {
                 let asker = Asker { client: self.ctx.client.ip(), user: self.ctx.user.clone() };
-                scanner.response(&asker, asked, response, scans).await
+                Box::pin(scanner.response(&asker, asked, response, scans)).await
             }
             None => response,
         })
@@ -245,18 +245,21 @@ impl Relay {
             self.h1_only.store(true, Ordering::Relaxed);
             self.proxy.upstreams.remember_h1_required(&self.key);
         }
-        let (response, h1, peer, h1_key) = match (sent, replay) {
-            (Err(e), Some(replay)) if h1_required(&e) => {
-                let (sender, peer, h1_key) = self.ready_sender(true).await?;
-                let req = prepare_request(replay, &self.target, matches!(sender, Sender::H2(_)), false);
-                let (response, h1) = send(sender, &peer, req).await.map_err(|e| upstream_http(&self.target, e))?;
-                (response, h1, peer, h1_key)
-            }
+        match (sent, replay) {
+            // Boxed: rare, and it would double the size of every request's future.
+            (Err(e), Some(replay)) if h1_required(&e) => Box::pin(self.exchange_h1(replay)).await,
             (sent, _) => {
                 let (response, h1) = sent.map_err(|e| upstream_http(&self.target, e))?;
-                (response, h1, peer, h1_key)
+                Ok(Exchanged { response, h1, peer, h1_key })
             }
-        };
+        }
+    }
+
+    /// Sends a request upstream over HTTP/1.1.
+    async fn exchange_h1(&self, req: Request<Body>) -> Result<Exchanged, Refusal> {
+        let (sender, peer, h1_key) = self.ready_sender(true).await?;
+        let req = prepare_request(req, &self.target, matches!(sender, Sender::H2(_)), false);
+        let (response, h1) = send(sender, &peer, req).await.map_err(|e| upstream_http(&self.target, e))?;
         Ok(Exchanged { response, h1, peer, h1_key })
     }
 
@@ -276,10 +279,9 @@ impl Relay {
                         true => (&self.route.h1_only(), &self.key.h1_only()),
                         false => (&self.route, &self.key),
                     };
-                    let lease = self
-                        .proxy
-                        .upstreams
-                        .checkout(&self.proxy, route, key, self.pin)
+                    // Boxed: a dial's state (TCP, TLS, revocation) would otherwise make every
+                    // request's future as large as a dial's, and be copied with it.
+                    let lease = Box::pin(self.proxy.upstreams.checkout(&self.proxy, route, key, self.pin))
                         .await
                         .map_err(Refusal::upstream)?;
                     if let Sender::H2(s) = &lease.sender {
