@@ -635,6 +635,53 @@ async fn http11_clients_share_one_h2_upstream_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_cross_the_shared_h2_upstream_both_ways() {
+    let (_pki, _origin, setup, proxy) = basic().await;
+    // Larger than any flow-control window on the way: sent as the origin grants capacity.
+    let upload = bytes::Bytes::from(vec![b'u'; 3 << 20]);
+    for h2 in [false, true] {
+        let alpn = if h2 { "h2" } else { "http/1.1" };
+        let tls = tls_via_sni(proxy.sni, "origin.test", trusting_client(&setup.trust_ca, &[alpn])).await.unwrap();
+        let mut post = get("origin.test", "/upload", h2);
+        *post.method_mut() = hyper::Method::POST;
+        *post.body_mut() = http_body_util::Full::new(upload.clone());
+        let (status, _, body) = request(tls, h2, post).await;
+        assert_eq!(status, 200);
+        assert!(body.contains("version=HTTP/2.0") && body.contains(&format!("body={}", 3 << 20)), "h2={h2}: {body}");
+    }
+    // A chunked upload from an HTTP/1.1 client (no length known in advance).
+    let mut tls = tls_via_sni(proxy.sni, "origin.test", trusting_client(&setup.trust_ca, &["http/1.1"])).await.unwrap();
+    let mut raw =
+        b"POST /chunked HTTP/1.1\r\nHost: origin.test\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+            .to_vec();
+    for chunk in [&b"hello "[..], b"chunked ", b"world"] {
+        raw.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        raw.extend_from_slice(chunk);
+        raw.extend_from_slice(b"\r\n");
+    }
+    raw.extend_from_slice(b"0\r\n\r\n");
+    tls.write_all(&raw).await.unwrap();
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut response)).await;
+    let response = String::from_utf8_lossy(&response);
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.contains("version=HTTP/2.0") && response.contains("body=19"), "{response}");
+    // A 64 MiB download: the h2 stream's window is released as the client reads.
+    let tls = tls_via_sni(proxy.sni, "origin.test", trusting_client(&setup.trust_ca, &["http/1.1"])).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(conn);
+    let mut sender = sender;
+    let response = sender.send_request(get("origin.test", "/big", false)).await.unwrap();
+    assert_eq!(response.headers()["content-length"], (64u64 << 20).to_string().as_str());
+    let body = tokio::time::timeout(Duration::from_secs(30), http_body_util::BodyExt::collect(response.into_body()))
+        .await
+        .expect("the download finishes")
+        .unwrap()
+        .to_bytes();
+    assert_eq!(body.len(), 64 << 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_bound_authentication_keeps_an_http11_client_on_its_own_connection() {
     // The origin speaks h2 too: the anonymous request may go over h2, but from the first
     // NTLM token on, the client's requests stay on one HTTP/1.1 connection of its own.

@@ -15,7 +15,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -23,7 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::respond::Refusal;
 use super::scan::{Asker, Scans};
 use super::tls::H2;
-use super::upstream::{Lease, Peer, PoolKey, Route, Sender};
+use super::upstream::{H2Sender, Lease, Peer, PoolKey, Route, Sender};
 use super::{Body, BoxError, ConnCtx, Proxy, ProxyError, Target};
 use crate::config::ListenerMode;
 use crate::policy::HttpAction;
@@ -112,7 +112,7 @@ struct Relay {
     /// The connection the handshake was made on, for the first request.
     first: Mutex<Option<(Sender, Arc<Peer>)>>,
     /// The shared h2 connection this client's requests went over last.
-    h2: Mutex<Option<(http2::SendRequest<Body>, Arc<Peer>)>>,
+    h2: Mutex<Option<(H2Sender, Arc<Peer>)>>,
     /// An HTTP/1.1 connection bound to this client by connection-based authentication.
     pinned: Mutex<Option<Held>>,
     /// Idle HTTP/1.1 connections this client used last: kept here while it stays, so a
@@ -296,9 +296,17 @@ impl Relay {
                         return Ok((Sender::H1(s), peer, h1_key));
                     }
                 }
+                // An h2 connection whose origin takes no new stream (it sent GOAWAY, or the
+                // connection failed): another is tried.
+                Sender::H2(s) if !need_h1 => match s.ready().await {
+                    Ok(s) => return Ok((Sender::H2(s), peer, false)),
+                    Err(e) => {
+                        tracing::debug!(host = %self.target.host, error = %e, "upstream h2 connection takes no new request");
+                        peer.set_closed();
+                    }
+                },
                 // An h2 connection where HTTP/1.1 is needed (an origin that chose h2 on the
                 // HTTP/1.1-only key, which it must not): kept for later, and another tried.
-                Sender::H2(s) if !need_h1 => return Ok((Sender::H2(s), peer, false)),
                 Sender::H2(_) => {}
             }
         }
@@ -329,7 +337,7 @@ impl Relay {
         }
         let mut h2 = self.h2.lock();
         match &*h2 {
-            Some((s, peer)) if !s.is_closed() => Some((Sender::H2(s.clone()), peer.clone(), false)),
+            Some((s, peer)) if !peer.closed() => Some((Sender::H2(s.clone()), peer.clone(), false)),
             Some(_) => {
                 *h2 = None;
                 None
@@ -348,7 +356,7 @@ impl Relay {
 /// An upstream response head, and the connection it came over: an HTTP/1.1 sender to reuse
 /// (from the HTTP/1.1-only pool key or not), or none for h2.
 struct Exchanged {
-    response: Response<Incoming>,
+    response: Response<UpstreamBody>,
     h1: Option<http1::SendRequest<Body>>,
     peer: Arc<Peer>,
     h1_key: bool,
@@ -360,16 +368,184 @@ async fn send(
     sender: Sender,
     peer: &Peer,
     req: Request<Body>,
-) -> Result<(Response<Incoming>, Option<http1::SendRequest<Body>>), hyper::Error> {
+) -> Result<(Response<UpstreamBody>, Option<http1::SendRequest<Body>>), SendError> {
     match sender {
-        Sender::H1(mut s) => Ok((s.send_request(req).await?, Some(s))),
+        Sender::H1(mut s) => {
+            let response = s.send_request(req).await.map_err(SendError::H1)?;
+            Ok((response.map(UpstreamBody::H1), Some(s)))
+        }
         Sender::H2(mut s) => {
             peer.streams.fetch_add(1, Ordering::Relaxed);
-            let sent = s.send_request(req).await;
-            if sent.is_err() {
+            let sent = send_h2(&mut s, req).await;
+            if let Err(e) = &sent {
                 peer.streams.fetch_sub(1, Ordering::Relaxed);
+                if e.is_go_away() || e.is_io() {
+                    peer.set_closed();
+                }
             }
-            Ok((sent?, None))
+            Ok((sent.map_err(SendError::H2)?, None))
+        }
+    }
+}
+
+/// Sends a request on an h2 connection (ready for it) and waits for the response head; a
+/// request body is sent by a task of its own (the origin may answer before it has all of it).
+async fn send_h2(sender: &mut H2Sender, req: Request<Body>) -> Result<Response<UpstreamBody>, h2::Error> {
+    let (mut parts, body) = req.into_parts();
+    // As hyper's h2 client does: a body of known length announces it.
+    if let Some(len) = body.size_hint().exact()
+        && (len != 0 || !matches!(parts.method, Method::GET | Method::HEAD | Method::DELETE | Method::CONNECT))
+        && !parts.headers.contains_key(header::CONTENT_LENGTH)
+    {
+        parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    let end = body.is_end_stream();
+    let (response, stream) = sender.send_request(Request::from_parts(parts, ()), end)?;
+    if !end {
+        tokio::spawn(pipe_h2(body, stream));
+    }
+    let response = response.await?;
+    let length = response.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    Ok(response.map(|recv| UpstreamBody::H2(H2Body::new(recv, length))))
+}
+
+/// Sends a request body on an h2 stream as the origin's flow control allows; stops if the
+/// origin resets the stream, and resets it if the body fails.
+async fn pipe_h2(mut body: Body, mut stream: h2::SendStream<Bytes>) {
+    use http_body_util::BodyExt;
+    loop {
+        let frame = tokio::select! {
+            frame = body.frame() => frame,
+            _ = std::future::poll_fn(|cx| stream.poll_reset(cx)) => return,
+        };
+        let data = match frame {
+            None => {
+                let _ = stream.send_data(Bytes::new(), true);
+                return;
+            }
+            Some(Err(_)) => {
+                stream.send_reset(h2::Reason::INTERNAL_ERROR);
+                return;
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => data,
+                Err(frame) => {
+                    if let Ok(trailers) = frame.into_trailers() {
+                        let _ = stream.send_trailers(trailers);
+                    }
+                    return;
+                }
+            },
+        };
+        let mut data = data;
+        while !data.is_empty() {
+            stream.reserve_capacity(data.len());
+            match std::future::poll_fn(|cx| stream.poll_capacity(cx)).await {
+                Some(Ok(0)) => continue,
+                Some(Ok(n)) => {
+                    if stream.send_data(data.split_to(n.min(data.len())), false).is_err() {
+                        return;
+                    }
+                }
+                Some(Err(_)) | None => return,
+            }
+        }
+    }
+}
+
+/// Why a request got no response from the upstream.
+#[derive(Debug)]
+enum SendError {
+    H1(hyper::Error),
+    H2(h2::Error),
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::H1(e) => e.fmt(f),
+            Self::H2(e) => e.fmt(f),
+        }
+    }
+}
+
+/// An upstream response body: hyper's (HTTP/1.1), or an h2 stream's.
+enum UpstreamBody {
+    H1(Incoming),
+    H2(H2Body),
+}
+
+/// An h2 response stream as a body: each chunk's flow-control capacity is released as it is
+/// passed on, so the origin sends more as the client takes it.
+struct H2Body {
+    recv: h2::RecvStream,
+    /// What is left of the announced Content-Length, if there was one.
+    remaining: Option<u64>,
+    data_done: bool,
+}
+
+impl H2Body {
+    fn new(recv: h2::RecvStream, length: Option<u64>) -> Self {
+        let remaining = if recv.is_end_stream() { Some(0) } else { length };
+        Self { recv, remaining, data_done: false }
+    }
+}
+
+impl http_body::Body for H2Body {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let this = &mut *self;
+        if !this.data_done {
+            match std::task::ready!(this.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    this.remaining = this.remaining.map(|n| n.saturating_sub(data.len() as u64));
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => this.data_done = true,
+            }
+        }
+        match std::task::ready!(this.recv.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.remaining.map_or_else(SizeHint::default, SizeHint::with_exact)
+    }
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Self::H1(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            Self::H2(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::H1(body) => body.is_end_stream(),
+            Self::H2(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::H1(body) => body.size_hint(),
+            Self::H2(body) => body.size_hint(),
         }
     }
 }
@@ -385,15 +561,8 @@ fn replay_of(req: &Request<Body>) -> Request<Body> {
 }
 
 /// Whether the upstream refused a request over h2 with HTTP_1_1_REQUIRED (RFC 9113 §7).
-fn h1_required(e: &hyper::Error) -> bool {
-    let mut source = std::error::Error::source(e);
-    while let Some(cause) = source {
-        if let Some(h2) = cause.downcast_ref::<h2::Error>() {
-            return h2.reason() == Some(h2::Reason::HTTP_1_1_REQUIRED);
-        }
-        source = cause.source();
-    }
-    false
+fn h1_required(e: &SendError) -> bool {
+    matches!(e, SendError::H2(e) if e.reason() == Some(h2::Reason::HTTP_1_1_REQUIRED))
 }
 
 impl Drop for Relay {
@@ -439,12 +608,12 @@ enum Done {
 
 /// A response body that releases what the response held when it ends.
 struct Recycle {
-    inner: Incoming,
+    inner: UpstreamBody,
     done: Option<Done>,
 }
 
 impl Recycle {
-    fn new(inner: Incoming, done: Done) -> Self {
+    fn new(inner: UpstreamBody, done: Done) -> Self {
         let mut this = Self { inner, done: Some(done) };
         if this.inner.is_end_stream() {
             this.release();
@@ -489,7 +658,7 @@ impl http_body::Body for Recycle {
         if matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream() {
             self.release();
         }
-        polled.map_err(Into::into)
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -573,7 +742,7 @@ pub fn absolute_uri<B>(req: &Request<B>, target: &Target, scheme: &str) -> Strin
 }
 
 /// An HTTP failure on the upstream leg, as the client is told it.
-fn upstream_http(target: &Target, e: hyper::Error) -> Refusal {
+fn upstream_http(target: &Target, e: SendError) -> Refusal {
     Refusal::upstream(ProxyError::UpstreamHttp { target: target.to_string(), reason: e.to_string() })
 }
 
