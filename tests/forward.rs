@@ -635,6 +635,40 @@ async fn http11_clients_share_one_h2_upstream_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_requests_free_their_place_on_the_shared_h2_connection() {
+    let extra = "\n[limits]\nio_threads = 1\n";
+    let (_pki, _origin, setup, proxy) = one_origin("abandon", &["abandon.test"], &["h2", "http/1.1"], extra).await;
+    // An h2 client starts 80 slow requests (the origin waits 3 s) and goes away before any
+    // is answered: more than an HTTP/1.1 client lets share the connection with (64).
+    let tls = tls_via_sni(proxy.sni, "abandon.test", trusting_client(&setup.trust_ca, &["h2"])).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let requests: Vec<_> = (0..80)
+        .map(|i| {
+            let mut sender = sender.clone();
+            tokio::spawn(async move { sender.send_request(get("abandon.test", &format!("/slow-{i}"), true)).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    conn.abort();
+    for request in requests {
+        request.abort();
+    }
+    drop(sender);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Their places are free again: an HTTP/1.1 client's request shares the h2 connection.
+    let mut client = h1_client(&proxy, &setup, "abandon.test").await;
+    for path in ["/after", "/again"] {
+        let (status, body) = send(&mut client, get("abandon.test", path, false)).await;
+        assert_eq!(status, 200);
+        assert!(body.contains("version=HTTP/2.0"), "abandoned requests still count as in flight: {body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_cross_the_shared_h2_upstream_both_ways() {
     let (_pki, _origin, setup, proxy) = basic().await;
     // Larger than any flow-control window on the way: sent as the origin grants capacity.

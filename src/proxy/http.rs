@@ -195,7 +195,7 @@ impl Relay {
             }
             None => req.map(super::boxed),
         };
-        let Exchanged { mut response, h1, peer, h1_key } = self.exchange(req, need_h1, upgrade).await?;
+        let Exchanged { mut response, connection, peer, h1_key } = self.exchange(req, need_h1, upgrade).await?;
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_upgrade) = client_upgrade {
                 let upstream_upgrade = hyper::upgrade::on(&mut response);
@@ -204,10 +204,10 @@ impl Relay {
             return Ok(response.map(super::boxed));
         }
         relay_response_headers(response.headers_mut());
-        let done = match h1 {
+        let done = match connection {
             // The h2 stream counts as in flight until the response body is done.
-            None => Done::H2(peer),
-            Some(sender) => {
+            Connection::H2(in_flight) => Done::H2 { _in_flight: in_flight },
+            Connection::H1(sender) => {
                 // The HTTP/1.1 connection is free again once the response body has been read.
                 // One that carries connection-based authentication stays with this client;
                 // others are shared.
@@ -249,8 +249,8 @@ impl Relay {
             // Boxed: rare, and it would double the size of every request's future.
             (Err(e), Some(replay)) if h1_required(&e) => Box::pin(self.exchange_h1(replay)).await,
             (sent, _) => {
-                let (response, h1) = sent.map_err(|e| upstream_http(&self.target, e))?;
-                Ok(Exchanged { response, h1, peer, h1_key })
+                let (response, connection) = sent.map_err(|e| upstream_http(&self.target, e))?;
+                Ok(Exchanged { response, connection, peer, h1_key })
             }
         }
     }
@@ -259,8 +259,8 @@ impl Relay {
     async fn exchange_h1(&self, req: Request<Body>) -> Result<Exchanged, Refusal> {
         let (sender, peer, h1_key) = self.ready_sender(true).await?;
         let req = prepare_request(req, &self.target, matches!(sender, Sender::H2(_)), false);
-        let (response, h1) = send(sender, &peer, req).await.map_err(|e| upstream_http(&self.target, e))?;
-        Ok(Exchanged { response, h1, peer, h1_key })
+        let (response, connection) = send(sender, &peer, req).await.map_err(|e| upstream_http(&self.target, e))?;
+        Ok(Exchanged { response, connection, peer, h1_key })
     }
 
     /// A sender ready for a request, and whether it came from the HTTP/1.1-only pool key: the
@@ -349,41 +349,65 @@ impl Relay {
     /// Whether this client's shared h2 connection has as many requests in flight as an
     /// HTTP/1.1 client may add to.
     fn h2_busy(&self) -> bool {
-        self.h2.lock().as_ref().is_some_and(|(_, peer)| peer.streams.load(Ordering::Relaxed) >= H1_CLIENT_STREAMS)
+        self.h2.lock().as_ref().is_some_and(|(_, peer)| peer.in_flight() >= H1_CLIENT_STREAMS)
     }
 }
 
-/// An upstream response head, and the connection it came over: an HTTP/1.1 sender to reuse
-/// (from the HTTP/1.1-only pool key or not), or none for h2.
+/// An upstream response head, the connection it came over (from the HTTP/1.1-only pool key
+/// or not) and what the response holds of it.
 struct Exchanged {
     response: Response<UpstreamBody>,
-    h1: Option<http1::SendRequest<Body>>,
+    connection: Connection,
     peer: Arc<Peer>,
     h1_key: bool,
 }
 
-/// Sends a request on an upstream connection; an HTTP/1.1 sender comes back for reuse, an h2
-/// request counts in its connection's `streams` (until its `Recycle` ends).
+/// What a response holds of its upstream connection.
+enum Connection {
+    /// The HTTP/1.1 sender, to reuse when the response is done.
+    H1(http1::SendRequest<Body>),
+    /// Its place among the h2 connection's requests in flight.
+    H2(InFlight),
+}
+
+/// A request counted in its h2 connection's requests in flight (`Peer::in_flight`) until
+/// dropped: when its response ends, or when it is abandoned at any point (a client that goes
+/// away mid-request drops the future awaiting the response).
+struct InFlight(Arc<Peer>);
+
+impl InFlight {
+    fn new(peer: &Arc<Peer>) -> Self {
+        peer.streams.fetch_add(1, Ordering::Relaxed);
+        Self(peer.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.streams.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Sends a request on an upstream connection and waits for the response head.
 async fn send(
     sender: Sender,
-    peer: &Peer,
+    peer: &Arc<Peer>,
     req: Request<Body>,
-) -> Result<(Response<UpstreamBody>, Option<http1::SendRequest<Body>>), SendError> {
+) -> Result<(Response<UpstreamBody>, Connection), SendError> {
     match sender {
         Sender::H1(mut s) => {
             let response = s.send_request(req).await.map_err(SendError::H1)?;
-            Ok((response.map(UpstreamBody::H1), Some(s)))
+            Ok((response.map(UpstreamBody::H1), Connection::H1(s)))
         }
         Sender::H2(mut s) => {
-            peer.streams.fetch_add(1, Ordering::Relaxed);
+            let in_flight = InFlight::new(peer);
             let sent = send_h2(&mut s, req).await;
-            if let Err(e) = &sent {
-                peer.streams.fetch_sub(1, Ordering::Relaxed);
-                if e.is_go_away() || e.is_io() {
-                    peer.set_closed();
-                }
+            if let Err(e) = &sent
+                && (e.is_go_away() || e.is_io())
+            {
+                peer.set_closed();
             }
-            Ok((sent.map_err(SendError::H2)?, None))
+            Ok((sent.map_err(SendError::H2)?, Connection::H2(in_flight)))
         }
     }
 }
@@ -602,8 +626,8 @@ enum Done {
     /// An HTTP/1.1 connection, free again: back to its client connection (which hands it to
     /// the shared pool when it ends), or pinned to it.
     H1 { held: Held, relay: std::sync::Weak<Relay>, pin: bool },
-    /// A request in flight on an h2 connection.
-    H2(Arc<Peer>),
+    /// A request in flight on an h2 connection (held for its drop).
+    H2 { _in_flight: InFlight },
 }
 
 /// A response body that releases what the response held when it ends.
@@ -621,30 +645,17 @@ impl Recycle {
         this
     }
 
+    /// Hands an HTTP/1.1 connection back, or ends an h2 request's time in flight. (A response
+    /// dropped before its end drops what it held: an h2 request is no longer in flight, an
+    /// HTTP/1.1 connection mid-response is unusable and closes with its sender.)
     fn release(&mut self) {
-        match self.done.take() {
-            Some(Done::H1 { held, relay, pin }) => {
-                if let Some(relay) = relay.upgrade() {
-                    match pin {
-                        true => *relay.pinned.lock() = Some(held),
-                        false => relay.local.lock().push(held),
-                    }
-                }
+        if let Some(Done::H1 { held, relay, pin }) = self.done.take()
+            && let Some(relay) = relay.upgrade()
+        {
+            match pin {
+                true => *relay.pinned.lock() = Some(held),
+                false => relay.local.lock().push(held),
             }
-            Some(Done::H2(peer)) => {
-                peer.streams.fetch_sub(1, Ordering::Relaxed);
-            }
-            None => {}
-        }
-    }
-}
-
-impl Drop for Recycle {
-    fn drop(&mut self) {
-        // A response dropped before its end: its h2 stream is reset, no longer in flight. An
-        // HTTP/1.1 connection mid-response is unusable and closes with its sender.
-        if let Some(Done::H2(peer)) = self.done.take() {
-            peer.streams.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }

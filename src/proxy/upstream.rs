@@ -425,6 +425,11 @@ impl Peer {
         self.cert.get_or_init(|| super::decryption::cert_facts(&self.chain)).clone()
     }
 
+    /// h2: requests in flight on the connection.
+    pub fn in_flight(&self) -> usize {
+        self.streams.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Whether the (h2) connection has ended.
     pub fn closed(&self) -> bool {
         self.closed.load(std::sync::atomic::Ordering::Acquire)
