@@ -408,22 +408,7 @@ async fn websocket_upgrades_are_relayed() {
         .connect(name, tunnel)
         .await
         .unwrap();
-    tls.write_all(
-        b"GET /ws HTTP/1.1\r\nHost: origin.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        tls.read_exact(&mut byte).await.unwrap();
-        head.push(byte[0]);
-    }
-    assert!(String::from_utf8_lossy(&head).starts_with("HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
-    tls.write_all(b"ping over the upgraded connection").await.unwrap();
-    let mut echo = vec![0u8; 33];
-    tokio::time::timeout(Duration::from_secs(5), tls.read_exact(&mut echo)).await.unwrap().unwrap();
-    assert_eq!(&echo, b"ping over the upgraded connection");
+    websocket_echo(&mut tls, "origin.test", b"ping over the upgraded connection").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,7 +8,6 @@ use std::process::Command;
 use std::time::Duration;
 
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 struct Site {
     host: &'static str,
@@ -356,20 +355,5 @@ async fn http11_clients_reach_an_h2_origin_and_upgrade_over_http11() {
 
     // An upgrade cannot ride h2: it gets an HTTP/1.1 connection of its own.
     let mut tls = connect().await.unwrap();
-    tls.write_all(
-        b"GET /ws HTTP/1.1\r\nHost: ws.inbound.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        tls.read_exact(&mut byte).await.unwrap();
-        head.push(byte[0]);
-    }
-    assert!(String::from_utf8_lossy(&head).starts_with("HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
-    tls.write_all(b"over the upgraded connection").await.unwrap();
-    let mut echo = vec![0u8; 28];
-    tokio::time::timeout(Duration::from_secs(5), tls.read_exact(&mut echo)).await.unwrap().unwrap();
-    assert_eq!(&echo, b"over the upgraded connection");
+    websocket_echo(&mut tls, "ws.inbound.test", b"over the upgraded connection").await;
 }

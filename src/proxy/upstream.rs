@@ -367,15 +367,23 @@ impl Pool {
 }
 
 impl Peer {
-    /// An inbound origin, trusted by the site's own config (its TLS validated by the site's
-    /// roots, or plain HTTP): never a verdict of its own.
-    fn inbound(chain: Vec<CertificateDer<'static>>, alpn: Option<Vec<u8>>) -> Arc<Self> {
-        let fingerprint = chain.first().map_or([0; 32], |leaf| sha256(leaf));
-        let verdict = Mutex::new((Verdict::TRUSTED, Instant::now()));
-        let (tls, cert, revocation) = (TlsFacts::default(), Default::default(), Default::default());
-        let (names_cover_host, staple, streams, closed) = (false, None, Default::default(), Default::default());
+    /// A peer with what its handshake showed; what is learned later (certificate facts,
+    /// revocation, the h2 connection's state) starts empty. A leaf minted for a forward peer
+    /// may mirror its certificate's names; an inbound origin (`name` none) is never minted for.
+    fn new(
+        name: Option<ServerName<'static>>,
+        chain: Vec<CertificateDer<'static>>,
+        alpn: Option<Vec<u8>>,
+        (verdict, staple): (Verdict, Option<Arc<[u8]>>),
+        tls: TlsFacts,
+    ) -> Arc<Self> {
+        let leaf = chain.first().map(|c| c.as_ref());
+        let fingerprint = leaf.map_or([0; 32], sha256);
+        let names_cover_host = name.is_some() && leaf.is_some_and(crate::pki::mint::mirrors_names);
+        let verdict = Mutex::new((verdict, Instant::now()));
+        let (cert, revocation, streams, closed) = Default::default();
         Arc::new(Peer {
-            name: None,
+            name,
             chain,
             fingerprint,
             alpn,
@@ -388,6 +396,12 @@ impl Peer {
             streams,
             closed,
         })
+    }
+
+    /// An inbound origin, trusted by the site's own config (its TLS validated by the site's
+    /// roots, or plain HTTP): never a verdict of its own.
+    fn inbound(chain: Vec<CertificateDer<'static>>, alpn: Option<Vec<u8>>) -> Arc<Self> {
+        Self::new(None, chain, alpn, (Verdict::TRUSTED, None), TlsFacts::default())
     }
 
     /// An inbound origin reached over plain HTTP.
@@ -473,26 +487,8 @@ async fn dial_forward(proxy: &Proxy, target: &Target, offer: Offer) -> Result<Le
         conn.peer_certificates().unwrap_or_default().iter().map(|c| c.clone().into_owned()).collect();
     let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
     let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
-    let (verdict, staple) = proxy.upstream_tls.handshake_verdict(&name, &chain, resumed);
-    let leaf = chain.first().map(|c| c.as_ref()).unwrap_or_default();
-    let (fingerprint, names_cover_host) = (sha256(leaf), crate::pki::mint::mirrors_names(leaf));
-    let verdict = Mutex::new((verdict, Instant::now()));
-    let (tls, cert, revocation) = (TlsFacts::of(conn), Default::default(), Default::default());
-    let (name, streams, closed) = (Some(name), Default::default(), Default::default());
-    let peer = Arc::new(Peer {
-        name,
-        chain,
-        fingerprint,
-        alpn,
-        names_cover_host,
-        verdict,
-        tls,
-        cert,
-        revocation,
-        staple,
-        streams,
-        closed,
-    });
+    let seen = proxy.upstream_tls.handshake_verdict(&name, &chain, resumed);
+    let peer = Peer::new(Some(name), chain, alpn, seen, TlsFacts::of(conn));
     let sender = http_handshake(target, stream, &peer).await?;
     Ok(Lease { sender, peer })
 }

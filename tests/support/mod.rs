@@ -925,6 +925,30 @@ pub async fn tls_via_sni_from(
 }
 
 /// `CONNECT authority` on the explicit listener; returns the tunnel after a 200.
+/// Upgrades an HTTP/1.1 connection to `host` to WebSocket (the test origin echoes what the
+/// upgraded connection carries), then checks `message` comes back.
+pub async fn websocket_echo<IO>(io: &mut IO, host: &str, message: &[u8])
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let upgrade = format!(
+        "GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    io.write_all(upgrade.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        io.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    assert!(String::from_utf8_lossy(&head).starts_with("HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    io.write_all(message).await.unwrap();
+    let mut echo = vec![0u8; message.len()];
+    tokio::time::timeout(Duration::from_secs(5), io.read_exact(&mut echo)).await.unwrap().unwrap();
+    assert_eq!(echo, message);
+}
+
 pub async fn connect_tunnel(proxy: SocketAddr, authority: &str) -> TcpStream {
     let mut tcp = TcpStream::connect(proxy).await.unwrap();
     tcp.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes()).await.unwrap();
