@@ -103,16 +103,41 @@ enum Fetched {
 /// The CRL cache and what checking against it needs.
 pub struct Revocation {
     mode: RevocationMode,
-    timeout: Duration,
-    max_bytes: usize,
-    roots: Arc<RootCertStore>,
-    algorithms: &'static [&'static dyn SignatureVerificationAlgorithm],
     crls: moka::future::Cache<String, Arc<Fetched>>,
     /// OCSP answers by end-entity SHA-256: stapled ones (so a resumed session, which carries
     /// no staple, is decided the same way) and queried ones.
     answers: moka::future::Cache<[u8; 32], Kept>,
+    /// Also the deadline, the trusted roots and the signature algorithms checks use.
+    fetcher: Arc<Fetcher>,
+}
+
+/// What fetching a CRL or an OCSP answer needs, shared with the tasks that fetch, so that a
+/// fetch outlives the handshake that started it.
+struct Fetcher {
+    timeout: Duration,
+    max_bytes: usize,
+    roots: Arc<RootCertStore>,
+    algorithms: &'static [&'static dyn SignatureVerificationAlgorithm],
     /// The parent proxy CRLs and OCSP answers are fetched through, when there is one.
     parent: Option<Arc<super::parent::Parent>>,
+}
+
+/// `key`'s value in `cache`, made by `init` when it is missing, waited for at most `wait`.
+/// The making runs in a task of its own, so a caller that stops waiting never cancels it:
+/// what it finds (a CRL, or why there is none) is kept for the next caller, who then does not
+/// wait the deadline again. Concurrent callers share one making (moka's `get_with`).
+async fn shared<K, V, F>(cache: &moka::future::Cache<K, V>, key: K, init: F, wait: Duration) -> Option<V>
+where
+    K: std::hash::Hash + Eq + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = V> + Send + 'static,
+{
+    if let Some(value) = cache.get(&key).await {
+        return Some(value);
+    }
+    let cache = cache.clone();
+    let making = tokio::spawn(async move { cache.get_with(key, init).await });
+    tokio::time::timeout(wait, making).await.ok()?.ok()
 }
 
 struct KeepFor;
@@ -133,13 +158,16 @@ impl Revocation {
         provider: &rustls::crypto::CryptoProvider,
         parent: Option<Arc<super::parent::Parent>>,
     ) -> Self {
-        Self {
-            parent,
-            mode: config.revocation,
+        let fetcher = Fetcher {
             timeout: Duration::from_millis(config.revocation_timeout_ms),
             max_bytes: config.revocation_max_crl_bytes,
             roots,
             algorithms: provider.signature_verification_algorithms.all,
+            parent,
+        };
+        Self {
+            mode: config.revocation,
+            fetcher: Arc::new(fetcher),
             crls: moka::future::Cache::builder().max_capacity(1024).expire_after(KeepFor).build(),
             answers: moka::future::Cache::builder().max_capacity(100_000).expire_after(KeepAnswer).build(),
         }
@@ -155,7 +183,7 @@ impl Revocation {
         let Some(end_entity) = chain.first() else { return Status::NotPublished };
         let fingerprint = crate::keys::sha256(end_entity);
         if let Some(staple) = staple {
-            match super::ocsp::verify(staple, chain, &self.roots, self.algorithms) {
+            match super::ocsp::verify(staple, chain, &self.fetcher.roots, self.fetcher.algorithms) {
                 Ok((answer, keep)) => {
                     let status = from_answer(answer, Source::OcspStaple);
                     self.answers.insert(fingerprint, Kept { status: status.clone(), keep }).await;
@@ -172,39 +200,14 @@ impl Revocation {
             return by_crl;
         }
         let Some(url) = super::ocsp::responder(end_entity) else { return by_crl };
-        let query = self.query(url, chain.to_vec());
-        match tokio::time::timeout(self.timeout, self.answers.get_with(fingerprint, query)).await {
-            Ok(kept) if kept.status.settled() || by_crl == Status::NotPublished => kept.status,
-            Ok(_) => by_crl,
-            Err(_) => Status::Unknown(
+        let query = self.fetcher.clone().query(url, chain.to_vec());
+        match shared(&self.answers, fingerprint, query, self.fetcher.timeout).await {
+            Some(kept) if kept.status.settled() || by_crl == Status::NotPublished => kept.status,
+            Some(_) => by_crl,
+            None => Status::Unknown(
                 Source::Ocsp,
-                format!("the OCSP responder gave no answer within {} ms", self.timeout.as_millis()),
+                format!("the OCSP responder gave no answer within {} ms", self.fetcher.timeout.as_millis()),
             ),
-        }
-    }
-
-    /// Asks the certificate's OCSP responder (a GET, as RFC 6960 allows for small requests).
-    async fn query(&self, url: String, chain: Vec<CertificateDer<'static>>) -> Kept {
-        let failed = |why: String| {
-            tracing::warn!(url = %url, error = %why, "OCSP query failed: revocation status unknown");
-            Kept { status: Status::Unknown(Source::Ocsp, why), keep: RETRY_FAILED }
-        };
-        let request = match super::ocsp::request(&chain, &self.roots) {
-            Ok(request) => request,
-            Err(why) => return failed(why),
-        };
-        use base64::Engine;
-        let encoded = base64::engine::general_purpose::STANDARD.encode(request);
-        let escaped = encoded.replace('+', "%2B").replace('/', "%2F").replace('=', "%3D");
-        let get = format!("{}/{escaped}", url.trim_end_matches('/'));
-        let body = match crate::net::fetch(&get, None, (None, None), 64 * 1024, self.timeout, self.via(&get)).await {
-            Ok(f) if f.status == 200 => f.body,
-            Ok(f) => return failed(format!("HTTP {}", f.status)),
-            Err(e) => return failed(e.to_string()),
-        };
-        match super::ocsp::verify(&body, &chain, &self.roots, self.algorithms) {
-            Ok((answer, keep)) => Kept { status: from_answer(answer, Source::Ocsp), keep },
-            Err(why) => failed(why),
         }
     }
 
@@ -257,17 +260,17 @@ impl Revocation {
         }
         let mut failures = Vec::new();
         for url in urls {
-            let Some(left) = self.timeout.checked_sub(started.elapsed()) else { break };
-            let fetch = self.crls.get_with(url.clone(), self.fetch(url.clone()));
-            match tokio::time::timeout(left, fetch).await {
-                Ok(fetched) if matches!(&*fetched, Fetched::Crl { .. }) => return Some(Ok(fetched)),
-                Ok(fetched) => {
+            let Some(left) = self.fetcher.timeout.checked_sub(started.elapsed()) else { break };
+            let fetch = self.fetcher.clone().fetch(url.clone());
+            match shared(&self.crls, url.clone(), fetch, left).await {
+                Some(fetched) if matches!(&*fetched, Fetched::Crl { .. }) => return Some(Ok(fetched)),
+                Some(fetched) => {
                     if let Fetched::Failed(why) = &*fetched {
                         failures.push(format!("{url}: {why}"));
                     }
                 }
-                Err(_) => {
-                    failures.push(format!("{url}: no answer within {} ms", self.timeout.as_millis()));
+                None => {
+                    failures.push(format!("{url}: no answer within {} ms", self.fetcher.timeout.as_millis()));
                     break;
                 }
             }
@@ -306,8 +309,8 @@ impl Revocation {
             .with_expiration_policy(webpki::ExpirationPolicy::Enforce)
             .build();
         let verified = end_entity.verify_for_usage(
-            self.algorithms,
-            &self.roots.roots,
+            self.fetcher.algorithms,
+            &self.fetcher.roots.roots,
             &chain[1..],
             UnixTime::now(),
             webpki::KeyUsage::server_auth(),
@@ -325,6 +328,33 @@ impl Revocation {
             Err(e) => unknown(format!("the CRL could not be used: {e:?}")),
         }
     }
+}
+
+impl Fetcher {
+    /// Asks the certificate's OCSP responder (a GET, as RFC 6960 allows for small requests).
+    async fn query(self: Arc<Self>, url: String, chain: Vec<CertificateDer<'static>>) -> Kept {
+        let failed = |why: String| {
+            tracing::warn!(url = %url, error = %why, "OCSP query failed: revocation status unknown");
+            Kept { status: Status::Unknown(Source::Ocsp, why), keep: RETRY_FAILED }
+        };
+        let request = match super::ocsp::request(&chain, &self.roots) {
+            Ok(request) => request,
+            Err(why) => return failed(why),
+        };
+        use base64::Engine;
+        let encoded = base64::engine::general_purpose::STANDARD.encode(request);
+        let escaped = encoded.replace('+', "%2B").replace('/', "%2F").replace('=', "%3D");
+        let get = format!("{}/{escaped}", url.trim_end_matches('/'));
+        let body = match crate::net::fetch(&get, None, (None, None), 64 * 1024, self.timeout, self.via(&get)).await {
+            Ok(f) if f.status == 200 => f.body,
+            Ok(f) => return failed(format!("HTTP {}", f.status)),
+            Err(e) => return failed(e.to_string()),
+        };
+        match super::ocsp::verify(&body, &chain, &self.roots, self.algorithms) {
+            Ok((answer, keep)) => Kept { status: from_answer(answer, Source::Ocsp), keep },
+            Err(why) => failed(why),
+        }
+    }
 
     /// The parent proxy to fetch `url` through, if any (and `no_parent` does not list its host).
     fn via(&self, url: &str) -> Option<&crate::net::Via> {
@@ -334,7 +364,7 @@ impl Revocation {
     }
 
     /// Fetches and parses one CRL (DER, or PEM).
-    async fn fetch(&self, url: String) -> Arc<Fetched> {
+    async fn fetch(self: Arc<Self>, url: String) -> Arc<Fetched> {
         let fetched = crate::net::fetch(&url, None, (None, None), self.max_bytes, self.timeout, self.via(&url)).await;
         let result = match fetched {
             Ok(f) if f.status == 200 => parse(&f.body),
@@ -402,4 +432,47 @@ fn distribution_points(cert: &[u8]) -> Vec<String> {
         }
     }
     urls
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A handshake that stops waiting for a CRL (its deadline counts from the start of the
+    /// whole check, so it can end before the fetch's own) must not cancel the fetch: the
+    /// failure is kept, and the next handshake is answered at once instead of waiting again.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_fetch_outlives_the_handshake_that_stopped_waiting_for_it() {
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/root.crl", silent.local_addr().unwrap());
+        let _accepting = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = silent.accept().await {
+                held.push(stream);
+            }
+        });
+        let config = UpstreamConfig { revocation_timeout_ms: 400, ..Default::default() };
+        let provider = rustls::crypto::aws_lc_rs::default_provider();
+        let revocation = Revocation::new(&config, Arc::new(RootCertStore::empty()), &provider, None);
+
+        // The handshake's check began 300 ms ago: 100 ms of its deadline are left.
+        let asked = Instant::now();
+        let first = revocation.first_crl(std::slice::from_ref(&url), asked - Duration::from_millis(300)).await;
+        assert!(
+            matches!(&first, Some(Err(why)) if why.contains("no answer within 400 ms")),
+            "{:?}",
+            first.map(|f| f.err())
+        );
+        assert!(asked.elapsed() < Duration::from_millis(300), "waited what was left: {:?}", asked.elapsed());
+
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let asked = Instant::now();
+        let second = revocation.first_crl(std::slice::from_ref(&url), asked).await;
+        assert!(asked.elapsed() < Duration::from_millis(100), "the kept failure answers: {:?}", asked.elapsed());
+        assert!(
+            matches!(&second, Some(Err(why)) if why.contains("no answer within 400 ms")),
+            "{:?}",
+            second.map(|f| f.err())
+        );
+    }
 }
