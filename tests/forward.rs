@@ -3,7 +3,7 @@
 
 mod support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -583,10 +583,11 @@ async fn connection_bound_authentication_is_never_shared() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn http11_clients_share_one_h2_upstream_connection() {
-    // One data-plane thread: its clients share that thread's upstream connection.
+async fn http11_clients_share_their_thread_s_h2_upstream_connections() {
+    // One data-plane thread: its client connections take turns between its two lanes.
     let extra = "\n[limits]\nio_threads = 1\n";
     let (_pki, origin, setup, proxy) = one_origin("shared", &["shared.test"], &["h2", "http/1.1"], extra).await;
+    let accepted = || origin.accepted.load(std::sync::atomic::Ordering::SeqCst);
     let mut clients = Vec::new();
     for _ in 0..3 {
         let tls = tls_via_sni(proxy.sni, "shared.test", trusting_client(&setup.trust_ca, &["http/1.1"])).await.unwrap();
@@ -595,28 +596,43 @@ async fn http11_clients_share_one_h2_upstream_connection() {
         tokio::spawn(conn);
         clients.push(sender);
     }
+    // Without load, one h2 connection carries every client's requests: the second lane
+    // shares the first's.
     let mut conns = Vec::new();
     for round in 0..2 {
-        // Concurrently: the requests are in flight on the h2 connection together.
-        let tasks: Vec<_> = clients
-            .drain(..)
-            .map(|mut c| {
-                tokio::spawn(async move {
-                    let sent = send(&mut c, get("shared.test", &format!("/{round}"), false)).await;
-                    (c, sent)
-                })
-            })
-            .collect();
-        for task in tasks {
-            let (client, (status, body)) = task.await.unwrap();
-            clients.push(client);
+        for client in &mut clients {
+            let (status, body) = send(client, get("shared.test", &format!("/{round}"), false)).await;
             assert_eq!(status, 200);
             assert!(body.contains("version=HTTP/2.0"), "{body}");
             conns.push(conn_of(&body));
         }
     }
-    assert!(conns.iter().all(|c| *c == conns[0]), "one h2 connection carries every client's requests: {conns:?}");
-    assert_eq!(origin.accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert!(conns.iter().all(|c| *c == conns[0]), "one h2 connection while idle: {conns:?}");
+    assert_eq!(accepted(), 1);
+
+    // Under load (a request in flight on it), the second lane (the second client's) gets a
+    // connection of its own, opened without holding up the request that found it busy.
+    let (mut busy, mut lane1, mut lane0) = (clients.remove(0), clients.remove(0), clients.remove(0));
+    let slow = tokio::spawn(async move { send(&mut busy, get("shared.test", "/slow", false)).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, body) = send(&mut lane1, get("shared.test", "/while-busy", false)).await;
+    assert_eq!((status, conn_of(&body)), (200, conns[0].clone()), "served at once, on the busy lane's connection");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while accepted() < 2 {
+        assert!(Instant::now() < deadline, "the second lane's connection was not opened");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_, body) = send(&mut lane1, get("shared.test", "/own", false)).await;
+    let second = conn_of(&body);
+    assert_ne!(second, conns[0], "the second lane moved to its own connection");
+    for _ in 0..3 {
+        let (_, body) = send(&mut lane0, get("shared.test", "/lane0", false)).await;
+        assert_eq!(conn_of(&body), conns[0], "the first lane stays on the first connection");
+        let (_, body) = send(&mut lane1, get("shared.test", "/lane1", false)).await;
+        assert_eq!(conn_of(&body), second);
+    }
+    assert_eq!(slow.await.unwrap().0, 200);
+    assert_eq!(accepted(), 2, "no more connections than lanes");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

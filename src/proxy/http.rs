@@ -45,7 +45,7 @@ where
 {
     let client_h2 = client.get_ref().1.alpn_protocol() == Some(H2);
     let peer = ctx.client;
-    let Upstream { route, key, first, pin, label, rule, scan } = upstream;
+    let Upstream { route, key, lane, first, pin, label, rule, scan } = upstream;
     let h1_only = !client_h2 && proxy.upstreams.h1_required(&key);
     let relay = Arc::new(Relay {
         first: Mutex::new(first.map(|lease| (lease.sender, lease.peer))),
@@ -57,6 +57,7 @@ where
         proxy,
         route,
         key,
+        lane,
         pin,
         target,
         ctx,
@@ -86,6 +87,8 @@ where
 pub struct Upstream {
     pub route: Route,
     pub key: PoolKey,
+    /// The lane of the key's shared h2 connections this client's requests take.
+    pub lane: usize,
     /// The connection made before the client handshake (forward: its certificate was mirrored).
     pub first: Option<Lease>,
     /// Forward: the upstream certificate every upstream connection must present.
@@ -108,6 +111,8 @@ struct Relay {
     proxy: Arc<Proxy>,
     route: Route,
     key: PoolKey,
+    /// Its lane among the key's shared h2 connections (`upstream::LANES`).
+    lane: usize,
     pin: Option<[u8; 32]>,
     /// The connection the handshake was made on, for the first request.
     first: Mutex<Option<(Sender, Arc<Peer>)>>,
@@ -281,7 +286,7 @@ impl Relay {
                     };
                     // Boxed: a dial's state (TCP, TLS, revocation) would otherwise make every
                     // request's future as large as a dial's, and be copied with it.
-                    let lease = Box::pin(self.proxy.upstreams.checkout(&self.proxy, route, key, self.pin))
+                    let lease = Box::pin(self.proxy.upstreams.checkout(&self.proxy, route, key, self.pin, self.lane))
                         .await
                         .map_err(Refusal::upstream)?;
                     if let Sender::H2(s) = &lease.sender {
@@ -337,6 +342,8 @@ impl Relay {
         }
         let mut h2 = self.h2.lock();
         match &*h2 {
+            // Another lane's connection, lent until this lane has its own: the pool is asked.
+            Some((_, peer)) if peer.lane() != Some(self.lane) => None,
             Some((s, peer)) if !peer.closed() => Some((Sender::H2(s.clone()), peer.clone(), false)),
             Some(_) => {
                 *h2 = None;

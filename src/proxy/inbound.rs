@@ -166,7 +166,9 @@ where
     let target = Target { host: site.host.clone(), port: 443, addr: None };
     let key = Upstreams::origin_key(&site.origin);
     let route = Route::Origin { origin: site.origin.clone(), offer: key.offer() };
-    let upstream = Upstream { key, route, first: None, pin: None, label: "inbound".into(), rule: None, scan: true };
+    let lane = super::upstream::Upstreams::next_lane();
+    let upstream =
+        Upstream { key, route, lane, first: None, pin: None, label: "inbound".into(), rule: None, scan: true };
     Ok(super::http::relay(proxy.clone(), client, upstream, target, ctx))
 }
 

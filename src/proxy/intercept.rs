@@ -196,9 +196,10 @@ where
 {
     let offer = Offer::for_client(&hello.alpn);
     let key = Upstreams::key(&target, offer);
+    let lane = Upstreams::next_lane();
     let route = Route::Forward { target: target.clone(), offer };
     record.stage = Stage::UpstreamConnect;
-    let lease = match proxy.upstreams.checkout(proxy, &route, &key, None).await {
+    let lease = match proxy.upstreams.checkout(proxy, &route, &key, None, lane).await {
         Ok(lease) => lease,
         Err(ProxyError::Unsupported { reason, .. }) => {
             return Err(Unsupported(Box::new(Held { target, reason, accepted, io, ctx })));
@@ -269,8 +270,16 @@ where
     record.decision = Decision::Decrypt;
     let pin = Some(lease.peer.fingerprint);
     let label = verdict.describe();
-    let upstream =
-        super::http::Upstream { route, key, first: Some(lease), pin, label, rule: decision.rule, scan: decision.scan };
+    let upstream = super::http::Upstream {
+        route,
+        key,
+        lane,
+        first: Some(lease),
+        pin,
+        label,
+        rule: decision.rule,
+        scan: decision.scan,
+    };
     Ok(super::http::relay(proxy.clone(), client, upstream, target, ctx))
 }
 

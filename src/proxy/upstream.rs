@@ -5,10 +5,10 @@
 //! connection is rechecked from its chain before reuse, at most a minute old.
 //!
 //! Every client that speaks HTTP is offered h2 upstream, HTTP/1.1 clients too: where the origin
-//! speaks h2, one connection per data-plane thread carries all their requests. What h2 cannot
-//! carry for an HTTP/1.1 client (an upgrade, connection-bound authentication, an origin that
-//! answers HTTP_1_1_REQUIRED) goes over connections offered HTTP/1.1 only, pooled under a key
-//! of their own (`PoolKey::h1_only`).
+//! speaks h2, a few connections per data-plane thread (`LANES`) carry all their requests. What
+//! h2 cannot carry for an HTTP/1.1 client (an upgrade, connection-bound authentication, an
+//! origin that answers HTTP_1_1_REQUIRED) goes over connections offered HTTP/1.1 only, pooled
+//! under a key of their own (`PoolKey::h1_only`).
 //!
 //! Connections that carried connection-bound authentication (NTLM, Negotiate) are never
 //! returned to the shared pool: they stay pinned to their client connection (see `http.rs`).
@@ -39,6 +39,18 @@ const VERDICT_MAX_AGE: Duration = Duration::from_secs(60);
 /// How long an origin that answered HTTP_1_1_REQUIRED gets HTTP/1.1 from HTTP/1.1 clients
 /// without being asked over h2 first.
 const H1_REQUIRED_TTL: Duration = Duration::from_secs(3600);
+/// Shared h2 connections per pool key (one data-plane thread's, to one upstream): each client
+/// connection is given a lane, whose connection carries its requests. An origin like nginx
+/// serves a connection from one worker process, so one connection per proxy thread would hold
+/// it to at most as many of its processes (fewer when they land on the same one, as they do
+/// when opened together). A lane past the first gets its own connection only when another
+/// lane's is busy (requests in flight): an origin whose busy worker is not waiting to accept
+/// hands it to another, and an upstream with little traffic keeps one connection. Until then
+/// the lane's clients share another lane's connection.
+pub const LANES: usize = 2;
+/// A lane whose connection could not be opened waits this long before the next try (its
+/// clients share another lane's connection meanwhile).
+const LANE_RETRY: Duration = Duration::from_secs(10);
 
 /// The shared pool.
 pub struct Upstreams {
@@ -125,7 +137,12 @@ pub struct Origin {
 struct Idle {
     /// Oldest first.
     h1: Vec<IdleH1>,
-    h2: Option<SharedH2>,
+    /// By lane.
+    h2: [Option<SharedH2>; LANES],
+    /// Lanes whose connection is being opened in the background.
+    opening: [bool; LANES],
+    /// Lanes whose connection failed to open, and when they may try again.
+    retry_at: [Option<Instant>; LANES],
 }
 
 struct SharedH2 {
@@ -166,7 +183,11 @@ pub struct Peer {
     pub streams: std::sync::atomic::AtomicUsize,
     /// h2: the connection has ended (its task set this as it ended).
     closed: std::sync::atomic::AtomicBool,
+    /// h2: the lane whose shared connection this is (`NO_LANE` until pooled).
+    lane: std::sync::atomic::AtomicUsize,
 }
+
+const NO_LANE: usize = usize::MAX;
 
 /// A request sender on an upstream connection.
 pub enum Sender {
@@ -199,6 +220,16 @@ impl Upstreams {
         PoolKey { host: target.host.clone(), port: target.port, addr: target.addr, offer, site: None, home }
     }
 
+    /// The lane of a new client connection: this thread's client connections take turns.
+    pub fn next_lane() -> usize {
+        thread_local! { static NEXT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) }; }
+        NEXT.with(|next| {
+            let lane = next.get();
+            next.set((lane + 1) % LANES);
+            lane
+        })
+    }
+
     /// The pool key of a configured origin.
     pub fn origin_key(origin: &Origin) -> PoolKey {
         let (host, port) = (origin.host.clone(), origin.port);
@@ -217,18 +248,36 @@ impl Upstreams {
         self.h1_required.insert((key.host.clone(), key.port), ());
     }
 
-    /// A sender to `key`'s upstream: a pooled one when available (matching `fingerprint` when
-    /// given), else a new connection.
+    /// A sender to `key`'s upstream for a client connection in `lane`: a pooled one when
+    /// available (matching `fingerprint` when given), else a new connection. A lane without a
+    /// connection of its own is given another lane's, and its own is opened in the background
+    /// when that one is busy.
     pub async fn checkout(
         &self,
+        proxy: &Arc<Proxy>,
+        route: &Route,
+        key: &PoolKey,
+        fingerprint: Option<[u8; 32]>,
+        lane: usize,
+    ) -> Result<Lease, ProxyError> {
+        if let Some((lease, open_lane)) = self.pooled(key, fingerprint, lane) {
+            if open_lane {
+                open_in_background(proxy.clone(), route.clone(), key.clone(), fingerprint, lane);
+            }
+            return Ok(lease);
+        }
+        let lease = Self::dial(proxy, route, key, fingerprint).await?;
+        self.share(key, &lease, lane);
+        Ok(lease)
+    }
+
+    /// A new connection to `key`'s upstream, which must present `fingerprint` when given.
+    async fn dial(
         proxy: &Proxy,
         route: &Route,
         key: &PoolKey,
         fingerprint: Option<[u8; 32]>,
     ) -> Result<Lease, ProxyError> {
-        if let Some(lease) = self.pooled(key, fingerprint) {
-            return Ok(lease);
-        }
         let lease = match route {
             Route::Forward { target, offer } => dial_forward(proxy, target, *offer).await?,
             Route::Origin { origin, offer } => dial_origin(proxy, origin, *offer).await?,
@@ -241,39 +290,64 @@ impl Upstreams {
                 reason: "upstream certificate changed within the connection".into(),
             });
         }
-        if let Sender::H2(sender) = &lease.sender {
-            let mut pool = self.idle.lock();
-            pool.make_room(Instant::now());
-            let shared = SharedH2 { sender: sender.clone(), peer: lease.peer.clone(), last_used: Instant::now() };
-            if pool.keys.entry(key.clone()).or_default().h2.replace(shared).is_none() {
-                pool.total += 1;
-            }
-            pool.publish();
-        }
         Ok(lease)
     }
 
-    fn pooled(&self, key: &PoolKey, fingerprint: Option<[u8; 32]>) -> Option<Lease> {
+    /// Shares a new h2 connection as `lane`'s (in place of the one it had).
+    fn share(&self, key: &PoolKey, lease: &Lease, lane: usize) {
+        let Sender::H2(sender) = &lease.sender else { return };
+        let now = Instant::now();
+        let mut pool = self.idle.lock();
+        pool.make_room(now);
+        lease.peer.lane.store(lane, std::sync::atomic::Ordering::Relaxed);
+        let shared = SharedH2 { sender: sender.clone(), peer: lease.peer.clone(), last_used: now };
+        if pool.keys.entry(key.clone()).or_default().h2[lane].replace(shared).is_none() {
+            pool.total += 1;
+        }
+        pool.publish();
+    }
+
+    /// A pooled connection for a client connection in `lane`, and whether that lane's own
+    /// connection is to be opened (the one given is another lane's, and busy).
+    fn pooled(&self, key: &PoolKey, fingerprint: Option<[u8; 32]>, lane: usize) -> Option<(Lease, bool)> {
         let matches = |peer: &Peer| fingerprint.is_none_or(|f| f == peer.fingerprint);
+        let now = Instant::now();
         let mut pool = self.idle.lock();
         let pool = &mut *pool;
         let entry = pool.keys.get_mut(key)?;
-        if let Some(shared) = &mut entry.h2 {
-            if !shared.peer.closed() && matches(&shared.peer) {
-                shared.last_used = Instant::now();
-                return Some(Lease { sender: Sender::H2(shared.sender.clone()), peer: shared.peer.clone() });
-            }
-            if shared.peer.closed() {
-                entry.h2 = None;
+        for slot in &mut entry.h2 {
+            if slot.as_ref().is_some_and(|shared| shared.peer.closed()) {
+                *slot = None;
                 pool.total -= 1;
             }
+        }
+        let own = entry.h2[lane].as_ref().is_some_and(|shared| matches(&shared.peer));
+        let shared = match own {
+            true => entry.h2[lane].as_mut(),
+            false => entry.h2.iter_mut().flatten().find(|shared| matches(&shared.peer)),
+        };
+        if let Some(shared) = shared {
+            shared.last_used = now;
+            let busy = shared.peer.in_flight() > 0;
+            let lease = Lease { sender: Sender::H2(shared.sender.clone()), peer: shared.peer.clone() };
+            let open = !own && busy && !entry.opening[lane] && entry.retry_at[lane].is_none_or(|at| now >= at);
+            entry.opening[lane] |= open;
+            return Some((lease, open));
         }
         // Newest first: the most recently used connection is the least likely to be closing.
         let i = entry.h1.iter().rposition(|idle| !idle.sender.is_closed() && matches(&idle.peer))?;
         let idle = entry.h1.remove(i);
         pool.total -= 1;
         pool.publish();
-        Some(Lease { sender: Sender::H1(idle.sender), peer: idle.peer })
+        Some((Lease { sender: Sender::H1(idle.sender), peer: idle.peer }, false))
+    }
+
+    /// `lane` of `key` is no longer being opened; if it failed, it waits `LANE_RETRY`.
+    fn opened(&self, key: &PoolKey, lane: usize, failed: bool) {
+        let mut pool = self.idle.lock();
+        let entry = pool.keys.entry(key.clone()).or_default();
+        entry.opening[lane] = false;
+        entry.retry_at[lane] = failed.then(|| Instant::now() + LANE_RETRY);
     }
 
     /// Returns an unused lease (the client went away before its first request).
@@ -343,7 +417,7 @@ impl Pool {
         let mut ages: Vec<Instant> = self
             .keys
             .values()
-            .flat_map(|idle| idle.h1.iter().map(|c| c.since).chain(idle.h2.iter().map(|c| c.last_used)))
+            .flat_map(|idle| idle.h1.iter().map(|c| c.since).chain(idle.h2.iter().flatten().map(|c| c.last_used)))
             .collect();
         if n == 0 || ages.is_empty() {
             return;
@@ -357,12 +431,14 @@ impl Pool {
     fn retain(&mut self, mut keep_h1: impl FnMut(&IdleH1) -> bool, mut keep_h2: impl FnMut(&SharedH2) -> bool) {
         self.keys.retain(|_, idle| {
             idle.h1.retain(&mut keep_h1);
-            if idle.h2.as_ref().is_some_and(|c| !keep_h2(c)) {
-                idle.h2 = None;
+            for slot in &mut idle.h2 {
+                if slot.as_ref().is_some_and(|c| !keep_h2(c)) {
+                    *slot = None;
+                }
             }
-            !idle.h1.is_empty() || idle.h2.is_some()
+            !idle.h1.is_empty() || idle.h2.iter().any(Option::is_some) || idle.opening.contains(&true)
         });
-        self.total = self.keys.values().map(|idle| idle.h1.len() + usize::from(idle.h2.is_some())).sum();
+        self.total = self.keys.values().map(|idle| idle.h1.len() + idle.h2.iter().flatten().count()).sum();
     }
 }
 
@@ -382,6 +458,7 @@ impl Peer {
         let names_cover_host = name.is_some() && leaf.is_some_and(crate::pki::mint::mirrors_names);
         let verdict = Mutex::new((verdict, Instant::now()));
         let (cert, revocation, streams, closed) = Default::default();
+        let lane = std::sync::atomic::AtomicUsize::new(NO_LANE);
         Arc::new(Peer {
             name,
             chain,
@@ -395,6 +472,7 @@ impl Peer {
             staple,
             streams,
             closed,
+            lane,
         })
     }
 
@@ -447,6 +525,11 @@ impl Peer {
     /// Whether the (h2) connection has ended.
     pub fn closed(&self) -> bool {
         self.closed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The lane whose shared h2 connection this is, if it is one.
+    pub fn lane(&self) -> Option<usize> {
+        Some(self.lane.load(std::sync::atomic::Ordering::Relaxed)).filter(|&lane| lane != NO_LANE)
     }
 
     /// Marks the connection ended (an h2 sender refused a new request).
@@ -568,6 +651,26 @@ async fn tls_connect(
         .await
         .map_err(|_| ProxyError::Timeout { phase: "upstream TLS handshake", secs, side: Side::Upstream })?
         .map_err(|source| ProxyError::UpstreamTls { target: target.to_string(), source })
+}
+
+/// Opens `lane`'s own connection to `key`'s upstream without holding up a request (another
+/// lane's connection serves its clients meanwhile), on the runtime of the thread asking, which
+/// runs the connection's task.
+fn open_in_background(proxy: Arc<Proxy>, route: Route, key: PoolKey, fingerprint: Option<[u8; 32]>, lane: usize) {
+    tokio::spawn(async move {
+        let upstreams = &proxy.upstreams;
+        let dialed = Box::pin(Upstreams::dial(&proxy, &route, &key, fingerprint)).await;
+        upstreams.opened(&key, lane, dialed.is_err());
+        match dialed {
+            Ok(lease) => match lease.sender {
+                Sender::H2(_) => upstreams.share(&key, &lease, lane),
+                Sender::H1(sender) => upstreams.checkin(&key, sender, lease.peer),
+            },
+            Err(e) => {
+                tracing::debug!(host = %key.host, lane, error = %e, "another upstream connection could not be opened")
+            }
+        }
+    });
 }
 
 /// HTTP/1.1 or h2 (as the peer chose in ALPN) over an established upstream connection.
