@@ -739,4 +739,54 @@ mod tests {
         let newest: Vec<String> = (40 - hosts.len()..40).map(|i| format!("site{i}.test")).collect();
         assert_eq!(hosts, newest, "the most recently used connections stay");
     }
+
+    /// An h2 sender over an in-memory pipe to a server that only accepts the connection.
+    async fn h2_lease() -> Lease {
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            if let Ok(mut server) = h2::server::handshake(theirs).await {
+                while server.accept().await.is_some() {}
+            }
+        });
+        let (sender, connection) = h2::client::handshake(ours).await.expect("h2 handshake");
+        tokio::spawn(connection);
+        Lease { sender: Sender::H2(sender), peer: Peer::plain() }
+    }
+
+    /// A second lane borrows the first lane's connection, asks for its own only while that one
+    /// is busy, asks once while it is being opened, and waits after a failed open.
+    #[tokio::test]
+    async fn a_second_lane_opens_its_connection_only_when_the_first_is_busy() {
+        let upstreams = Upstreams::new(16, Duration::from_secs(60));
+        let key = key(0);
+        let first = h2_lease().await;
+        upstreams.share(&key, &first, 0);
+        assert_eq!(first.peer.lane(), Some(0));
+
+        let (lent, open) = upstreams.pooled(&key, None, 1).expect("the first lane's connection is lent");
+        assert!(Arc::ptr_eq(&lent.peer, &first.peer));
+        assert!(!open, "an idle connection is enough for both lanes");
+
+        first.peer.streams.store(1, std::sync::atomic::Ordering::Relaxed);
+        let (_, open) = upstreams.pooled(&key, None, 1).unwrap();
+        assert!(open, "a busy one: the second lane opens its own");
+        let (_, open) = upstreams.pooled(&key, None, 1).unwrap();
+        assert!(!open, "once, while it is being opened");
+
+        upstreams.opened(&key, 1, true);
+        let (_, open) = upstreams.pooled(&key, None, 1).unwrap();
+        assert!(!open, "a failed open waits before the next try");
+        upstreams.idle.lock().keys.get_mut(&key).unwrap().retry_at[1] = Some(Instant::now());
+        let (_, open) = upstreams.pooled(&key, None, 1).unwrap();
+        assert!(open, "and tries again after the wait");
+
+        let second = h2_lease().await;
+        upstreams.opened(&key, 1, false);
+        upstreams.share(&key, &second, 1);
+        let (own, open) = upstreams.pooled(&key, None, 1).unwrap();
+        assert!(Arc::ptr_eq(&own.peer, &second.peer) && !open, "the second lane has its own now");
+        let (own, _) = upstreams.pooled(&key, None, 0).unwrap();
+        assert!(Arc::ptr_eq(&own.peer, &first.peer), "and the first keeps its");
+        assert_eq!(upstreams.pooled_count(), 2);
+    }
 }
