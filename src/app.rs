@@ -325,7 +325,14 @@ impl IoThreads {
             std::thread::Builder::new()
                 .name(format!("tollgate-io-{i}"))
                 .spawn(move || {
-                    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    // Log lines gather in this thread's batch, handed to the writer when the
+                    // thread goes idle, and at least every `BATCH_INTERVAL` when it does not.
+                    crate::logs::batch_this_thread();
+                    let runtime = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .on_thread_park(crate::logs::hand_over)
+                        .build()
+                    {
                         Ok(runtime) => runtime,
                         Err(e) => {
                             let _ = tx.send(Err(e));
@@ -333,7 +340,14 @@ impl IoThreads {
                         }
                     };
                     let _ = tx.send(Ok(runtime.handle().clone()));
-                    runtime.block_on(std::future::pending::<()>());
+                    runtime.block_on(async {
+                        let mut tick = tokio::time::interval(crate::logs::BATCH_INTERVAL);
+                        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        loop {
+                            tick.tick().await;
+                            crate::logs::hand_over();
+                        }
+                    });
                 })
                 .map_err(AppError::Threads)?;
             let handle = rx.recv().map_err(|e| AppError::Threads(std::io::Error::other(e)))?;

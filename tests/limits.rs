@@ -114,8 +114,11 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     let (status, _, body) = slow.await.unwrap();
     assert_eq!(status, 200, "the in-flight request completes");
     assert!(body.contains("path=/slow"));
-    let code = tokio::task::spawn_blocking(move || proxy.wait_exit(Duration::from_secs(10))).await.unwrap();
+    let (code, proxy) =
+        tokio::task::spawn_blocking(move || (proxy.wait_exit(Duration::from_secs(10)), proxy)).await.unwrap();
     assert_eq!(code, Some(0));
+    // Its access line was written before the exit, not lost in its thread's batch.
+    proxy.wait_log("the drained request's access line", |v| v["target"] == "tollgate::access" && v["path"] == "/slow");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,124 +24,200 @@ where
     N: for<'a> FormatFields<'a> + 'static,
 {
     fn format_event(&self, _ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
-        // A `log` record (rustls logs through `log`) arrives as an event of target `log`, its
-        // own target and place in `log.*` fields: its line names its real target instead.
-        let normalized = event.normalized_metadata();
-        let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
-        writer.write_str("{\"timestamp\":\"")?;
-        timestamp(&mut writer, SystemTime::now())?;
-        writer.write_str("\",\"level\":\"")?;
-        writer.write_str(meta.level().as_str())?;
-        writer.write_char('"')?;
-        let mut fields = Fields { out: &mut writer, result: Ok(()) };
-        event.record(&mut fields);
-        fields.result?;
-        writer.write_str(",\"target\":")?;
-        string(&mut writer, meta.target())?;
-        writer.write_str("}\n")
+        // The line is built in a `String` of this thread's and handed over in one write: the
+        // writer is a `dyn fmt::Write`, and a line is some sixty small pieces.
+        LINE.with(|line| match line.try_borrow_mut() {
+            Ok(mut line) => {
+                line.clear();
+                format(&mut line, event);
+                writer.write_str(&line)
+            }
+            // A field whose formatting logs an event of its own.
+            Err(_) => {
+                let mut line = String::new();
+                format(&mut line, event);
+                writer.write_str(&line)
+            }
+        })
     }
 }
 
-/// Writes each field as `,"name":value`.
-struct Fields<'a, 'w> {
-    out: &'a mut Writer<'w>,
-    result: fmt::Result,
+thread_local! {
+    static LINE: RefCell<String> = const { RefCell::new(String::new()) };
 }
 
-impl Fields<'_, '_> {
-    fn put(&mut self, field: &Field, value: impl FnOnce(&mut Writer<'_>) -> fmt::Result) {
-        if self.result.is_ok() && !field.name().starts_with("log.") {
-            self.result = (|| {
-                self.out.write_str(",\"")?;
-                // Field names are Rust identifiers: nothing to escape.
-                self.out.write_str(field.name())?;
-                self.out.write_str("\":")?;
-                value(self.out)
-            })();
+fn format(out: &mut String, event: &Event<'_>) {
+    // A `log` record (rustls logs through `log`) arrives as an event of target `log`, its
+    // own target and place in `log.*` fields: its line names its real target instead.
+    let normalized = event.normalized_metadata();
+    let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
+    out.push_str("{\"timestamp\":\"");
+    timestamp(out, SystemTime::now());
+    out.push_str("\",\"level\":\"");
+    out.push_str(meta.level().as_str());
+    out.push('"');
+    event.record(&mut Fields { out });
+    out.push_str(",\"target\":");
+    string(out, meta.target());
+    out.push_str("}\n");
+}
+
+/// Writes each field as `,"name":value`.
+struct Fields<'a> {
+    out: &'a mut String,
+}
+
+impl Fields<'_> {
+    fn put(&mut self, field: &Field, value: impl FnOnce(&mut String)) {
+        if !field.name().starts_with("log.") {
+            self.out.push_str(",\"");
+            // Field names are Rust identifiers: nothing to escape.
+            self.out.push_str(field.name());
+            self.out.push_str("\":");
+            value(self.out);
         }
     }
 }
 
-impl Visit for Fields<'_, '_> {
+impl Visit for Fields<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
         self.put(field, |out| string(out, value));
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.put(field, |out| out.write_str(itoa::Buffer::new().format(value)));
+        self.put(field, |out| out.push_str(itoa::Buffer::new().format(value)));
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.put(field, |out| out.write_str(itoa::Buffer::new().format(value)));
+        self.put(field, |out| out.push_str(itoa::Buffer::new().format(value)));
     }
 
     fn record_u128(&mut self, field: &Field, value: u128) {
-        self.put(field, |out| out.write_str(itoa::Buffer::new().format(value)));
+        self.put(field, |out| out.push_str(itoa::Buffer::new().format(value)));
     }
 
     fn record_i128(&mut self, field: &Field, value: i128) {
-        self.put(field, |out| out.write_str(itoa::Buffer::new().format(value)));
+        self.put(field, |out| out.push_str(itoa::Buffer::new().format(value)));
     }
 
     fn record_f64(&mut self, field: &Field, value: f64) {
         // JSON has no NaN or infinity (serde_json writes null for them too).
-        self.put(field, |out| if value.is_finite() { write!(out, "{value}") } else { out.write_str("null") });
+        self.put(field, |out| {
+            let mut digits = zmij::Buffer::new();
+            out.push_str(if value.is_finite() { digits.format_finite(value) } else { "null" })
+        });
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.put(field, |out| out.write_str(if value { "true" } else { "false" }));
+        self.put(field, |out| out.push_str(if value { "true" } else { "false" }));
     }
 
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
         self.put(field, |out| {
-            out.write_char('"')?;
-            write!(Escaped(out), "{value}")?;
-            out.write_char('"')
+            out.push('"');
+            let _ = write!(Escaped(out), "{value}");
+            out.push('"');
         });
     }
 
     /// `%value`, `?value` and the message (`format_args!`): their text, as a string.
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         self.put(field, |out| {
-            out.write_char('"')?;
-            write!(Escaped(out), "{value:?}")?;
-            out.write_char('"')
+            out.push('"');
+            let _ = write!(Escaped(out), "{value:?}");
+            out.push('"');
         });
     }
 }
 
 /// A JSON string.
-fn string(out: &mut impl Write, text: &str) -> fmt::Result {
-    out.write_char('"')?;
-    Escaped(out).write_str(text)?;
-    out.write_char('"')
+fn string(out: &mut String, text: &str) {
+    out.push('"');
+    escape(out, text);
+    out.push('"');
 }
 
-/// Escapes what it is given for the inside of a JSON string.
-struct Escaped<'a, W: Write>(&'a mut W);
-
-impl<W: Write> Write for Escaped<'_, W> {
-    fn write_str(&mut self, text: &str) -> fmt::Result {
-        let mut start = 0;
-        for (i, byte) in text.bytes().enumerate() {
-            let escape = match byte {
-                b'"' => "\\\"",
-                b'\\' => "\\\\",
-                b'\n' => "\\n",
-                b'\r' => "\\r",
-                b'\t' => "\\t",
-                0..0x20 | 0x7f => "",
-                _ => continue,
-            };
-            self.0.write_str(&text[start..i])?;
-            if escape.is_empty() {
-                write!(self.0, "\\u{byte:04x}")?;
-            } else {
-                self.0.write_str(escape)?;
-            }
-            start = i + 1;
+/// Appends `text` escaped for the inside of a JSON string.
+fn escape(out: &mut String, text: &str) {
+    let mut start = 0;
+    for (i, byte) in text.bytes().enumerate() {
+        let escape = match byte {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0..0x20 | 0x7f => "",
+            _ => continue,
+        };
+        out.push_str(&text[start..i]);
+        if escape.is_empty() {
+            let _ = write!(out, "\\u{byte:04x}");
+        } else {
+            out.push_str(escape);
         }
-        self.0.write_str(&text[start..])
+        start = i + 1;
+    }
+    out.push_str(&text[start..]);
+}
+
+/// Escapes what is written through it (a `Display` or `Debug` value's text).
+struct Escaped<'a>(&'a mut String);
+
+impl Write for Escaped<'_> {
+    fn write_str(&mut self, text: &str) -> fmt::Result {
+        escape(self.0, text);
+        Ok(())
+    }
+}
+
+/// A socket address's text (`192.0.2.1:443`, `[2001:db8::1]:443`) on the stack, for a line
+/// field given as `&str`: the `Display` of a `SocketAddr` goes through the formatting
+/// machinery piece by piece, and every access line carries one.
+pub struct AddrText {
+    buf: [u8; 64],
+    len: usize,
+}
+
+impl AddrText {
+    pub fn new(addr: std::net::SocketAddr) -> Self {
+        let mut text = Self { buf: [0; 64], len: 0 };
+        match addr {
+            std::net::SocketAddr::V4(v4) => {
+                let mut digits = itoa::Buffer::new();
+                for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+                    if i > 0 {
+                        text.push(".");
+                    }
+                    text.push(digits.format(octet));
+                }
+                text.push(":");
+                text.push(digits.format(v4.port()));
+            }
+            // `[v6%scope]:port` fits in 64 bytes.
+            std::net::SocketAddr::V6(_) => {
+                let _ = write!(text, "{addr}");
+            }
+        }
+        text
+    }
+
+    fn push(&mut self, piece: &str) {
+        let end = (self.len + piece.len()).min(self.buf.len());
+        self.buf[self.len..end].copy_from_slice(&piece.as_bytes()[..end - self.len]);
+        self.len = end;
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Whole pieces of ASCII text were copied in; a cut never falls inside a character.
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
+    }
+}
+
+impl Write for AddrText {
+    fn write_str(&mut self, piece: &str) -> fmt::Result {
+        self.push(piece);
+        Ok(())
     }
 }
 
@@ -151,7 +227,7 @@ thread_local! {
 }
 
 /// `YYYY-MM-DDTHH:MM:SS.ffffffZ` (UTC, microseconds), as tracing-subscriber writes it.
-fn timestamp(out: &mut impl Write, now: SystemTime) -> fmt::Result {
+fn timestamp(out: &mut String, now: SystemTime) {
     let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
     SECOND.with_borrow_mut(|(second, text)| {
@@ -163,9 +239,9 @@ fn timestamp(out: &mut impl Write, now: SystemTime) -> fmt::Result {
             let _ =
                 write!(text, "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}", rest / 3600, rest / 60 % 60, rest % 60);
         }
-        out.write_str(text)
-    })?;
-    write!(out, ".{:06}Z", since.subsec_micros())
+        out.push_str(text);
+    });
+    let _ = write!(out, ".{:06}Z", since.subsec_micros());
 }
 
 /// The proleptic Gregorian date of a day count since 1970-01-01 (Howard Hinnant's
@@ -199,21 +275,38 @@ mod tests {
         ];
         for (secs, want) in cases {
             let mut text = String::new();
-            timestamp(&mut text, UNIX_EPOCH + Duration::from_secs(secs)).unwrap();
+            timestamp(&mut text, UNIX_EPOCH + Duration::from_secs(secs));
             assert_eq!(text, want);
         }
         let mut text = String::new();
-        timestamp(&mut text, UNIX_EPOCH + Duration::from_micros(1_796_249_834_773_312)).unwrap();
+        timestamp(&mut text, UNIX_EPOCH + Duration::from_micros(1_796_249_834_773_312));
         assert_eq!(text, "2026-12-02T22:17:14.773312Z");
     }
 
     #[test]
     fn strings_are_escaped_as_json_wants() {
         let mut text = String::new();
-        string(&mut text, "a\"b\\c\nd\u{1}e\u{7f}é\u{2028}").unwrap();
+        string(&mut text, "a\"b\\c\nd\u{1}e\u{7f}é\u{2028}");
         assert_eq!(text, "\"a\\\"b\\\\c\\nd\\u0001e\\u007fé\u{2028}\"");
         let parsed: String = serde_json::from_str(&text).unwrap();
         assert_eq!(parsed, "a\"b\\c\nd\u{1}e\u{7f}é\u{2028}");
+    }
+
+    #[test]
+    fn socket_addresses_read_as_their_display() {
+        for addr in
+            ["192.0.2.1:443", "0.0.0.0:0", "255.255.255.255:65535", "[2001:db8::1]:8443", "[::ffff:192.0.2.1]:1"]
+        {
+            let addr: std::net::SocketAddr = addr.parse().unwrap();
+            assert_eq!(AddrText::new(addr).as_str(), addr.to_string());
+        }
+        let scoped = std::net::SocketAddr::V6(std::net::SocketAddrV6::new(
+            "fe80:1234:5678:9abc:def0:1234:5678:9abc".parse().unwrap(),
+            65535,
+            0,
+            u32::MAX,
+        ));
+        assert_eq!(AddrText::new(scoped).as_str(), scoped.to_string());
     }
 
     /// Where a test subscriber's lines go.
