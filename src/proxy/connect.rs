@@ -101,7 +101,7 @@ async fn plain(proxy: Arc<Proxy>, req: Request<Incoming>, ctx: ConnCtx) -> Respo
     };
     let who = Who { client: ctx.client.ip(), user: ctx.user.as_deref(), listener: ctx.listener() };
     let blocked_by = proxy.policy.blocks_plain(&who, &target.host);
-    let mut log = AccessLog::start(&req, &ctx, &target.host, "plain-http", blocked_by.clone());
+    let mut log = AccessLog::start(&req, &ctx, &target.host.as_str().into(), &"plain-http".into(), blocked_by.clone());
     let action = match blocked_by {
         Some(rule) => crate::policy::HttpAction::Block(rule.to_string()),
         None => proxy.policy.decide_http(&target.host, req.method(), req.uri().path()),

@@ -59,9 +59,10 @@ where
         key,
         lane,
         pin,
+        log_host: target.host.as_str().into(),
         target,
         ctx,
-        label,
+        label: label.into(),
         rule,
         scan,
     });
@@ -130,14 +131,17 @@ struct Relay {
     h1_only: AtomicBool,
     target: Target,
     ctx: ConnCtx,
-    label: String,
+    /// For the access log: `target.host`, and the upstream verdict (or `inbound`), shared by
+    /// the lines of all the connection's requests.
+    log_host: Arc<str>,
+    label: Arc<str>,
     rule: Option<Arc<str>>,
     scan: bool,
 }
 
 impl Relay {
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
-        let mut log = AccessLog::start(&req, &self.ctx, &self.target.host, &self.label, self.rule.clone());
+        let mut log = AccessLog::start(&req, &self.ctx, &self.log_host, &self.label, self.rule.clone());
         let mut scans = Scans::default();
         let response = match self.clone().forward(req, &mut scans).await {
             Ok(response) => response,
@@ -875,11 +879,12 @@ pub struct AccessLog {
     listener: Arc<str>,
     user: Option<Arc<str>>,
     rule: Option<Arc<str>>,
-    host: String,
+    host: Arc<str>,
     method: Method,
-    path: String,
+    /// The path is `uri.path()`: a `Uri` clone shares the request's bytes.
+    uri: http::Uri,
     version: Version,
-    upstream: String,
+    upstream: Arc<str>,
     /// What the content scanner made of the request and its response.
     pub scans: Scans,
 }
@@ -889,8 +894,8 @@ impl AccessLog {
     pub fn start<B>(
         req: &Request<B>,
         ctx: &ConnCtx,
-        host: &str,
-        upstream: &str,
+        host: &Arc<str>,
+        upstream: &Arc<str>,
         rule: Option<Arc<str>>,
     ) -> Option<Self> {
         METRICS.requests_total.inc();
@@ -904,11 +909,11 @@ impl AccessLog {
             listener: ctx.listener().clone(),
             user: ctx.user.clone(),
             rule,
-            host: host.to_string(),
+            host: host.clone(),
             method: req.method().clone(),
-            path: req.uri().path().to_string(),
+            uri: req.uri().clone(),
             version: req.version(),
-            upstream: upstream.to_string(),
+            upstream: upstream.clone(),
             scans: Scans::default(),
         })
     }
@@ -930,15 +935,15 @@ impl AccessLog {
             listener = &*self.listener,
             user = self.user.as_deref(),
             rule = self.rule.as_deref(),
-            host = self.host.as_str(),
+            host = &*self.host,
             method = self.method.as_str(),
-            path = self.path.as_str(),
+            path = self.uri.path(),
             version = version_name(self.version),
             status = status.as_u16(),
             bytes,
             // To the microsecond: what the clock can tell apart, in a short number.
             duration_ms = self.started.elapsed().as_micros() as f64 / 1000.0,
-            upstream = self.upstream.as_str(),
+            upstream = &*self.upstream,
             icap_reqmod = self.scans.reqmod,
             icap_respmod = self.scans.respmod,
             icap_threat = self.scans.threat.as_deref(),
