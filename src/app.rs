@@ -274,7 +274,9 @@ fn build_proxy(
     };
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let inbound = crate::proxy::inbound::InboundSites::new(config, &store, &keys, &provider)?;
+    let client_certs = crate::proxy::upstream::ClientCerts::new(config, &store, &keys)?;
     let mut proxy = Proxy::new(config, cas, inbound, policy)?;
+    proxy.client_certs = client_certs;
     proxy.set_shutdown(shutdown.clone());
     sources.set_egress(proxy.parent.as_ref().map(|parent| parent.egress()));
     if let Some(scanner) = proxy.scanner.clone() {

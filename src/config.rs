@@ -524,6 +524,20 @@ pub struct UpstreamConfig {
     /// Destinations that go direct: host globs, and networks (CIDRs) matched against
     /// address literals and transparent mode's original destinations.
     pub no_parent: Destinations,
+    /// `[[upstream.client_cert]]`: the client certificate tollgate presents itself to servers
+    /// that ask for one, by host, instead of tunnelling them.
+    pub client_cert: Vec<ClientCertConfig>,
+}
+
+/// A client certificate from the store (its key on the HSM or sealed in the vault), presented
+/// to the upstream hosts it names when they ask for one.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientCertConfig {
+    /// Host globs (`api.example.com`, `*.partner.example`).
+    pub hosts: HostGlobs,
+    /// The certificate's name in the store (`tollgate cert import --name`).
+    pub cert: String,
 }
 
 impl Default for UpstreamConfig {
@@ -539,6 +553,7 @@ impl Default for UpstreamConfig {
             parent: None,
             parent_auth_file: None,
             no_parent: Destinations::default(),
+            client_cert: Vec::new(),
         }
     }
 }
@@ -1157,6 +1172,12 @@ impl Config {
             let field = if self.log.keep_files == 0 { "log.keep_files" } else { "log.buffer_lines" };
             return Err(invalid(field.into(), "must be at least 1"));
         }
+        for (i, entry) in self.upstream.client_cert.iter().enumerate() {
+            if entry.hosts.globs().is_empty() || entry.cert.is_empty() {
+                let field = if entry.cert.is_empty() { "cert" } else { "hosts" };
+                return Err(invalid(format!("upstream.client_cert[{i}].{field}"), "must not be empty"));
+            }
+        }
         for (i, rule) in self.policy.rules.iter_mut().enumerate() {
             if rule.name.is_empty() {
                 rule.name = format!("rule {i}");
@@ -1295,6 +1316,21 @@ mod tests {
             "state_dir = \"s\"\n[[hsm.server]]\nname = \"a\"\ntoken = \"t\"\npin_file = \"f\"\npin_env = \"V\"\n";
         let err = parse(both).unwrap_err().to_string();
         assert!(err.contains("hsm.server[0].pin_file") && err.contains("not both"), "{err}");
+    }
+
+    #[test]
+    fn client_certificate_entries_need_hosts_and_a_name() {
+        let base = "state_dir = \"x\"\n[[upstream.client_cert]]\n";
+        let config = parse(&format!("{base}hosts = [\"*.partner.test\"]\ncert = \"gw\"\n")).unwrap();
+        let entry = &config.upstream.client_cert[0];
+        assert!(entry.hosts.is_match("api.partner.test") && !entry.hosts.is_match("partner.test.evil"));
+        assert_eq!(entry.cert, "gw");
+        let err = parse(&format!("{base}hosts = []\ncert = \"gw\"\n")).unwrap_err().to_string();
+        assert!(err.contains("upstream.client_cert[0].hosts") && err.contains("must not be empty"), "{err}");
+        let err = parse(&format!("{base}hosts = [\"a.test\"]\ncert = \"\"\n")).unwrap_err().to_string();
+        assert!(err.contains("upstream.client_cert[0].cert"), "{err}");
+        let err = parse(&format!("{base}hosts = [\"a.test\"]\n")).unwrap_err().to_string();
+        assert!(err.contains("cert"), "{err}");
     }
 
     #[test]

@@ -229,3 +229,72 @@ async fn revoked_expired_client_auth_and_good_upstreams_side_by_side() {
     let _ = clientauth.kill();
     let _ = clientauth.wait();
 }
+
+/// `[[upstream.client_cert]]`: a server insisting on a client certificate gets tollgate's own
+/// (its key on the HSM), and the session is decrypted instead of tunnelled; a host the entry
+/// does not name is still tunnelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_client_certificate_is_presented_instead_of_tunnelling() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new();
+    let (cert, key) = pki.leaf_files(&LeafSpec::new(&["clientauth.test", "other-clientauth.test"]), dir.path());
+    // The server checks the client certificate against the test root, and refuses a bad one.
+    let port = free_port();
+    let mut server = spawn_quiet(
+        std::process::Command::new("openssl")
+            .args(["s_server", "-www", "-Verify", "1", "-verify_return_error", "-accept", &format!("127.0.0.1:{port}")])
+            .arg("-CAfile")
+            .arg(pki.bundle())
+            .arg("-cert")
+            .arg(&cert)
+            .arg("-key")
+            .arg(&key),
+    );
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    wait_for("openssl s_server", std::time::Duration::from_secs(10), || std::net::TcpStream::connect(addr).is_ok());
+
+    let options = ProxyOptions {
+        ca_bundles: vec![pki.bundle()],
+        resolve: vec![("clientauth.test:443".into(), addr), ("other-clientauth.test:443".into(), addr)],
+        extra: "\n[[upstream.client_cert]]\nhosts = [\"clientauth.test\"]\ncert = \"gateway-client\"\n".into(),
+        ..Default::default()
+    };
+    let setup = Setup::new(&options);
+    // The client key is made on the token (as a vendor tool would); only its certificate is
+    // imported.
+    let client_key = rcgen::KeyPair::generate().unwrap();
+    import_key(&[&setup.token], &client_key, "gateway-client", "c1");
+    let client_pem = setup.token.path("gateway-client.pem");
+    std::fs::write(&client_pem, pki.certify_client(&client_key, "gateway-client.test")).unwrap();
+    let out = setup
+        .token
+        .cmd(tollgate_bin())
+        .args(["cert", "import", "--name", "gateway-client", "--key-on-hsm", "--cert"])
+        .arg(&client_pem)
+        .arg("--config")
+        .arg(&setup.config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "import: {}", printed(&out));
+    let proxy = setup.start();
+
+    // Named by the entry: a trusted leaf, and the server's page shows tollgate's certificate.
+    let tls = tls_via_sni(proxy.sni, "clientauth.test", trusting_client(&setup.trust_ca, &["http/1.1"])).await.unwrap();
+    let (status, _, body) = request(tls, false, get("clientauth.test", "/", false)).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("Client certificate") && body.contains("gateway-client.test"), "{body}");
+    let line = session(&proxy, "clientauth.test", "clientauth.test", |_| true);
+    assert_eq!(
+        (line["decision"].as_str(), line["chain_status"].as_str()),
+        (Some("decrypt"), Some("trusted")),
+        "{line}"
+    );
+
+    // Not named: tunnelled as before, the client sees the server's own certificate.
+    let (config, seen) = capturing_client(&["http/1.1"]);
+    let _ = tls_via_sni(proxy.sni, "other-clientauth.test", config).await;
+    let shown = seen.lock().first().cloned().expect("a certificate was shown for other-clientauth.test");
+    assert_eq!(shown, pem_cert(&cert), "the client must see the server's own certificate");
+    let _ = server.kill();
+    let _ = server.wait();
+}

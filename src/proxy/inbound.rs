@@ -174,7 +174,7 @@ where
 
 /// The chain and its signing key (on the HSM, or a software key from the vault), checked
 /// against each other.
-fn certified_key(
+pub(super) fn certified_key(
     entry: &crate::pki::CertEntry,
     keys: &Keyring<'_>,
     waiting: &Arc<WaitLimit>,

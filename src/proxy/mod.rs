@@ -233,6 +233,9 @@ pub struct Proxy {
     pub scanner: Option<Arc<scan::Scanner>>,
     /// The parent proxy upstream connections go through, if any.
     pub parent: Option<Arc<parent::Parent>>,
+    /// Client certificates tollgate presents to upstreams asking for one
+    /// (`[[upstream.client_cert]]`); set once the store is read.
+    pub client_certs: upstream::ClientCerts,
     /// Networks clients may not reach (`[policy] deny_destinations`).
     deny: Vec<ipnet::IpNet>,
     limit: Arc<Semaphore>,
@@ -297,6 +300,7 @@ impl Proxy {
             resolver: crate::net::Resolver::new(),
             own,
             parent,
+            client_certs: Default::default(),
             scanner: scan::Scanner::from_config(&config.icap).map(Arc::new),
             deny: config.policy.deny_destinations.clone(),
             limit: Arc::new(Semaphore::new(config.limits.max_connections)),

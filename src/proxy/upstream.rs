@@ -552,13 +552,14 @@ async fn dial_forward(proxy: &Proxy, target: &Target, offer: Offer) -> Result<Le
     let tcp = Deadlines::new(proxy.dial(target).await?).read_deadline(proxy.read_timeout);
     let name = server_name(target)?;
     // A config of this connection's own, to see whether the server asks for a client
-    // certificate (an exchange tollgate cannot take part in for the client).
-    let probe = Arc::new(ClientAuthProbe::default());
+    // certificate (an exchange tollgate cannot take part in for the client), and to present
+    // tollgate's own where `[[upstream.client_cert]]` names the host.
+    let probe = Arc::new(ClientAuthProbe { asked: Default::default(), cert: proxy.client_certs.find(&target.host) });
     let mut config = (*proxy.upstream_tls.config_for(offer)).clone();
     config.client_auth_cert_resolver = probe.clone();
     let connected = tls_connect(proxy, target, Arc::new(config), name.clone(), tcp).await;
     let unsupported = |reason: &str| ProxyError::Unsupported { target: target.to_string(), reason: reason.into() };
-    if probe.asked.load(std::sync::atomic::Ordering::Acquire) {
+    if probe.asked.load(std::sync::atomic::Ordering::Acquire) && probe.cert.is_none() {
         return Err(unsupported("the server asks for a client certificate"));
     }
     let stream = match connected {
@@ -596,10 +597,12 @@ async fn dial_origin(proxy: &Proxy, origin: &Origin, offer: Offer) -> Result<Lea
     Ok(Lease { sender, peer })
 }
 
-/// Records whether the server asked for a client certificate; presents none.
-#[derive(Debug, Default)]
+/// Records whether the server asked for a client certificate; presents the host's
+/// `[[upstream.client_cert]]`, if it has one.
+#[derive(Debug)]
 struct ClientAuthProbe {
     asked: std::sync::atomic::AtomicBool,
+    cert: Option<Arc<rustls::sign::CertifiedKey>>,
 }
 
 impl rustls::client::ResolvesClientCert for ClientAuthProbe {
@@ -609,11 +612,56 @@ impl rustls::client::ResolvesClientCert for ClientAuthProbe {
         _sigschemes: &[rustls::SignatureScheme],
     ) -> Option<Arc<rustls::sign::CertifiedKey>> {
         self.asked.store(true, std::sync::atomic::Ordering::Release);
-        None
+        self.cert.clone()
     }
 
     fn has_certs(&self) -> bool {
-        false
+        self.cert.is_some()
+    }
+}
+
+/// `[[upstream.client_cert]]`: tollgate's own client certificates, by upstream host glob.
+#[derive(Debug, Default)]
+pub struct ClientCerts {
+    entries: Vec<(crate::config::HostGlobs, Arc<rustls::sign::CertifiedKey>)>,
+}
+
+impl ClientCerts {
+    /// Loads each entry's certificate from the store, its key from the HSM or the vault. A
+    /// name not in the store is a configuration error; a key that cannot be used now (the
+    /// HSM away, the key missing) is logged, and its hosts are treated as before: tunnelled
+    /// or blocked when they ask for a certificate.
+    pub fn new(
+        config: &crate::config::Config,
+        store: &crate::pki::CertStore,
+        keys: &crate::pki::Keyring<'_>,
+    ) -> Result<Self, crate::config::ConfigError> {
+        let waiting = crate::hsm::WaitLimit::new(config.limits.hsm_handshakes_max);
+        let mut entries = Vec::new();
+        for (i, entry) in config.upstream.client_cert.iter().enumerate() {
+            let Some(stored) = store.entries().iter().find(|e| e.name == entry.cert) else {
+                return Err(crate::config::ConfigError::Invalid {
+                    path: config.path.clone(),
+                    field: format!("upstream.client_cert[{i}].cert"),
+                    reason: format!("no certificate named {:?} in the store (tollgate cert import --name)", entry.cert),
+                });
+            };
+            match super::inbound::certified_key(stored, keys, &waiting) {
+                Ok(certified) => {
+                    tracing::info!(certificate = %entry.cert, hosts = ?entry.hosts.globs(), "upstream client certificate loaded");
+                    entries.push((entry.hosts.clone(), Arc::new(certified)));
+                }
+                Err(reason) => {
+                    tracing::error!(certificate = %entry.cert, error = %reason, "upstream client certificate unusable; its hosts get none");
+                }
+            }
+        }
+        Ok(Self { entries })
+    }
+
+    /// The certificate to present to `host`: the first entry naming it.
+    pub fn find(&self, host: &str) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.entries.iter().find(|(hosts, _)| hosts.is_match(host)).map(|(_, certified)| certified.clone())
     }
 }
 

@@ -572,6 +572,16 @@ impl TestPki {
         params.signed_by(key, &*self.issuer).unwrap().pem()
     }
 
+    /// A client certificate (clientAuth) for `key`, issued by the root, as PEM.
+    pub fn certify_client(&self, key: &KeyPair, name: &str) -> String {
+        let mut params = CertificateParams::new(vec![name.to_string()]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let now = time::OffsetDateTime::now_utc();
+        (params.not_before, params.not_after) = (now - time::Duration::days(1), now + time::Duration::days(365));
+        params.signed_by(key, &*self.issuer).unwrap().pem()
+    }
+
     /// A leaf as PEM files in `dir`: (certificate, private key).
     pub fn leaf_files(&self, spec: &LeafSpec<'_>, dir: &Path) -> (PathBuf, PathBuf) {
         let (cert, key) = self.make_leaf(spec);
