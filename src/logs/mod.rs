@@ -4,11 +4,12 @@
 //! batch of its own and hands the batch over when it goes idle (the runtime is about to
 //! park), when the batch is full, or at the latest every `BATCH_INTERVAL`; other threads
 //! hand each line over at once. One writer thread writes the batches to standard output or to
-//! a file; it looks for them every `WRITE_INTERVAL` (sooner once the queue is half full), so
-//! handing lines over never has a writer to wake: logging costs the data plane no system
-//! call. The queue between them is bounded in lines (`buffer_lines`): when the writer falls
-//! behind (a stuck stdout pipe, a slow disk), lines are dropped and counted
-//! (`tollgate_log_lines_dropped_total`) rather than queued without bound or waited for.
+//! a file. While lines keep coming it looks for them every `WRITE_INTERVAL` (sooner once the
+//! queue is half full), so a hand-over under load has no writer to wake and costs the data
+//! plane no system call; after a quiet spell the first hand-over wakes it. The queue between
+//! them is bounded in lines (`buffer_lines`): when the writer falls behind (a stuck stdout
+//! pipe, a slow disk), lines are dropped and counted (`tollgate_log_lines_dropped_total`)
+//! rather than queued without bound or waited for.
 //!
 //! Batches cost the data plane one hand-over per idle moment instead of one per line; lines
 //! of different threads may interleave out of time order by up to that moment, as nginx's
@@ -42,8 +43,12 @@ const RECENT_LINES: usize = 500;
 const BATCH_BYTES: usize = 16 * 1024;
 /// The longest a line waits in its thread's batch (a thread kept busy without going idle).
 pub const BATCH_INTERVAL: Duration = Duration::from_millis(100);
-/// How often the writer looks for lines when nobody wakes it.
-const WRITE_INTERVAL: Duration = Duration::from_millis(20);
+/// How often the writer looks for lines while they keep coming.
+const WRITE_INTERVAL: Duration = Duration::from_millis(5);
+/// How long an idle writer sleeps unless a hand-over wakes it.
+const IDLE_INTERVAL: Duration = Duration::from_secs(1);
+/// Set by the writer when a look found nothing: the next hand-over wakes it.
+static WRITER_IDLE: AtomicBool = AtomicBool::new(false);
 
 /// The last batches written, holding at least `RECENT_LINES` lines, oldest first; kept as
 /// written (bytes) and cut into lines only when the support file asks.
@@ -219,10 +224,11 @@ impl Queue {
         if self.open.load(Ordering::Acquire) {
             let queued = self.queued.fetch_add(lines, Ordering::AcqRel) + lines;
             if queued <= self.limit && self.sender.send(Message::Lines(buf, lines)).is_ok() {
-                // Half full: the writer should not wait for its next look.
-                if queued > self.limit / 2
-                    && let Some(writer) = WRITER_THREAD.get()
-                {
+                // An idle writer, or the queue half full: the writer should not wait for its
+                // next look.
+                let wake = (WRITER_IDLE.load(Ordering::Relaxed) && WRITER_IDLE.swap(false, Ordering::SeqCst))
+                    || queued > self.limit / 2;
+                if wake && let Some(writer) = WRITER_THREAD.get() {
                     writer.unpark();
                 }
                 return;
@@ -417,30 +423,49 @@ impl Output {
     /// The writer thread: writes what arrives, and flushes whenever the queue runs empty,
     /// until `flush` stops it.
     ///
-    /// It looks every `WRITE_INTERVAL`, or sooner when woken (the queue half full, `flush`),
-    /// and never waits on the queue itself: a thread handing lines over never has a writer
-    /// to wake, so logging a line costs the data plane no system call.
+    /// While lines keep coming it looks again every `WRITE_INTERVAL` without being woken: a
+    /// thread handing lines over then has no writer to wake, so logging costs the data plane
+    /// no system call. A look that finds nothing marks the writer idle; the next hand-over
+    /// wakes it, so a line after a quiet spell is written at once.
     fn drain(&mut self, receiver: &mpsc::Receiver<Message>) {
         loop {
-            let stop = loop {
-                match receiver.try_recv() {
-                    Ok(Message::Lines(batch, lines)) => {
-                        if let Some(queue) = QUEUE.get() {
-                            queue.queued.fetch_sub(lines, Ordering::AcqRel);
-                        }
-                        let _ = self.write_batch(&batch);
-                        RECENT.lock().keep(batch, lines);
-                    }
-                    Ok(Message::Stop) | Err(mpsc::TryRecvError::Disconnected) => break true,
-                    Err(mpsc::TryRecvError::Empty) => break false,
-                }
-            };
-            let _ = self.flush();
+            let (mut stop, mut wrote) = self.look(receiver);
+            if !stop && !wrote {
+                WRITER_IDLE.store(true, Ordering::SeqCst);
+                // Lines handed over before the mark saw no idle writer to wake.
+                (stop, wrote) = self.look(receiver);
+            }
             if stop {
                 return;
             }
-            std::thread::park_timeout(WRITE_INTERVAL);
+            if wrote {
+                WRITER_IDLE.store(false, Ordering::SeqCst);
+                std::thread::park_timeout(WRITE_INTERVAL);
+            } else {
+                std::thread::park_timeout(IDLE_INTERVAL);
+            }
         }
+    }
+
+    /// Writes what the queue holds and flushes: whether to stop, and whether any line came.
+    fn look(&mut self, receiver: &mpsc::Receiver<Message>) -> (bool, bool) {
+        let mut wrote = false;
+        let stop = loop {
+            match receiver.try_recv() {
+                Ok(Message::Lines(batch, lines)) => {
+                    if let Some(queue) = QUEUE.get() {
+                        queue.queued.fetch_sub(lines, Ordering::AcqRel);
+                    }
+                    let _ = self.write_batch(&batch);
+                    RECENT.lock().keep(batch, lines);
+                    wrote = true;
+                }
+                Ok(Message::Stop) | Err(mpsc::TryRecvError::Disconnected) => break true,
+                Err(mpsc::TryRecvError::Empty) => break false,
+            }
+        };
+        let _ = self.flush();
+        (stop, wrote)
     }
 
     /// Writes whole lines: at once when the file has room for all of them, else line by line,
