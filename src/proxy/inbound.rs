@@ -12,19 +12,17 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use rustls::server::{ResolvesServerCert, ServerSessionMemoryCache};
-use rustls::sign::CertifiedKey;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::StartHandshake;
 
 use super::decryption::{Decision, Record, Stage, TlsFacts};
 use super::http::Upstream;
-use super::tls::{H2, HTTP11, SuiteOrder, server_config};
+use super::tls::{H2, HTTP11, SuiteOrder, certified_key, server_config};
 use super::upstream::{Origin, Route, Upstreams};
 use super::{ConnCtx, Proxy, ProxyError, Relaying, Side, Target};
 use crate::config::{Config, ConfigError, InboundConfig};
 use crate::hsm::WaitLimit;
-use crate::keys::rustls::RustlsKey;
-use crate::pki::{CertStore, KeyHandle, Keyring};
+use crate::pki::{CertStore, Keyring};
 
 /// The protected servers, by SNI.
 #[derive(Default)]
@@ -170,27 +168,6 @@ where
     let upstream =
         Upstream { key, route, lane, first: None, pin: None, label: "inbound".into(), rule: None, scan: true };
     Ok(super::http::relay(proxy.clone(), client, upstream, target, ctx))
-}
-
-/// The chain and its signing key (on the HSM, or a software key from the vault), checked
-/// against each other.
-pub(super) fn certified_key(
-    entry: &crate::pki::CertEntry,
-    keys: &Keyring<'_>,
-    waiting: &Arc<WaitLimit>,
-) -> Result<CertifiedKey, String> {
-    // Every full handshake signs on the HSM: at most `hsm_handshakes_max` wait at once.
-    let key: Arc<dyn crate::keys::PrivateKey> = match keys.key(entry).map_err(|e| e.to_string())? {
-        KeyHandle::Hsm(key) => key.with_limit(waiting.clone()),
-        KeyHandle::Software(key) => key,
-    };
-    let chain = CertificateDer::pem_slice_iter(entry.cert_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("certificate PEM: {e}"))?;
-    let signing = Arc::new(RustlsKey::new(key));
-    let certified = CertifiedKey::new(chain, signing);
-    certified.keys_match().map_err(|e| format!("certificate and key do not match: {e}"))?;
-    Ok(certified)
 }
 
 /// TLS to an inbound origin: the pinned bundle when given, else webpki and system roots; one

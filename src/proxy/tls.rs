@@ -9,6 +9,7 @@ use std::time::Duration;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::{Accepted, Acceptor, ClientHello, ResolvesServerCert, ServerSessionMemoryCache};
 use rustls::sign::CertifiedKey;
@@ -17,8 +18,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
 use super::verdict::Verdict;
 use crate::config::{ConfigError, UpstreamConfig};
+use crate::hsm::WaitLimit;
+use crate::keys::rustls::RustlsKey;
 use crate::keys::sha256;
 use crate::pki::mint::Minted;
+use crate::pki::{CertEntry, KeyHandle, Keyring};
 use crate::policy::trust::ChainStatus;
 
 /// The largest ClientHello we wait for.
@@ -448,6 +452,23 @@ impl ResolvesServerCert for Refuse {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         None
     }
+}
+
+/// The chain and its signing key (on the HSM, or a software key from the vault), checked
+/// against each other.
+pub fn certified_key(entry: &CertEntry, keys: &Keyring<'_>, waiting: &Arc<WaitLimit>) -> Result<CertifiedKey, String> {
+    // Every full handshake signs on the HSM: at most `hsm_handshakes_max` wait at once.
+    let key: Arc<dyn crate::keys::PrivateKey> = match keys.key(entry).map_err(|e| e.to_string())? {
+        KeyHandle::Hsm(key) => key.with_limit(waiting.clone()),
+        KeyHandle::Software(key) => key,
+    };
+    let chain = CertificateDer::pem_slice_iter(entry.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("certificate PEM: {e}"))?;
+    let signing = Arc::new(RustlsKey::new(key));
+    let certified = CertifiedKey::new(chain, signing);
+    certified.keys_match().map_err(|e| format!("certificate and key do not match: {e}"))?;
+    Ok(certified)
 }
 
 #[cfg(test)]

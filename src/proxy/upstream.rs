@@ -646,7 +646,7 @@ impl ClientCerts {
                     reason: format!("no certificate named {:?} in the store (tollgate cert import --name)", entry.cert),
                 });
             };
-            match super::inbound::certified_key(stored, keys, &waiting) {
+            match super::tls::certified_key(stored, keys, &waiting) {
                 Ok(certified) => {
                     tracing::info!(certificate = %entry.cert, hosts = ?entry.hosts.globs(), "upstream client certificate loaded");
                     entries.push((entry.hosts.clone(), Arc::new(certified)));
