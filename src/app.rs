@@ -273,8 +273,11 @@ fn build_proxy(
         untrust: load_ca(&store, CaRole::ForwardUntrust, &keys),
     };
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let inbound = crate::proxy::inbound::InboundSites::new(config, &store, &keys, &provider)?;
-    let client_certs = crate::proxy::upstream::ClientCerts::new(config, &store, &keys)?;
+    // Inbound handshakes and upstream client certificates sign with HSM keys too: one budget
+    // of `hsm_handshakes_max` waiting signatures for both.
+    let waiting = crate::hsm::WaitLimit::new(config.limits.hsm_handshakes_max);
+    let inbound = crate::proxy::inbound::InboundSites::new(config, &store, &keys, &provider, &waiting)?;
+    let client_certs = crate::proxy::upstream::ClientCerts::new(config, &store, &keys, &waiting)?;
     let mut proxy = Proxy::new(config, cas, inbound, policy)?;
     proxy.client_certs = client_certs;
     proxy.set_shutdown(shutdown.clone());

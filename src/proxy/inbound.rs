@@ -53,11 +53,11 @@ impl InboundSites {
         store: &CertStore,
         keys: &Keyring<'_>,
         provider: &Arc<CryptoProvider>,
+        waiting: &Arc<WaitLimit>,
     ) -> Result<Self, ConfigError> {
         let storage = ServerSessionMemoryCache::new(64 * 1024);
         let ticketer =
             rustls::crypto::aws_lc_rs::Ticketer::new().map_err(|e| invalid(config, "inbound", e.to_string()))?;
-        let waiting = WaitLimit::new(config.limits.hsm_handshakes_max);
         let server_provider = super::tls::server_provider(provider);
         let mut by_host = HashMap::new();
         for (index, site) in config.inbound.iter().enumerate() {
@@ -71,7 +71,7 @@ impl InboundSites {
                 tracing::error!(host = %site.host, "inbound host has no certificate in the store (tollgate cert import --inbound HOST); not served");
                 continue;
             };
-            let certified = match certified_key(entry, keys, &waiting) {
+            let certified = match certified_key(entry, keys, waiting) {
                 Ok(certified) => certified,
                 Err(reason) => {
                     tracing::error!(host = %site.host, certificate = %entry.name, error = %reason, "inbound certificate unusable; host not served");

@@ -635,8 +635,8 @@ impl ClientCerts {
         config: &crate::config::Config,
         store: &crate::pki::CertStore,
         keys: &crate::pki::Keyring<'_>,
+        waiting: &Arc<crate::hsm::WaitLimit>,
     ) -> Result<Self, crate::config::ConfigError> {
-        let waiting = crate::hsm::WaitLimit::new(config.limits.hsm_handshakes_max);
         let mut entries = Vec::new();
         for (i, entry) in config.upstream.client_cert.iter().enumerate() {
             let Some(stored) = store.entries().iter().find(|e| e.name == entry.cert) else {
@@ -646,7 +646,7 @@ impl ClientCerts {
                     reason: format!("no certificate named {:?} in the store (tollgate cert import --name)", entry.cert),
                 });
             };
-            match super::tls::certified_key(stored, keys, &waiting) {
+            match super::tls::certified_key(stored, keys, waiting) {
                 Ok(certified) => {
                     tracing::info!(certificate = %entry.cert, hosts = ?entry.hosts.globs(), "upstream client certificate loaded");
                     entries.push((entry.hosts.clone(), Arc::new(certified)));
