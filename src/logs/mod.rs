@@ -35,7 +35,7 @@ use crate::config::LogConfig;
 
 mod line;
 
-pub use line::AddrText;
+pub use line::{AddrText, Direct};
 
 /// How many of the service's last log lines the support file gets.
 const RECENT_LINES: usize = 500;
@@ -44,7 +44,7 @@ const BATCH_BYTES: usize = 16 * 1024;
 /// The longest a line waits in its thread's batch (a thread kept busy without going idle).
 pub const BATCH_INTERVAL: Duration = Duration::from_millis(100);
 /// How often the writer looks for lines while they keep coming.
-const WRITE_INTERVAL: Duration = Duration::from_millis(5);
+const WRITE_INTERVAL: Duration = Duration::from_millis(20);
 /// How long an idle writer sleeps unless a hand-over wakes it.
 const IDLE_INTERVAL: Duration = Duration::from_secs(1);
 /// Set by the writer when a look found nothing: the next hand-over wakes it.
@@ -178,6 +178,15 @@ pub fn recent() -> Vec<String> {
         .collect();
     let skip = lines.len().saturating_sub(RECENT_LINES);
     lines.into_iter().skip(skip).collect()
+}
+
+/// Writes an INFO line of `target` with `message` and the fields `fields` writes, the line
+/// such an event makes, straight into this thread's batch (see `line::direct`): for lines
+/// written per request. The caller checks that the target is enabled (`tracing::enabled!`).
+pub fn info(target: &str, message: &str, fields: impl FnOnce(&mut Direct<'_>)) {
+    line::direct(target, message, fields, |line| {
+        let _ = Lines.write(line);
+    });
 }
 
 /// Makes this thread gather its lines in batches (a data-plane thread). Its runtime hands

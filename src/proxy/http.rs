@@ -926,31 +926,30 @@ impl AccessLog {
     }
 
     fn emit(self, status: StatusCode, bytes: u64) {
-        // Text fields go in as `&str`, written as they are; `%` would take each through the
-        // formatting machinery piece by piece, on every request.
-        tracing::info!(
-            target: "tollgate::access",
-            client = crate::logs::AddrText::new(self.client).as_str(),
-            mode = self.mode,
-            listener = &*self.listener,
-            user = self.user.as_deref(),
-            rule = self.rule.as_deref(),
-            host = &*self.host,
-            method = self.method.as_str(),
-            path = self.uri.path(),
-            version = version_name(self.version),
-            status = status.as_u16(),
-            bytes,
+        // Written straight into the thread's batch, the line `tracing::info!` would make with
+        // these fields (`logs::info`): one per request.
+        let scans = &self.scans;
+        crate::logs::info("tollgate::access", "request", |line| {
+            line.str("client", crate::logs::AddrText::new(self.client).as_str());
+            line.str("mode", self.mode);
+            line.str("listener", &self.listener);
+            line.opt_str("user", self.user.as_deref());
+            line.opt_str("rule", self.rule.as_deref());
+            line.str("host", &self.host);
+            line.str("method", self.method.as_str());
+            line.str("path", self.uri.path());
+            line.str("version", version_name(self.version));
+            line.u64("status", status.as_u16().into());
+            line.u64("bytes", bytes);
             // To the microsecond: what the clock can tell apart, in a short number.
-            duration_ms = self.started.elapsed().as_micros() as f64 / 1000.0,
-            upstream = &*self.upstream,
-            icap_reqmod = self.scans.reqmod,
-            icap_respmod = self.scans.respmod,
-            icap_threat = self.scans.threat.as_deref(),
-            icap_istag = self.scans.istag.as_deref(),
-            icap_ms = (self.scans.reqmod.is_some() || self.scans.respmod.is_some()).then_some(self.scans.ms),
-            "request"
-        );
+            line.f64("duration_ms", self.started.elapsed().as_micros() as f64 / 1000.0);
+            line.str("upstream", &self.upstream);
+            line.opt_str("icap_reqmod", scans.reqmod);
+            line.opt_str("icap_respmod", scans.respmod);
+            line.opt_str("icap_threat", scans.threat.as_deref());
+            line.opt_str("icap_istag", scans.istag.as_deref());
+            line.opt_f64("icap_ms", (scans.reqmod.is_some() || scans.respmod.is_some()).then_some(scans.ms));
+        });
     }
 }
 
