@@ -285,8 +285,8 @@ async fn a_configured_client_certificate_is_presented_instead_of_tunnelling() {
     assert!(body.contains("Client certificate") && body.contains("gateway-client.test"), "{body}");
     let line = session(&proxy, "clientauth.test", "clientauth.test", |_| true);
     assert_eq!(
-        (line["decision"].as_str(), line["chain_status"].as_str()),
-        (Some("decrypt"), Some("trusted")),
+        (line["decision"].as_str(), line["chain_status"].as_str(), line["upstream_client_cert"].as_str()),
+        (Some("decrypt"), Some("trusted"), Some("gateway-client")),
         "{line}"
     );
 

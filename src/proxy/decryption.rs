@@ -67,6 +67,9 @@ pub struct TlsFacts {
     pub cipher: Option<&'static str>,
     pub group: Option<&'static str>,
     pub alpn: Option<String>,
+    /// The name of the `[[upstream.client_cert]]` certificate tollgate presented when the
+    /// server asked for one (the upstream leg only).
+    pub client_cert: Option<Arc<str>>,
 }
 
 impl TlsFacts {
@@ -77,6 +80,7 @@ impl TlsFacts {
             cipher: conn.negotiated_cipher_suite().and_then(|s| s.suite().as_str()),
             group: conn.negotiated_key_exchange_group().and_then(|g| g.name().as_str()),
             alpn: conn.alpn_protocol().map(|p| String::from_utf8_lossy(p).into_owned()),
+            client_cert: None,
         }
     }
 }
@@ -193,6 +197,7 @@ impl Record {
             upstream_cipher = self.upstream.cipher,
             upstream_group = self.upstream.group,
             upstream_alpn = self.upstream.alpn.as_deref(),
+            upstream_client_cert = self.upstream.client_cert.as_deref(),
             upstream_subject = cert.map(|c| c.subject.as_str()),
             upstream_issuer = cert.map(|c| c.issuer.as_str()),
             upstream_root = cert.map(|c| c.root.as_str()),

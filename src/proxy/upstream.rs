@@ -555,11 +555,12 @@ async fn dial_forward(proxy: &Proxy, target: &Target, offer: Offer) -> Result<Le
     // certificate (an exchange tollgate cannot take part in for the client), and to present
     // tollgate's own where `[[upstream.client_cert]]` names the host.
     let probe = Arc::new(ClientAuthProbe { asked: Default::default(), cert: proxy.client_certs.find(&target.host) });
+    let asked = || probe.asked.load(std::sync::atomic::Ordering::Acquire);
     let mut config = (*proxy.upstream_tls.config_for(offer)).clone();
     config.client_auth_cert_resolver = probe.clone();
     let connected = tls_connect(proxy, target, Arc::new(config), name.clone(), tcp).await;
     let unsupported = |reason: &str| ProxyError::Unsupported { target: target.to_string(), reason: reason.into() };
-    if probe.asked.load(std::sync::atomic::Ordering::Acquire) && probe.cert.is_none() {
+    if asked() && probe.cert.is_none() {
         return Err(unsupported("the server asks for a client certificate"));
     }
     let stream = match connected {
@@ -572,7 +573,9 @@ async fn dial_forward(proxy: &Proxy, target: &Target, offer: Offer) -> Result<Le
     let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
     let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
     let seen = proxy.upstream_tls.handshake_verdict(&name, &chain, resumed);
-    let peer = Peer::new(Some(name), chain, alpn, seen, TlsFacts::of(conn));
+    let mut tls = TlsFacts::of(conn);
+    tls.client_cert = probe.cert.as_ref().filter(|_| asked()).map(|cert| cert.name.clone());
+    let peer = Peer::new(Some(name), chain, alpn, seen, tls);
     let sender = http_handshake(target, stream, &peer).await?;
     Ok(Lease { sender, peer })
 }
@@ -602,7 +605,7 @@ async fn dial_origin(proxy: &Proxy, origin: &Origin, offer: Offer) -> Result<Lea
 #[derive(Debug)]
 struct ClientAuthProbe {
     asked: std::sync::atomic::AtomicBool,
-    cert: Option<Arc<rustls::sign::CertifiedKey>>,
+    cert: Option<ClientCert>,
 }
 
 impl rustls::client::ResolvesClientCert for ClientAuthProbe {
@@ -612,7 +615,7 @@ impl rustls::client::ResolvesClientCert for ClientAuthProbe {
         _sigschemes: &[rustls::SignatureScheme],
     ) -> Option<Arc<rustls::sign::CertifiedKey>> {
         self.asked.store(true, std::sync::atomic::Ordering::Release);
-        self.cert.clone()
+        self.cert.as_ref().map(|cert| cert.key.clone())
     }
 
     fn has_certs(&self) -> bool {
@@ -623,7 +626,15 @@ impl rustls::client::ResolvesClientCert for ClientAuthProbe {
 /// `[[upstream.client_cert]]`: tollgate's own client certificates, by upstream host glob.
 #[derive(Debug, Default)]
 pub struct ClientCerts {
-    entries: Vec<(crate::config::HostGlobs, Arc<rustls::sign::CertifiedKey>)>,
+    entries: Vec<(crate::config::HostGlobs, ClientCert)>,
+}
+
+/// One of tollgate's client certificates: its name in the store (the decryption log's
+/// `upstream_client_cert`) and the certificate with its signing key.
+#[derive(Clone, Debug)]
+pub struct ClientCert {
+    pub name: Arc<str>,
+    key: Arc<rustls::sign::CertifiedKey>,
 }
 
 impl ClientCerts {
@@ -649,7 +660,10 @@ impl ClientCerts {
             match super::tls::certified_key(stored, keys, waiting) {
                 Ok(certified) => {
                     tracing::info!(certificate = %entry.cert, hosts = ?entry.hosts.globs(), "upstream client certificate loaded");
-                    entries.push((entry.hosts.clone(), Arc::new(certified)));
+                    entries.push((
+                        entry.hosts.clone(),
+                        ClientCert { name: entry.cert.as_str().into(), key: Arc::new(certified) },
+                    ));
                 }
                 Err(reason) => {
                     tracing::error!(certificate = %entry.cert, error = %reason, "upstream client certificate unusable; its hosts get none");
@@ -660,8 +674,8 @@ impl ClientCerts {
     }
 
     /// The certificate to present to `host`: the first entry naming it.
-    pub fn find(&self, host: &str) -> Option<Arc<rustls::sign::CertifiedKey>> {
-        self.entries.iter().find(|(hosts, _)| hosts.is_match(host)).map(|(_, certified)| certified.clone())
+    pub fn find(&self, host: &str) -> Option<ClientCert> {
+        self.entries.iter().find(|(hosts, _)| hosts.is_match(host)).map(|(_, cert)| cert.clone())
     }
 }
 
