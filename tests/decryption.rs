@@ -212,6 +212,15 @@ async fn revoked_expired_client_auth_and_good_upstreams_side_by_side() {
     }
 
     // The tunnelled host is in `tollgate bypass list`, with the reason.
+    let list = bypass_list(&setup, &proxy);
+    let entry = list.iter().find(|e| e["host"] == "clientauth.test").expect("clientauth.test listed");
+    assert!(entry["reason"].as_str().unwrap().contains("client certificate"), "{entry}");
+    let _ = clientauth.kill();
+    let _ = clientauth.wait();
+}
+
+/// `tollgate bypass list --json`, through the management API.
+fn bypass_list(setup: &Setup, proxy: &Proxy) -> Vec<serde_json::Value> {
     let cli_config = setup.token.path("cli.toml");
     config_for_cli(&setup.config, proxy.management, &cli_config);
     let out = setup
@@ -223,11 +232,7 @@ async fn revoked_expired_client_auth_and_good_upstreams_side_by_side() {
         .output()
         .unwrap();
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", printed(&out)));
-    let entry =
-        list.as_array().unwrap().iter().find(|e| e["host"] == "clientauth.test").expect("clientauth.test listed");
-    assert!(entry["reason"].as_str().unwrap().contains("client certificate"), "{entry}");
-    let _ = clientauth.kill();
-    let _ = clientauth.wait();
+    list.as_array().cloned().unwrap_or_default()
 }
 
 /// `[[upstream.client_cert]]`: a server insisting on a client certificate gets tollgate's own
@@ -295,6 +300,24 @@ async fn a_configured_client_certificate_is_presented_instead_of_tunnelling() {
     let _ = tls_via_sni(proxy.sni, "other-clientauth.test", config).await;
     let shown = seen.lock().first().cloned().expect("a certificate was shown for other-clientauth.test");
     assert_eq!(shown, pem_cert(&cert), "the client must see the server's own certificate");
+    assert!(bypass_list(&setup, &proxy).iter().any(|e| e["host"] == "other-clientauth.test"), "learned as a tunnel");
+
+    // An entry naming it from the next reload on: the learned tunnel is forgotten, and the
+    // host is decrypted with tollgate's certificate.
+    let text = std::fs::read_to_string(&setup.config).unwrap();
+    let named = "hosts = [\"clientauth.test\", \"other-clientauth.test\"]";
+    std::fs::write(&setup.config, text.replace("hosts = [\"clientauth.test\"]", named)).unwrap();
+    proxy.signal("-HUP");
+    proxy.wait_log("the reload forgetting the learned tunnel", |v| {
+        v["message"].as_str().is_some_and(|m| m.contains("intercepted again"))
+            && v["hosts"].as_str().is_some_and(|h| h.contains("other-clientauth.test"))
+    });
+    assert!(bypass_list(&setup, &proxy).iter().all(|e| e["host"] != "other-clientauth.test"), "forgotten");
+    let tls =
+        tls_via_sni(proxy.sni, "other-clientauth.test", trusting_client(&setup.trust_ca, &["http/1.1"])).await.unwrap();
+    let (status, _, body) = request(tls, false, get("other-clientauth.test", "/", false)).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("gateway-client.test"), "{body}");
     let _ = server.kill();
     let _ = server.wait();
 }

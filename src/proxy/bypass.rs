@@ -140,6 +140,23 @@ impl Bypass {
         self.entries.insert(host.to_string(), entry);
     }
 
+    /// Forgets the hosts remembered as unsupported for `reason` that `now_supported` says
+    /// can be intercepted now; the hosts forgotten.
+    pub fn forget_unsupported(&self, reason: &str, now_supported: impl Fn(&str) -> bool) -> Vec<String> {
+        let reason = format!("unsupported: {reason}");
+        let mut forgotten: Vec<String> = self
+            .entries
+            .iter()
+            .filter(|(host, entry)| entry.reason == reason && now_supported(host))
+            .map(|(host, _)| host.as_str().to_owned())
+            .collect();
+        forgotten.sort();
+        for host in &forgotten {
+            self.entries.remove(host);
+        }
+        forgotten
+    }
+
     /// Every entry, sorted by host.
     pub fn list(&self) -> Vec<Entry> {
         let mut entries: Vec<Entry> = self.entries.iter().map(|(_, e)| e).collect();
@@ -211,6 +228,19 @@ mod tests {
         assert!(bypass.list().is_empty());
         let off = Bypass::new(Duration::ZERO, 1, Duration::from_secs(60));
         assert!(off.learn("a.test", ip(1), "users", &alert(AlertDescription::UnknownCA)).is_none());
+    }
+
+    #[test]
+    fn only_the_named_reason_and_hosts_are_forgotten() {
+        let bypass = Bypass::new(Duration::from_secs(60), 1, Duration::from_secs(60));
+        bypass.remember_unsupported("mtls.test", "users", "asks");
+        bypass.remember_unsupported("other.test", "users", "asks");
+        bypass.remember_unsupported("old-tls.test", "users", "old");
+        bypass.learn("pinned.test", ip(1), "users", &alert(AlertDescription::UnknownCA));
+        let forgotten = bypass.forget_unsupported("asks", |host| host != "other.test");
+        assert_eq!(forgotten, ["mtls.test"]);
+        let left: Vec<String> = bypass.list().into_iter().map(|e| e.host).collect();
+        assert_eq!(left, ["old-tls.test", "other.test", "pinned.test"]);
     }
 
     #[test]

@@ -326,8 +326,15 @@ impl Proxy {
         !self.forward || self.cas.trust.is_some()
     }
 
-    /// Shares the process's exclusion cache (it outlives reloads).
+    /// Shares the process's exclusion cache (it outlives reloads). Hosts it learned as asking
+    /// for a client certificate that an `[[upstream.client_cert]]` of this state now names are
+    /// forgotten: their next connection presents the certificate instead of being tunnelled.
     pub fn set_bypass(&mut self, bypass: Arc<bypass::Bypass>) {
+        let forgotten =
+            bypass.forget_unsupported(upstream::ASKS_CLIENT_CERT, |host| self.client_certs.find(host).is_some());
+        if !forgotten.is_empty() {
+            tracing::info!(hosts = ?forgotten, "learned bypass: hosts now given a client certificate are intercepted again");
+        }
         self.bypass = bypass;
     }
 

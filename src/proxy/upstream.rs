@@ -52,6 +52,10 @@ pub const LANES: usize = 2;
 /// clients share another lane's connection meanwhile).
 const LANE_RETRY: Duration = Duration::from_secs(10);
 
+/// Why a server that asks for a client certificate (and is named by no
+/// `[[upstream.client_cert]]`) cannot be intercepted.
+pub const ASKS_CLIENT_CERT: &str = "the server asks for a client certificate";
+
 /// The shared pool.
 pub struct Upstreams {
     idle: Mutex<Pool>,
@@ -561,7 +565,7 @@ async fn dial_forward(proxy: &Proxy, target: &Target, offer: Offer) -> Result<Le
     let connected = tls_connect(proxy, target, Arc::new(config), name.clone(), tcp).await;
     let unsupported = |reason: &str| ProxyError::Unsupported { target: target.to_string(), reason: reason.into() };
     if asked() && probe.cert.is_none() {
-        return Err(unsupported("the server asks for a client certificate"));
+        return Err(unsupported(ASKS_CLIENT_CERT));
     }
     let stream = match connected {
         Ok(stream) => stream,
