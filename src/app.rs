@@ -58,7 +58,22 @@ pub fn check(config: &Config) -> Result<(), ConfigError> {
 /// [`check`], its host lists and users file read through (and kept in) `sources`.
 fn check_with(config: &Config, sources: &Sources) -> Result<(), ConfigError> {
     Proxy::new(config, Cas::default(), Default::default(), policy(config, sources)?)?;
+    check_client_certs(config)?;
     check_log(config)
+}
+
+/// Whether every `[[upstream.client_cert]]` names a certificate in the store (read as it is:
+/// the check creates nothing).
+fn check_client_certs(config: &Config) -> Result<(), ConfigError> {
+    if config.upstream.client_cert.is_empty() {
+        return Ok(());
+    }
+    let store = CertStore::load(&StateDir::existing(&config.state_dir)).map_err(|e| ConfigError::Invalid {
+        path: config.path.clone(),
+        field: "state_dir".into(),
+        reason: e.to_string(),
+    })?;
+    crate::proxy::upstream::ClientCerts::check(config, &store)
 }
 
 /// Whether `[log] file` can be written.

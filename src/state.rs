@@ -48,6 +48,12 @@ impl StateDir {
         Ok(Self { root })
     }
 
+    /// The state directory at `root` as it is, for reading only: nothing is created
+    /// (`run --check`). A file it does not hold reads as absent.
+    pub fn existing(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
     /// The directory itself.
     pub fn root(&self) -> &Path {
         &self.root

@@ -29,6 +29,10 @@ fn malformed_config_names_file_and_field_with_exit_64() {
         ),
         ("state_dir = \"s\"\n[upstream]\nca_bundles = [\"missing.pem\"]\n", "upstream.ca_bundles[0]"),
         ("state_dir = ", "bad.toml"),
+        (
+            "state_dir = \"s\"\n[[upstream.client_cert]]\nhosts = [\"a.test\"]\ncert = \"not-in-store\"\n",
+            "upstream.client_cert[0].cert",
+        ),
     ];
     for (text, field) in cases {
         std::fs::write(&config, text).unwrap();
@@ -46,7 +50,12 @@ fn malformed_config_names_file_and_field_with_exit_64() {
 
 #[test]
 fn check_accepts_a_good_config() {
-    let setup = Setup::new(&ProxyOptions::default());
+    // A client certificate entry naming a certificate the store holds.
+    let options = ProxyOptions {
+        extra: "\n[[upstream.client_cert]]\nhosts = [\"a.test\"]\ncert = \"fwd-trust\"\n".into(),
+        ..Default::default()
+    };
+    let setup = Setup::new(&options);
     let out = setup.tollgate(&["run", "--check"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("is valid"));

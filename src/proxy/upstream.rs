@@ -653,14 +653,7 @@ impl ClientCerts {
         waiting: &Arc<crate::hsm::WaitLimit>,
     ) -> Result<Self, crate::config::ConfigError> {
         let mut entries = Vec::new();
-        for (i, entry) in config.upstream.client_cert.iter().enumerate() {
-            let Some(stored) = store.entries().iter().find(|e| e.name == entry.cert) else {
-                return Err(crate::config::ConfigError::Invalid {
-                    path: config.path.clone(),
-                    field: format!("upstream.client_cert[{i}].cert"),
-                    reason: format!("no certificate named {:?} in the store (tollgate cert import --name)", entry.cert),
-                });
-            };
+        for (entry, stored) in config.upstream.client_cert.iter().zip(Self::stored(config, store)?) {
             match super::tls::certified_key(stored, keys, waiting) {
                 Ok(certified) => {
                     tracing::info!(certificate = %entry.cert, hosts = ?entry.hosts.globs(), "upstream client certificate loaded");
@@ -675,6 +668,37 @@ impl ClientCerts {
             }
         }
         Ok(Self { entries })
+    }
+
+    /// Checks that every entry names a certificate in `store` (`run --check`).
+    pub fn check(
+        config: &crate::config::Config,
+        store: &crate::pki::CertStore,
+    ) -> Result<(), crate::config::ConfigError> {
+        Self::stored(config, store).map(drop)
+    }
+
+    /// The store entry of each `[[upstream.client_cert]]`; a name not in the store is a
+    /// configuration error naming the entry.
+    fn stored<'s>(
+        config: &crate::config::Config,
+        store: &'s crate::pki::CertStore,
+    ) -> Result<Vec<&'s crate::pki::CertEntry>, crate::config::ConfigError> {
+        let entries = config.upstream.client_cert.iter().enumerate();
+        entries
+            .map(|(i, entry)| {
+                store.entries().iter().find(|e| e.name == entry.cert).ok_or_else(|| {
+                    crate::config::ConfigError::Invalid {
+                        path: config.path.clone(),
+                        field: format!("upstream.client_cert[{i}].cert"),
+                        reason: format!(
+                            "no certificate named {:?} in the store (tollgate cert import --name)",
+                            entry.cert
+                        ),
+                    }
+                })
+            })
+            .collect()
     }
 
     /// The certificate to present to `host`: the first entry naming it.
