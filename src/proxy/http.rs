@@ -719,18 +719,18 @@ where
         parts.version = Version::HTTP_11;
         return Request::from_parts(parts, super::boxed(body));
     }
-    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
     let authority = if target.port == 443 { bracketed(&target.host) } else { target.to_string() };
     if upstream_h2 {
         parts.version = Version::HTTP_2;
         parts.headers.remove(header::HOST);
-        parts.uri = Uri::builder()
-            .scheme("https")
-            .authority(authority.as_str())
-            .path_and_query(path.as_str())
-            .build()
-            .unwrap_or_else(|_| Uri::from_static("/"));
+        // The request's own path and query, kept as parsed (not copied and parsed again).
+        let mut uri = std::mem::take(&mut parts.uri).into_parts();
+        uri.scheme = Some(http::uri::Scheme::HTTPS);
+        uri.authority = authority.parse().ok();
+        uri.path_and_query.get_or_insert_with(|| http::uri::PathAndQuery::from_static("/"));
+        parts.uri = Uri::from_parts(uri).unwrap_or_else(|_| Uri::from_static("/"));
     } else {
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         parts.version = Version::HTTP_11;
         if !parts.headers.contains_key(header::HOST)
             && let Ok(value) = HeaderValue::from_str(&authority)
@@ -1154,5 +1154,20 @@ mod tests {
         assert_eq!(h2.uri().to_string(), "https://origin.test:8443/a?b=1");
         assert!(h2.headers().get(header::HOST).is_none());
         assert_eq!(h2.version(), Version::HTTP_2);
+
+        // An absolute-form request (an explicit proxy's client), the default port, an IPv6
+        // target; and for an HTTP/1.1 origin, origin-form with a Host header.
+        let absolute = |uri: &str| {
+            Request::builder().uri(uri).body(crate::proxy::boxed(http_body_util::Full::new(Bytes::new()))).unwrap()
+        };
+        let default_port = Target { host: "origin.test".into(), port: 443, addr: None };
+        let h2 = prepare_request(absolute("http://origin.test/p?q"), &default_port, true, false);
+        assert_eq!(h2.uri().to_string(), "https://origin.test/p?q");
+        let v6 = Target { host: "2001:db8::1".into(), port: 443, addr: None };
+        let h2 = prepare_request(absolute("https://[2001:db8::1]/"), &v6, true, false);
+        assert_eq!(h2.uri().to_string(), "https://[2001:db8::1]/");
+        let h1 = prepare_request(absolute("http://origin.test:8443/p?q"), &target, false, false);
+        assert_eq!((h1.uri().to_string().as_str(), h1.version()), ("/p?q", Version::HTTP_11));
+        assert_eq!(h1.headers().get(header::HOST).unwrap(), "origin.test:8443");
     }
 }
