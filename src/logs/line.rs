@@ -26,24 +26,29 @@ where
     fn format_event(&self, _ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
         // The line is built in a `String` of this thread's and handed over in one write: the
         // writer is a `dyn fmt::Write`, and a line is some sixty small pieces.
-        LINE.with(|line| match line.try_borrow_mut() {
-            Ok(mut line) => {
-                line.clear();
-                format(&mut line, event);
-                writer.write_str(&line)
-            }
-            // A field whose formatting logs an event of its own.
-            Err(_) => {
-                let mut line = String::new();
-                format(&mut line, event);
-                writer.write_str(&line)
-            }
-        })
+        with_line(|line| format(line, event), |line| writer.write_str(line))
     }
 }
 
 thread_local! {
     static LINE: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+/// Builds a line with `build` in this thread's `LINE` (a fresh `String` when a field's
+/// formatting logs an event of its own, the buffer then being in use) and gives it to `deliver`.
+fn with_line<R>(build: impl FnOnce(&mut String), deliver: impl FnOnce(&str) -> R) -> R {
+    LINE.with(|line| match line.try_borrow_mut() {
+        Ok(mut line) => {
+            line.clear();
+            build(&mut line);
+            deliver(&line)
+        }
+        Err(_) => {
+            let mut line = String::new();
+            build(&mut line);
+            deliver(&line)
+        }
+    })
 }
 
 fn format(out: &mut String, event: &Event<'_>) {
@@ -85,18 +90,7 @@ pub fn direct(target: &str, message: &str, fields: impl FnOnce(&mut Direct<'_>),
         fields(&mut direct);
         close(direct.out, target);
     };
-    LINE.with(|line| match line.try_borrow_mut() {
-        Ok(mut line) => {
-            line.clear();
-            build(&mut line);
-            deliver(line.as_bytes());
-        }
-        Err(_) => {
-            let mut line = String::new();
-            build(&mut line);
-            deliver(line.as_bytes());
-        }
-    })
+    with_line(build, |line| deliver(line.as_bytes()))
 }
 
 /// The fields of a line built by `direct`, written as an event's would be: `,"name":value`,

@@ -330,8 +330,14 @@ impl Proxy {
     /// for a client certificate that an `[[upstream.client_cert]]` of this state now names are
     /// forgotten: their next connection presents the certificate instead of being tunnelled.
     pub fn set_bypass(&mut self, bypass: Arc<bypass::Bypass>) {
-        let forgotten =
-            bypass.forget_unsupported(upstream::ASKS_CLIENT_CERT, |host| self.client_certs.find(host).is_some());
+        // Only a state with client certificates can take a learned tunnel back (a reload
+        // otherwise walks no bypass entries).
+        let forgotten = match self.client_certs.is_empty() {
+            true => Vec::new(),
+            false => {
+                bypass.forget_unsupported(upstream::ASKS_CLIENT_CERT, |host| self.client_certs.find(host).is_some())
+            }
+        };
         if !forgotten.is_empty() {
             tracing::info!(hosts = ?forgotten, "learned bypass: hosts now given a client certificate are intercepted again");
         }

@@ -670,6 +670,11 @@ impl ClientCerts {
         Ok(Self { entries })
     }
 
+    /// Whether no certificate is loaded.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
     /// Checks that every entry names a certificate in `store` (`run --check`).
     pub fn check(
         config: &crate::config::Config,
