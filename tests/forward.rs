@@ -815,6 +815,46 @@ async fn an_origin_requiring_http11_gets_it_from_http11_clients() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_requiring_http11_has_h2_clients_retry_over_it() {
+    let pki = TestPki::new();
+    let (addr, h2_streams) = h1_required_origin(&pki, "legacy2.test").await;
+    let options = ProxyOptions {
+        ca_bundles: vec![pki.bundle()],
+        resolve: vec![(s("legacy2.test:443"), addr)],
+        ..Default::default()
+    };
+    let setup = Setup::new(&options);
+    let proxy = setup.start();
+
+    // An h2 client's stream is reset with the origin's reason, not answered 502.
+    let tls =
+        tls_via_sni(proxy.sni, "legacy2.test", trusting_client(&setup.trust_ca, &["h2", "http/1.1"])).await.unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (sender, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(conn);
+    let mut sender = sender.ready().await.unwrap();
+    let req = hyper::Request::get("https://legacy2.test/h2").body(()).unwrap();
+    let (response, _) = sender.send_request(req, true).unwrap();
+    let error = response.await.expect_err("the stream is reset");
+    assert_eq!(error.reason(), Some(h2::Reason::HTTP_1_1_REQUIRED), "{error}");
+    let line =
+        proxy.wait_log("the reset request's access line", |v| v["target"] == "tollgate::access" && v["path"] == "/h2");
+    assert_eq!((line["status"].as_u64(), line["version"].as_str()), (Some(0), Some("HTTP/2.0")), "{line}");
+
+    // curl, a real h2 client, takes the reset as browsers do: it asks again over HTTP/1.1 and
+    // gets the origin's answer.
+    let trust = setup.token.path("trust.pem");
+    let explicit = format!("http://{}", proxy.explicit);
+    let out = curl_for(
+        20,
+        &["--http2", "--proxy", &explicit, "--cacert", trust.to_str().unwrap(), "https://legacy2.test/curl"],
+    )
+    .await;
+    assert_eq!(printed(&out), "version=HTTP/1.1 path=/curl", "{}", proxy.logs.lock().join("\n"));
+    assert_eq!(h2_streams.load(std::sync::atomic::Ordering::SeqCst), 2, "each h2 request was asked over h2 once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_upstream_pool_is_bounded_across_hosts() {
     let (_pki, _origin, setup, proxy) =
         one_origin("crawl", &["*.crawl.test"], &["http/1.1"], "\n[limits]\nupstream_pool_max = 4\n").await;

@@ -3,7 +3,6 @@
 //! intercepted host, one JSON access-log line per request. What tollgate answers itself comes
 //! from `respond`.
 
-use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -140,13 +139,22 @@ struct Relay {
 }
 
 impl Relay {
-    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    /// An error resets the client's h2 stream with its reason (an HTTP/1.1 client never gets
+    /// one).
+    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Body>, h2::Error> {
         let mut log = AccessLog::start(&req, &self.ctx, &self.log_host, &self.label, self.rule.clone());
         let mut scans = Scans::default();
         let response = match self.clone().forward(req, &mut scans).await {
             Ok(response) => response,
             Err(Scanned::Refused(refusal)) => refusal.into_response(),
             Err(Scanned::Answer(response)) => response,
+            Err(Scanned::Reset(reason)) => {
+                if let Some(mut log) = log {
+                    log.scans = scans;
+                    log.emit(None, 0);
+                }
+                return Err(reason.into());
+            }
         };
         if let Some(log) = &mut log {
             log.scans = scans;
@@ -236,8 +244,11 @@ impl Relay {
 
     /// Sends a request upstream and waits for the response head. An HTTP/1.1 client's
     /// bodiless request refused over h2 with HTTP_1_1_REQUIRED is sent again over HTTP/1.1,
-    /// and the client and the origin stay on HTTP/1.1 from then on.
-    async fn exchange(&self, req: Request<Body>, need_h1: bool, upgrade: bool) -> Result<Exchanged, Refusal> {
+    /// and the client and the origin stay on HTTP/1.1 from then on. An h2 client's stream is
+    /// reset with HTTP_1_1_REQUIRED in turn: the client retries over HTTP/1.1 itself, on a
+    /// connection that offers only that (browsers and curl do), as it would have without
+    /// tollgate; a 502 would have ended it there.
+    async fn exchange(&self, req: Request<Body>, need_h1: bool, upgrade: bool) -> Result<Exchanged, Scanned> {
         let (sender, peer, h1_key) = self.ready_sender(need_h1).await?;
         let replay = match sender {
             Sender::H2(_) if !self.client_h2 && req.body().is_end_stream() => Some(replay_of(&req)),
@@ -246,17 +257,19 @@ impl Relay {
         let req = prepare_request(req, &self.target, matches!(sender, Sender::H2(_)), upgrade);
         let sent = send(sender, &peer, req).await;
         if let Err(e) = &sent
-            && !self.client_h2
             && h1_required(e)
         {
+            self.proxy.upstreams.remember_h1_required(&self.key);
+            if self.client_h2 {
+                return Err(Scanned::Reset(h2::Reason::HTTP_1_1_REQUIRED));
+            }
             // A request with a body cannot be sent again; the client's next one goes over
             // HTTP/1.1.
             self.h1_only.store(true, Ordering::Relaxed);
-            self.proxy.upstreams.remember_h1_required(&self.key);
         }
         match (sent, replay) {
             // Boxed: rare, and it would double the size of every request's future.
-            (Err(e), Some(replay)) if h1_required(&e) => Box::pin(self.exchange_h1(replay)).await,
+            (Err(e), Some(replay)) if h1_required(&e) => Ok(Box::pin(self.exchange_h1(replay)).await?),
             (sent, _) => {
                 let (response, connection) = sent.map_err(|e| upstream_http(&self.target, e))?;
                 Ok(Exchanged { response, connection, peer, h1_key })
@@ -742,11 +755,13 @@ where
     Request::from_parts(parts, super::boxed(body))
 }
 
-/// Why a request got tollgate's or the scanner's answer instead of the upstream's.
+/// Why a request got tollgate's or the scanner's answer instead of the upstream's, or none.
 pub enum Scanned {
     Refused(Refusal),
     /// The content scanner's answer (a block page, or a failure page).
     Answer(Response<Body>),
+    /// No answer: the h2 client's stream is reset with this reason.
+    Reset(h2::Reason),
 }
 
 impl From<Refusal> for Scanned {
@@ -970,7 +985,8 @@ impl AccessLog {
         response.map(|inner| super::boxed(Logged { inner, bytes: 0, status, log: Some(log) }))
     }
 
-    fn emit(self, status: StatusCode, bytes: u64) {
+    /// Writes the line; a request that got no response (its stream reset) has status 0.
+    fn emit(self, status: Option<StatusCode>, bytes: u64) {
         // Written straight into the thread's batch, the line `tracing::info!` would make with
         // these fields (`logs::info`): one per request.
         let scans = &self.scans;
@@ -984,7 +1000,7 @@ impl AccessLog {
             line.str("method", self.method.as_str());
             line.str("path", self.uri.path());
             line.str("version", version_name(self.version));
-            line.u64("status", status.as_u16().into());
+            line.u64("status", status.map_or(0, |status| status.as_u16().into()));
             line.u64("bytes", bytes);
             // To the microsecond: what the clock can tell apart, in a short number.
             line.f64("duration_ms", self.started.elapsed().as_micros() as f64 / 1000.0);
@@ -1032,7 +1048,7 @@ impl http_body::Body for Logged {
             }
             Poll::Ready(None) => {
                 if let Some(log) = this.log.take() {
-                    log.emit(this.status, this.bytes);
+                    log.emit(Some(this.status), this.bytes);
                 }
             }
             _ => {}
@@ -1052,7 +1068,7 @@ impl http_body::Body for Logged {
 impl Drop for Logged {
     fn drop(&mut self) {
         if let Some(log) = self.log.take() {
-            log.emit(self.status, self.bytes);
+            log.emit(Some(self.status), self.bytes);
         }
     }
 }
