@@ -636,6 +636,39 @@ async fn http11_clients_share_their_thread_s_h2_upstream_connections() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_h2_connection_busy_with_kept_clients_is_not_swept_as_idle() {
+    let pki = TestPki::new();
+    let (chain, key) = pki.leaf(&LeafSpec::new(&["busy.test", "other.test"]));
+    let origin = Origin::start("kept", chain, key, &["h2", "http/1.1"]).await;
+    let options = ProxyOptions {
+        ca_bundles: vec![pki.bundle()],
+        resolve: vec![(s("busy.test:443"), origin.addr), (s("other.test:443"), origin.addr)],
+        extra: "\n[limits]\nio_threads = 1\nupstream_idle_timeout_secs = 1\n".into(),
+        ..Default::default()
+    };
+    let setup = Setup::new(&options);
+    let proxy = setup.start();
+    // A kept-alive client sends on its connection's h2 sender, never coming back to the pool,
+    // for longer than the pool's idle timeout.
+    let mut kept = h1_client(&proxy, &setup, "busy.test").await;
+    let (_, body) = send(&mut kept, get("busy.test", "/0", false)).await;
+    let shared = conn_of(&body);
+    for i in 1..12 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (_, body) = send(&mut kept, get("busy.test", &format!("/{i}"), false)).await;
+        assert_eq!(conn_of(&body), shared);
+    }
+    // Another host's new connection sweeps the pool; then a new client of the busy host is
+    // given the busy connection, not a new one.
+    let mut other = h1_client(&proxy, &setup, "other.test").await;
+    assert_eq!(send(&mut other, get("other.test", "/", false)).await.0, 200);
+    let mut newcomer = h1_client(&proxy, &setup, "busy.test").await;
+    let (_, body) = send(&mut newcomer, get("busy.test", "/new", false)).await;
+    assert_eq!(conn_of(&body), shared, "the busy connection stayed pooled");
+    assert_eq!(origin.accepted.load(std::sync::atomic::Ordering::SeqCst), 2, "one connection per host");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abandoned_requests_free_their_place_on_the_shared_h2_connection() {
     let extra = "\n[limits]\nio_threads = 1\n";
     let (_pki, _origin, setup, proxy) = one_origin("abandon", &["abandon.test"], &["h2", "http/1.1"], extra).await;

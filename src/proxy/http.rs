@@ -401,14 +401,14 @@ struct InFlight(Arc<Peer>);
 
 impl InFlight {
     fn new(peer: &Arc<Peer>) -> Self {
-        peer.streams.fetch_add(1, Ordering::Relaxed);
+        peer.request_sent();
         Self(peer.clone())
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.streams.fetch_sub(1, Ordering::Relaxed);
+        self.0.request_done();
     }
 }
 

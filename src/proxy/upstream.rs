@@ -152,7 +152,25 @@ struct Idle {
 struct SharedH2 {
     sender: H2Sender,
     peer: Arc<Peer>,
+    /// When a client connection last took it from the pool or, seen at the last sweep, sent a
+    /// request on it.
     last_used: Instant,
+    /// `Peer::requests` at the last sweep.
+    seen: u64,
+}
+
+impl SharedH2 {
+    /// Client connections send on the sender they took without coming back to the pool: the
+    /// connection counts as used now if requests went over it since the last look, so one
+    /// busy with long-lived clients is not swept as idle (new clients would then dial
+    /// connections of their own beside it).
+    fn refresh(&mut self, now: Instant) {
+        let requests = self.peer.requests.load(std::sync::atomic::Ordering::Relaxed);
+        if requests != self.seen {
+            self.seen = requests;
+            self.last_used = now;
+        }
+    }
 }
 
 struct IdleH1 {
@@ -184,7 +202,9 @@ pub struct Peer {
     /// The OCSP response the upstream stapled in the handshake.
     staple: Option<Arc<[u8]>>,
     /// h2: requests in flight on the connection.
-    pub streams: std::sync::atomic::AtomicUsize,
+    streams: std::sync::atomic::AtomicUsize,
+    /// h2: requests sent on the connection so far.
+    requests: std::sync::atomic::AtomicU64,
     /// h2: the connection has ended (its task set this as it ended).
     closed: std::sync::atomic::AtomicBool,
     /// h2: the lane whose shared connection this is (`NO_LANE` until pooled).
@@ -304,7 +324,8 @@ impl Upstreams {
         let mut pool = self.idle.lock();
         pool.make_room(now);
         lease.peer.lane.store(lane, std::sync::atomic::Ordering::Relaxed);
-        let shared = SharedH2 { sender: sender.clone(), peer: lease.peer.clone(), last_used: now };
+        let seen = lease.peer.requests.load(std::sync::atomic::Ordering::Relaxed);
+        let shared = SharedH2 { sender: sender.clone(), peer: lease.peer.clone(), last_used: now, seen };
         if pool.keys.entry(key.clone()).or_default().h2[lane].replace(shared).is_none() {
             pool.total += 1;
         }
@@ -410,7 +431,10 @@ impl Pool {
         let timeout = self.idle_timeout;
         self.retain(
             |c| !c.sender.is_closed() && now.duration_since(c.since) < timeout,
-            |c| !c.peer.closed() && now.duration_since(c.last_used) < timeout,
+            |c| {
+                c.refresh(now);
+                !c.peer.closed() && now.duration_since(c.last_used) < timeout
+            },
         );
     }
 
@@ -432,11 +456,11 @@ impl Pool {
     }
 
     /// Keeps the pooled connections both predicates accept, drops emptied keys, recounts.
-    fn retain(&mut self, mut keep_h1: impl FnMut(&IdleH1) -> bool, mut keep_h2: impl FnMut(&SharedH2) -> bool) {
+    fn retain(&mut self, mut keep_h1: impl FnMut(&IdleH1) -> bool, mut keep_h2: impl FnMut(&mut SharedH2) -> bool) {
         self.keys.retain(|_, idle| {
             idle.h1.retain(&mut keep_h1);
             for slot in &mut idle.h2 {
-                if slot.as_ref().is_some_and(|c| !keep_h2(c)) {
+                if slot.as_mut().is_some_and(|c| !keep_h2(c)) {
                     *slot = None;
                 }
             }
@@ -461,7 +485,7 @@ impl Peer {
         let fingerprint = leaf.map_or([0; 32], sha256);
         let names_cover_host = name.is_some() && leaf.is_some_and(crate::pki::mint::mirrors_names);
         let verdict = Mutex::new((verdict, Instant::now()));
-        let (cert, revocation, streams, closed) = Default::default();
+        let (cert, revocation, streams, requests, closed) = Default::default();
         let lane = std::sync::atomic::AtomicUsize::new(NO_LANE);
         Arc::new(Peer {
             name,
@@ -475,6 +499,7 @@ impl Peer {
             revocation,
             staple,
             streams,
+            requests,
             closed,
             lane,
         })
@@ -524,6 +549,17 @@ impl Peer {
     /// h2: requests in flight on the connection.
     pub fn in_flight(&self) -> usize {
         self.streams.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// h2: a request is sent on the connection (`in_flight` until `request_done`).
+    pub fn request_sent(&self) {
+        self.streams.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// h2: a request's exchange is over (answered, failed or abandoned).
+    pub fn request_done(&self) {
+        self.streams.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether the (h2) connection has ended.
@@ -848,6 +884,30 @@ mod tests {
         Lease { sender: Sender::H2(sender), peer: Peer::plain() }
     }
 
+    /// Client connections send on a shared connection's sender without coming back to the
+    /// pool: what they send keeps the connection from being swept as idle, and only that.
+    #[tokio::test]
+    async fn a_shared_connection_in_use_is_not_swept_as_idle() {
+        let upstreams = Upstreams::new(16, Duration::from_millis(50));
+        let (busy, quiet) = (key(0), key(1));
+        let (held, unused) = (h2_lease().await, h2_lease().await);
+        upstreams.share(&busy, &held, 0);
+        upstreams.share(&quiet, &unused, 0);
+        let start = Instant::now();
+        let sweep_at = |at: Duration| {
+            let mut pool = upstreams.idle.lock();
+            pool.last_sweep = None;
+            pool.sweep(start + at);
+            let mut left: Vec<String> = pool.keys.keys().map(|k| k.host.clone()).collect();
+            left.sort();
+            left
+        };
+        held.peer.request_sent();
+        held.peer.request_done();
+        assert_eq!(sweep_at(Duration::from_millis(100)), ["site0.test"], "the one requests went over stays");
+        assert_eq!(sweep_at(Duration::from_millis(200)), Vec::<String>::new(), "until it too is idle for the timeout");
+    }
+
     /// A second lane borrows the first lane's connection, asks for its own only while that one
     /// is busy, asks once while it is being opened, and waits after a failed open.
     #[tokio::test]
@@ -862,7 +922,7 @@ mod tests {
         assert!(Arc::ptr_eq(&lent.peer, &first.peer));
         assert!(!open, "an idle connection is enough for both lanes");
 
-        first.peer.streams.store(1, std::sync::atomic::Ordering::Relaxed);
+        first.peer.request_sent();
         let (_, open) = upstreams.pooled(&key, None, 1).unwrap();
         assert!(open, "a busy one: the second lane opens its own");
         let (_, open) = upstreams.pooled(&key, None, 1).unwrap();
