@@ -823,17 +823,25 @@ async fn h1_required_origin(
     (addr, h2_streams)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_origin_requiring_http11_gets_it_from_http11_clients() {
+/// tollgate in front of `h1_required_origin` serving `host`.
+async fn proxy_to_h1_required_origin(
+    host: &str,
+) -> (TestPki, std::sync::Arc<std::sync::atomic::AtomicUsize>, Setup, Proxy) {
     let pki = TestPki::new();
-    let (addr, h2_streams) = h1_required_origin(&pki, "legacy.test").await;
+    let (addr, h2_streams) = h1_required_origin(&pki, host).await;
     let options = ProxyOptions {
         ca_bundles: vec![pki.bundle()],
-        resolve: vec![(s("legacy.test:443"), addr)],
+        resolve: vec![(format!("{host}:443"), addr)],
         ..Default::default()
     };
     let setup = Setup::new(&options);
     let proxy = setup.start();
+    (pki, h2_streams, setup, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_requiring_http11_gets_it_from_http11_clients() {
+    let (_pki, h2_streams, setup, proxy) = proxy_to_h1_required_origin("legacy.test").await;
     // The first request is refused over h2 and sent again over HTTP/1.1; the origin is
     // remembered, so later clients go straight to HTTP/1.1.
     for (i, path) in ["/first", "/second", "/third"].into_iter().enumerate() {
@@ -849,15 +857,7 @@ async fn an_origin_requiring_http11_gets_it_from_http11_clients() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_origin_requiring_http11_has_h2_clients_retry_over_it() {
-    let pki = TestPki::new();
-    let (addr, h2_streams) = h1_required_origin(&pki, "legacy2.test").await;
-    let options = ProxyOptions {
-        ca_bundles: vec![pki.bundle()],
-        resolve: vec![(s("legacy2.test:443"), addr)],
-        ..Default::default()
-    };
-    let setup = Setup::new(&options);
-    let proxy = setup.start();
+    let (_pki, h2_streams, setup, proxy) = proxy_to_h1_required_origin("legacy2.test").await;
 
     // An h2 client's stream is reset with the origin's reason, not answered 502.
     let tls =
