@@ -145,21 +145,23 @@ impl Relay {
         let mut log = AccessLog::start(&req, &self.ctx, &self.log_host, &self.label, self.rule.clone());
         let mut scans = Scans::default();
         let response = match self.clone().forward(req, &mut scans).await {
-            Ok(response) => response,
-            Err(Scanned::Refused(refusal)) => refusal.into_response(),
-            Err(Scanned::Answer(response)) => response,
-            Err(Scanned::Reset(reason)) => {
-                if let Some(mut log) = log {
-                    log.scans = scans;
-                    log.emit(None, 0);
-                }
-                return Err(reason.into());
-            }
+            Ok(response) => Ok(response),
+            Err(Scanned::Refused(refusal)) => Ok(refusal.into_response()),
+            Err(Scanned::Answer(response)) => Ok(response),
+            Err(Scanned::Reset(reason)) => Err(reason),
         };
         if let Some(log) = &mut log {
             log.scans = scans;
         }
-        Ok(AccessLog::attach(log, response))
+        match response {
+            Ok(response) => Ok(AccessLog::attach(log, response)),
+            Err(reason) => {
+                if let Some(log) = log {
+                    log.emit(None, 0);
+                }
+                Err(reason.into())
+            }
+        }
     }
 
     async fn forward(
