@@ -36,7 +36,7 @@ pub async fn serve(proxy: Arc<Proxy>, stream: super::Client, ctx: ConnCtx, auth:
         }
     });
     let conn = Box::pin(server.serve_connection(TokioIo::new(stream), service).with_upgrades());
-    super::serve_client!(draining, conn, client);
+    super::drain::serve_client(&draining, conn, client, |c| c.graceful_shutdown()).await;
 }
 
 /// Checks the request's proxy credentials: the context with its user, or the 407 to send.

@@ -71,13 +71,13 @@ where
     if client_h2 {
         let conn = Box::pin(proxy.http2_server().serve_connection(io, service));
         Box::pin(async move {
-            super::serve_client!(proxy, conn, peer);
+            super::drain::serve_client(&proxy, conn, peer, |c| c.graceful_shutdown()).await;
             Ok(())
         })
     } else {
         let conn = Box::pin(proxy.http1_server().serve_connection(io, service).with_upgrades());
         Box::pin(async move {
-            super::serve_client!(proxy, conn, peer);
+            super::drain::serve_client(&proxy, conn, peer, |c| c.graceful_shutdown()).await;
             Ok(())
         })
     }

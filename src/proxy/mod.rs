@@ -5,6 +5,7 @@
 pub mod bypass;
 pub mod connect;
 pub mod decryption;
+pub mod drain;
 pub mod fairness;
 pub mod http;
 pub mod idle;
@@ -572,50 +573,6 @@ async fn admit(
     let ticket = Arc::new(admission);
     let ctx = ConnCtx { client, mode: config.mode, upstream_port: config.upstream_port, ticket, user: None };
     Some((stream, ctx))
-}
-
-/// Drives a client-facing hyper connection to its end: on shutdown it finishes its in-flight
-/// requests and stops; a cut by a stall deadline (`idle`) is logged at info, other ends at
-/// debug. A macro because hyper's HTTP/1.1-with-upgrades and HTTP/2 connections share no trait
-/// for graceful shutdown. The connection comes boxed, in an allocation sized to its own
-/// protocol: the future driving it stays small for the connection's whole life.
-macro_rules! serve_client {
-    ($proxy:expr, $conn:expr, $client:expr) => {{
-        let mut conn: std::pin::Pin<Box<_>> = $conn;
-        let result = tokio::select! {
-            result = &mut conn => result,
-            () = $proxy.shutting_down() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-        };
-        if let Err(e) = result {
-            $crate::proxy::log_client_end($client, &e);
-        }
-    }};
-}
-pub(crate) use serve_client;
-
-/// How a client connection that ended with an error is logged.
-pub fn log_client_end(client: SocketAddr, e: &hyper::Error) {
-    match timed_out(e) {
-        Some(stall) => tracing::info!(client = %client, error = %stall, "client connection cut"),
-        None => tracing::debug!(client = %client, error = %e, "client connection ended with an error"),
-    }
-}
-
-/// The stall deadline (`idle`) behind a connection error, if that is what ended it.
-fn timed_out<'e>(e: &'e (dyn std::error::Error + 'static)) -> Option<&'e std::io::Error> {
-    let mut source = Some(e);
-    while let Some(e) = source {
-        if let Some(io) = e.downcast_ref::<std::io::Error>()
-            && io.kind() == std::io::ErrorKind::TimedOut
-        {
-            return Some(io);
-        }
-        source = e.source();
-    }
-    None
 }
 
 /// A client connection: its writes fail when the client accepts nothing for
