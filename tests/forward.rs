@@ -426,6 +426,11 @@ async fn plain_http_absolute_form_is_relayed() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+    let line = proxy.wait_log("the access line", |v| v["target"] == "tollgate::access" && v["path"] == "/p");
+    let fields = ["mode", "listener", "host", "upstream", "method", "version"].map(|f| line[f].as_str());
+    let expected = ["explicit", "explicit", "plain.test", "plain-http", "GET", "HTTP/1.1"].map(Some);
+    assert_eq!(fields, expected, "{line}");
+    assert_eq!(line["status"], 200, "{line}");
     drop(setup);
 }
 

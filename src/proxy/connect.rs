@@ -10,7 +10,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 
-use super::http::{AccessLog, absolute_uri, prepare_request, relay_response_headers};
+use super::http::{AccessLog, LineCtx, absolute_uri, prepare_request, relay_response_headers};
 use super::respond::Refusal;
 use super::scan::{Asker, Scanner, Scans};
 use super::{Body, ConnCtx, Proxy, ProxyError, Target};
@@ -101,7 +101,8 @@ async fn plain(proxy: Arc<Proxy>, req: Request<Incoming>, ctx: ConnCtx) -> Respo
     };
     let who = Who { client: ctx.client.ip(), user: ctx.user.as_deref(), listener: ctx.listener() };
     let blocked_by = proxy.policy.blocks_plain(&who, &target.host);
-    let mut log = AccessLog::start(&req, &ctx, &target.host.as_str().into(), &"plain-http".into(), blocked_by.clone());
+    let line = || LineCtx::new(&ctx, target.host.as_str().into(), "plain-http".into(), blocked_by.clone());
+    let mut log = AccessLog::start(&req, line);
     let action = match blocked_by {
         Some(rule) => crate::policy::HttpAction::Block(rule.to_string()),
         None => proxy.policy.decide_http(&target.host, req.method(), req.uri().path()),

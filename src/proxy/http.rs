@@ -58,11 +58,9 @@ where
         key,
         lane,
         pin,
-        log_host: target.host.as_str().into(),
+        line: LineCtx::new(&ctx, target.host.as_str().into(), label.into(), rule),
         target,
         ctx,
-        label: label.into(),
-        rule,
         scan,
     });
     let proxy = relay.proxy.clone();
@@ -130,11 +128,8 @@ struct Relay {
     h1_only: AtomicBool,
     target: Target,
     ctx: ConnCtx,
-    /// For the access log: `target.host`, and the upstream verdict (or `inbound`), shared by
-    /// the lines of all the connection's requests.
-    log_host: Arc<str>,
-    label: Arc<str>,
-    rule: Option<Arc<str>>,
+    /// What the access lines of all the connection's requests share.
+    line: Arc<LineCtx>,
     scan: bool,
 }
 
@@ -142,7 +137,7 @@ impl Relay {
     /// An error resets the client's h2 stream with its reason (an HTTP/1.1 client never gets
     /// one).
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Body>, h2::Error> {
-        let mut log = AccessLog::start(&req, &self.ctx, &self.log_host, &self.label, self.rule.clone());
+        let mut log = AccessLog::start(&req, || self.line.clone());
         let mut scans = Scans::default();
         let response = match self.clone().forward(req, &mut scans).await {
             Ok(response) => Ok(response),
@@ -936,46 +931,59 @@ fn alt_svc_entries(value: &str) -> Vec<&str> {
 /// The facts of one request, logged as one JSON line when its response body ends.
 pub struct AccessLog {
     started: Instant,
-    client: std::net::SocketAddr,
-    mode: &'static str,
-    listener: Arc<str>,
-    user: Option<Arc<str>>,
-    rule: Option<Arc<str>>,
-    host: Arc<str>,
+    line: Arc<LineCtx>,
     method: Method,
     /// The path is `uri.path()`: a `Uri` clone shares the request's bytes.
     uri: http::Uri,
     version: Version,
-    upstream: Arc<str>,
     /// What the content scanner made of the request and its response.
     pub scans: Scans,
 }
 
+/// What the access lines of one client connection's requests share. Built once per
+/// connection, so a request takes one reference, on its connection's own thread, instead of
+/// one per field (the listener's name is shared by every thread's connections: each clone and
+/// drop of it moved a cache line between cores).
+pub struct LineCtx {
+    client: std::net::SocketAddr,
+    mode: &'static str,
+    listener: Arc<str>,
+    user: Option<Arc<str>>,
+    /// The decryption rule that matched, if one did.
+    rule: Option<Arc<str>>,
+    host: Arc<str>,
+    /// The upstream verdict, `inbound` or `plain-http`.
+    upstream: Arc<str>,
+}
+
+impl LineCtx {
+    pub fn new(ctx: &ConnCtx, host: Arc<str>, upstream: Arc<str>, rule: Option<Arc<str>>) -> Arc<Self> {
+        Arc::new(Self {
+            client: ctx.client,
+            mode: ctx.mode.as_str(),
+            listener: ctx.listener().clone(),
+            user: ctx.user.clone(),
+            rule,
+            host,
+            upstream,
+        })
+    }
+}
+
 impl AccessLog {
     /// Starts timing a request; `None` when access logging is filtered out (nothing to pay).
-    pub fn start<B>(
-        req: &Request<B>,
-        ctx: &ConnCtx,
-        host: &Arc<str>,
-        upstream: &Arc<str>,
-        rule: Option<Arc<str>>,
-    ) -> Option<Self> {
+    /// `line` gives what the connection's lines share; it is called only when lines are written.
+    pub fn start<B>(req: &Request<B>, line: impl FnOnce() -> Arc<LineCtx>) -> Option<Self> {
         METRICS.requests_total.inc();
         if !tracing::enabled!(target: "tollgate::access", tracing::Level::INFO) {
             return None;
         }
         Some(Self {
             started: Instant::now(),
-            client: ctx.client,
-            mode: ctx.mode.as_str(),
-            listener: ctx.listener().clone(),
-            user: ctx.user.clone(),
-            rule,
-            host: host.clone(),
+            line: line(),
             method: req.method().clone(),
             uri: req.uri().clone(),
             version: req.version(),
-            upstream: upstream.clone(),
             scans: Scans::default(),
         })
     }
@@ -991,14 +999,14 @@ impl AccessLog {
     fn emit(self, status: Option<StatusCode>, bytes: u64) {
         // Written straight into the thread's batch, the line `tracing::info!` would make with
         // these fields (`logs::info`): one per request.
-        let scans = &self.scans;
+        let (scans, ctx) = (&self.scans, &*self.line);
         crate::logs::info("tollgate::access", "request", |line| {
-            line.str("client", crate::logs::AddrText::new(self.client).as_str());
-            line.str("mode", self.mode);
-            line.str("listener", &self.listener);
-            line.opt_str("user", self.user.as_deref());
-            line.opt_str("rule", self.rule.as_deref());
-            line.str("host", &self.host);
+            line.str("client", crate::logs::AddrText::new(ctx.client).as_str());
+            line.str("mode", ctx.mode);
+            line.str("listener", &ctx.listener);
+            line.opt_str("user", ctx.user.as_deref());
+            line.opt_str("rule", ctx.rule.as_deref());
+            line.str("host", &ctx.host);
             line.str("method", self.method.as_str());
             line.str("path", self.uri.path());
             line.str("version", version_name(self.version));
@@ -1006,7 +1014,7 @@ impl AccessLog {
             line.u64("bytes", bytes);
             // To the microsecond: what the clock can tell apart, in a short number.
             line.f64("duration_ms", self.started.elapsed().as_micros() as f64 / 1000.0);
-            line.str("upstream", &self.upstream);
+            line.str("upstream", &ctx.upstream);
             line.opt_str("icap_reqmod", scans.reqmod);
             line.opt_str("icap_respmod", scans.respmod);
             line.opt_str("icap_threat", scans.threat.as_deref());
