@@ -25,9 +25,7 @@ pub async fn serve_client<C>(proxy: &Proxy, conn: Pin<Box<C>>, client: SocketAdd
 where
     C: Future<Output = Result<(), hyper::Error>>,
 {
-    let signal = Arc::new(Signal { fired: AtomicBool::new(true), task: Mutex::new(None) });
-    let until = UntilShutdown { conn, shutdown: Some(Box::pin(proxy.shutting_down())), graceful, signal, task: None };
-    if let Err(e) = until.await {
+    if let Err(e) = UntilShutdown::new(conn, proxy.shutting_down(), graceful).await {
         log_client_end(client, &e);
     }
 }
@@ -41,6 +39,14 @@ struct UntilShutdown<C, S> {
     signal: Arc<Signal>,
     /// The task waker `signal` holds (compared, not locked, on each poll).
     task: Option<Waker>,
+}
+
+impl<C, S> UntilShutdown<C, S> {
+    /// `shutdown` is polled on the first poll, then only after it woke.
+    fn new(conn: Pin<Box<C>>, shutdown: S, graceful: fn(Pin<&mut C>)) -> Self {
+        let signal = Arc::new(Signal { fired: AtomicBool::new(true), task: Mutex::new(None) });
+        Self { conn, shutdown: Some(Box::pin(shutdown)), graceful, signal, task: None }
+    }
 }
 
 /// The shutdown future's waker: marks it to be polled, and wakes the connection's task.
@@ -117,10 +123,10 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
     use tokio::sync::{mpsc, oneshot};
 
-    /// A connection woken by messages, which ends once asked to drain.
+    /// A connection woken by messages (counted), which ends once asked to drain.
     struct Conn {
         wakes: mpsc::UnboundedReceiver<()>,
-        woken: usize,
+        woken: Arc<AtomicUsize>,
         draining: bool,
     }
 
@@ -129,7 +135,7 @@ mod tests {
 
         fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
             while let Poll::Ready(Some(())) = self.wakes.poll_recv(cx) {
-                self.woken += 1;
+                self.woken.fetch_add(1, Ordering::Relaxed);
             }
             match self.draining {
                 true => Poll::Ready(Ok(())),
@@ -157,15 +163,12 @@ mod tests {
     async fn the_shutdown_signal_is_polled_when_it_fires_not_on_every_wake() {
         let (wake, wakes) = mpsc::unbounded_channel();
         let (fire, fired) = oneshot::channel();
-        let polls = Arc::new(AtomicUsize::new(0));
-        let signal = Arc::new(Signal { fired: AtomicBool::new(true), task: Mutex::new(None) });
-        let until = UntilShutdown {
-            conn: Box::pin(Conn { wakes, woken: 0, draining: false }),
-            shutdown: Some(Box::pin(Shutdown { fired, polls: polls.clone() })),
-            graceful: |conn| conn.get_mut().draining = true,
-            signal,
-            task: None,
-        };
+        let (polls, woken) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let until = UntilShutdown::new(
+            Box::pin(Conn { wakes, woken: woken.clone(), draining: false }),
+            Shutdown { fired, polls: polls.clone() },
+            |conn| conn.get_mut().draining = true,
+        );
         let served = tokio::spawn(until);
         for _ in 0..100 {
             wake.send(()).unwrap();
@@ -173,6 +176,7 @@ mod tests {
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         assert!(!served.is_finished(), "the connection ended without a shutdown");
+        assert_eq!(woken.load(Ordering::Relaxed), 100, "the connection was not polled on its wakes");
         assert_eq!(polls.load(Ordering::Relaxed), 1, "the shutdown signal was polled on the connection's wakes");
         fire.send(()).unwrap();
         let ended = tokio::time::timeout(std::time::Duration::from_secs(5), served).await;

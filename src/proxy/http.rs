@@ -957,6 +957,8 @@ pub struct LineCtx {
 }
 
 impl LineCtx {
+    /// The context of `ctx`'s lines: requests for `host`, relayed as `upstream` (the verdict
+    /// label), under the decryption `rule` that matched, if one did.
     pub fn new(ctx: &ConnCtx, host: Arc<str>, upstream: Arc<str>, rule: Option<Arc<str>>) -> Arc<Self> {
         Arc::new(Self {
             client: ctx.client,
