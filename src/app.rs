@@ -143,7 +143,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     hsm.start_recovery();
     api.set_hsm(hsm.clone());
 
-    let io = IoThreads::start(config.limits.io_threads)?;
+    let io = IoThreads::start(config.limits.io_threads, config.limits.busy_poll_us)?;
     let mut listeners = Listeners::default();
     let mut proxy = build_proxy(&config, &hsm, &sources, &shutdown_rx)?;
     let (poll, refresh) = (config.decryption.list_poll_secs, config.decryption.list_refresh_secs);
@@ -177,6 +177,10 @@ pub async fn run(config: Config) -> Result<(), AppError> {
                     crate::logs::configure(&next.log);
                     if next.hsm.servers.iter().map(|s| &s.name).ne(current.hsm.servers.iter().map(|s| &s.name)) {
                         tracing::warn!("[hsm] servers changed: they take effect at the next restart");
+                    }
+                    let threads = |c: &Config| (c.limits.io_threads, c.limits.busy_poll_us);
+                    if threads(&next) != threads(&current) {
+                        tracing::warn!("[limits] io_threads and busy_poll_us take effect at the next restart");
                     }
                     // New connections get the new state; established ones keep theirs.
                     let mut proxy = proxy;
@@ -334,7 +338,7 @@ struct IoThreads {
 
 impl IoThreads {
     /// Starts `count` threads (0: one per CPU).
-    fn start(count: usize) -> Result<Self, AppError> {
+    fn start(count: usize, busy_poll_us: u64) -> Result<Self, AppError> {
         let count = match count {
             0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             n => n,
@@ -351,6 +355,7 @@ impl IoThreads {
                     let runtime = match tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .on_thread_park(crate::logs::hand_over)
+                        .on_thread_unpark(crate::busy_poll::unparked)
                         .build()
                     {
                         Ok(runtime) => runtime,
@@ -360,6 +365,9 @@ impl IoThreads {
                         }
                     };
                     let _ = tx.send(Ok(runtime.handle().clone()));
+                    if busy_poll_us > 0 {
+                        runtime.spawn(crate::busy_poll::run(std::time::Duration::from_micros(busy_poll_us)));
+                    }
                     runtime.block_on(async {
                         let mut tick = tokio::time::interval(crate::logs::BATCH_INTERVAL);
                         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -914,6 +914,9 @@ pub struct LimitsConfig {
     pub tunnel_idle_timeout_secs: u64,
     /// Data-plane threads, each serving its own share of connections (0: one per CPU).
     pub io_threads: usize,
+    /// A data-plane thread that ran client work in the last this many µs polls for more
+    /// without sleeping (0: off).
+    pub busy_poll_us: u64,
     /// Inbound handshakes that may wait for an HSM signature at once; more are shed.
     pub hsm_handshakes_max: usize,
     /// A client must send a request's headers within this (HTTP/1.1; slowloris guard).
@@ -947,6 +950,7 @@ impl Default for LimitsConfig {
             client_send_timeout_secs: 60,
             tunnel_idle_timeout_secs: 600,
             io_threads: 0,
+            busy_poll_us: 0,
             hsm_handshakes_max: 256,
             header_timeout_secs: 30,
             max_header_bytes: 64 * 1024,
@@ -1159,6 +1163,12 @@ impl Config {
         if let Some((field, _)) = at_least_one.iter().find(|(_, value)| *value == 0) {
             return Err(invalid(format!("limits.{field}"), "must be at least 1"));
         }
+        if limits.busy_poll_us > 10_000 {
+            return Err(invalid(
+                "limits.busy_poll_us".into(),
+                "must be at most 10000 (10 ms; 0 turns busy-polling off)",
+            ));
+        }
         if !(8192..=16 * 1024 * 1024).contains(&limits.max_header_bytes) {
             return Err(invalid("limits.max_header_bytes".into(), "must be between 8192 and 16777216"));
         }
@@ -1361,6 +1371,9 @@ mod tests {
         assert!(err.contains("policy.rule[0].methods"), "{err}");
         let err = parse("state_dir = \"x\"\n[limits]\nmax_connections = 0\n").unwrap_err().to_string();
         assert!(err.contains("limits.max_connections"), "{err}");
+        let err = parse("state_dir = \"x\"\n[limits]\nbusy_poll_us = 20000\n").unwrap_err().to_string();
+        assert!(err.contains("limits.busy_poll_us") && err.contains("10000"), "{err}");
+        assert_eq!(parse("state_dir = \"x\"\n[limits]\nbusy_poll_us = 200\n").unwrap().limits.busy_poll_us, 200);
         let err = parse("state_dir = \"x\"\n[[inbound]]\nhost = \"a.test\"\nupstream = \"ftp://x\"\n")
             .unwrap_err()
             .to_string();

@@ -25,6 +25,7 @@
 
 pub mod app;
 pub mod body;
+pub mod busy_poll;
 pub mod cli;
 pub mod config;
 pub mod hex;

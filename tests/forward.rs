@@ -564,6 +564,34 @@ async fn upstream_connections_are_reused_across_client_connections() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_polling_threads_serve_clients_and_rest_when_idle() {
+    // A 5 ms window: a keep-alive client's next request comes within it, so the threads poll
+    // through the whole exchange.
+    let extra = "\n[limits]\nio_threads = 2\nbusy_poll_us = 5000\n";
+    let (_pki, _origin, setup, proxy) = one_origin("spin", &["spin.test"], &["h2", "http/1.1"], extra).await;
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(h1_client(&proxy, &setup, "spin.test").await);
+    }
+    for round in 0..25 {
+        for client in &mut clients {
+            let (status, body) = send(client, get("spin.test", &format!("/{round}"), false)).await;
+            assert_eq!(status, 200, "{body}");
+        }
+    }
+    // At rest the threads park again: polling for a second would cost up to two seconds of
+    // CPU on two threads.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = proxy.cpu_time();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let spent = proxy.cpu_time() - before;
+    assert!(spent <= Duration::from_millis(150), "{spent:?} of CPU in a second without clients");
+    // And they still serve.
+    let (status, _) = send(&mut clients[0], get("spin.test", "/after", false)).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_bound_authentication_is_never_shared() {
     let (_pki, _origin, setup, proxy) = one_origin("ntlm", &["intranet.test"], &["http/1.1"], "").await;
 

@@ -78,6 +78,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         // Every field is boxed or `Unpin`.
         let this = self.get_mut();
+        crate::busy_poll::note_work();
         if let Some(shutdown) = &mut this.shutdown {
             if !this.task.as_ref().is_some_and(|task| task.will_wake(cx.waker())) {
                 *this.signal.task.lock() = Some(cx.waker().clone());

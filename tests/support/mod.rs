@@ -454,6 +454,16 @@ impl Proxy {
             .unwrap()
     }
 
+    /// CPU time the process has used (user and system, at the kernel's clock-tick grain).
+    pub fn cpu_time(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
+        // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let fields: Vec<u64> = after.split(' ').skip(11).take(2).map(|f| f.parse().unwrap()).collect();
+        // In USER_HZ, which Linux fixes at 100 for /proc.
+        Duration::from_millis((fields[0] + fields[1]) * 10)
+    }
+
     /// Whether the process is still running.
     pub fn alive(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
