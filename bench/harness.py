@@ -40,6 +40,8 @@ NEW_HOST = "new-host mint per connection (cache miss)"
 H2_WORKLOAD = "h2 keep-alive 1 KiB (-c50 -m10)"
 H1_WORKLOAD = "HTTP/1.1 keep-alive 1 KiB (-c50)"
 KEEP_ALIVE = [H2_WORKLOAD, "h2 keep-alive 100 KiB (-c50 -m10)", H1_WORKLOAD]
+# The tollgate-busy-poll system's `[limits] busy_poll_us`.
+BUSY_POLL_US = 200
 INBOUND_FULL = "inbound: full handshake per request (HSM signs)"
 # The bench's inbound site whose certificate's key tollgate holds in software (the reference for
 # what the HSM costs).
@@ -207,7 +209,7 @@ http {{
     def start(self):
         w = self.work
         names = ("origin", "nginx-proxy", "nginx-proxy-logged", "tollgate", "mgmt", "mitmdump", "mitmdump-inbound", "inbound", "policy",
-                 "mgmt-policy", "logged", "mgmt-logged")
+                 "mgmt-policy", "logged", "mgmt-logged", "busy-poll", "mgmt-busy-poll")
         self.ports = {k: free_port() for k in names}
         p = self.ports
         self.origin = self.nginx("origin", f"""
@@ -325,6 +327,7 @@ share_leaves = false
         wait_port(p["inbound"], "tollgate inbound listener")
         self.start_tollgate_policy(config.read_text())
         self.start_tollgate_logged(config.read_text())
+        self.start_tollgate_busy_poll(config.read_text())
 
     def copy_of_tollgate(self, config, name, port, mgmt):
         """tollgate's config for another instance on `port` (management `mgmt`), with its own
@@ -352,6 +355,21 @@ file = "{w}/tollgate-logged.jsonl"
         self.tollgate_logged = Service("tollgate-logged", [TOLLGATE, "run", "--config", path], env=env)
         self.services.append(self.tollgate_logged)
         wait_port(p["logged"], "tollgate with logging")
+
+    def start_tollgate_busy_poll(self, config):
+        """The same tollgate with `busy_poll_us = 200`: a data-plane thread that served a
+        client in the last 200 µs polls for more instead of parking. On this kind of VM an idle
+        vCPU halts, and waking it costs a trip through the hypervisor."""
+        w, p = self.work, self.ports
+        config = self.copy_of_tollgate(config, "busy-poll", p["busy-poll"], p["mgmt-busy-poll"])
+        assert "\n[limits]\n" in config, "the bench config has a [limits] table"
+        config = config.replace("\n[limits]\n", f"\n[limits]\nbusy_poll_us = {BUSY_POLL_US}\n", 1)
+        path = w / "tollgate-busy-poll.toml"
+        path.write_text(config)
+        self.tollgate_busy_poll = Service("tollgate-busy-poll", [TOLLGATE, "run", "--config", path], env=self.env,
+                                          log=w / "tollgate-busy-poll.log")
+        self.services.append(self.tollgate_busy_poll)
+        wait_port(p["busy-poll"], "tollgate with busy-polling")
 
     def start_tollgate_policy(self, config):
         """The same tollgate with a policy: three decryption rules, the last with a host list of
@@ -422,6 +440,7 @@ action = "block"
             ("tollgate", p["tollgate"], w / "tollgate-ca.pem", self.tollgate),
             ("tollgate-policy", p["policy"], w / "tollgate-ca.pem", self.tollgate_policy),
             ("tollgate-logged", p["logged"], w / "tollgate-ca.pem", self.tollgate_logged),
+            ("tollgate-busy-poll", p["busy-poll"], w / "tollgate-ca.pem", self.tollgate_busy_poll),
         ]
         if self.mitm:
             out.append(("mitmdump", p["mitmdump"], w / "mitm" / "mitmproxy-ca-cert.pem", self.mitm))
@@ -713,6 +732,9 @@ def targets(rows, mint_micro):
         t, n = rps.get(("tollgate", workload)), rps.get(("nginx-proxy", workload))
         if t and n:
             add(f"{workload}: >= {want}x nginx-proxy", f"{t / n:.2f}x", t / n >= want)
+        b = rps.get(("tollgate-busy-poll", workload))
+        if b and n:
+            add(f"{workload}, busy_poll_us = {BUSY_POLL_US}: >= {want}x nginx-proxy", f"{b / n:.2f}x", b / n >= want)
     # Logging on for both: tollgate's access and decryption lines against nginx's access log.
     for workload in KEEP_ALIVE + ["new TLS connection per request"]:
         t, n = rps.get(("tollgate-logged", workload)), rps.get(("nginx-proxy-logged", workload))
@@ -838,7 +860,7 @@ def main():
     parser.add_argument("--no-mitmproxy", action="store_true", help="skip the mitmdump reference")
     parser.add_argument("--no-criterion", action="store_true", help="skip the criterion micro-benchmarks")
     parser.add_argument("--systems",
-                        help="comma-separated subset: nginx-origin,nginx-proxy,nginx-proxy-logged,tollgate,tollgate-policy,tollgate-logged,mitmdump")
+                        help="comma-separated subset: nginx-origin,nginx-proxy,nginx-proxy-logged,tollgate,tollgate-policy,tollgate-logged,tollgate-busy-poll,mitmdump")
     parser.add_argument("--workloads", help="only workloads whose name contains one of these comma-separated texts (development)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
