@@ -339,6 +339,17 @@ share_leaves = false
                 .replace(f'listen = "127.0.0.1:{p["inbound"]}"', 'listen = "127.0.0.1:0"')
                 .replace(f'listen = "127.0.0.1:{p["mgmt"]}"', f'listen = "127.0.0.1:{mgmt}"'))
 
+    def start_copy(self, name, config, what, env=None, log=True):
+        """Writes `config` (from `copy_of_tollgate`) to tollgate-NAME.toml and starts that
+        instance, waiting for its listener on port NAME."""
+        path = self.work / f"tollgate-{name}.toml"
+        path.write_text(config)
+        svc = Service(f"tollgate-{name}", [TOLLGATE, "run", "--config", path], env=env or self.env,
+                      log=self.work / f"tollgate-{name}.log" if log else None)
+        self.services.append(svc)
+        wait_port(self.ports[name], what)
+        return svc
+
     def start_tollgate_logged(self, config):
         """The same tollgate logging as in production: an access line per request and a
         decryption line per TLS session (TOLLGATE_LOG=info), written to a file by the log
@@ -349,27 +360,19 @@ share_leaves = false
 [log]
 file = "{w}/tollgate-logged.jsonl"
 """
-        path = w / "tollgate-logged.toml"
-        path.write_text(config)
-        env = dict(self.env, TOLLGATE_LOG="info")
-        self.tollgate_logged = Service("tollgate-logged", [TOLLGATE, "run", "--config", path], env=env)
-        self.services.append(self.tollgate_logged)
-        wait_port(p["logged"], "tollgate with logging")
+        # Its lines go to the file; nothing else to keep.
+        self.tollgate_logged = self.start_copy("logged", config, "tollgate with logging",
+                                               env=dict(self.env, TOLLGATE_LOG="info"), log=False)
 
     def start_tollgate_busy_poll(self, config):
-        """The same tollgate with `busy_poll_us = 200`: a data-plane thread that served a
-        client in the last 200 µs polls for more instead of parking. On this kind of VM an idle
+        """The same tollgate with `busy_poll_us = BUSY_POLL_US`: a data-plane thread that served
+        a client that recently polls for more instead of parking. On this kind of VM an idle
         vCPU halts, and waking it costs a trip through the hypervisor."""
-        w, p = self.work, self.ports
+        p = self.ports
         config = self.copy_of_tollgate(config, "busy-poll", p["busy-poll"], p["mgmt-busy-poll"])
         assert "\n[limits]\n" in config, "the bench config has a [limits] table"
         config = config.replace("\n[limits]\n", f"\n[limits]\nbusy_poll_us = {BUSY_POLL_US}\n", 1)
-        path = w / "tollgate-busy-poll.toml"
-        path.write_text(config)
-        self.tollgate_busy_poll = Service("tollgate-busy-poll", [TOLLGATE, "run", "--config", path], env=self.env,
-                                          log=w / "tollgate-busy-poll.log")
-        self.services.append(self.tollgate_busy_poll)
-        wait_port(p["busy-poll"], "tollgate with busy-polling")
+        self.tollgate_busy_poll = self.start_copy("busy-poll", config, "tollgate with busy-polling")
 
     def start_tollgate_policy(self, config):
         """The same tollgate with a policy: three decryption rules, the last with a host list of
@@ -393,12 +396,7 @@ name = "blocklist"
 host_lists = ["{w}/list.txt"]
 action = "block"
 """
-        path = w / "tollgate-policy.toml"
-        path.write_text(config)
-        self.tollgate_policy = Service("tollgate-policy", [TOLLGATE, "run", "--config", path], env=self.env,
-                                       log=w / "tollgate-policy.log")
-        self.services.append(self.tollgate_policy)
-        wait_port(p["policy"], "tollgate with a policy")
+        self.tollgate_policy = self.start_copy("policy", config, "tollgate with a policy")
 
     def start_mitmdump(self):
         """Two mitmdump instances in reverse mode. The forward rows' one mints its leaves as its
