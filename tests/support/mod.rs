@@ -456,12 +456,8 @@ impl Proxy {
 
     /// CPU time the process has used (user and system, at the kernel's clock-tick grain).
     pub fn cpu_time(&self) -> Duration {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
-        // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
-        let after = &stat[stat.rfind(')').unwrap() + 2..];
-        let fields: Vec<u64> = after.split(' ').skip(11).take(2).map(|f| f.parse().unwrap()).collect();
-        // In USER_HZ, which Linux fixes at 100 for /proc.
-        Duration::from_millis((fields[0] + fields[1]) * 10)
+        let stat = procfs::process::Process::new(self.child.id() as i32).and_then(|p| p.stat()).unwrap();
+        Duration::from_secs_f64((stat.utime + stat.stime) as f64 / procfs::ticks_per_second() as f64)
     }
 
     /// Whether the process is still running.
