@@ -143,7 +143,15 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     hsm.start_recovery();
     api.set_hsm(hsm.clone());
 
-    let io = IoThreads::start(config.limits.io_threads, config.limits.busy_poll_us)?;
+    let (busy_poll, quota) = crate::busy_poll::max_window(config.limits.busy_poll_us);
+    match quota {
+        Some(quota) => {
+            tracing::info!(%quota, "busy-polling is off under a CPU quota ([limits] busy_poll_us turns it on)")
+        }
+        None if busy_poll.is_zero() => tracing::info!("busy-polling is off ([limits] busy_poll_us = 0)"),
+        None => tracing::info!(up_to_us = busy_poll.as_micros() as u64, "busy-polling with an adaptive window"),
+    }
+    let io = IoThreads::start(config.limits.io_threads, busy_poll)?;
     let mut listeners = Listeners::default();
     let mut proxy = build_proxy(&config, &hsm, &sources, &shutdown_rx)?;
     let (poll, refresh) = (config.decryption.list_poll_secs, config.decryption.list_refresh_secs);
@@ -338,7 +346,7 @@ struct IoThreads {
 
 impl IoThreads {
     /// Starts `count` threads (0: one per CPU).
-    fn start(count: usize, busy_poll_us: u64) -> Result<Self, AppError> {
+    fn start(count: usize, busy_poll: Duration) -> Result<Self, AppError> {
         let count = match count {
             0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             n => n,
@@ -365,8 +373,8 @@ impl IoThreads {
                         }
                     };
                     let _ = tx.send(Ok(runtime.handle().clone()));
-                    if busy_poll_us > 0 {
-                        runtime.spawn(crate::busy_poll::run(std::time::Duration::from_micros(busy_poll_us)));
+                    if !busy_poll.is_zero() {
+                        runtime.spawn(crate::busy_poll::run(busy_poll));
                     }
                     runtime.block_on(async {
                         let mut tick = tokio::time::interval(crate::logs::BATCH_INTERVAL);

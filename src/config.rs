@@ -914,9 +914,10 @@ pub struct LimitsConfig {
     pub tunnel_idle_timeout_secs: u64,
     /// Data-plane threads, each serving its own share of connections (0: one per CPU).
     pub io_threads: usize,
-    /// A data-plane thread that ran client work in the last this many µs polls for more
-    /// without sleeping (0: off).
-    pub busy_poll_us: u64,
+    /// Longest busy-polling window, µs: a data-plane thread that ran client work within its
+    /// window polls for more without sleeping, the window adapting between 0 and this (0: off;
+    /// unset: `busy_poll::DEFAULT_MAX` unless the process runs under a CPU quota).
+    pub busy_poll_us: Option<u64>,
     /// Inbound handshakes that may wait for an HSM signature at once; more are shed.
     pub hsm_handshakes_max: usize,
     /// A client must send a request's headers within this (HTTP/1.1; slowloris guard).
@@ -950,7 +951,7 @@ impl Default for LimitsConfig {
             client_send_timeout_secs: 60,
             tunnel_idle_timeout_secs: 600,
             io_threads: 0,
-            busy_poll_us: 0,
+            busy_poll_us: None,
             hsm_handshakes_max: 256,
             header_timeout_secs: 30,
             max_header_bytes: 64 * 1024,
@@ -1163,7 +1164,7 @@ impl Config {
         if let Some((field, _)) = at_least_one.iter().find(|(_, value)| *value == 0) {
             return Err(invalid(format!("limits.{field}"), "must be at least 1"));
         }
-        if limits.busy_poll_us > 10_000 {
+        if limits.busy_poll_us.is_some_and(|us| us > 10_000) {
             return Err(invalid(
                 "limits.busy_poll_us".into(),
                 "must be at most 10000 (10 ms; 0 turns busy-polling off)",
@@ -1373,7 +1374,8 @@ mod tests {
         assert!(err.contains("limits.max_connections"), "{err}");
         let err = parse("state_dir = \"x\"\n[limits]\nbusy_poll_us = 20000\n").unwrap_err().to_string();
         assert!(err.contains("limits.busy_poll_us") && err.contains("10000"), "{err}");
-        assert_eq!(parse("state_dir = \"x\"\n[limits]\nbusy_poll_us = 200\n").unwrap().limits.busy_poll_us, 200);
+        assert_eq!(parse("state_dir = \"x\"\n[limits]\nbusy_poll_us = 200\n").unwrap().limits.busy_poll_us, Some(200));
+        assert_eq!(parse("state_dir = \"x\"\n").unwrap().limits.busy_poll_us, None);
         let err = parse("state_dir = \"x\"\n[[inbound]]\nhost = \"a.test\"\nupstream = \"ftp://x\"\n")
             .unwrap_err()
             .to_string();
