@@ -40,8 +40,11 @@ NEW_HOST = "new-host mint per connection (cache miss)"
 H2_WORKLOAD = "h2 keep-alive 1 KiB (-c50 -m10)"
 H1_WORKLOAD = "HTTP/1.1 keep-alive 1 KiB (-c50)"
 KEEP_ALIVE = [H2_WORKLOAD, "h2 keep-alive 100 KiB (-c50 -m10)", H1_WORKLOAD]
-# The tollgate-busy-poll system's `[limits] busy_poll_us`.
-BUSY_POLL_US = 200
+# Light load at a fixed rate (h2load --rps, -c10): the CPU the default's busy-polling costs
+# where its window should have fallen to zero (500/s) and where it comes and goes (5,000/s).
+LIGHT_LOADS = {f"HTTP/1.1 light load {rate} req/s (-c10)": rate for rate in (500, 5000)}
+# Systems measured at light load: the default against busy-polling off.
+LIGHT_SYSTEMS = ("tollgate", "tollgate-no-busy-poll")
 INBOUND_FULL = "inbound: full handshake per request (HSM signs)"
 # The bench's inbound site whose certificate's key tollgate holds in software (the reference for
 # what the HSM costs).
@@ -209,7 +212,7 @@ http {{
     def start(self):
         w = self.work
         names = ("origin", "nginx-proxy", "nginx-proxy-logged", "tollgate", "mgmt", "mitmdump", "mitmdump-inbound", "inbound", "policy",
-                 "mgmt-policy", "logged", "mgmt-logged", "busy-poll", "mgmt-busy-poll")
+                 "mgmt-policy", "logged", "mgmt-logged", "no-busy-poll", "mgmt-no-busy-poll")
         self.ports = {k: free_port() for k in names}
         p = self.ports
         self.origin = self.nginx("origin", f"""
@@ -327,7 +330,7 @@ share_leaves = false
         wait_port(p["inbound"], "tollgate inbound listener")
         self.start_tollgate_policy(config.read_text())
         self.start_tollgate_logged(config.read_text())
-        self.start_tollgate_busy_poll(config.read_text())
+        self.start_tollgate_no_busy_poll(config.read_text())
 
     def copy_of_tollgate(self, config, name, port, mgmt):
         """tollgate's config for another instance on `port` (management `mgmt`), with its own
@@ -364,15 +367,15 @@ file = "{w}/tollgate-logged.jsonl"
         self.tollgate_logged = self.start_copy("logged", config, "tollgate with logging",
                                                env=dict(self.env, TOLLGATE_LOG="info"), log=False)
 
-    def start_tollgate_busy_poll(self, config):
-        """The same tollgate with `busy_poll_us = BUSY_POLL_US`: a data-plane thread that served
-        a client that recently polls for more instead of parking. On this kind of VM an idle
-        vCPU halts, and waking it costs a trip through the hypervisor."""
+    def start_tollgate_no_busy_poll(self, config):
+        """The same tollgate with `busy_poll_us = 0`: its data-plane threads park as soon as they
+        run out of work, where the default's polls on while client work keeps coming. Against
+        `tollgate`, what busy-polling gains under load and costs at light load."""
         p = self.ports
-        config = self.copy_of_tollgate(config, "busy-poll", p["busy-poll"], p["mgmt-busy-poll"])
+        config = self.copy_of_tollgate(config, "no-busy-poll", p["no-busy-poll"], p["mgmt-no-busy-poll"])
         assert "\n[limits]\n" in config, "the bench config has a [limits] table"
-        config = config.replace("\n[limits]\n", f"\n[limits]\nbusy_poll_us = {BUSY_POLL_US}\n", 1)
-        self.tollgate_busy_poll = self.start_copy("busy-poll", config, "tollgate with busy-polling")
+        config = config.replace("\n[limits]\n", "\n[limits]\nbusy_poll_us = 0\n", 1)
+        self.tollgate_no_busy_poll = self.start_copy("no-busy-poll", config, "tollgate without busy-polling")
 
     def start_tollgate_policy(self, config):
         """The same tollgate with a policy: three decryption rules, the last with a host list of
@@ -438,7 +441,7 @@ action = "block"
             ("tollgate", p["tollgate"], w / "tollgate-ca.pem", self.tollgate),
             ("tollgate-policy", p["policy"], w / "tollgate-ca.pem", self.tollgate_policy),
             ("tollgate-logged", p["logged"], w / "tollgate-ca.pem", self.tollgate_logged),
-            ("tollgate-busy-poll", p["busy-poll"], w / "tollgate-ca.pem", self.tollgate_busy_poll),
+            ("tollgate-no-busy-poll", p["no-busy-poll"], w / "tollgate-ca.pem", self.tollgate_no_busy_poll),
         ]
         if self.mitm:
             out.append(("mitmdump", p["mitmdump"], w / "mitm" / "mitmproxy-ca-cert.pem", self.mitm))
@@ -474,9 +477,12 @@ action = "block"
         })
         return row
 
-    def h2load(self, port, path, h1):
+    def h2load(self, port, path, h1, rate=None):
+        """h2load's argv and parser: CONNECTIONS clients, or with `rate` (requests per second in
+        all) ten clients each holding its share of it."""
         log = self.work / "h2load.log"
-        argv = ["h2load", "-c", str(CONNECTIONS), "-m", "1" if h1 else "10", "-D", str(self.args.duration), "--warm-up-time", "1",
+        clients = ["-c", "10", "--rps", str(rate // 10)] if rate else ["-c", str(CONNECTIONS)]
+        argv = ["h2load", *clients, "-m", "1" if h1 else "10", "-D", str(self.args.duration), "--warm-up-time", "1",
                 "--log-file", log, f"https://localhost:{port}{path}"]
         if h1:
             argv.insert(1, "--h1")
@@ -519,15 +525,18 @@ action = "block"
                     **({"first_error": data["first_error"]} if data["first_error"] else {})}
         return argv, parse
 
-    def median(self, runs):
-        runs = sorted(runs, key=lambda r: r["rps"])
+    def median(self, runs, key="rps"):
+        runs = sorted(runs, key=lambda r: r[key])
         row = dict(runs[len(runs) // 2])
         row["rps_runs"] = [r["rps"] for r in runs]
         return row
 
     def summary(self, runs, name, workload, svc):
-        """The row of `name` on `workload`: its median run, with the system's peak RSS."""
-        row = self.median(runs)
+        """The row of `name` on `workload`: its median run (by throughput; at a fixed light load,
+        by proxy CPU per request), with the system's peak RSS."""
+        row = self.median(runs, "proxy_cpu_s_per_1k" if workload in LIGHT_LOADS else "rps")
+        if workload in LIGHT_LOADS:
+            row["proxy_cpu_s_per_1k_runs"] = sorted(r["proxy_cpu_s_per_1k"] for r in runs)
         row.update({"system": name, "workload": workload, "peak_rss_mib": round(memory_kb(svc.pids(), "VmHWM") / 1024, 1)})
         return row
 
@@ -542,14 +551,16 @@ action = "block"
             ("h2 keep-alive 100 KiB (-c50 -m10)", lambda port, ca: self.h2load(port, "/100k", h1=False)),
             (H1_WORKLOAD, lambda port, ca: self.h2load(port, "/1k", h1=True)),
             ("new TLS connection per request", lambda port, ca: self.loadgen(port, ca)),
-        ]
-        systems = self.systems()
-        for name, port, ca, svc in systems:
+        ] + [(workload, lambda port, ca, rate=rate: self.h2load(port, "/1k", h1=True, rate=rate))
+             for workload, rate in LIGHT_LOADS.items()]
+        every = self.systems()
+        for name, port, ca, svc in every:
             if name.startswith("tollgate"):  # warm the leaf cache for localhost
                 self.measure(svc, *self.loadgen_bounded(port, ca))
         for workload, make in workloads:
             if not self.wanted(workload):
                 continue
+            systems = [s for s in every if s[0] in LIGHT_SYSTEMS] if workload in LIGHT_LOADS else every
             # Rounds take the systems in turn, so slow drift on the shared machine lands on all
             # of them alike rather than on whichever was measured last.
             runs = {name: [] for name, *_ in systems}
@@ -730,9 +741,16 @@ def targets(rows, mint_micro):
         t, n = rps.get(("tollgate", workload)), rps.get(("nginx-proxy", workload))
         if t and n:
             add(f"{workload}: >= {want}x nginx-proxy", f"{t / n:.2f}x", t / n >= want)
-        b = rps.get(("tollgate-busy-poll", workload))
-        if b and n:
-            add(f"{workload}, busy_poll_us = {BUSY_POLL_US}: >= {want}x nginx-proxy", f"{b / n:.2f}x", b / n >= want)
+        off = rps.get(("tollgate-no-busy-poll", workload))
+        if t and off:
+            add(f"{workload}: busy-polling (default) against busy_poll_us = 0, no slower (3 % noise)",
+                f"{t / off:.3f}x", t >= 0.97 * off)
+    # Busy-polling's price at light load: CPU per request against busy_poll_us = 0.
+    for workload in LIGHT_LOADS:
+        t, off = row.get(("tollgate", workload)), row.get(("tollgate-no-busy-poll", workload))
+        if t and off and off["proxy_cpu_s_per_1k"] > 0:
+            ratio = t["proxy_cpu_s_per_1k"] / off["proxy_cpu_s_per_1k"]
+            add(f"{workload}: busy-polling's CPU per request <= 1.25x busy_poll_us = 0", f"{ratio:.2f}x", ratio <= 1.25)
     # Logging on for both: tollgate's access and decryption lines against nginx's access log.
     for workload in KEEP_ALIVE + ["new TLS connection per request"]:
         t, n = rps.get(("tollgate-logged", workload)), rps.get(("nginx-proxy-logged", workload))
@@ -858,7 +876,7 @@ def main():
     parser.add_argument("--no-mitmproxy", action="store_true", help="skip the mitmdump reference")
     parser.add_argument("--no-criterion", action="store_true", help="skip the criterion micro-benchmarks")
     parser.add_argument("--systems",
-                        help="comma-separated subset: nginx-origin,nginx-proxy,nginx-proxy-logged,tollgate,tollgate-policy,tollgate-logged,tollgate-busy-poll,mitmdump")
+                        help="comma-separated subset: nginx-origin,nginx-proxy,nginx-proxy-logged,tollgate,tollgate-policy,tollgate-logged,tollgate-no-busy-poll,mitmdump")
     parser.add_argument("--workloads", help="only workloads whose name contains one of these comma-separated texts (development)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
