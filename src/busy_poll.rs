@@ -15,6 +15,9 @@
 //! it sits at `busy_poll_us`; at light load, where requests come milliseconds apart, it falls
 //! to zero and the thread parks as if busy-polling were off.
 //!
+//! Nor does a thread spin on a core another thread wants: a `sched_yield` that ran someone else
+//! (took `CONTENDED` or more) ends that round of polling, since a busy vCPU does not halt.
+//!
 //! It is on by default (`DEFAULT_MAX`) unless the process runs under a CPU quota (a cgroup's
 //! `cpu.max`, as a container with a CPU limit has): there the spinning would count against the
 //! quota and could get the data plane throttled.
@@ -29,6 +32,9 @@ pub const DEFAULT_MAX: Duration = Duration::from_micros(200);
 
 /// The first window after zero; a window halved below it becomes zero.
 const GROW_START: Duration = Duration::from_micros(25);
+
+/// A `sched_yield` that took this long ran another thread: the core is not idle.
+const CONTENDED: Duration = Duration::from_micros(20);
 
 thread_local! {
     /// Client connection polls on this thread.
@@ -116,6 +122,11 @@ fn adapt(window: Duration, gap: Duration, max: Duration) -> Duration {
 
 /// The poller, spawned on a data-plane runtime for its life when `max` is not zero.
 pub async fn run(max: Duration) {
+    poll(max, CONTENDED).await
+}
+
+/// `run`, ending a round of polling when a yield took `contended` or more.
+async fn poll(max: Duration, contended: Duration) {
     let mut window = Duration::ZERO;
     let mut seen = WORK.get();
     let mut last_work = Instant::now();
@@ -137,7 +148,14 @@ pub async fn run(max: Duration) {
             sleep_until_unparked().await;
             continue;
         }
+        let yielded = Instant::now();
         std::thread::yield_now();
+        if yielded.elapsed() >= contended {
+            // Another thread had this core meanwhile. A busy vCPU does not halt, so parking
+            // costs no hypervisor wake-up, and spinning on would only take turns from it. This
+            // park says nothing of how far apart client work comes: the window stays.
+            sleep_until_unparked().await;
+        }
     }
 }
 
@@ -169,7 +187,13 @@ mod tests {
     }
 
     /// A current-thread runtime like a data-plane thread's, with the poller, counting parks.
+    /// The poller here never takes a slow yield for a shared core (the tests run beside
+    /// others on few cores): the tests of the window see the window alone.
     fn runtime_with_poller(max: Duration) -> (tokio::runtime::Runtime, Arc<AtomicUsize>) {
+        runtime_with(max, Duration::MAX)
+    }
+
+    fn runtime_with(max: Duration, contended: Duration) -> (tokio::runtime::Runtime, Arc<AtomicUsize>) {
         let parks = Arc::new(AtomicUsize::new(0));
         let counted = parks.clone();
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -180,7 +204,7 @@ mod tests {
             .on_thread_unpark(unparked)
             .build()
             .expect("runtime");
-        runtime.spawn(run(max));
+        runtime.spawn(poll(max, contended));
         (runtime, parks)
     }
 
@@ -265,7 +289,10 @@ mod tests {
                 note_work();
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
-            assert_eq!(parks.load(Ordering::Relaxed), growing, "the thread parked while client work came");
+            // (Two parks of slack: a thread descheduled past its window on a busy machine
+            // parks once, and the window doubles again.)
+            let steady = parks.load(Ordering::Relaxed) - growing;
+            assert!(steady <= 2, "the thread parked {steady} times in 30 while client work came");
 
             // No work: after the window the thread parks, and sleeping costs no CPU.
             tokio::time::sleep(window + Duration::from_millis(20)).await;
@@ -288,6 +315,47 @@ mod tests {
             let again = parks.load(Ordering::Relaxed) - parked;
             assert!(again <= 3, "the thread parked {again} times while client work came after a park");
         });
+    }
+
+    /// A thread that shares its core with a busy one parks instead of spinning: its vCPU does
+    /// not halt, and each poll would take the core from the other thread.
+    #[test]
+    fn a_thread_sharing_its_core_with_a_busy_one_parks_instead_of_spinning() {
+        use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
+        use nix::unistd::Pid;
+        let allowed = sched_getaffinity(Pid::from_raw(0)).expect("affinity");
+        let cpu = (0..CpuSet::count()).find(|&c| allowed.is_set(c).unwrap_or(false)).expect("a CPU");
+        let mut one = CpuSet::new();
+        one.set(cpu).expect("cpu set");
+        let pin = move || sched_setaffinity(Pid::from_raw(0), &one).expect("pin");
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let busy = std::thread::spawn({
+            let stop = stop.clone();
+            move || {
+                pin();
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            }
+        });
+        pin();
+        let (runtime, parks) = runtime_with(Duration::from_millis(30), CONTENDED);
+        runtime.block_on(async {
+            // Grow the window past the gaps, then keep the work coming with the core shared.
+            for _ in 0..60 {
+                note_work();
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            let before = parks.load(Ordering::Relaxed);
+            for _ in 0..30 {
+                note_work();
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            let shared = parks.load(Ordering::Relaxed) - before;
+            assert!(shared >= 20, "the thread parked {shared} times in 30 gaps on a core it shares with a busy thread");
+        });
+        stop.store(true, Ordering::Relaxed);
+        busy.join().expect("busy thread");
     }
 
     /// At light load, client work further apart than the maximum, the window stays at zero:
