@@ -55,6 +55,44 @@ impl LeafCache {
         Ok(entry.into_value())
     }
 
+    /// `get_or_mint`, with the mint charged to the one caller whose mint runs: `charge` is
+    /// asked first, and its `false` ends that attempt (`Ok(None)` for that caller). A caller
+    /// that joined an attempt another caller's `charge` refused tries again on its own, up to
+    /// three times. So a flash crowd costs its clients one charge, not one per connection.
+    pub async fn get_or_mint_charged<C, M, F>(
+        &self,
+        key: LeafKey,
+        charge: C,
+        mint: M,
+    ) -> Result<Option<Arc<Minted>>, Arc<MintError>>
+    where
+        C: Fn() -> bool,
+        M: Fn() -> F,
+        F: Future<Output = Result<Arc<Minted>, MintError>>,
+    {
+        for _ in 0..3 {
+            let ran = std::sync::atomic::AtomicBool::new(false);
+            let attempt = self
+                .get_or_mint(key.clone(), async {
+                    ran.store(true, std::sync::atomic::Ordering::Relaxed);
+                    if !charge() {
+                        return Err(MintError::Limited);
+                    }
+                    mint().await
+                })
+                .await;
+            match attempt {
+                Err(e) if matches!(*e, MintError::Limited) => {
+                    if ran.load(std::sync::atomic::Ordering::Relaxed) {
+                        return Ok(None);
+                    }
+                }
+                other => return other.map(Some),
+            }
+        }
+        Ok(None)
+    }
+
     /// A cached leaf, without minting.
     pub async fn get(&self, key: &LeafKey) -> Option<Arc<Minted>> {
         self.inner.get(key).await

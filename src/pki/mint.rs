@@ -40,6 +40,10 @@ pub enum MintError {
     Timeout(u64),
     #[error("minting task failed: {0}")]
     Task(String),
+    /// The caller that would have minted may cause no new certificate now (its per-client
+    /// mint rate is spent); callers that joined its attempt may try again on their own.
+    #[error("the client that would have minted may cause no new certificate now")]
+    Limited,
 }
 
 /// A CA that signs minted leaves.

@@ -632,6 +632,47 @@ mod tests {
         assert!(cache.get(&key(2)).await.is_none(), "an expired leaf must not be served from the cache");
     }
 
+    /// Concurrent misses for one leaf charge one caller, however many wait; a caller refused
+    /// by its charge gets `None`, and one that joined a refused attempt tries on its own.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_crowd_missing_one_leaf_is_charged_once() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let ca = Arc::new(software_ca(CaRole::ForwardUntrust));
+        let up = upstream_cert(vec![], (-1, 10));
+        let cache = cache::LeafCache::new(100);
+        let key = |b: u8| cache::LeafKey { host: Some("origin.test".into()), upstream: [b; 32], trusted: false };
+        let slow_mint = move || {
+            let (ca, up) = (ca.clone(), up.clone());
+            async move {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                ca.mint("origin.test", &up).map(Arc::new)
+            }
+        };
+        // One token for the whole crowd: all twenty are served by one mint.
+        let charges = Arc::new(AtomicUsize::new(0));
+        let mut crowd = tokio::task::JoinSet::new();
+        for _ in 0..20 {
+            let (cache, charges, slow_mint) = (cache.clone(), charges.clone(), slow_mint.clone());
+            crowd.spawn(async move {
+                let charge = || charges.fetch_add(1, Ordering::Relaxed) < 1;
+                cache.get_or_mint_charged(key(1), charge, slow_mint).await
+            });
+        }
+        while let Some(served) = crowd.join_next().await {
+            assert!(matches!(served, Ok(Ok(Some(_)))), "every caller of the crowd is served");
+        }
+        assert_eq!(charges.load(Ordering::Relaxed), 1, "the crowd was charged once");
+
+        // A caller with nothing left is refused; one that joined its attempt is served on its own.
+        let spent = || false;
+        let (refused, joined) = tokio::join!(
+            cache.get_or_mint_charged(key(2), spent, slow_mint.clone()),
+            cache.get_or_mint_charged(key(2), || true, slow_mint),
+        );
+        assert!(matches!(refused, Ok(None)), "the caller whose charge failed is refused");
+        assert!(matches!(joined, Ok(Some(_))), "the caller that joined a refused attempt mints on its own");
+    }
+
     #[test]
     fn software_keys_must_match_their_certificate() {
         use rustls::pki_types::PrivateKeyDer;

@@ -315,31 +315,36 @@ async fn mint(
         METRICS.cache_hits_total.inc();
         return Ok((minted, true));
     }
-    if !proxy.fairness.may_mint(ctx.client.ip()) {
-        refused(Refused::PerClientMints).inc();
-        return Err(ProxyError::MintLimited { host: target.host.clone(), client: ctx.client.ip() });
-    }
     let mint_err = |source: Arc<MintError>| ProxyError::Mint { host: target.host.clone(), source };
     let ca = if trusted { proxy.cas.trust.clone() } else { proxy.cas.untrust.clone() };
-    let host = target.host.clone();
-    let leaf = peer.leaf().to_vec();
     let timeout = proxy.mint_timeout;
-    proxy
-        .cache
-        .get_or_mint(key, async move {
-            let role = if trusted { CaRole::ForwardTrust } else { CaRole::ForwardUntrust };
-            let ca = ca.ok_or(MintError::NoCa(role.as_str()))?;
-            match tokio::time::timeout(timeout, ca.mint_off_runtime(&host, &leaf)).await {
-                Ok(minted) => minted.map(Arc::new),
-                Err(_) => Err(MintError::Timeout(timeout.as_secs())),
+    // The client is charged for a mint it causes, not for joining one under way.
+    let attempt = proxy.cache.get_or_mint_charged(
+        key,
+        || proxy.fairness.may_mint(ctx.client.ip()),
+        || {
+            let (ca, host, leaf) = (ca.clone(), target.host.clone(), peer.leaf().to_vec());
+            async move {
+                let role = if trusted { CaRole::ForwardTrust } else { CaRole::ForwardUntrust };
+                let ca = ca.ok_or(MintError::NoCa(role.as_str()))?;
+                match tokio::time::timeout(timeout, ca.mint_off_runtime(&host, &leaf)).await {
+                    Ok(minted) => minted.map(Arc::new),
+                    Err(_) => Err(MintError::Timeout(timeout.as_secs())),
+                }
             }
-        })
-        .await
-        .inspect_err(|_| {
+        },
+    );
+    match attempt.await {
+        Ok(Some(minted)) => Ok((minted, false)),
+        Ok(None) => {
+            refused(Refused::PerClientMints).inc();
+            Err(ProxyError::MintLimited { host: target.host.clone(), client: ctx.client.ip() })
+        }
+        Err(e) => {
             METRICS.mint_errors_total.inc();
-        })
-        .map(|minted| (minted, false))
-        .map_err(mint_err)
+            Err(mint_err(e))
+        }
+    }
 }
 
 #[cfg(test)]
