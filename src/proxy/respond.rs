@@ -134,7 +134,7 @@ fn reply(status: StatusCode, code: &'static str, content_type: &'static str, bod
     response
 }
 
-/// Ends a client handshake whose ClientHello was read with a `handshake_failure` alert, within
+/// Ends a client handshake whose ClientHello was read with an `access_denied` alert, within
 /// the handshake deadline, and returns `reason` for the caller to report.
 pub async fn refuse_handshake<IO>(proxy: &Proxy, accepted: Accepted, io: IO, reason: ProxyError) -> ProxyError
 where

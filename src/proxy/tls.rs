@@ -428,7 +428,7 @@ impl ServerTls {
             .clone()
     }
 
-    /// A config that fails every handshake with a `handshake_failure` alert: how a refused
+    /// A config that fails every handshake with an `access_denied` alert: how a refused
     /// connection is told so.
     pub fn refuse(&self) -> Arc<ServerConfig> {
         self.refuse.clone()
